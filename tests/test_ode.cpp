@@ -1,0 +1,194 @@
+// ODE steppers and integrate(): observed convergence orders against an exact flow map, backward
+// integration (inversion), time grids, observers, cancellation, and no allocation per step.
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <flowdiff/core/random.hpp>
+#include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/grid.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <new>
+
+namespace fd = flowdiff;
+using Catch::Matchers::Contains;
+
+// ---- allocation counting for this test program only ----
+// Tensors allocate with aligned_alloc and the standard library with operator new (-> malloc), so
+// interposing glibc's malloc and aligned_alloc sees every heap allocation. Sanitizers interpose
+// them too, so the count is only taken in ordinary builds.
+#if defined(__SANITIZE_ADDRESS__)
+#define FLOWDIFF_COUNT_ALLOCATIONS 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FLOWDIFF_COUNT_ALLOCATIONS 0
+#endif
+#endif
+#ifndef FLOWDIFF_COUNT_ALLOCATIONS
+#define FLOWDIFF_COUNT_ALLOCATIONS 1
+#endif
+
+static std::atomic<long> g_allocations{0};
+#if FLOWDIFF_COUNT_ALLOCATIONS
+extern "C" void* __libc_malloc(std::size_t);
+extern "C" void* __libc_memalign(std::size_t, std::size_t);
+extern "C" void* malloc(std::size_t n) {
+  ++g_allocations;
+  return __libc_malloc(n);
+}
+extern "C" void* aligned_alloc(std::size_t a, std::size_t n) {
+  ++g_allocations;
+  return __libc_memalign(a, n);
+}
+#endif
+
+namespace {
+
+// A path with no special symmetry (alpha = t^2, beta = 1 - t), so no stepper superconverges.
+struct SkewSchedule {
+  template <class T> T alpha(T t) const { return t * t; }
+  template <class T> T beta(T t) const { return T(1) - t; }
+  template <class T> T d_alpha(T t) const { return 2 * t; }
+  template <class T> T d_beta(T) const { return T(-1); }
+};
+
+// Data z ~ N(mu, s^2) per dimension under a Gaussian path: the marginal velocity is affine in x,
+//   u_t(x) = d_alpha mu + (alpha d_alpha s^2 + beta d_beta) / sigma_t^2 (x - alpha mu),
+// with sigma_t^2 = alpha^2 s^2 + beta^2, and the exact flow map from x_0 = xi is
+//   x_t = alpha_t mu + sigma_t xi.
+struct GaussianFlow {
+  double mu = 2.0, s = 0.3;
+  SkewSchedule sch;
+  int evaluations = 0;
+
+  double sigma(double t) const {
+    const double a = sch.alpha(t), b = sch.beta(t);
+    return std::sqrt(a * a * s * s + b * b);
+  }
+  double exact(double xi, double t) const { return sch.alpha(t) * mu + sigma(t) * xi; }
+
+  template <class T>
+  void operator()(fd::View<const T> x, fd::View<T> out, T t) {
+    ++evaluations;
+    const double a = sch.alpha(double(t)), b = sch.beta(double(t));
+    const double da = sch.d_alpha(double(t)), db = sch.d_beta(double(t));
+    const double v = a * a * s * s + b * b;
+    const double c = (a * da * s * s + b * db) / v;
+    const double m = mu;
+    fd::transform(out, [=](T xi) { return T(da * m + c * (double(xi) - a * m)); }, x);
+  }
+};
+
+template <class Stepper>
+double max_error(const Stepper& st, fd::index_t steps, bool backwards = false) {
+  GaussianFlow flow;
+  auto x = fd::Tensor<double>::from({5, 1}, {-2.0, -0.5, 0.0, 0.7, 1.9});
+  const auto xi = x.clone();
+  if (backwards) {
+    for (fd::index_t i = 0; i < 5; ++i) x[i] = flow.exact(xi[i], 1.0);
+    fd::integrate(st, flow, x, fd::uniform_grid<double>(steps, 1.0, 0.0));
+  } else {
+    fd::integrate(st, flow, x, fd::uniform_grid<double>(steps));
+  }
+  double err = 0;
+  for (fd::index_t i = 0; i < 5; ++i) {
+    REQUIRE(std::isfinite(x[i]));
+    const double ref = backwards ? xi[i] : flow.exact(xi[i], 1.0);
+    err = std::max(err, std::abs(x[i] - ref));
+  }
+  return err;
+}
+
+template <class Stepper>
+void check_order(const Stepper& st, std::initializer_list<fd::index_t> steps) {
+  for (bool back : {false, true}) {
+    std::vector<double> errs;
+    for (auto n : steps) errs.push_back(max_error(st, n, back));
+    REQUIRE(errs.front() > 1e-12);  // not trivially exact
+    const double p = std::log2(errs[errs.size() - 2] / errs.back());
+    REQUIRE(errs.back() > 1e-13);  // still above round-off, so the ratio measures truncation
+    INFO(Stepper::name << (back ? " backwards" : " forwards") << ": observed order " << p);
+    CHECK(std::abs(p - Stepper::order) <= 0.3);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("ODE steppers reach their nominal order on an exact flow map", "[ode]") {
+  check_order(fd::Euler{}, {16, 32, 64, 128});
+  check_order(fd::Midpoint{}, {8, 16, 32, 64});
+  check_order(fd::Heun{}, {8, 16, 32, 64});
+  check_order(fd::RK4{}, {8, 16, 32, 64});
+}
+
+TEST_CASE("integrate counts evaluations, notifies observers and can be cancelled", "[ode]") {
+  GaussianFlow flow;
+  fd::Generator gen{1};
+  auto x = fd::randn<double>({10, 3}, gen);
+  fd::TrajectoryRecorder<double> rec(2);
+  auto stats = fd::integrate(fd::Heun{}, flow, x, fd::uniform_grid<double>(10), rec);
+  CHECK(stats.steps == 10);
+  CHECK(stats.field_evaluations == 20);
+  CHECK(flow.evaluations == 20);
+  CHECK_FALSE(stats.cancelled);
+  REQUIRE(rec.frames.size() == 6);
+  CHECK(rec.times.front() == 0.0);
+  CHECK(rec.times.back() == 1.0);
+  CHECK(rec.frames.back()(4, 2) == x(4, 2));
+
+  int calls = 0;
+  auto stop_after_3 = [&](fd::View<const double>, double, fd::index_t step) {
+    ++calls;
+    return step < 3;
+  };
+  stats = fd::integrate(fd::Euler{}, flow, x, fd::uniform_grid<double>(10), stop_after_3);
+  CHECK(stats.cancelled);
+  CHECK(stats.steps == 3);
+  CHECK(calls == 4);
+}
+
+TEST_CASE("The integration loop allocates nothing per step", "[ode][alloc]") {
+  GaussianFlow flow;
+  auto x = fd::Tensor<double>::zeros({64, 4});
+  auto g10 = fd::uniform_grid<double>(10);
+  auto g200 = fd::uniform_grid<double>(200);
+  if (!FLOWDIFF_COUNT_ALLOCATIONS) {
+    WARN("allocation counting is disabled under sanitizers");
+    return;
+  }
+  {  // the counter sees tensor allocations
+    const long before = g_allocations.load();
+    fd::Tensor<double> probe(fd::Shape{16});
+    REQUIRE(g_allocations.load() - before == 1);
+  }
+  auto count = [&](const auto& stepper, const auto& grid) {
+    const long before = g_allocations.load();
+    fd::integrate(stepper, flow, x, grid);
+    return g_allocations.load() - before;
+  };
+  CHECK(count(fd::Euler{}, g10) == count(fd::Euler{}, g200));
+  CHECK(count(fd::RK4{}, g10) == count(fd::RK4{}, g200));
+  CHECK(count(fd::Heun{}, g10) == count(fd::Heun{}, g200));
+}
+
+TEST_CASE("Time grids", "[ode][grid]") {
+  auto g = fd::uniform_grid<float>(4);
+  CHECK(g == std::vector<float>{0.0f, 0.25f, 0.5f, 0.75f, 1.0f});
+  auto s = fd::shifted_grid<double>(4, 3.0);
+  CHECK(s.front() == 0.0);
+  CHECK(s.back() == 1.0);
+  CHECK(s[2] == Approx(3.0 * 0.5 / (1.0 + 2.0 * 0.5)));
+  CHECK(s[1] - s[0] > s[4] - s[3]);  // s > 1: finer steps toward t = 1
+  auto sd3 = fd::shifted_grid<double>(4, 1.0 / 3.0);   // SD3's shift 3 in our time direction
+  CHECK(sd3[1] - sd3[0] < sd3[4] - sd3[3]);           // finer steps toward the noise end
+  auto back = fd::uniform_grid<double>(2, 1.0, 0.0);
+  CHECK(back == std::vector<double>{1.0, 0.5, 0.0});
+  CHECK_THROWS_WITH(fd::uniform_grid<float>(0), Contains("steps must be >= 1, got 0"));
+  CHECK_THROWS_WITH(fd::shifted_grid<float>(4, -1.0f), Contains("shift must be positive"));
+  std::vector<double> bad{0.0, 0.5, 0.5, 1.0};
+  CHECK_THROWS_WITH(fd::check_grid<double>(bad), Contains("strictly monotone"));
+  std::vector<double> out_of_range{0.0, 1.5};
+  CHECK_THROWS_WITH(fd::check_grid<double>(out_of_range), Contains("t[1] must lie in [0, 1], got 1.5"));
+}
