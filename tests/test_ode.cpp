@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/adaptive.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -191,4 +192,44 @@ TEST_CASE("Time grids", "[ode][grid]") {
   CHECK_THROWS_WITH(fd::check_grid<double>(bad), Contains("strictly monotone"));
   std::vector<double> out_of_range{0.0, 1.5};
   CHECK_THROWS_WITH(fd::check_grid<double>(out_of_range), Contains("t[1] must lie in [0, 1], got 1.5"));
+}
+
+TEST_CASE("Dopri5 meets its requested tolerance against the exact solution", "[ode][dopri5]") {
+  double previous_error = 1e9;
+  for (double tol : {1e-4, 1e-6, 1e-8, 1e-10}) {
+    GaussianFlow flow;
+    auto x = fd::Tensor<double>::from({5, 1}, {-2.0, -0.5, 0.0, 0.7, 1.9});
+    const auto xi = x.clone();
+    const fd::Dopri5 dopri{.atol = tol, .rtol = tol};
+    // Two grid points: one adaptive interval from 0 to 1.
+    const auto stats = fd::integrate(dopri, flow, x, std::vector<double>{0.0, 1.0});
+    double err = 0;
+    for (fd::index_t i = 0; i < 5; ++i) {
+      REQUIRE(std::isfinite(x[i]));
+      const double ref = flow.exact(xi[i], 1.0);
+      // Global error within 10x the local tolerance scale.
+      err = std::max(err, std::abs(x[i] - ref) / (tol + tol * std::abs(ref)));
+    }
+    INFO("tol " << tol << ": error / tol = " << err << ", accepted " << stats.accepted
+                << ", rejected " << stats.rejected << ", evaluations " << stats.field_evaluations);
+    CHECK(err <= 10.0);
+    CHECK(stats.accepted >= 1);
+    CHECK(stats.field_evaluations == flow.evaluations);
+    // Tighter tolerances take more steps and give smaller absolute errors.
+    CHECK(err * tol < previous_error);
+    previous_error = err * tol;
+  }
+  // Backwards (inversion) through a grid of several intervals: the observer sees each grid time.
+  GaussianFlow flow;
+  auto x = fd::Tensor<double>::from({2, 1}, {flow.exact(0.3, 1.0), flow.exact(-1.2, 1.0)});
+  std::vector<double> seen;
+  auto obs = [&](fd::View<const double>, double t, fd::index_t) { seen.push_back(t); };
+  fd::integrate(fd::Dopri5{.atol = 1e-9, .rtol = 1e-9}, flow, x,
+                std::vector<double>{1.0, 0.5, 0.25, 0.0}, obs);
+  CHECK(seen == std::vector<double>{1.0, 0.5, 0.25, 0.0});
+  CHECK(x[0] == Approx(0.3).margin(1e-7));
+  CHECK(x[1] == Approx(-1.2).margin(1e-7));
+  fd::Tensor<double> bad = fd::Tensor<double>::zeros({2, 1});
+  CHECK_THROWS_WITH(fd::integrate(fd::Dopri5{.atol = 0, .rtol = 0}, flow, bad, fd::uniform_grid<double>(1)),
+                    Contains("atol + rtol > 0"));
 }

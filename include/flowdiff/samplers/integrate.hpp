@@ -17,10 +17,16 @@ namespace flowdiff {
 
 /// What an integration did.
 struct IntegrateStats {
-  index_t steps = 0;             ///< steps taken
+  index_t steps = 0;              ///< grid intervals completed
   index_t field_evaluations = 0;  ///< calls of the field
+  index_t accepted = 0;           ///< accepted steps (= steps for fixed-step methods)
+  index_t rejected = 0;           ///< rejected steps of an adaptive method
   bool cancelled = false;         ///< an observer returned false
 };
+
+/// Steppers with their own step-size control (Dopri5) integrate whole grid intervals.
+template <class S>
+concept AdaptiveStepper = requires { requires S::adaptive; };
 
 /// An observer that does nothing.
 struct NullObserver {
@@ -66,9 +72,17 @@ IntegrateStats integrate(const Stepper& stepper, F&& field, X&& x_in, const Grid
   for (std::size_t i = 0; i + 1 < grid.size(); ++i) {
     const T t = grid[i];
     const T h = grid[i + 1] - grid[i];
-    stepper.step(ws, field, x, t, h);
+    if constexpr (AdaptiveStepper<Stepper>) {
+      stepper.integrate_interval(ws, field, x, t, grid[i + 1]);
+      stats.field_evaluations = ws.stats.evaluations;
+      stats.accepted = ws.stats.accepted;
+      stats.rejected = ws.stats.rejected;
+    } else {
+      stepper.step(ws, field, x, t, h);
+      stats.field_evaluations += Stepper::stages;
+      stats.accepted += 1;
+    }
     stats.steps += 1;
-    stats.field_evaluations += Stepper::stages;
     if (!detail::notify(observer, View<const T, B>(x), grid[i + 1], stats.steps)) {
       stats.cancelled = true;
       break;

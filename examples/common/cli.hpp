@@ -1,0 +1,102 @@
+// examples/common/cli.hpp — the tiny command-line parser every flowdiff example uses: declared
+// flags with defaults and help text, `--flag value` or `--flag=value`, `--help`, and a clear
+// flowdiff::config_error naming the flag for an unknown flag or a value that does not parse.
+#pragma once
+
+#include <cstdio>
+#include <flowdiff/core/error.hpp>
+#include <iostream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace flowdiff::examples {
+
+class Cli {
+ public:
+  Cli(std::string program, std::string summary)
+      : program_(std::move(program)), summary_(std::move(summary)) {}
+
+  /// Declares --name with a default value (the type is taken from it) and a help line.
+  template <class V>
+  V& option(const std::string& name, V default_value, const std::string& help) {
+    auto slot = std::make_shared<Slot<V>>(default_value);
+    std::ostringstream def;
+    def << default_value;
+    entries_.push_back({name, help, def.str(), [slot, name](const std::string& text) {
+                          std::istringstream is(text);
+                          V v{};
+                          if constexpr (std::is_same_v<V, std::string>) {
+                            v = text;
+                          } else {
+                            is >> v;
+                            require<config_error>(!is.fail() && is.eof(), "--", name,
+                                                  ": cannot parse '", text, "'");
+                          }
+                          slot->value = v;
+                        }});
+    holders_.push_back(slot);
+    return slot->value;
+  }
+
+  /// Parses argv; returns false if --help was printed (the caller should exit 0).
+  bool parse(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg == "--help" || arg == "-h") {
+        print_help();
+        return false;
+      }
+      require<config_error>(arg.rfind("--", 0) == 0, program_, ": unexpected argument '", arg,
+                            "' (flags start with --; see --help)");
+      std::string name = arg.substr(2), value;
+      const auto eq = name.find('=');
+      if (eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      } else {
+        require<config_error>(i + 1 < argc, program_, ": flag --", name, " needs a value");
+        value = argv[++i];
+      }
+      bool found = false;
+      for (auto& e : entries_)
+        if (e.name == name) {
+          e.set(value);
+          found = true;
+        }
+      require<config_error>(found, program_, ": unknown flag --", name, " (see --help)");
+    }
+    return true;
+  }
+
+  void print_help() const {
+    std::cout << "usage: " << program_ << " [flags]\n\n" << summary_ << "\n\nflags:\n";
+    for (const auto& e : entries_) {
+      std::string head = "  --" + e.name;
+      if (head.size() < 22) head.resize(22, ' ');
+      std::cout << head << ' ' << e.help << " (default: " << e.def << ")\n";
+    }
+    std::cout << "  --help               print this help\n";
+  }
+
+ private:
+  struct HolderBase {
+    virtual ~HolderBase() = default;
+  };
+  template <class V>
+  struct Slot : HolderBase {
+    explicit Slot(V v) : value(std::move(v)) {}
+    V value;
+  };
+  struct Entry {
+    std::string name, help, def;
+    std::function<void(const std::string&)> set;
+  };
+  std::string program_, summary_;
+  std::vector<Entry> entries_;
+  std::vector<std::shared_ptr<HolderBase>> holders_;
+};
+
+}  // namespace flowdiff::examples

@@ -1,0 +1,191 @@
+// flowdiff/samplers/adaptive.hpp — the Dormand–Prince 5(4) embedded Runge–Kutta method with
+// step-size control (Dormand & Prince 1980; Hairer, Nørsett & Wanner, "Solving ODEs I", II.4–5).
+// Fifth-order solution, fourth-order embedded estimate, first-same-as-last (6 evaluations per
+// accepted step), error norm err = sqrt(mean(((x5 - x4) / (atol + rtol max(|x|, |x_new|)))^2)) over
+// the whole batch, step accepted when err <= 1, next step h * clamp(0.9 err^(-1/5), 0.2, 5).
+// integrate() drives it adaptively inside each interval of the grid, so observers still see
+// every grid time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/field.hpp"
+#include "flowdiff/core/ops.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/samplers/ode.hpp"
+
+namespace flowdiff {
+
+/// What an adaptive integration did, beyond IntegrateStats.
+struct AdaptiveStats {
+  index_t accepted = 0;
+  index_t rejected = 0;
+  index_t evaluations = 0;
+};
+
+struct Dopri5 {
+  static constexpr int order = 5;
+  static constexpr bool adaptive = true;
+  static constexpr const char* name = "dopri5";
+
+  double atol = 1e-6;
+  double rtol = 1e-4;
+  index_t max_steps = 100000;  ///< per grid interval, accepted + rejected
+  double min_step = 0;         ///< 0: no minimum beyond round-off
+
+  template <class T, class B>
+  struct Workspace : detail::Scratch<T, B, 9> {
+    double h = 0;          // step proposed for the next call (0: choose one)
+    bool have_k1 = false;  // k1 already holds u(x, t) (first-same-as-last)
+    AdaptiveStats stats;
+  };
+
+  /// Integrates x from t0 to t1 (either direction) in place.
+  template <class T, class B, class F>
+  void integrate_interval(Workspace<T, B>& ws, F& field, View<T, B> x, T t0, T t1) const {
+    require<config_error>(atol >= 0 && rtol >= 0 && atol + rtol > 0, "dopri5: need atol, rtol >= 0",
+                          " with atol + rtol > 0, got atol = ", atol, ", rtol = ", rtol);
+    auto k = [&](int i) { return ws.buf[i].view(); };  // k1..k7 in buf[0..6]
+    auto xs = ws.buf[7].view();                         // stage point / new solution
+    auto xe = ws.buf[8].view();                         // error estimate
+    const double span = static_cast<double>(t1) - static_cast<double>(t0);
+    const double dir = span > 0 ? 1.0 : -1.0;
+    double t = static_cast<double>(t0);
+    const double tend = static_cast<double>(t1);
+
+    auto eval = [&](View<const T, B> at, View<T, B> out, double tt) {
+      field(at, out, static_cast<T>(tt));
+      ws.stats.evaluations += 1;
+    };
+    auto norm = [&](View<const T, B> e, View<const T, B> a, View<const T, B> b) {
+      const T* pe = e.data();
+      const T* pa = a.data();
+      const T* pb = b.data();
+      const double at = atol, rt = rtol;
+      const double s = Cpu::reduce_sum(e.numel(), [=](index_t i) {
+        const double sc = at + rt * std::max(std::abs(double(pa[i])), std::abs(double(pb[i])));
+        const double r = double(pe[i]) / sc;
+        return r * r;
+      });
+      return std::sqrt(s / static_cast<double>(e.numel()));
+    };
+
+    if (!ws.have_k1) {
+      eval(x, k(0), t);
+      ws.have_k1 = true;
+    }
+    if (ws.h <= 0) {
+      // Hairer's starting step: h0 = 0.01 |x| / |u|, refined by a second-derivative estimate.
+      const double d0 = norm(View<const T, B>(x), View<const T, B>(x), View<const T, B>(x));
+      const double d1 = norm(View<const T, B>(k(0)), View<const T, B>(x), View<const T, B>(x));
+      double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
+      h0 = std::min(h0, std::abs(span));
+      const T hh = static_cast<T>(dir * h0);
+      transform(xs, [hh] FLOWDIFF_HOST_DEVICE(T a, T b) { return a + hh * b; }, x, k(0));
+      eval(xs, k(1), t + dir * h0);
+      transform(xe, [h0] FLOWDIFF_HOST_DEVICE(T a, T b) { return T((a - b) / h0); }, k(1), k(0));
+      const double d2 = norm(View<const T, B>(xe), View<const T, B>(x), View<const T, B>(x));
+      const double h1 = std::max(d1, d2) <= 1e-15 ? std::max(1e-6, h0 * 1e-3)
+                                                   : std::pow(0.01 / std::max(d1, d2), 1.0 / 5.0);
+      ws.h = std::min({100 * h0, h1, std::abs(span)});
+    }
+
+    index_t tries = 0;
+    while (dir * (tend - t) > 0) {
+      require<numeric_error>(tries++ < max_steps, "dopri5: more than ", max_steps,
+                             " steps in the interval [", t0, ", ", t1, "] (stiff or non-finite field?)");
+      double h = std::min(ws.h, std::abs(tend - t));
+      const bool last = h >= std::abs(tend - t) * (1 - 1e-12);
+      if (last) h = std::abs(tend - t);
+      const double hs = dir * h;
+      stage(ws, field, x, t, hs, eval);
+      const double err = norm(View<const T, B>(xe), View<const T, B>(x), View<const T, B>(xs));
+      require<numeric_error>(std::isfinite(err), "dopri5: non-finite error estimate at t = ", t,
+                             " (the field returned NaN or Inf?)");
+      if (err <= 1.0) {
+        ws.stats.accepted += 1;
+        copy(x, View<const T, B>(xs));
+        copy(k(0), View<const T, B>(k(6)));  // FSAL: k7 = u(x_new, t + h)
+        t = last ? tend : t + hs;
+        const double fac = err == 0 ? 5.0 : std::clamp(0.9 * std::pow(err, -0.2), 0.2, 5.0);
+        // A last step shortened to land on the interval's end says little about the step size
+        // the solution allows: keep the larger of the old proposal and the new one.
+        ws.h = std::max(last ? std::max(ws.h, h * fac) : h * fac, min_step);
+      } else {
+        ws.stats.rejected += 1;
+        ws.h = h * std::clamp(0.9 * std::pow(err, -0.2), 0.2, 1.0);
+        require<numeric_error>(ws.h > min_step && ws.h > 1e-14 * std::max(1.0, std::abs(t)),
+                               "dopri5: step size underflow at t = ", t, " (h = ", ws.h, ")");
+      }
+    }
+  }
+
+ private:
+  template <class T, class B, class F, class Eval>
+  static void stage(Workspace<T, B>& ws, F&, View<T, B> x, double t, double h, Eval& eval) {
+    auto k = [&](int i) { return ws.buf[i].view(); };
+    auto xs = ws.buf[7].view();
+    auto xe = ws.buf[8].view();
+    const T hT = static_cast<T>(h);
+    // Butcher tableau of Dormand–Prince 5(4).
+    constexpr double a21 = 1.0 / 5;
+    constexpr double a31 = 3.0 / 40, a32 = 9.0 / 40;
+    constexpr double a41 = 44.0 / 45, a42 = -56.0 / 15, a43 = 32.0 / 9;
+    constexpr double a51 = 19372.0 / 6561, a52 = -25360.0 / 2187, a53 = 64448.0 / 6561,
+                     a54 = -212.0 / 729;
+    constexpr double a61 = 9017.0 / 3168, a62 = -355.0 / 33, a63 = 46732.0 / 5247,
+                     a64 = 49.0 / 176, a65 = -5103.0 / 18656;
+    constexpr double b1 = 35.0 / 384, b3 = 500.0 / 1113, b4 = 125.0 / 192, b5 = -2187.0 / 6784,
+                     b6 = 11.0 / 84;
+    // e = b - b_hat (fifth minus fourth order weights).
+    constexpr double e1 = 71.0 / 57600, e3 = -71.0 / 16695, e4 = 71.0 / 1920,
+                     e5 = -17253.0 / 339200, e6 = 22.0 / 525, e7 = -1.0 / 40;
+    auto c = [](double v) { return static_cast<T>(v); };
+
+    transform(xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1) { return x0 + hT * (c(a21) * k1); }, x, k(0));
+    eval(xs, k(1), t + h / 5);
+    transform(
+        xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2) { return x0 + hT * (c(a31) * k1 + c(a32) * k2); },
+        x, k(0), k(1));
+    eval(xs, k(2), t + 3 * h / 10);
+    transform(
+        xs,
+        [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3) {
+          return x0 + hT * (c(a41) * k1 + c(a42) * k2 + c(a43) * k3);
+        },
+        x, k(0), k(1), k(2));
+    eval(xs, k(3), t + 4 * h / 5);
+    transform(
+        xs,
+        [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3, T k4) {
+          return x0 + hT * (c(a51) * k1 + c(a52) * k2 + c(a53) * k3 + c(a54) * k4);
+        },
+        x, k(0), k(1), k(2), k(3));
+    eval(xs, k(4), t + 8 * h / 9);
+    transform(
+        xs,
+        [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3, T k4, T k5) {
+          return x0 + hT * (c(a61) * k1 + c(a62) * k2 + c(a63) * k3 + c(a64) * k4 + c(a65) * k5);
+        },
+        x, k(0), k(1), k(2), k(3), k(4));
+    eval(xs, k(5), t + h);
+    transform(
+        xs,
+        [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k3, T k4, T k5, T k6) {
+          return x0 + hT * (c(b1) * k1 + c(b3) * k3 + c(b4) * k4 + c(b5) * k5 + c(b6) * k6);
+        },
+        x, k(0), k(2), k(3), k(4), k(5));
+    eval(xs, k(6), t + h);
+    transform(
+        xe,
+        [=] FLOWDIFF_HOST_DEVICE(T k1, T k3, T k4, T k5, T k6) {
+          return hT * (c(e1) * k1 + c(e3) * k3 + c(e4) * k4 + c(e5) * k5 + c(e6) * k6);
+        },
+        k(0), k(2), k(3), k(4), k(5));
+    transform(xe, [=] FLOWDIFF_HOST_DEVICE(T e, T k7) { return e + hT * c(e7) * k7; }, xe, k(6));
+  }
+};
+
+}  // namespace flowdiff
