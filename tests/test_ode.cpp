@@ -8,6 +8,7 @@
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/paths/schedule.hpp>
 #include <flowdiff/samplers/adaptive.hpp>
+#include <flowdiff/samplers/dpm_solver.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -47,34 +48,29 @@ extern "C" void* aligned_alloc(std::size_t a, std::size_t n) {
 
 namespace {
 
-// A path with no special symmetry (alpha = t^2, beta = 1 - t), so no stepper superconverges.
-struct SkewSchedule {
-  template <class T> T alpha(T t) const { return t * t; }
-  template <class T> T beta(T t) const { return T(1) - t; }
-  template <class T> T d_alpha(T t) const { return 2 * t; }
-  template <class T> T d_beta(T) const { return T(-1); }
-};
-
-// Data z ~ N(mu, s^2) per dimension under a Gaussian path: the marginal velocity is affine in x,
+// Data z ~ N(mu, s^2) per dimension under a Gaussian path (by default the skew path alpha = t^2,
+// beta = 1 - t, which has no symmetry that lets a stepper superconverge): the marginal velocity
+// is affine in x,
 //   u_t(x) = d_alpha mu + (alpha d_alpha s^2 + beta d_beta) / sigma_t^2 (x - alpha mu),
 // with sigma_t^2 = alpha^2 s^2 + beta^2, and the exact flow map from x_0 = xi is
 //   x_t = alpha_t mu + sigma_t xi.
 struct GaussianFlow {
   double mu = 2.0, s = 0.3;
-  SkewSchedule sch;
+  bool use_linear = false;  // the linear path instead of the skew one
   int evaluations = 0;
 
+  double alpha(double t) const { return use_linear ? t : t * t; }
   double sigma(double t) const {
-    const double a = sch.alpha(t), b = sch.beta(t);
+    const double a = alpha(t), b = 1 - t;
     return std::sqrt(a * a * s * s + b * b);
   }
-  double exact(double xi, double t) const { return sch.alpha(t) * mu + sigma(t) * xi; }
+  double exact(double xi, double t) const { return alpha(t) * mu + sigma(t) * xi; }
 
   template <class T>
   void operator()(fd::View<const T> x, fd::View<T> out, T t) {
     ++evaluations;
-    const double a = sch.alpha(double(t)), b = sch.beta(double(t));
-    const double da = sch.d_alpha(double(t)), db = sch.d_beta(double(t));
+    const double a = alpha(double(t)), b = 1 - double(t);
+    const double da = use_linear ? 1.0 : 2 * double(t), db = -1.0;
     const double v = a * a * s * s + b * b;
     const double c = (a * da * s * s + b * db) / v;
     const double m = mu;
@@ -83,8 +79,9 @@ struct GaussianFlow {
 };
 
 template <class Stepper>
-double max_error(const Stepper& st, fd::index_t steps, bool backwards = false) {
+double max_error(const Stepper& st, fd::index_t steps, bool backwards = false, bool linear = false) {
   GaussianFlow flow;
+  flow.use_linear = linear;
   auto x = fd::Tensor<double>::from({5, 1}, {-2.0, -0.5, 0.0, 0.7, 1.9});
   const auto xi = x.clone();
   if (backwards) {
@@ -122,6 +119,59 @@ TEST_CASE("ODE steppers reach their nominal order on an exact flow map", "[ode]"
   check_order(fd::Midpoint{}, {8, 16, 32, 64});
   check_order(fd::Heun{}, {8, 16, 32, 64});
   check_order(fd::RK4{}, {8, 16, 32, 64});
+}
+
+TEST_CASE("DPM-Solver++(2M) is second order and exact for a point mass", "[ode][dpm]") {
+  const fd::schedules::Linear sch;  // the velocity must determine the data at t = 0 (d_alpha != 0)
+  // On a grid uniform in lambda = log(alpha / beta) = logit(t) over [0.05, 0.95] every step is a
+  // pure second-order multistep step: the observed order is 2.
+  auto lambda_grid = [](fd::index_t n) {
+    const double l0 = std::log(0.05 / 0.95), l1 = std::log(0.95 / 0.05);
+    std::vector<double> g;
+    for (fd::index_t i = 0; i <= n; ++i) {
+      const double l = l0 + (l1 - l0) * double(i) / double(n);
+      g.push_back(1 / (1 + std::exp(-l)));
+    }
+    return g;
+  };
+  std::vector<double> errs;
+  for (fd::index_t n : {8, 16, 32, 64}) {
+    GaussianFlow flow;
+    flow.use_linear = true;
+    const auto grid = lambda_grid(n);
+    auto x = fd::Tensor<double>::from({5, 1}, {-2.0, -0.5, 0.0, 0.7, 1.9});
+    const auto xi = x.clone();
+    for (fd::index_t i = 0; i < 5; ++i) x[i] = flow.exact(xi[i], grid.front());
+    const auto stats = fd::integrate(fd::dpm_solver_pp_2m(sch), flow, x, grid);
+    CHECK(stats.field_evaluations == n);
+    double err = 0;
+    for (fd::index_t i = 0; i < 5; ++i) {
+      REQUIRE(std::isfinite(x[i]));
+      err = std::max(err, std::abs(x[i] - flow.exact(xi[i], grid.back())));
+    }
+    errs.push_back(err);
+  }
+  REQUIRE(errs.back() > 1e-13);
+  const double p = std::log2(errs[2] / errs[3]);
+  INFO("dpm_solver++2m observed order " << p << ", errors " << errs[0] << " ... " << errs[3]);
+  CHECK(std::abs(p - 2) <= 0.3);
+
+  // The full [0, 1] grid (first-order steps out of t = 0 and into t = 1) converges and stays finite.
+  GaussianFlow flow;
+  flow.use_linear = true;
+  auto x = fd::Tensor<double>::from({3, 1}, {-2.0, 0.1, 1.5});
+  const auto xi = x.clone();
+  fd::integrate(fd::dpm_solver_pp_2m(sch), flow, x, fd::uniform_grid<double>(256));
+  for (fd::index_t i = 0; i < 3; ++i) CHECK(std::abs(x[i] - flow.exact(xi[i], 1.0)) < 1e-3);
+
+  // For a point mass (s = 0) the data prediction is constant: one step lands exactly on it.
+  GaussianFlow point;
+  point.s = 0.0;
+  point.use_linear = true;
+  auto xp = fd::Tensor<double>::from({2, 1}, {-1.0, 0.4});
+  fd::integrate(fd::dpm_solver_pp_2m(sch), point, xp, fd::uniform_grid<double>(1));
+  CHECK(xp[0] == Approx(point.mu).epsilon(1e-12));
+  CHECK(xp[1] == Approx(point.mu).epsilon(1e-12));
 }
 
 TEST_CASE("integrate counts evaluations, notifies observers and can be cancelled", "[ode]") {
