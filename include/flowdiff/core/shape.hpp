@@ -2,7 +2,6 @@
 // Shapes are values: cheap to copy, comparable, printable as "[64, 1, 32, 32]".
 #pragma once
 
-#include <array>
 #include <initializer_list>
 #include <ostream>
 #include <sstream>
@@ -91,7 +90,9 @@ class Shape {
   friend std::ostream& operator<<(std::ostream& os, const Shape& s) { return os << s.str(); }
 
  private:
-  std::array<index_t, max_rank> dims_{};
+  // A plain array, not std::array: its operator[] is host-only under nvcc without
+  // --expt-relaxed-constexpr, and these accessors run on the device.
+  index_t dims_[max_rank] = {};
   int rank_ = 0;
 };
 
