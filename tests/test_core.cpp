@@ -41,6 +41,12 @@ TEST_CASE("Tensor ownership, views and indexing", "[core]") {
   CHECK_THROWS_WITH(t.view().reshape({4, 2}), Contains("cannot view [2, 3] as [4, 2]"));
   CHECK_THROWS_AS(t.view().row(2), fd::shape_error);
   CHECK_THROWS_WITH((fd::Tensor<float>::from({2, 2}, {1, 2, 3})), Contains("needs 4 values, got 3"));
+  fd::Tensor<float> none;
+  CHECK(none.empty());
+  CHECK(none.numel() == 0);
+  CHECK(none.data() == nullptr);
+  fd::Tensor<float> taken = std::move(moved);
+  CHECK(moved.empty());
   auto z = fd::Tensor<double>::zeros({3});
   CHECK(fd::sum(z) == 0.0);
 }

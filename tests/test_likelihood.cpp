@@ -67,12 +67,14 @@ TEST_CASE("Likelihood of Gaussian-mixture samples matches the exact log density"
     auto s = data.sample(16, gen);
     fd::Tensor<double> lp(fd::Shape{16}), ref(fd::Shape{16});
     data.log_density(s.x, ref);
-    const auto stats = fd::log_likelihood(field, s.x.view(), lp.view(), {}, 1e-8, 1e-8);
-    CHECK(stats.ode.accepted > 0);
-    for (fd::index_t i = 0; i < 16; ++i) {
-      INFO("d = " << d << ", sample " << i << ": " << lp[i] << " vs exact " << ref[i]);
-      REQUIRE(std::isfinite(lp[i]));
-      CHECK(std::abs(lp[i] - ref[i]) < 2e-4 * std::max(1.0, std::abs(ref[i])));
+    for (auto method : {fd::Divergence::exact, fd::Divergence::jacobian}) {
+      const auto stats = fd::log_likelihood(field, s.x.view(), lp.view(), {.divergence = method}, 1e-8, 1e-8);
+      CHECK(stats.ode.accepted > 0);
+      for (fd::index_t i = 0; i < 16; ++i) {
+        INFO("d = " << d << ", sample " << i << ": " << lp[i] << " vs exact " << ref[i]);
+        REQUIRE(std::isfinite(lp[i]));
+        CHECK(std::abs(lp[i] - ref[i]) < 2e-4 * std::max(1.0, std::abs(ref[i])));
+      }
     }
   }
 }
@@ -98,6 +100,33 @@ TEST_CASE("The Hutchinson estimate is unbiased within its confidence interval", 
   INFO("Hutchinson mean " << mean << " +- " << sd / std::sqrt(double(reps)) << ", exact " << exact[0]);
   REQUIRE(sd > 0);  // it really is random
   CHECK(std::abs(mean - exact[0]) < 4 * sd / std::sqrt(double(reps)) + 1e-4);
+}
+
+TEST_CASE("The mixture's exact divergence matches central differences", "[likelihood]") {
+  fd::Generator gen{9};
+  auto means = fd::randn<double>({3, 5}, gen);
+  const auto data = fd::analytic::GaussianMixture<double>::isotropic({0.3, 0.3, 0.4}, means,
+                                                                     {0.5, 0.9, 1.3});
+  auto field = data.velocity(fd::schedules::Linear{});
+  auto x = fd::randn<double>({6, 5}, gen);
+  fd::Tensor<double> div(fd::Shape{6}), up(fd::Shape{6, 5}), um(fd::Shape{6, 5});
+  for (double t : {0.0, 0.3, 0.8, 1.0}) {
+    field.divergence(x.view(), div.view(), t);
+    for (fd::index_t i = 0; i < 6; ++i) {
+      double fdiv = 0;
+      for (fd::index_t j = 0; j < 5; ++j) {
+        const double h = 1e-5;
+        auto xp = x.clone(), xm = x.clone();
+        xp(i, j) += h;
+        xm(i, j) -= h;
+        field(xp.view(), up.view(), t);
+        field(xm.view(), um.view(), t);
+        fdiv += (up(i, j) - um(i, j)) / (2 * h);
+      }
+      REQUIRE(std::isfinite(div[i]));
+      CHECK(div[i] == Approx(fdiv).epsilon(1e-6).margin(1e-7));
+    }
+  }
 }
 
 TEST_CASE("Likelihood input errors", "[likelihood]") {

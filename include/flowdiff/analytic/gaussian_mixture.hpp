@@ -71,6 +71,55 @@ class MixtureField {
   // x, out: [N, d]; y: [N]
   void operator()(View<const T> x, View<T> out, T t, View<const label_t> y) { run(x, out, t, &y); }
 
+  /// The exact divergence of the (unconditional) field, div: [N]. With the field
+  /// f = sum_k r_k m_k, m_kj = a_kj + b_kj x_j and d r_k / d x_j = r_k (g_kj - sum_m r_m g_mj),
+  /// g_kj = -(x_j - alpha mu_kj) / v_kj:
+  ///   div f = sum_j [ sum_k r_k b_kj + sum_k r_k g_kj m_kj - (sum_k r_k g_kj)(sum_k r_k m_kj) ].
+  /// Used by log_likelihood(..., Divergence::exact).
+  void divergence(View<const T> x, View<T> div, T t) {
+    const char* who = "GaussianMixture::divergence";
+    check_time(who, t);
+    const index_t n = detail::check_batch(who, x, p_->d);
+    check_shape(who, div, Shape{n});
+    detail::prepare_coeffs(*p_, detail::path_values(schedule_, static_cast<double>(t)), Q, coeffs_,
+                           who);
+    const index_t K = coeffs_.K, d = coeffs_.d;
+    const auto& c = coeffs_;
+    const T* px = x.data();
+    T* pd = div.data();
+    Cpu::parallel_for(
+        n,
+        [&](index_t i) {
+          // Small per-row buffers: K logits / responsibilities.
+          std::vector<double> logit(static_cast<std::size_t>(K)), r(static_cast<std::size_t>(K));
+          const T* xi = px + i * d;
+          for (index_t k = 0; k < K; ++k) logit[k] = c.log_norm[k];
+          for (index_t j = 0; j < d; ++j)
+            for (index_t k = 0; k < K; ++k) {
+              const auto jk = static_cast<std::size_t>(j * K + k);
+              const double diff = double(xi[j]) - c.center[jk];
+              logit[k] -= c.half_prec[jk] * diff * diff;
+            }
+          detail::softmax(logit.data(), K, nullptr, 0, detail::Select::all, r.data());
+          double total = 0;
+          for (index_t j = 0; j < d; ++j) {
+            double sb = 0, sgm = 0, sg = 0, sm = 0;
+            for (index_t k = 0; k < K; ++k) {
+              const auto jk = static_cast<std::size_t>(j * K + k);
+              const double m = c.a[jk] + c.b[jk] * double(xi[j]);
+              const double g = -2 * c.half_prec[jk] * (double(xi[j]) - c.center[jk]);
+              sb += r[k] * c.b[jk];
+              sgm += r[k] * g * m;
+              sg += r[k] * g;
+              sm += r[k] * m;
+            }
+            total += sb + sgm - sg * sm;
+          }
+          pd[i] = static_cast<T>(total);
+        },
+        K * d);
+  }
+
  private:
   // A literal, not a std::string: the field call must not allocate.
   static constexpr const char* name() {

@@ -110,7 +110,8 @@ class Tensor {
   using value_type = T;
   using backend = B;
 
-  Tensor() = default;
+  /// An empty tensor: shape [0], no storage (not a rank-0 scalar, whose numel() would be 1).
+  Tensor() : shape_(empty_shape()) {}
 
   /// Uninitialised storage for `shape` (use zeros()/full() for defined contents).
   explicit Tensor(Shape shape) : shape_(shape), data_(B::template allocate<T>(shape.numel())) {}
@@ -145,13 +146,13 @@ class Tensor {
   Tensor(const Tensor&) = delete;
   Tensor& operator=(const Tensor&) = delete;
   Tensor(Tensor&& o) noexcept : shape_(o.shape_), data_(std::exchange(o.data_, nullptr)) {
-    o.shape_ = Shape{};
+    o.shape_ = empty_shape();
   }
   Tensor& operator=(Tensor&& o) noexcept {
     if (this != &o) {
       B::deallocate(data_);
       data_ = std::exchange(o.data_, nullptr);
-      shape_ = std::exchange(o.shape_, Shape{});
+      shape_ = std::exchange(o.shape_, empty_shape());
     }
     return *this;
   }
@@ -225,7 +226,13 @@ class Tensor {
   }
 
  private:
-  Shape shape_{};
+  static Shape empty_shape() noexcept {
+    Shape s;
+    s.push_back(0);  // cannot throw: rank 1 < max_rank, extent 0 >= 0
+    return s;
+  }
+
+  Shape shape_;
   T* data_ = nullptr;
 };
 
