@@ -8,6 +8,7 @@
 #include <tuple>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
@@ -63,6 +64,23 @@ void check_transform_shapes(const Out& out, const In&... in) {
       }(),
       ...);
 }
+
+// The per-element body of transform() for non-CPU backends. A named functor rather than an
+// extended __host__ __device__ lambda: nvcc rejects those inside a generic lambda (std::apply's).
+template <class T, class F, class... In>
+struct TransformKernel {
+  T* o;
+  F f;
+  std::tuple<In*...> in;
+
+  FLOWDIFF_HOST_DEVICE void operator()(index_t i) const {
+    call(i, std::index_sequence_for<In...>{});
+  }
+  template <std::size_t... K>
+  FLOWDIFF_HOST_DEVICE void call(index_t i, std::index_sequence<K...>) const {
+    o[i] = f(std::get<K>(in)[i]...);
+  }
+};
 }  // namespace detail
 
 /// out[i] = f(in0[i], in1[i], ...) over every element, in one pass. `out` may alias an input.
@@ -82,10 +100,9 @@ void transform(View<T, B> out, F f, In&&... in) {
             loop(v.data()...);
           });
         } else {
-          B::parallel_for(out.numel(),
-                          [=, ps = std::make_tuple(v.data()...)] FLOWDIFF_HOST_DEVICE(index_t i) {
-                            std::apply([&](auto*... p) { o[i] = f(p[i]...); }, ps);
-                          });
+          B::parallel_for(out.numel(), detail::TransformKernel<T, F, std::remove_reference_t<
+                                                                    decltype(*v.data())>...>{
+                                           o, f, {v.data()...}});
         }
       },
       ins);

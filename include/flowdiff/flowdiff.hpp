@@ -1,0 +1,58 @@
+// flowdiff/flowdiff.hpp — the whole library in one include: `#include <flowdiff/flowdiff.hpp>`.
+// Every public header of the CPU library, grouped by layer from the bottom (DESIGN.md §2). The CUDA
+// backend (flowdiff/backend/cuda/) is not included here: include it explicitly from .cu files
+// compiled by nvcc, so that CPU-only users never need the CUDA toolkit. The test
+// umbrella_header_complete fails when a public header is missing from this list.
+#pragma once
+
+// core: configuration, errors, shapes, tensors and views, RNG, element-wise ops, fields
+#include "flowdiff/core/config.hpp"
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/field.hpp"
+#include "flowdiff/core/ops.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/shape.hpp"
+#include "flowdiff/core/tensor.hpp"
+
+// backend: the Backend concept and the CPU backend (Eigen, OpenMP)
+#include "flowdiff/backend/backend.hpp"
+#include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/linalg.hpp"
+
+// paths: schedules, Gaussian paths, parametrisation converters
+#include "flowdiff/paths/check_schedule.hpp"
+#include "flowdiff/paths/convert.hpp"
+#include "flowdiff/paths/gaussian_path.hpp"
+#include "flowdiff/paths/log_snr.hpp"
+#include "flowdiff/paths/noise_schedules.hpp"
+#include "flowdiff/paths/paths.hpp"
+#include "flowdiff/paths/retarget.hpp"
+#include "flowdiff/paths/schedule.hpp"
+
+// analytic: exact distributions and their fields (the test oracles)
+#include "flowdiff/analytic/analytic.hpp"
+#include "flowdiff/analytic/gaussian_mixture.hpp"
+#include "flowdiff/analytic/mixture_kernel.hpp"
+
+// guidance: classifier-free and classifier guidance as field adapters
+#include "flowdiff/guidance/cfg.hpp"
+#include "flowdiff/guidance/classifier.hpp"
+#include "flowdiff/guidance/guidance.hpp"
+#include "flowdiff/guidance/scale.hpp"
+
+// samplers: time grids, ODE and SDE steppers, integrate(), likelihoods
+#include "flowdiff/samplers/adaptive.hpp"
+#include "flowdiff/samplers/dpm_solver.hpp"
+#include "flowdiff/samplers/grid.hpp"
+#include "flowdiff/samplers/integrate.hpp"
+#include "flowdiff/samplers/likelihood.hpp"
+#include "flowdiff/samplers/ode.hpp"
+#include "flowdiff/samplers/sde.hpp"
+
+// metrics: sample-quality metrics
+#include "flowdiff/metrics/distances.hpp"
+
+// io: files, images and plots (PNG encoding links flowdiff::io)
+#include "flowdiff/io/file.hpp"
+#include "flowdiff/io/image.hpp"
+#include "flowdiff/io/plot.hpp"
