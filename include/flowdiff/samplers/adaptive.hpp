@@ -122,7 +122,8 @@ struct Dopri5 {
     }
   }
 
- private:
+  // One Dormand–Prince step attempt: the six new stages, x5 in buf[7] and the error estimate in
+  // buf[8]. Public only because nvcc requires the function enclosing an extended lambda to be.
   template <class T, class B, class F, class Eval>
   static void stage(Workspace<T, B>& ws, F&, View<T, B> x, double t, double h, Eval& eval) {
     auto k = [&](int i) { return ws.buf[i].view(); };
