@@ -18,25 +18,8 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-// A cosine path defined here so the tests do not depend on the library's schedules.
-struct TestCosine {
-  template <class T>
-  T alpha(T t) const {
-    return std::sin(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T beta(T t) const {
-    return std::cos(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T d_alpha(T t) const {
-    return T(std::numbers::pi / 2) * std::cos(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T d_beta(T t) const {
-    return -T(std::numbers::pi / 2) * std::sin(T(std::numbers::pi / 2) * t);
-  }
-};
+// The library's cosine path (alpha = sin(pi t / 2), beta = cos(pi t / 2)).
+using TestCosine = fd::schedules::Cosine;
 static_assert(fd::Schedule<TestCosine>);
 
 // A schedule whose d_alpha blows up at t = 0 (alpha = sqrt(t)).

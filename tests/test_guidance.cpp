@@ -17,48 +17,10 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-struct TestCosine {
-  template <class T>
-  T alpha(T t) const {
-    return std::sin(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T beta(T t) const {
-    return std::cos(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T d_alpha(T t) const {
-    return T(std::numbers::pi / 2) * std::cos(T(std::numbers::pi / 2) * t);
-  }
-  template <class T>
-  T d_beta(T t) const {
-    return -T(std::numbers::pi / 2) * std::sin(T(std::numbers::pi / 2) * t);
-  }
-};
-
-// alpha = t, beta = sqrt(1 - t): d_beta(1) = -inf, beta d_beta = -1/2.
-struct TestSqrtBeta {
-  template <class T>
-  T alpha(T t) const {
-    return t;
-  }
-  template <class T>
-  T beta(T t) const {
-    return std::sqrt(T(1) - t);
-  }
-  template <class T>
-  T d_alpha(T) const {
-    return T(1);
-  }
-  template <class T>
-  T d_beta(T t) const {
-    return T(-0.5) / std::sqrt(T(1) - t);
-  }
-  template <class T>
-  T beta_d_beta(T) const {
-    return T(-0.5);
-  }
-};
+// The library's own schedules: cosine (trigonometric) and sqrt-beta (d_beta(1) = -inf with a
+// finite beta d_beta = -1/2, so b_1 = 1/2).
+using TestCosine = fd::schedules::Cosine;
+using TestSqrtBeta = fd::schedules::SqrtBeta;
 
 template <class T>
 GaussianMixture<T> make_mixture() {
