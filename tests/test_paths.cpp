@@ -84,7 +84,8 @@ bool defined_at(const Ends& e, double t, P from, P to) {
       case P::data: return true;
       case P::noise: return to == P::score;
       case P::score: return to == P::noise;
-      case P::velocity: return e.velocity_informs0;
+      // p_0 = N(0, I) needs no input: the score and the noise are always known at alpha = 0.
+      case P::velocity: return e.velocity_informs0 || to == P::score || to == P::noise;
       case P::v: return true;
     }
   }
@@ -437,7 +438,7 @@ TEST_CASE("convert: argument checks and error messages", "[paths][convert]") {
                     Contains("convert: score -> velocity is undefined at t = 0: alpha = 0"));
   CHECK_THROWS_WITH(fd::convert(sc::Linear{}, P::velocity, P::score, x, in, out, 1.0),
                     Contains("convert: velocity -> score is undefined at t = 1: beta = 0"));
-  CHECK_THROWS_WITH(fd::convert(sc::Polynomial{2}, P::velocity, P::noise, x, in, out, 0.0),
+  CHECK_THROWS_WITH(fd::convert(sc::Polynomial{2}, P::velocity, P::data, x, in, out, 0.0),
                     Contains("velocity carries no information"));
   CHECK_THROWS_WITH(fd::convert(sc::SqrtBeta{}, P::noise, P::velocity, x, in, out, 1.0),
                     Contains("noise -> velocity is undefined at t = 1: d_beta is infinite"));

@@ -199,3 +199,26 @@ TEST_CASE("SDE errors are clear", "[sde]") {
                                   fd::uniform_grid<float>(4, 1.0f, 0.0f)),
                     Contains("must go forward in time"));
 }
+
+TEST_CASE("The last SDE step into t = 1 stays finite for every schedule", "[sde]") {
+  // Schedules whose score coefficient degenerates at t = 1 (beta_1 = 0; d_beta(1) = -inf for
+  // sqrt-beta and VP) with a large sigma: the score is evaluated at the left end of each step,
+  // so the final step never touches the singular point.
+  const auto data = three_modes();
+  fd::Generator gen{21};
+  auto run = [&](auto schedule, const char* name) {
+    for (double sigma : {0.5, 2.0}) {
+      auto field = data.velocity(schedule);
+      auto x = fd::randn<float>({256, 2}, gen);
+      fd::integrate(fd::euler_maruyama(schedule, sigma, gen), field, x, fd::uniform_grid<float>(100));
+      INFO(name << ", sigma " << sigma);
+      CHECK(fd::all_finite(x));
+      CHECK(fd::max_abs(x) < 20.0f);
+    }
+  };
+  run(fd::schedules::Linear{}, "linear");
+  run(fd::schedules::Cosine{}, "cosine");
+  run(fd::schedules::SqrtBeta{}, "sqrt-beta");
+  run(fd::schedules::Polynomial{2.0}, "polynomial(2)");
+  run(fd::schedules::VariancePreserving{}, "variance-preserving");
+}

@@ -156,6 +156,11 @@ FLOWDIFF_INLINE Conversion<T> conversion(const ScheduleValues<T>& c, Parametriza
     case P::velocity: {  // in = u; the system has determinant alpha d_beta - beta d_alpha
       if (!detail::is_finite(p) || !detail::is_finite(da))
         return detail::conversion_error<T>(St::non_finite);
+      // Where alpha = 0, p_t = N(0, beta^2 I) whatever the data: the score -x / beta^2 and the
+      // noise x / beta are known without the velocity, even where the velocity says nothing
+      // (d_alpha = 0 too, e.g. Polynomial(n > 1) at t = 0).
+      if (a == T(0) && b > T(0) && to == P::score) return detail::conversion_result(T(-1) / (b * b), T(0));
+      if (a == T(0) && b > T(0) && to == P::noise) return detail::conversion_result(T(1) / b, T(0));
       if (to == P::score) {
         // s = (alpha u - d_alpha x) / (d_alpha beta^2 - alpha beta d_beta): finite at t = 0 when
         // d_alpha(0) != 0, and at t = 1 exactly when beta d_beta does not vanish there.
