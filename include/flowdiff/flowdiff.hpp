@@ -52,6 +52,9 @@
 // metrics: sample-quality metrics
 #include "flowdiff/metrics/distances.hpp"
 
+// nn: the flat parameter store of the networks
+#include "flowdiff/nn/parameters.hpp"
+
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"
 #include "flowdiff/io/image.hpp"
