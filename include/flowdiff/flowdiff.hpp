@@ -52,8 +52,12 @@
 // metrics: sample-quality metrics
 #include "flowdiff/metrics/distances.hpp"
 
-// nn: the flat parameter store of the networks
+// nn: the flat parameter store, the layers and the gradient checker of the networks
 #include "flowdiff/nn/parameters.hpp"
+#include "flowdiff/nn/gradcheck.hpp"
+#include "flowdiff/nn/layers/activation.hpp"
+#include "flowdiff/nn/layers/layer_check.hpp"
+#include "flowdiff/nn/layers/linear.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"
