@@ -63,3 +63,4 @@
 #include "flowdiff/io/file.hpp"
 #include "flowdiff/io/image.hpp"
 #include "flowdiff/io/plot.hpp"
+#include "flowdiff/io/safetensors.hpp"
