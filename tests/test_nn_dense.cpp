@@ -5,13 +5,18 @@
 
 #include <cmath>
 #include <filesystem>
+#include <numbers>
 #include <string>
 #include <vector>
 
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
 #include <flowdiff/nn/layers/activation.hpp>
+#include <flowdiff/nn/layers/dropout.hpp>
+#include <flowdiff/nn/layers/embedding.hpp>
 #include <flowdiff/nn/layers/linear.hpp>
+#include <flowdiff/nn/layers/modulation.hpp>
+#include <flowdiff/nn/layers/norm.hpp>
 #include <flowdiff/nn/parameters.hpp>
 
 namespace fd = flowdiff;
@@ -63,17 +68,240 @@ TEST_CASE("Activations: gradients match central differences", "[nn][dense][gradc
   auto x = fd::randn<double>({3, 7}, gen);
   fd::scale(x, 2.0);
   fd::Tensor<double> y({3, 7}), dx({3, 7});
-  SECTION("silu") {
-    require_ok(nn::gradcheck(
-        {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, [&] { nn::silu_forward(x, y.view()); },
-        [&](const auto& dy) { nn::silu_backward(x, dy[0], dx.view()); }, gen));
-  }
+  require_ok(nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, [&] { nn::silu_forward(x, y.view()); },
+      [&](const auto& dy) { nn::silu_backward(x, dy[0], dx.view()); }, gen));
   for (auto approx : {nn::GeluApprox::none, nn::GeluApprox::tanh}) {
     require_ok(nn::gradcheck(
         {{"x", x.view(), dx.view()}}, nullptr, {y.view()},
         [&] { nn::gelu_forward(x, y.view(), approx); },
         [&](const auto& dy) { nn::gelu_backward(x, dy[0], dx.view(), approx); }, gen));
   }
+}
+
+TEST_CASE("LayerNorm: gradients match central differences", "[nn][dense][gradcheck]") {
+  fd::Generator gen(3);
+  for (bool affine : {true, false}) {
+    for (fd::Shape shape : {fd::Shape{3, 5}, fd::Shape{2, 3, 4}}) {
+      const auto c = shape[shape.rank() - 1];
+      nn::Parameters<double> ps;
+      nn::LayerNorm<double> ln(ps, "ln", c, 1e-5, affine);
+      if (ps.count() > 0) {
+        ps.allocate();
+        randomise(ps, gen);
+      }
+      nn::LayerNorm<double>::Cache cache;
+      auto x = fd::randn<double>(shape, gen);
+      fd::Tensor<double> y(shape), dx(shape);
+      require_ok(nn::gradcheck(
+          {{"x", x.view(), dx.view()}}, affine ? &ps : nullptr, {y.view()},
+          [&] { ln.forward(ps, x, y, cache); },
+          [&](const auto& dy) { ln.backward(ps, x, dy[0], dx, cache); }, gen));
+    }
+  }
+}
+
+TEST_CASE("GroupNorm: gradients match central differences", "[nn][dense][gradcheck]") {
+  fd::Generator gen(4);
+  struct Case {
+    fd::Shape shape;
+    fd::index_t groups;
+    bool affine;
+  };
+  for (const Case& k : {Case{{2, 6, 2, 3}, 3, true}, Case{{2, 4, 5}, 1, true},
+                        Case{{3, 4}, 2, true}, Case{{2, 6, 3}, 6, false}}) {
+    nn::Parameters<double> ps;
+    nn::GroupNorm<double> gn(ps, "gn", k.groups, k.shape[1], 1e-5, k.affine);
+    if (k.affine) {
+      ps.allocate();
+      randomise(ps, gen);
+    }
+    nn::GroupNorm<double>::Cache cache;
+    auto x = fd::randn<double>(k.shape, gen);
+    fd::Tensor<double> y(k.shape), dx(k.shape);
+    require_ok(nn::gradcheck(
+        {{"x", x.view(), dx.view()}}, k.affine ? &ps : nullptr, {y.view()},
+        [&] { gn.forward(ps, x, y, cache); },
+        [&](const auto& dy) { gn.backward(ps, x, dy[0], dx, cache); }, gen));
+  }
+}
+
+TEST_CASE("Embedding: gradients match central differences; the null row is the last", "[nn][dense][gradcheck]") {
+  fd::Generator gen(5);
+  nn::Parameters<double> ps;
+  nn::Embedding<double> emb(ps, "y_embedder.embedding_table", 4, 3);
+  ps.allocate();
+  emb.init(ps, gen);
+  CHECK(ps.param(emb.weight_id()).shape() == fd::Shape{5, 3});
+  CHECK(emb.null_label() == 4);
+  // Repeated labels (accumulation into one row) and the null label; row 2 is unused.
+  auto labels = fd::Tensor<fd::label_t>::from({6}, {0, 3, 3, 4, 1, 0});
+  fd::Tensor<double> y({6, 3});
+  emb.forward(ps, labels, y);
+  CHECK(y(3, 1) == ps.param(emb.weight_id())(4, 1));
+  require_ok(nn::gradcheck(
+      {}, &ps, {y.view()}, [&] { emb.forward(ps, labels, y); },
+      [&](const auto& dy) { emb.backward(ps, labels, dy[0]); }, gen));
+  CHECK(fd::sum(ps.grad(emb.weight_id()).row(2)) == 0.0);
+}
+
+TEST_CASE("Time embeddings: DiT values and d/dt match central differences", "[nn][dense][gradcheck]") {
+  fd::Generator gen(6);
+  auto t = fd::rand<double>({5}, gen);
+  fd::Tensor<double> dt({5});
+  for (fd::index_t dim : {8, 7}) {
+    nn::SinusoidalTimeEmbedding<double> te(dim);
+    fd::Tensor<double> y({5, dim});
+    te.forward(t, y);
+    // DiT's timestep_embedding by hand: cos block then sin block, zero-padded when dim is odd.
+    const fd::index_t half = dim / 2;
+    for (fd::index_t i = 0; i < half; ++i) {
+      const double f = std::exp(-std::log(10000.0) * double(i) / double(half));
+      CHECK(y(2, i) == Approx(std::cos(1000.0 * t[2] * f)).epsilon(1e-12));
+      CHECK(y(2, half + i) == Approx(std::sin(1000.0 * t[2] * f)).epsilon(1e-12));
+    }
+    if (dim % 2) CHECK(y(4, dim - 1) == 0.0);
+    // The phases move 1000x faster than t, so the third derivative that sets the truncation
+    // error h^2 f'''/6 is ~1e9: a smaller step keeps that well below the tolerance.
+    require_ok(nn::gradcheck(
+        {{"t", t.view(), dt.view()}}, nullptr, {y.view()}, [&] { te.forward(t, y); },
+        [&](const auto& dy) { te.backward(t, dy[0], dt); }, gen, {.h = 2e-7}));
+  }
+  nn::GaussianFourierFeatures<double> ff(6, 4.0, gen);
+  fd::Tensor<double> y({5, 6});
+  require_ok(nn::gradcheck(
+      {{"t", t.view(), dt.view()}}, nullptr, {y.view()}, [&] { ff.forward(t, y); },
+      [&](const auto& dy) { ff.backward(t, dy[0], dt); }, gen));
+  ff.forward(t, y);
+  const double a = 2 * std::numbers::pi * t[1] * ff.frequencies()[2];
+  CHECK(y(1, 2) == Approx(std::sin(a)).epsilon(1e-12));
+  CHECK(y(1, 5) == Approx(std::cos(a)).epsilon(1e-12));
+}
+
+TEST_CASE("Dropout: inverted scaling, reproducible mask, identity at p = 0 and in eval", "[nn][dense][gradcheck]") {
+  fd::Generator gen(7);
+  nn::Dropout<double> drop(0.25);
+  nn::Dropout<double>::Cache cache;
+  auto x = fd::randn<double>({4, 6}, gen);
+  fd::Tensor<double> y({4, 6}), dx({4, 6});
+  const fd::Generator seed(99);
+  require_ok(nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, nullptr, {y.view()},
+      [&] {
+        fd::Generator g = seed;  // the same mask on every call
+        drop.forward(x, y, cache, g);
+      },
+      [&](const auto& dy) { drop.backward(dy[0], dx, cache); }, gen));
+
+  // Mask statistics on a large tensor: kept fraction ~ 1 - p, kept values scaled by 1 / (1 - p).
+  auto ones = fd::Tensor<double>::full({200, 100}, 1.0);
+  fd::Tensor<double> out({200, 100});
+  fd::Generator g(5);
+  drop.forward(ones, out, cache, g);
+  fd::index_t kept = 0;
+  for (fd::index_t i = 0; i < out.numel(); ++i) {
+    REQUIRE((out[i] == 0.0 || out[i] == Approx(1.0 / 0.75).epsilon(1e-15)));
+    kept += out[i] != 0.0;
+  }
+  // 20000 Bernoulli(0.75) draws: sd = sqrt(20000 * 0.1875) ~ 61; allow 5 sd.
+  CHECK(std::abs(double(kept) - 15000.0) < 5 * 61.3);
+  // Same generator state, same mask; sample i's mask does not depend on the batch size.
+  fd::Tensor<double> out2({200, 100}), out_half({100, 100});
+  fd::Generator g2(5), g3(5);
+  drop.forward(ones, out2, cache, g2);
+  drop.forward(ones.reshape({200, 100}).rows(0, 100), out_half, cache, g3);
+  CHECK(out2.to_vector() == out.to_vector());
+  for (fd::index_t i = 0; i < out_half.numel(); ++i) REQUIRE(out_half[i] == out[i]);
+
+  // Eval mode and p = 0: identity, generator untouched.
+  fd::Generator g4(1);
+  drop.forward(x, y, cache, g4, /*training=*/false);
+  CHECK(y.to_vector() == x.to_vector());
+  CHECK(g4.offset() == 0);
+  nn::Dropout<double> none(0.0);
+  none.forward(x, y, cache, g4);
+  CHECK(y.to_vector() == x.to_vector());
+  none.backward(x, dx, cache);
+  CHECK(dx.to_vector() == x.to_vector());
+  CHECK(g4.offset() == 0);
+  CHECK_THROWS_AS(nn::Dropout<double>(1.0), fd::config_error);
+}
+
+TEST_CASE("Modulation, residual add and channel concatenation: gradients match central differences", "[nn][dense][gradcheck]") {
+  fd::Generator gen(8);
+  for (auto axis : {nn::ChannelAxis::first, nn::ChannelAxis::last}) {
+    const fd::Shape xs = axis == nn::ChannelAxis::first ? fd::Shape{2, 3, 2, 2} : fd::Shape{2, 5, 3};
+    auto x = fd::randn<double>(xs, gen);
+    auto sc = fd::randn<double>({2, 3}, gen);
+    auto sh = fd::randn<double>({2, 3}, gen);
+    fd::Tensor<double> y(xs), dx(xs), dsc({2, 3}), dsh({2, 3});
+    require_ok(nn::gradcheck(
+        {{"x", x.view(), dx.view()}, {"scale", sc.view(), dsc.view()}, {"shift", sh.view(), dsh.view()}},
+        nullptr, {y.view()}, [&] { nn::modulate_forward(x, sc, sh, y.view(), axis); },
+        [&](const auto& dy) {
+          nn::modulate_backward(x, sc, dy[0], dx.view(), dsc.view(), dsh.view(), axis);
+        },
+        gen));
+  }
+  {
+    // [N, C] is [N, C, ...] with no trailing positions.
+    auto x = fd::randn<double>({3, 4}, gen);
+    auto sc = fd::randn<double>({3, 4}, gen);
+    auto sh = fd::randn<double>({3, 4}, gen);
+    fd::Tensor<double> y({3, 4});
+    nn::modulate_forward(x, sc, sh, y.view());
+    CHECK(y(1, 2) == Approx(x(1, 2) * (1 + sc(1, 2)) + sh(1, 2)).epsilon(1e-15));
+  }
+  auto a = fd::randn<double>({2, 3, 2}, gen);
+  auto b = fd::randn<double>({2, 3, 2}, gen);
+  fd::Tensor<double> y({2, 3, 2}), da({2, 3, 2}), db({2, 3, 2});
+  require_ok(nn::gradcheck(
+      {{"a", a.view(), da.view()}, {"b", b.view(), db.view()}}, nullptr, {y.view()},
+      [&] { nn::add_forward(a, b, y.view()); },
+      [&](const auto& dy) { nn::add_backward(dy[0], da.view(), db.view()); }, gen));
+  auto c = fd::randn<double>({2, 1, 2}, gen);
+  fd::Tensor<double> yc({2, 4, 2}), dc({2, 1, 2});
+  require_ok(nn::gradcheck(
+      {{"a", a.view(), da.view()}, {"c", c.view(), dc.view()}}, nullptr, {yc.view()},
+      [&] { nn::concat_channels(a, c, yc.view()); },
+      [&](const auto& dy) { nn::split_channels(dy[0], da.view(), dc.view()); }, gen));
+  CHECK(yc(1, 3, 1) == c(1, 0, 1));
+  CHECK(yc(1, 2, 0) == a(1, 2, 0));
+  fd::copy(da, db);
+  nn::accumulate(da.view(), db);
+  CHECK(da(0, 0, 0) == 2 * db(0, 0, 0));
+}
+
+TEST_CASE("The gradient checker rejects wrong, zero and non-finite gradients", "[nn][gradcheck]") {
+  fd::Generator gen(9);
+  auto x = fd::randn<double>({2, 3}, gen);
+  fd::Tensor<double> y({2, 3}), dx({2, 3});
+  auto fwd = [&] { nn::silu_forward(x, y.view()); };
+  // A backward that is off by 1e-4 relative fails.
+  auto rep = nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                           [&](const auto& dy) {
+                             nn::silu_backward(x, dy[0], dx.view());
+                             fd::scale(dx, 1.0001);
+                           },
+                           gen);
+  CHECK_FALSE(rep.ok());
+  CHECK(rep.max_error == Approx(1e-4).epsilon(1e-3));
+  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                                  [&](const auto&) { fd::fill(dx, 0.0); }, gen),
+                    Contains("all zero"));
+  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                                  [&](const auto&) { fd::fill(dx, std::nan("")); }, gen),
+                    Contains("not finite"));
+  // A backward that accumulates into an input gradient breaks the convention.
+  fd::fill(dx, 0.0);
+  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                                  [&](const auto& dy) {
+                                    fd::Tensor<double> t({2, 3});
+                                    nn::silu_backward(x, dy[0], t.view());
+                                    nn::accumulate(dx.view(), t);
+                                  },
+                                  gen),
+                    Contains("must be overwritten"));
 }
 
 TEST_CASE("Dense layers name the layer, expected and actual shape on bad input", "[nn][dense][errors]") {

@@ -56,8 +56,12 @@
 #include "flowdiff/nn/parameters.hpp"
 #include "flowdiff/nn/gradcheck.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
+#include "flowdiff/nn/layers/dropout.hpp"
+#include "flowdiff/nn/layers/embedding.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/layers/linear.hpp"
+#include "flowdiff/nn/layers/modulation.hpp"
+#include "flowdiff/nn/layers/norm.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"

@@ -1,0 +1,329 @@
+// flowdiff/nn/layers/norm.hpp — LayerNorm and GroupNorm, as torch.nn.LayerNorm / torch.nn.GroupNorm.
+// Both normalise a set S of elements (LayerNorm: the last axis of one row; GroupNorm: the
+// C/G channels of one group of one sample, with all their spatial positions) with the biased
+// variance, then apply a per-channel affine map:
+//   forward   mu = mean_S x,  rstd = 1/sqrt(mean_S (x - mu)^2 + eps),  xh = (x - mu) rstd,
+//             y = gamma_c xh + beta_c
+//   backward  dgamma_c += sum dy xh,  dbeta_c += sum dy   (over every element of channel c)
+//             g = dy gamma_c,  dx = rstd (g - mean_S g - xh mean_S(g xh))
+// The forward pass stores mu and rstd per set in the caller's Cache (resized on demand; no
+// allocation while the batch shape is unchanged); backward needs that cache and the same x.
+// Parameters: prefix + ".weight" (gamma, starts at 1) and prefix + ".bias" (beta, starts at 0),
+// both [C], only when `affine`.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/ops.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/layer_check.hpp"
+#include "flowdiff/nn/parameters.hpp"
+
+namespace flowdiff::nn {
+
+namespace detail {
+
+/// Mean and 1/sqrt(biased variance + eps) of x[0..k), two-pass (no cancellation of sum x^2).
+template <class T>
+void moments(const T* x, index_t k, T eps, T& mean, T& rstd) {
+  T s = 0;
+  for (index_t i = 0; i < k; ++i) s += x[i];
+  const T mu = s / static_cast<T>(k);
+  T v = 0;
+  for (index_t i = 0; i < k; ++i) v += (x[i] - mu) * (x[i] - mu);
+  mean = mu;
+  rstd = T(1) / std::sqrt(v / static_cast<T>(k) + eps);
+}
+
+/// Statistics a normalisation layer keeps between forward and backward.
+template <class T>
+struct NormCache {
+  Tensor<T> mean, rstd;  // [number of normalised sets]
+  void ensure(index_t n) {
+    if (mean.numel() != n) mean.resize(Shape{n});
+    if (rstd.numel() != n) rstd.resize(Shape{n});
+  }
+};
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last axis: x [..., C], statistics per row.
+// ---------------------------------------------------------------------------------------------
+template <class T>
+class LayerNorm {
+ public:
+  using Cache = detail::NormCache<T>;
+
+  LayerNorm(Parameters<T>& ps, const std::string& prefix, index_t features, T eps = T(1e-5),
+            bool affine = true)
+      : prefix_(prefix), c_(features), eps_(eps), affine_(affine) {
+    require<config_error>(features > 0, prefix, " (LayerNorm): features must be >= 1, got ",
+                          features);
+    require<config_error>(eps >= T(0), prefix, " (LayerNorm): eps must be >= 0, got ", eps);
+    if (affine) {
+      w_ = ps.add(prefix + ".weight", Shape{features});
+      b_ = ps.add(prefix + ".bias", Shape{features});
+    }
+  }
+
+  index_t features() const { return c_; }
+  bool affine() const { return affine_; }
+  T eps() const { return eps_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }
+
+  /// gamma = 1, beta = 0 (PyTorch's init; the generator is unused and kept for a uniform API).
+  void init(Parameters<T>& ps, Generator&) const {
+    if (!affine_) return;
+    fill(ps.param(w_), T(1));
+    fill(ps.param(b_), T(0));
+  }
+
+  // x: [..., C] -> y: same shape
+  void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    const index_t m = check(x, y, "y");
+    cache.ensure(m);
+    const T* px = x.data();
+    T* py = y.data();
+    T* mean = cache.mean.data();
+    T* rstd = cache.rstd.data();
+    const T* g = affine_ ? ps.param(w_).data() : nullptr;
+    const T* b = affine_ ? ps.param(b_).data() : nullptr;
+    const index_t c = c_;
+    const T eps = eps_;
+    Cpu::parallel_for(
+        m,
+        [=](index_t r) {
+          const T* xr = px + r * c;
+          T* yr = py + r * c;
+          detail::moments(xr, c, eps, mean[r], rstd[r]);
+          const T mu = mean[r], rs = rstd[r];
+          if (g) {
+            for (index_t j = 0; j < c; ++j) yr[j] = (xr[j] - mu) * rs * g[j] + b[j];
+          } else {
+            for (index_t j = 0; j < c; ++j) yr[j] = (xr[j] - mu) * rs;
+          }
+        },
+        4 * c);
+  }
+
+  // x, dy: [..., C]; dx: same shape or empty. Parameter gradients accumulate.
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
+                const Cache& cache) const {
+    const index_t m = check(x, dy, "dy");
+    detail::check_arg(prefix_, "LayerNorm", "cache.mean (run forward first)",
+                      cache.mean.view(), Shape{m});
+    const T* px = x.data();
+    const T* pdy = dy.data();
+    const T* mean = cache.mean.data();
+    const T* rstd = cache.rstd.data();
+    const index_t c = c_;
+    const T* g = nullptr;
+    if (affine_) {
+      g = ps.param(w_).data();
+      // Row by row into the [C] accumulators: contiguous inner loops; rows are few.
+      T* dg = ps.grad(w_).data();
+      T* db = ps.grad(b_).data();
+      for (index_t r = 0; r < m; ++r) {
+        const T* xr = px + r * c;
+        const T* gr = pdy + r * c;
+        const T mu = mean[r], rs = rstd[r];
+        for (index_t j = 0; j < c; ++j) {
+          dg[j] += gr[j] * (xr[j] - mu) * rs;
+          db[j] += gr[j];
+        }
+      }
+    }
+    if (dx.empty()) return;
+    detail::check_arg(prefix_, "LayerNorm", "dx", dx, x.shape());
+    T* pdx = dx.data();
+    Cpu::parallel_for(
+        m,
+        [=](index_t r) {
+          const T* xr = px + r * c;
+          const T* gr = pdy + r * c;
+          T* dxr = pdx + r * c;
+          const T mu = mean[r], rs = rstd[r];
+          T a = 0, bsum = 0;
+          for (index_t j = 0; j < c; ++j) {
+            const T gh = g ? gr[j] * g[j] : gr[j];
+            a += gh;
+            bsum += gh * (xr[j] - mu) * rs;
+          }
+          a /= static_cast<T>(c);
+          bsum /= static_cast<T>(c);
+          for (index_t j = 0; j < c; ++j) {
+            const T gh = g ? gr[j] * g[j] : gr[j];
+            dxr[j] = rs * (gh - a - (xr[j] - mu) * rs * bsum);
+          }
+        },
+        6 * c);
+  }
+
+ private:
+  index_t check(View<const T> x, View<const T> other, const char* other_name) const {
+    detail::check_arg_axis(prefix_, "LayerNorm", "x", x, 1, -1, c_, "[..., C]");
+    detail::check_arg(prefix_, "LayerNorm", other_name, other, x.shape());
+    return x.numel() / c_;
+  }
+
+  std::string prefix_;
+  index_t c_;
+  T eps_;
+  bool affine_;
+  index_t w_ = -1, b_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm: x [N, C, ...] (e.g. [N, C, H, W] or [N, C]), statistics per (sample, group).
+// ---------------------------------------------------------------------------------------------
+template <class T>
+class GroupNorm {
+ public:
+  using Cache = detail::NormCache<T>;
+
+  GroupNorm(Parameters<T>& ps, const std::string& prefix, index_t groups, index_t channels,
+            T eps = T(1e-5), bool affine = true)
+      : prefix_(prefix), g_(groups), c_(channels), eps_(eps), affine_(affine) {
+    require<config_error>(groups > 0 && channels > 0 && channels % groups == 0, prefix,
+                          " (GroupNorm): channels must be a positive multiple of groups, got "
+                          "groups = ",
+                          groups, ", channels = ", channels);
+    require<config_error>(eps >= T(0), prefix, " (GroupNorm): eps must be >= 0, got ", eps);
+    if (affine) {
+      w_ = ps.add(prefix + ".weight", Shape{channels});
+      b_ = ps.add(prefix + ".bias", Shape{channels});
+    }
+  }
+
+  index_t groups() const { return g_; }
+  index_t channels() const { return c_; }
+  bool affine() const { return affine_; }
+  T eps() const { return eps_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }
+
+  /// gamma = 1, beta = 0 (PyTorch's init).
+  void init(Parameters<T>& ps, Generator&) const {
+    if (!affine_) return;
+    fill(ps.param(w_), T(1));
+    fill(ps.param(b_), T(0));
+  }
+
+  // x: [N, C, ...] -> y: same shape
+  void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    check(x, y, "y");
+    const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
+    cache.ensure(n * g_);
+    const T* px = x.data();
+    T* py = y.data();
+    T* mean = cache.mean.data();
+    T* rstd = cache.rstd.data();
+    const T* gam = affine_ ? ps.param(w_).data() : nullptr;
+    const T* bet = affine_ ? ps.param(b_).data() : nullptr;
+    const index_t groups = g_;
+    const T eps = eps_;
+    // Sets (n, g) are contiguous blocks of k = (C/G) * spatial elements.
+    Cpu::parallel_for(
+        n * groups,
+        [=](index_t ng) {
+          const T* xb = px + ng * k;
+          T* yb = py + ng * k;
+          detail::moments(xb, k, eps, mean[ng], rstd[ng]);
+          const T mu = mean[ng], rs = rstd[ng];
+          const index_t c0 = (ng % groups) * cg;
+          for (index_t ci = 0; ci < cg; ++ci) {
+            const T a = gam ? rs * gam[c0 + ci] : rs;
+            const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
+            for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
+          }
+        },
+        4 * k);
+  }
+
+  // x, dy: [N, C, ...]; dx: same shape or empty. Parameter gradients accumulate.
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
+                const Cache& cache) const {
+    check(x, dy, "dy");
+    const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
+    detail::check_arg(prefix_, "GroupNorm", "cache.mean (run forward first)", cache.mean.view(),
+                      Shape{n * g_});
+    const T* px = x.data();
+    const T* pdy = dy.data();
+    const T* mean = cache.mean.data();
+    const T* rstd = cache.rstd.data();
+    const index_t c = c_, groups = g_;
+    const T* gam = nullptr;
+    if (affine_) {
+      gam = ps.param(w_).data();
+      T* dg = ps.grad(w_).data();
+      T* db = ps.grad(b_).data();
+      // One channel per task: every task owns its two accumulators, so no reduction races.
+      Cpu::parallel_for(
+          c,
+          [=](index_t ch) {
+            T sg = 0, sb = 0;
+            const index_t grp = ch / cg;
+            for (index_t i = 0; i < n; ++i) {
+              const index_t off = (i * c + ch) * s;
+              const T mu = mean[i * groups + grp], rs = rstd[i * groups + grp];
+              for (index_t j = 0; j < s; ++j) {
+                sg += pdy[off + j] * (px[off + j] - mu) * rs;
+                sb += pdy[off + j];
+              }
+            }
+            dg[ch] += sg;
+            db[ch] += sb;
+          },
+          4 * n * s);
+    }
+    if (dx.empty()) return;
+    detail::check_arg(prefix_, "GroupNorm", "dx", dx, x.shape());
+    T* pdx = dx.data();
+    Cpu::parallel_for(
+        n * groups,
+        [=](index_t ng) {
+          const T* xb = px + ng * k;
+          const T* gb = pdy + ng * k;
+          T* dxb = pdx + ng * k;
+          const T mu = mean[ng], rs = rstd[ng];
+          const index_t c0 = (ng % groups) * cg;
+          T a = 0, bsum = 0;
+          for (index_t ci = 0; ci < cg; ++ci) {
+            const T gm = gam ? gam[c0 + ci] : T(1);
+            for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
+              const T gh = gb[j] * gm;
+              a += gh;
+              bsum += gh * (xb[j] - mu) * rs;
+            }
+          }
+          a /= static_cast<T>(k);
+          bsum /= static_cast<T>(k);
+          for (index_t ci = 0; ci < cg; ++ci) {
+            const T gm = gam ? gam[c0 + ci] : T(1);
+            for (index_t j = ci * s; j < (ci + 1) * s; ++j)
+              dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum);
+          }
+        },
+        6 * k);
+  }
+
+ private:
+  void check(View<const T> x, View<const T> other, const char* other_name) const {
+    detail::check_arg_axis(prefix_, "GroupNorm", "x", x, 2, 1, c_, "[N, C, ...]");
+    detail::check_arg(prefix_, "GroupNorm", other_name, other, x.shape());
+  }
+
+  std::string prefix_;
+  index_t g_, c_;
+  T eps_;
+  bool affine_;
+  index_t w_ = -1, b_ = -1;
+};
+
+}  // namespace flowdiff::nn
