@@ -56,12 +56,18 @@
 #include "flowdiff/nn/parameters.hpp"
 #include "flowdiff/nn/gradcheck.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
+#include "flowdiff/nn/layers/attention.hpp"
+#include "flowdiff/nn/layers/batchnorm.hpp"
+#include "flowdiff/nn/layers/conv.hpp"
+#include "flowdiff/nn/layers/conv_transpose.hpp"
 #include "flowdiff/nn/layers/dropout.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/layers/linear.hpp"
 #include "flowdiff/nn/layers/modulation.hpp"
 #include "flowdiff/nn/layers/norm.hpp"
+#include "flowdiff/nn/layers/pooling.hpp"
+#include "flowdiff/nn/layers/upsample.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"

@@ -1,0 +1,342 @@
+// flowdiff/nn/layers/attention.hpp — multi-head self-attention over token sequences, laid out as
+// timm's Attention (one qkv Linear, one output Linear), and ImageSelfAttention, which runs it on
+// the H W pixels of an [N, C, H, W] image (the U-Net's lowest-resolution attention). For one
+// sample x: [L, D] and head h (d = D / heads, columns h d .. h d + d - 1 of each of q, k, v):
+//   forward   [q | k | v] = x Wqkv^T + bqkv                  Wqkv: [3D, D]
+//             S_h = q_h k_h^T / sqrt(d),  P_h = softmax_rows(S_h),  o_h = P_h v_h     o: [L, D]
+//             y = o Wproj^T + bproj                            Wproj: [D, D]
+//   backward  dWproj += dy^T o, dbproj += sum dy, do = dy Wproj,
+//             dP = do_h v_h^T, dv_h = P^T do_h, dS = P .* (dP - rowsum(dP .* P)) / sqrt(d),
+//             dq_h = dS k_h, dk_h = dS^T q_h, dWqkv += dqkv^T x, dbqkv += sum dqkv, dx = dqkv Wqkv
+// The per-(sample, head) products read q, k, v in place inside the [N L, 3D] qkv matrix through
+// strided Eigen maps (no head split/merge copies) and run in parallel over (sample, head); the
+// projections are one GEMM each over all N L tokens. The softmax subtracts the row maximum.
+// Parameter names: prefix.qkv.weight [3D, D], prefix.qkv.bias [3D], prefix.proj.weight [D, D],
+// prefix.proj.bias [D].
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/linalg.hpp"
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/conv.hpp"
+#include "flowdiff/nn/parameters.hpp"
+
+namespace flowdiff::nn {
+
+namespace spatial_detail {
+/// y[r, j] += b[j] for every row r of a [rows, cols] matrix.
+template <class T>
+void add_row_bias(T* y, index_t rows, index_t cols, const T* b) {
+  Cpu::parallel_for(
+      rows,
+      [=](index_t r) {
+        T* row = y + r * cols;
+        for (index_t j = 0; j < cols; ++j) row[j] += b[j];
+      },
+      cols);
+}
+/// db[j] += sum_r g[r, j]: row by row, so the inner loop is contiguous.
+template <class T>
+void accumulate_column_sums(const T* g, index_t rows, index_t cols, T* db) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t j = 0; j < cols; ++j) db[j] += g[r * cols + j];
+}
+}  // namespace spatial_detail
+
+template <class T>
+class MultiheadSelfAttention {
+ public:
+  MultiheadSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t dim,
+                         index_t heads, bool qkv_bias = true)
+      : prefix_(prefix), d_(dim), heads_(heads), qkv_bias_(qkv_bias) {
+    require<config_error>(dim >= 1 && heads >= 1 && dim % heads == 0, prefix,
+                          " (MultiheadSelfAttention): dim must be a positive multiple of heads, "
+                          "got dim = ", dim, ", heads = ", heads);
+    wqkv_ = ps.add(prefix + ".qkv.weight", Shape{3 * dim, dim});
+    if (qkv_bias) bqkv_ = ps.add(prefix + ".qkv.bias", Shape{3 * dim});
+    wproj_ = ps.add(prefix + ".proj.weight", Shape{dim, dim});
+    bproj_ = ps.add(prefix + ".proj.bias", Shape{dim});
+  }
+
+  index_t dim() const { return d_; }
+  index_t heads() const { return heads_; }
+  index_t head_dim() const { return d_ / heads_; }
+  const std::string& prefix() const { return prefix_; }
+  index_t qkv_weight_id() const { return wqkv_; }
+  index_t qkv_bias_id() const { return bqkv_; }  // -1 without qkv bias
+  index_t proj_weight_id() const { return wproj_; }
+  index_t proj_bias_id() const { return bproj_; }
+
+  /// PyTorch's nn.Linear default for both projections: uniform in [-1/sqrt(D), 1/sqrt(D)].
+  void init(Parameters<T>& ps, Generator& gen) const {
+    const T bound = T(1) / std::sqrt(static_cast<T>(d_));
+    fill_uniform(ps.param(wqkv_), gen, -bound, bound);
+    if (qkv_bias_) fill_uniform(ps.param(bqkv_), gen, -bound, bound);
+    fill_uniform(ps.param(wproj_), gen, -bound, bound);
+    fill_uniform(ps.param(bproj_), gen, -bound, bound);
+  }
+
+  struct Cache {
+    Tensor<T> qkv;   // [N L, 3D]  (backward: dqkv reuses dqkv below)
+    Tensor<T> p;     // [N, heads, L, L] attention probabilities
+    Tensor<T> o;     // [N L, D] attention output before the projection
+    Tensor<T> dqkv;  // [N L, 3D]
+    Tensor<T> dp;    // [N, heads, L, L]
+    Tensor<T> dout;  // [N L, D]
+  };
+
+  Shape output_shape(const Shape& s) const {
+    check_input(s);
+    return s;
+  }
+
+  // x: [N, L, D] -> y: [N, L, D]
+  void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    using namespace spatial_detail;
+    check_input(x.shape());
+    check_exact(prefix_, "MultiheadSelfAttention", "y", View<const T>(y), x.shape());
+    const index_t n = x.dim(0), L = x.dim(1), D = d_, rows = n * L;
+    grow(cache.qkv, rows * 3 * D);
+    grow(cache.p, n * heads_ * L * L);
+    grow(cache.o, rows * D);
+    T* qkv = cache.qkv.data();
+    gemm(Trans::no, Trans::yes, T(1), x.reshape({rows, D}), ps.param(wqkv_), T(0),
+         mat(qkv, rows, 3 * D));
+    if (qkv_bias_) add_row_bias(qkv, rows, 3 * D, ps.param(bqkv_).data());
+    attend(qkv, cache.p.data(), cache.o.data(), n, L);
+    gemm(Trans::no, Trans::yes, T(1), mat(static_cast<const T*>(cache.o.data()), rows, D),
+         ps.param(wproj_), T(0), y.reshape({rows, D}));
+    add_row_bias(y.data(), rows, D, ps.param(bproj_).data());
+  }
+
+  // x: [N, L, D], dy: [N, L, D], dx: [N, L, D] or empty. Uses the cache of the matching forward.
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
+                Cache& cache) const {
+    using namespace spatial_detail;
+    check_input(x.shape());
+    check_exact(prefix_, "MultiheadSelfAttention", "dy", dy, x.shape());
+    const bool want_dx = !dx.empty();
+    if (want_dx) check_exact(prefix_, "MultiheadSelfAttention", "dx", View<const T>(dx), x.shape());
+    const index_t n = x.dim(0), L = x.dim(1), D = d_, rows = n * L;
+    require<config_error>(cache.qkv.numel() >= rows * 3 * D && cache.p.numel() >= n * heads_ * L * L,
+                          prefix_, " (MultiheadSelfAttention): backward needs the cache of the "
+                          "matching forward call");
+    grow(cache.dqkv, rows * 3 * D);
+    grow(cache.dp, n * heads_ * L * L);
+    grow(cache.dout, rows * D);
+    const auto dy2 = dy.reshape({rows, D});
+    const auto o = mat(static_cast<const T*>(cache.o.data()), rows, D);
+    gemm(Trans::yes, Trans::no, T(1), dy2, o, T(1), ps.grad(wproj_));
+    accumulate_column_sums(dy.data(), rows, D, ps.grad(bproj_).data());
+    T* dout = cache.dout.data();
+    gemm(Trans::no, Trans::no, T(1), dy2, ps.param(wproj_), T(0), mat(dout, rows, D));
+    T* dqkv = cache.dqkv.data();
+    attend_backward(cache.qkv.data(), cache.p.data(), dout, cache.dp.data(), dqkv, n, L);
+    const auto dqkv2 = mat(static_cast<const T*>(dqkv), rows, 3 * D);
+    gemm(Trans::yes, Trans::no, T(1), dqkv2, x.reshape({rows, D}), T(1), ps.grad(wqkv_));
+    if (qkv_bias_) accumulate_column_sums(static_cast<const T*>(dqkv), rows, 3 * D, ps.grad(bqkv_).data());
+    if (want_dx)
+      gemm(Trans::no, Trans::no, T(1), dqkv2, ps.param(wqkv_), T(0), dx.reshape({rows, D}));
+  }
+
+ private:
+  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
+  using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
+
+  void check_input(const Shape& s) const {
+    if (s.rank() != 3 || s[2] != d_ || s[1] < 1)
+      fail<shape_error>(prefix_, " (MultiheadSelfAttention): x: expected shape [N, L, ", d_,
+                        "], got ", s);
+  }
+
+  static void grow(Tensor<T>& t, index_t n) {
+    if (t.numel() < n) t.resize(Shape{n});
+  }
+
+  // qkv: [N L, 3D] -> p: [N, heads, L, L], o: [N L, D]
+  void attend(const T* qkv, T* p, T* o, index_t n, index_t L) const {
+    const index_t D = d_, H = heads_, dh = d_ / heads_;
+    const T scale = T(1) / std::sqrt(static_cast<T>(dh));
+    Cpu::parallel_for(
+        n * H,
+        [=](index_t nh) {
+          const index_t i = nh / H, h = nh % H;
+          const T* base = qkv + i * L * 3 * D + h * dh;
+          const CMap q(base, L, dh, Eigen::OuterStride<>(3 * D));
+          const CMap k(base + D, L, dh, Eigen::OuterStride<>(3 * D));
+          const CMap v(base + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
+          T* pp = p + nh * L * L;
+          MMap P(pp, L, L, Eigen::OuterStride<>(L));
+          P.noalias() = scale * (q * k.transpose());
+          for (index_t r = 0; r < L; ++r) {  // stable softmax: subtract the row maximum
+            T* row = pp + r * L;
+            const T mx = *std::max_element(row, row + L);
+            T s = T(0);
+            for (index_t c = 0; c < L; ++c) {
+              row[c] = std::exp(row[c] - mx);
+              s += row[c];
+            }
+            const T inv = T(1) / s;
+            for (index_t c = 0; c < L; ++c) row[c] *= inv;
+          }
+          MMap out(o + i * L * D + h * dh, L, dh, Eigen::OuterStride<>(D));
+          out.noalias() = P * v;
+        },
+        2 * L * L * dh);
+  }
+
+  // dout: [N L, D] -> dqkv: [N L, 3D] (overwritten); dp: [N, heads, L, L] scratch
+  void attend_backward(const T* qkv, const T* p, const T* dout, T* dp, T* dqkv, index_t n,
+                       index_t L) const {
+    const index_t D = d_, H = heads_, dh = d_ / heads_;
+    const T scale = T(1) / std::sqrt(static_cast<T>(dh));
+    Cpu::parallel_for(
+        n * H,
+        [=](index_t nh) {
+          const index_t i = nh / H, h = nh % H;
+          const index_t off = i * L * 3 * D + h * dh;
+          const CMap q(qkv + off, L, dh, Eigen::OuterStride<>(3 * D));
+          const CMap k(qkv + off + D, L, dh, Eigen::OuterStride<>(3 * D));
+          const CMap v(qkv + off + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
+          const CMap P(p + nh * L * L, L, L, Eigen::OuterStride<>(L));
+          const CMap dO(dout + i * L * D + h * dh, L, dh, Eigen::OuterStride<>(D));
+          MMap dq(dqkv + off, L, dh, Eigen::OuterStride<>(3 * D));
+          MMap dk(dqkv + off + D, L, dh, Eigen::OuterStride<>(3 * D));
+          MMap dv(dqkv + off + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
+          T* dpp = dp + nh * L * L;
+          MMap dP(dpp, L, L, Eigen::OuterStride<>(L));
+          dP.noalias() = dO * v.transpose();
+          dv.noalias() = P.transpose() * dO;
+          const T* pp = p + nh * L * L;
+          for (index_t r = 0; r < L; ++r) {  // softmax backward, row by row: dS = P (dP - <dP, P>)
+            T* row = dpp + r * L;
+            const T* pr = pp + r * L;
+            T s = T(0);
+            for (index_t c = 0; c < L; ++c) s += row[c] * pr[c];
+            for (index_t c = 0; c < L; ++c) row[c] = scale * pr[c] * (row[c] - s);
+          }
+          dq.noalias() = dP * k;
+          dk.noalias() = dP.transpose() * q;
+        },
+        4 * L * L * dh);
+  }
+
+  std::string prefix_;
+  index_t d_, heads_;
+  bool qkv_bias_;
+  index_t wqkv_ = -1, bqkv_ = -1, wproj_ = -1, bproj_ = -1;
+};
+
+/// Self-attention over the H W pixels of an image: x: [N, C, H, W] is read as the token sequence
+/// [N, H W, C], attended with a MultiheadSelfAttention of dim C, and written back as [N, C, H, W].
+/// No residual and no normalisation: the U-Net block around it adds those. Parameter names are
+/// those of the inner attention (prefix.qkv.*, prefix.proj.*).
+template <class T>
+class ImageSelfAttention {
+ public:
+  ImageSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t channels,
+                     index_t heads, bool qkv_bias = true)
+      : attn_(ps, prefix, channels, heads, qkv_bias) {}
+
+  const MultiheadSelfAttention<T>& attention() const { return attn_; }
+  void init(Parameters<T>& ps, Generator& gen) const { attn_.init(ps, gen); }
+
+  struct Cache {
+    typename MultiheadSelfAttention<T>::Cache attn;
+    Tensor<T> tokens;   // [N, H W, C]
+    Tensor<T> tokens2;  // [N, H W, C]: y tokens in forward, dy tokens in backward
+    Tensor<T> dtokens;  // [N, H W, C]
+  };
+
+  Shape output_shape(const Shape& s) const {
+    check_input(s);
+    return s;
+  }
+
+  // x: [N, C, H, W] -> y: [N, C, H, W]
+  void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    check_input(x.shape());
+    spatial_detail::check_exact(attn_.prefix(), "ImageSelfAttention", "y", View<const T>(y),
+                                x.shape());
+    const Shape ts = token_shape(x.shape());
+    prepare(cache.tokens, ts);
+    prepare(cache.tokens2, ts);
+    to_tokens(x.data(), cache.tokens.data(), ts);
+    attn_.forward(ps, cache.tokens.view(), cache.tokens2.view(), cache.attn);
+    from_tokens(cache.tokens2.data(), y.data(), ts);
+  }
+
+  // x: [N, C, H, W], dy: [N, C, H, W], dx: [N, C, H, W] or empty. Uses the forward's cache.
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
+                Cache& cache) const {
+    check_input(x.shape());
+    spatial_detail::check_exact(attn_.prefix(), "ImageSelfAttention", "dy", dy, x.shape());
+    const bool want_dx = !dx.empty();
+    if (want_dx)
+      spatial_detail::check_exact(attn_.prefix(), "ImageSelfAttention", "dx", View<const T>(dx),
+                                  x.shape());
+    const Shape ts = token_shape(x.shape());
+    require<config_error>(cache.tokens.shape() == ts, attn_.prefix(),
+                          " (ImageSelfAttention): backward needs the cache of the matching forward");
+    prepare(cache.tokens2, ts);
+    to_tokens(dy.data(), cache.tokens2.data(), ts);
+    if (want_dx) {
+      prepare(cache.dtokens, ts);
+      attn_.backward(ps, cache.tokens.view(), cache.tokens2.view(), cache.dtokens.view(),
+                     cache.attn);
+      from_tokens(cache.dtokens.data(), dx.data(), ts);
+    } else {
+      attn_.backward(ps, cache.tokens.view(), cache.tokens2.view(), View<T>(nullptr, Shape{0}),
+                     cache.attn);
+    }
+  }
+
+ private:
+  void check_input(const Shape& s) const {
+    if (s.rank() != 4 || s[1] != attn_.dim())
+      fail<shape_error>(attn_.prefix(), " (ImageSelfAttention): x: expected shape [N, ",
+                        attn_.dim(), ", H, W], got ", s);
+  }
+  static Shape token_shape(const Shape& s) { return Shape{s[0], s[2] * s[3], s[1]}; }
+  static void prepare(Tensor<T>& t, const Shape& s) {
+    if (!(t.shape() == s)) t.resize(s);
+  }
+  // [N, C, L] -> [N, L, C] per sample (a blocked transpose would be faster for large C L).
+  static void to_tokens(const T* src, T* dst, const Shape& ts) {
+    const index_t L = ts[1], C = ts[2];
+    Cpu::parallel_for(
+        ts[0] * L,
+        [=](index_t q) {
+          const index_t i = q / L, l = q % L;
+          const T* s = src + i * C * L + l;
+          T* d = dst + q * C;
+          for (index_t c = 0; c < C; ++c) d[c] = s[c * L];
+        },
+        C);
+  }
+  // [N, L, C] -> [N, C, L]
+  static void from_tokens(const T* src, T* dst, const Shape& ts) {
+    const index_t L = ts[1], C = ts[2];
+    Cpu::parallel_for(
+        ts[0] * C,
+        [=](index_t q) {
+          const index_t i = q / C, c = q % C;
+          const T* s = src + i * L * C + c;
+          T* d = dst + q * L;
+          for (index_t l = 0; l < L; ++l) d[l] = s[l * C];
+        },
+        L);
+  }
+
+  MultiheadSelfAttention<T> attn_;
+};
+
+}  // namespace flowdiff::nn

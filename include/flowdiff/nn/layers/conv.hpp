@@ -1,0 +1,370 @@
+// flowdiff/nn/layers/conv.hpp — 2-d convolution as torch.nn.Conv2d (square kernel k, stride s,
+// zero padding p, no dilation or groups), computed by im2col + GEMM. For a sample x_n: [C, H, W]
+// the column matrix col(x_n): [C k k, Ho Wo] holds in row (c, i, j) and column (oh, ow) the input
+// pixel x_n[c, oh s - p + i, ow s - p + j] (zero outside the image), Ho = (H + 2p - k) / s + 1, so
+//   forward   y_n = W col(x_n) + b                          W: [O, C k k], y_n: [O, Ho Wo]
+//   backward  dW += dy_n col(x_n)^T,  db += sum_{n,hw} dy,  dx_n = col2im(W^T dy_n)
+// where col2im is the adjoint of im2col (it scatters each column entry back onto the pixel it came
+// from, summing overlaps). Samples are processed in groups whose columns sit side by side in one
+// [C k k, G Ho Wo] matrix, so small images (the low-resolution levels of a U-Net) still make one
+// large GEMM; large images go one sample at a time to keep the workspace small. The column matrix
+// is recomputed in backward (cheaper than caching it for the whole batch). This file also holds
+// the im2col / col2im / channel-packing helpers shared with ConvTranspose2d.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <string_view>
+
+#include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/linalg.hpp"
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/parameters.hpp"
+
+namespace flowdiff::nn {
+
+namespace spatial_detail {
+
+/// Throws shape_error "prefix (Kind): arg: expected shape <expected>, got <actual>".
+template <class T>
+void check_exact(std::string_view layer, std::string_view kind, std::string_view arg, View<T> x,
+                 const Shape& expected) {
+  if (!(x.shape() == expected))
+    fail<shape_error>(layer, " (", kind, "): ", arg, ": expected shape ", expected, ", got ",
+                      x.shape());
+}
+
+/// Throws shape_error unless x is [N, channels, H, W] (any N, H, W >= 1).
+template <class T>
+void check_nchw(std::string_view layer, std::string_view kind, std::string_view arg, View<T> x,
+                index_t channels) {
+  if (x.rank() != 4 || x.dim(1) != channels || x.dim(2) < 1 || x.dim(3) < 1)
+    fail<shape_error>(layer, " (", kind, "): ", arg, ": expected shape [N, ", channels,
+                      ", H, W], got ", x.shape());
+}
+
+/// Geometry of a convolution with a square kernel over a (height x width) image with `channels`
+/// channels: its output is (out_h x out_w).
+struct ConvGeometry {
+  index_t channels = 0, height = 0, width = 0, kernel = 1, stride = 1, padding = 0;
+  index_t out_h = 0, out_w = 0;
+  index_t rows() const { return channels * kernel * kernel; }  // rows of the column matrix
+  index_t cols() const { return out_h * out_w; }               // columns per sample
+  bool identity() const { return kernel == 1 && stride == 1 && padding == 0; }
+};
+
+// The output columns ow whose input column ow*s - p + j lies inside [0, width): [lo, hi).
+inline void valid_range(index_t j, index_t stride, index_t padding, index_t width, index_t out_w,
+                        index_t& lo, index_t& hi) {
+  // ow*s >= p - j  and  ow*s <= width - 1 + p - j
+  const index_t a = padding - j;
+  lo = a <= 0 ? 0 : (a + stride - 1) / stride;
+  const index_t b = width - 1 + padding - j;
+  hi = b < 0 ? 0 : std::min(out_w, b / stride + 1);
+  if (lo > hi) lo = hi;
+}
+
+/// col[r, l] (row stride ld) = x[c, oh s - p + i, ow s - p + j] or 0, r = (c k + i) k + j,
+/// l = oh out_w + ow.   x: [C, H, W], col: [C k k, >= Ho Wo]
+template <class T>
+void im2col(const T* x, const ConvGeometry& g, T* col, index_t ld) {
+  const index_t k = g.kernel, s = g.stride, p = g.padding, H = g.height, W = g.width;
+  const index_t oh_n = g.out_h, ow_n = g.out_w;
+  Cpu::parallel_for(
+      g.rows(),
+      [=](index_t r) {
+        const index_t c = r / (k * k), i = (r / k) % k, j = r % k;
+        index_t lo, hi;
+        valid_range(j, s, p, W, ow_n, lo, hi);
+        T* dst = col + r * ld;
+        for (index_t oh = 0; oh < oh_n; ++oh, dst += ow_n) {
+          const index_t ih = oh * s - p + i;
+          if (ih < 0 || ih >= H) {
+            std::fill(dst, dst + ow_n, T(0));
+            continue;
+          }
+          const T* src = x + (c * H + ih) * W + j - p;  // src[ow * s] is pixel (ih, ow s - p + j)
+          for (index_t ow = 0; ow < lo; ++ow) dst[ow] = T(0);
+          if (s == 1) {
+            for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow];
+          } else {
+            for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s];
+          }
+          for (index_t ow = hi; ow < ow_n; ++ow) dst[ow] = T(0);
+        }
+      },
+      g.cols());
+}
+
+/// The adjoint of im2col: x (overwritten) = sum of every column entry on the pixel it reads.
+/// Parallel over channels, so no two threads write the same pixel.   col: [C k k, >= Ho Wo]
+template <class T>
+void col2im(const T* col, index_t ld, const ConvGeometry& g, T* x) {
+  const index_t k = g.kernel, s = g.stride, p = g.padding, H = g.height, W = g.width;
+  const index_t oh_n = g.out_h, ow_n = g.out_w;
+  Cpu::parallel_for(
+      g.channels,
+      [=](index_t c) {
+        T* xc = x + c * H * W;
+        std::fill(xc, xc + H * W, T(0));
+        for (index_t i = 0; i < k; ++i)
+          for (index_t j = 0; j < k; ++j) {
+            index_t lo, hi;
+            valid_range(j, s, p, W, ow_n, lo, hi);
+            const T* src = col + ((c * k + i) * k + j) * ld;
+            for (index_t oh = 0; oh < oh_n; ++oh, src += ow_n) {
+              const index_t ih = oh * s - p + i;
+              if (ih < 0 || ih >= H) continue;
+              T* dst = xc + ih * W + j - p;
+              if (s == 1) {
+                for (index_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
+              } else {
+                for (index_t ow = lo; ow < hi; ++ow) dst[ow * s] += src[ow];
+              }
+            }
+          }
+      },
+      k * k * g.cols());
+}
+
+/// dst[c, g L + l] = src[g, c, l] for g < groups: the samples of a group side by side.
+template <class T>
+void pack_samples(const T* src, index_t groups, index_t channels, index_t len, T* dst) {
+  const index_t ld = groups * len;
+  Cpu::parallel_for(
+      groups * channels,
+      [=](index_t q) {
+        const index_t g = q / channels, c = q % channels;
+        std::copy(src + q * len, src + (q + 1) * len, dst + c * ld + g * len);
+      },
+      len);
+}
+
+/// dst[g, c, l] = src[c, g L + l] (+ bias[c] when bias is not null): the inverse of pack_samples.
+template <class T>
+void unpack_samples(const T* src, index_t groups, index_t channels, index_t len, T* dst,
+                    const T* bias) {
+  const index_t ld = groups * len;
+  Cpu::parallel_for(
+      groups * channels,
+      [=](index_t q) {
+        const index_t g = q / channels, c = q % channels;
+        const T* s = src + c * ld + g * len;
+        T* d = dst + q * len;
+        if (bias) {
+          const T bc = bias[c];
+          for (index_t l = 0; l < len; ++l) d[l] = s[l] + bc;
+        } else {
+          std::copy(s, s + len, d);
+        }
+      },
+      len);
+}
+
+/// y[q, l] += bias[q % channels] for q < rows: bias over the planes of an [N, C, L] tensor.
+template <class T>
+void add_channel_bias(T* y, index_t rows, index_t channels, index_t len, const T* bias) {
+  Cpu::parallel_for(
+      rows,
+      [=](index_t q) {
+        T* d = y + q * len;
+        const T bc = bias[q % channels];
+        for (index_t l = 0; l < len; ++l) d[l] += bc;
+      },
+      len);
+}
+
+/// db[c] += sum over n and l of dy[n, c, l].   dy: [N, C, L]
+template <class T>
+void accumulate_channel_sums(const T* dy, index_t n, index_t channels, index_t len, T* db) {
+  Cpu::parallel_for(
+      channels,
+      [=](index_t c) {
+        T acc = T(0);
+        for (index_t i = 0; i < n; ++i) {
+          const T* p = dy + (i * channels + c) * len;
+          for (index_t l = 0; l < len; ++l) acc += p[l];
+        }
+        db[c] += acc;
+      },
+      n * len);
+}
+
+/// How many samples share one GEMM: enough for about 1024 columns (GEMMs narrower than that run
+/// well below peak), but a column workspace of at most 2^22 elements.
+inline index_t group_size(index_t n, index_t rows, index_t cols) {
+  index_t g = std::max<index_t>(1, 1024 / std::max<index_t>(1, cols));
+  g = std::min(g, std::max<index_t>(1, (index_t{1} << 22) / std::max<index_t>(1, rows * cols)));
+  return std::min(g, std::max<index_t>(1, n));
+}
+
+template <class T>
+View<const T> mat(const T* p, index_t r, index_t c) {
+  return View<const T>(p, Shape{r, c});
+}
+template <class T>
+View<T> mat(T* p, index_t r, index_t c) {
+  return View<T>(p, Shape{r, c});
+}
+
+}  // namespace spatial_detail
+
+template <class T>
+class Conv2d {
+ public:
+  /// Registers prefix.weight [out_ch, in_ch, kernel, kernel] and prefix.bias [out_ch].
+  Conv2d(Parameters<T>& ps, const std::string& prefix, index_t in_ch, index_t out_ch,
+         index_t kernel, index_t stride = 1, index_t padding = 0, bool bias = true)
+      : prefix_(prefix), in_(in_ch), out_(out_ch), k_(kernel), s_(stride), p_(padding),
+        bias_(bias) {
+    require<config_error>(in_ch > 0 && out_ch > 0 && kernel > 0 && stride > 0 && padding >= 0,
+                          prefix, " (Conv2d): need in_ch, out_ch, kernel, stride >= 1 and "
+                          "padding >= 0, got in_ch = ", in_ch, ", out_ch = ", out_ch,
+                          ", kernel = ", kernel, ", stride = ", stride, ", padding = ", padding);
+    w_ = ps.add(prefix + ".weight", Shape{out_ch, in_ch, kernel, kernel});
+    if (bias) b_ = ps.add(prefix + ".bias", Shape{out_ch});
+  }
+
+  index_t in_channels() const { return in_; }
+  index_t out_channels() const { return out_; }
+  index_t kernel() const { return k_; }
+  index_t stride() const { return s_; }
+  index_t padding() const { return p_; }
+  bool has_bias() const { return bias_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }  // -1 without bias
+  const std::string& prefix() const { return prefix_; }
+
+  /// PyTorch's default (kaiming_uniform_ with a = sqrt(5)): W and b uniform in
+  /// [-1/sqrt(fan_in), 1/sqrt(fan_in)], fan_in = in_ch k k.
+  void init(Parameters<T>& ps, Generator& gen) const {
+    const T bound = T(1) / std::sqrt(static_cast<T>(in_ * k_ * k_));
+    fill_uniform(ps.param(w_), gen, -bound, bound);
+    if (bias_) fill_uniform(ps.param(b_), gen, -bound, bound);
+  }
+
+  /// Workspaces, grown on demand and reused while shapes repeat.
+  struct Cache {
+    Tensor<T> col;  // [C k k, G Ho Wo] columns of a group of G samples (also dcol in backward)
+    Tensor<T> out;  // [O, G Ho Wo] GEMM result / packed dy of a group (G > 1 only)
+  };
+
+  /// [N, in, H, W] -> [N, out, Ho, Wo]; throws shape_error for a wrong input.
+  Shape output_shape(const Shape& input) const {
+    const auto g = geometry(input);
+    return Shape{input[0], out_, g.out_h, g.out_w};
+  }
+
+  // x: [N, in, H, W] -> y: [N, out, Ho, Wo]
+  void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    using namespace spatial_detail;
+    const auto g = geometry(x.shape());
+    const index_t n = x.dim(0), L = g.cols(), K = g.rows();
+    check_exact(prefix_, "Conv2d", "y", View<const T>(y), Shape{n, out_, g.out_h, g.out_w});
+    const index_t G = group_size(n, K, L);
+    prepare(cache, G, K, L);
+    const T* w = ps.param(w_).data();
+    const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    for (index_t n0 = 0; n0 < n; n0 += G) {
+      const index_t gn = std::min(G, n - n0), cols = gn * L;
+      const T* col = columns(x, g, n0, gn, cache);
+      if (gn == 1) {
+        T* yn = y.data() + n0 * out_ * L;
+        gemm(Trans::no, Trans::no, T(1), mat(w, out_, K), mat(col, K, L), T(0), mat(yn, out_, L));
+        if (b) add_channel_bias(yn, out_, out_, L, b);
+      } else {
+        gemm(Trans::no, Trans::no, T(1), mat(w, out_, K), mat(col, K, cols), T(0),
+             mat(cache.out.data(), out_, cols));
+        unpack_samples(cache.out.data(), gn, out_, L, y.data() + n0 * out_ * L, b);
+      }
+    }
+  }
+
+  // x: [N, in, H, W], dy: [N, out, Ho, Wo], dx: [N, in, H, W] or empty.
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
+                Cache& cache) const {
+    using namespace spatial_detail;
+    const auto g = geometry(x.shape());
+    const index_t n = x.dim(0), L = g.cols(), K = g.rows();
+    check_exact(prefix_, "Conv2d", "dy", dy, Shape{n, out_, g.out_h, g.out_w});
+    const bool want_dx = !dx.empty();
+    if (want_dx) check_exact(prefix_, "Conv2d", "dx", View<const T>(dx), x.shape());
+    const index_t G = group_size(n, K, L);
+    prepare(cache, G, K, L);
+    const T* w = ps.param(w_).data();
+    T* dw = ps.grad(w_).data();
+    if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
+    for (index_t n0 = 0; n0 < n; n0 += G) {
+      const index_t gn = std::min(G, n - n0), cols = gn * L;
+      const T* col = columns(x, g, n0, gn, cache);
+      const T* dyg = dy.data() + n0 * out_ * L;
+      if (gn > 1) {
+        pack_samples(dyg, gn, out_, L, cache.out.data());
+        dyg = cache.out.data();
+      }
+      gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), T(1),
+           mat(dw, out_, K));
+      if (!want_dx) continue;
+      T* dxn = dx.data() + n0 * in_ * g.height * g.width;
+      if (g.identity() && gn == 1) {  // col2im is the identity: write dx directly
+        gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
+             mat(dxn, K, cols));
+        continue;
+      }
+      // The columns are no longer needed: their buffer takes dcol.
+      T* dcol = cache.col.data();
+      gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
+           mat(dcol, K, cols));
+      for (index_t i = 0; i < gn; ++i)
+        col2im(dcol + i * L, cols, g, dxn + i * in_ * g.height * g.width);
+    }
+  }
+
+ private:
+  spatial_detail::ConvGeometry geometry(const Shape& s) const {
+    if (s.rank() != 4 || s[1] != in_ || s[2] + 2 * p_ < k_ || s[3] + 2 * p_ < k_)
+      fail<shape_error>(prefix_, " (Conv2d): x: expected shape [N, ", in_,
+                        ", H, W] with H, W >= ", std::max<index_t>(1, k_ - 2 * p_), ", got ", s);
+    spatial_detail::ConvGeometry g;
+    g.channels = in_;
+    g.height = s[2];
+    g.width = s[3];
+    g.kernel = k_;
+    g.stride = s_;
+    g.padding = p_;
+    g.out_h = (s[2] + 2 * p_ - k_) / s_ + 1;
+    g.out_w = (s[3] + 2 * p_ - k_) / s_ + 1;
+    return g;
+  }
+
+  void prepare(Cache& cache, index_t G, index_t K, index_t L) const {
+    // Grow only: a smaller batch later reuses the larger workspace.
+    if (cache.col.numel() < K * G * L) cache.col.resize(Shape{K * G * L});
+    if (G > 1 && cache.out.numel() < out_ * G * L) cache.out.resize(Shape{out_ * G * L});
+  }
+
+  // The column matrix [K, gn L] of samples n0 .. n0 + gn - 1 (x itself for 1x1 convolutions).
+  const T* columns(View<const T> x, const spatial_detail::ConvGeometry& g, index_t n0, index_t gn,
+                   Cache& cache) const {
+    const index_t plane = in_ * g.height * g.width, L = g.cols();
+    const T* xn = x.data() + n0 * plane;
+    if (g.identity()) {
+      if (gn == 1) return xn;
+      spatial_detail::pack_samples(xn, gn, in_, L, cache.col.data());
+      return cache.col.data();
+    }
+    for (index_t i = 0; i < gn; ++i)
+      spatial_detail::im2col(xn + i * plane, g, cache.col.data() + i * L, gn * L);
+    return cache.col.data();
+  }
+
+  std::string prefix_;
+  index_t in_, out_, k_, s_, p_;
+  bool bias_;
+  index_t w_ = -1, b_ = -1;
+};
+
+}  // namespace flowdiff::nn

@@ -1,0 +1,408 @@
+// Convolution, pooling, upsampling, batch-norm and attention layers: finite-difference gradient
+// checks in double for every layer (nn/gradcheck.hpp), PyTorch parity against
+// tests/fixtures/layers_spatial.safetensors (tools/fixtures/layers_spatial.py) by normalised MSE,
+// error messages for bad shapes, and workspace reuse.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <flowdiff/core/random.hpp>
+#include <flowdiff/io/safetensors.hpp>
+#include <flowdiff/nn/gradcheck.hpp>
+#include <flowdiff/nn/layers/attention.hpp>
+#include <flowdiff/nn/layers/batchnorm.hpp>
+#include <flowdiff/nn/layers/conv.hpp>
+#include <flowdiff/nn/layers/conv_transpose.hpp>
+#include <flowdiff/nn/layers/pooling.hpp>
+#include <flowdiff/nn/layers/upsample.hpp>
+#include <flowdiff/nn/parameters.hpp>
+
+namespace fd = flowdiff;
+namespace nn = flowdiff::nn;
+using Catch::Matchers::Contains;
+
+namespace {
+
+// Parameters N(0, 0.5^2): large enough that attention softmaxes are far from uniform, and no
+// gamma = 1 / beta = 0 that could hide a swapped gradient.
+void randomise(nn::Parameters<double>& ps, fd::Generator& gen) {
+  fd::fill_normal(ps.flat_params(), gen, 0.0, 0.5);
+}
+
+void require_ok(const nn::GradcheckReport& rep) {
+  INFO(rep.summary());
+  CHECK(rep.ok());
+  WARN(rep.summary());
+}
+
+fd::View<double> empty_view() { return fd::View<double>(nullptr, fd::Shape{0}); }
+
+// Checks d(layer)/d(x) and d(layer)/d(every parameter) for an input of shape xs.
+template <class Layer>
+nn::GradcheckReport check_layer(const Layer& layer, nn::Parameters<double>& ps, fd::Shape xs,
+                                fd::Generator& gen, bool with_params = true) {
+  auto x = fd::randn<double>(xs, gen);
+  fd::Tensor<double> y(layer.output_shape(xs)), dx(xs);
+  typename Layer::Cache cache;
+  return nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, with_params ? &ps : nullptr, {y.view()},
+      [&] { layer.forward(ps, x.view(), y.view(), cache); },
+      [&](const auto& dy) { layer.backward(ps, x.view(), dy[0], dx.view(), cache); }, gen);
+}
+
+// ---- PyTorch parity ----
+
+const fd::io::SafetensorsFile& fixture() {
+  static const auto f = fd::io::SafetensorsFile::read(
+      std::filesystem::path(__FILE__).parent_path() / "fixtures" / "layers_spatial.safetensors");
+  return f;
+}
+
+// sum((a - b)^2) / sum(b^2), after checking both are finite and the reference is not zero.
+double nmse(fd::View<const float> a, fd::View<const float> b) {
+  REQUIRE(a.shape() == b.shape());
+  double num = 0, den = 0;
+  for (fd::index_t i = 0; i < a.numel(); ++i) {
+    REQUIRE(std::isfinite(a[i]));
+    REQUIRE(std::isfinite(b[i]));
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  REQUIRE(den > 0);
+  return num / den;
+}
+
+void check_close(const std::string& what, fd::View<const float> got, const std::string& ref_name) {
+  const auto ref = fixture().tensor<float>(ref_name);
+  const double e = nmse(got, ref.view());
+  INFO(what << " vs " << ref_name << ": nmse " << e);
+  CHECK(e <= 1e-7);
+  WARN(what << ": nmse " << e);
+}
+
+void load_params(nn::Parameters<float>& ps) {
+  for (fd::index_t id = 0; id < ps.count(); ++id) {
+    const auto t = fixture().tensor<float>(ps.info(id).name);
+    REQUIRE(t.shape() == ps.info(id).shape);
+    fd::copy(ps.param(id), t.view());
+  }
+}
+
+// Runs forward and backward on the fixture's x and dy and compares y, dx and every gradient
+// (parameters without a stored gradient, e.g. running statistics, are skipped).
+template <class Layer>
+void check_parity(const std::string& name, const Layer& layer, nn::Parameters<float>& ps) {
+  if (ps.count() > 0) {  // parameter-free layers come with an empty, unallocated store
+    load_params(ps);
+    ps.zero_grad();
+  }
+  const auto x = fixture().tensor<float>(name + ".x");
+  const auto dy = fixture().tensor<float>(name + ".dy");
+  fd::Tensor<float> y(layer.output_shape(x.shape())), dx(x.shape());
+  typename Layer::Cache cache;
+  layer.forward(ps, x.view(), y.view(), cache);
+  check_close(name + " y", y.view(), name + ".y");
+  layer.backward(ps, x.view(), dy.view(), dx.view(), cache);
+  check_close(name + " dx", dx.view(), name + ".dx");
+  for (fd::index_t id = 0; id < ps.count(); ++id) {
+    const auto& pn = ps.info(id).name;
+    if (fixture().contains("grad." + pn)) check_close("d " + pn, ps.grad(id), "grad." + pn);
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Finite differences (double)
+// ------------------------------------------------------------------------------------------------
+
+TEST_CASE("Conv2d: gradients match central differences", "[nn][spatial][gradcheck]") {
+  fd::Generator gen(11);
+  struct Cfg {
+    fd::index_t cin, cout, k, s, p;
+    bool bias;
+    fd::Shape x;
+  };
+  for (const auto& c : {Cfg{3, 4, 3, 1, 1, true, {2, 3, 5, 5}}, Cfg{2, 3, 3, 2, 1, true, {2, 2, 7, 6}},
+                        Cfg{3, 2, 1, 1, 0, false, {3, 3, 4, 4}}, Cfg{2, 2, 4, 2, 1, true, {2, 2, 6, 6}},
+                        Cfg{2, 2, 2, 1, 0, true, {1, 2, 5, 4}},
+                        Cfg{1, 2, 3, 1, 1, true, {1, 1, 32, 32}},   // one sample per GEMM
+                        Cfg{2, 2, 1, 1, 0, true, {1, 2, 32, 32}}}) {  // 1x1: no im2col copy
+    nn::Parameters<double> ps;
+    nn::Conv2d<double> conv(ps, "conv", c.cin, c.cout, c.k, c.s, c.p, c.bias);
+    ps.allocate();
+    randomise(ps, gen);
+    INFO("k " << c.k << " s " << c.s << " p " << c.p << " x " << c.x);
+    require_ok(check_layer(conv, ps, c.x, gen));
+  }
+}
+
+TEST_CASE("ConvTranspose2d: gradients match central differences", "[nn][spatial][gradcheck]") {
+  fd::Generator gen(12);
+  struct Cfg {
+    fd::index_t cin, cout, k, s, p, op;
+    fd::Shape x;
+  };
+  for (const auto& c : {Cfg{3, 2, 4, 2, 1, 0, {2, 3, 3, 3}}, Cfg{2, 3, 3, 2, 1, 1, {2, 2, 3, 4}},
+                        Cfg{2, 2, 3, 1, 1, 0, {1, 2, 4, 4}}, Cfg{2, 2, 2, 2, 0, 0, {1, 2, 16, 32}}}) {
+    nn::Parameters<double> ps;
+    nn::ConvTranspose2d<double> convt(ps, "up", c.cin, c.cout, c.k, c.s, c.p, c.op);
+    ps.allocate();
+    randomise(ps, gen);
+    INFO("k " << c.k << " s " << c.s << " p " << c.p << " op " << c.op << " x " << c.x);
+    require_ok(check_layer(convt, ps, c.x, gen));
+  }
+}
+
+TEST_CASE("AvgPool2d and UpsampleNearest2d: gradients match central differences",
+          "[nn][spatial][gradcheck]") {
+  fd::Generator gen(13);
+  nn::Parameters<double> ps;
+  for (fd::index_t k : {2, 3}) {
+    nn::AvgPool2d<double> pool(k);
+    require_ok(check_layer(pool, ps, {2, 2, 7, 6}, gen, false));
+    nn::UpsampleNearest2d<double> up(k);
+    require_ok(check_layer(up, ps, {2, 2, 3, 4}, gen, false));
+  }
+}
+
+TEST_CASE("BatchNorm2d: gradients match central differences in training and eval mode",
+          "[nn][spatial][gradcheck]") {
+  fd::Generator gen(14);
+  nn::Parameters<double> ps;
+  nn::BatchNorm2d<double> bn(ps, "bn", 3);
+  ps.allocate();
+  randomise(ps, gen);
+  fd::fill_uniform(ps.param(bn.running_var_id()), gen, 0.5, 1.5);
+  for (bool training : {true, false}) {
+    bn.train(training);
+    auto x = fd::randn<double>({3, 3, 2, 3}, gen);
+    fd::Tensor<double> y(x.shape()), dx(x.shape());
+    nn::BatchNorm2d<double>::Cache cache;
+    // gamma and beta are checked as inputs (the running statistics are buffers without gradient),
+    // so the backward here overwrites them rather than accumulating.
+    auto rep = nn::gradcheck(
+        {{"x", x.view(), dx.view()},
+         {"weight", ps.param(bn.weight_id()), ps.grad(bn.weight_id())},
+         {"bias", ps.param(bn.bias_id()), ps.grad(bn.bias_id())}},
+        nullptr, {y.view()}, [&] { bn.forward(ps, x.view(), y.view(), cache); },
+        [&](const auto& dy) {
+          ps.zero_grad();
+          bn.backward(ps, x.view(), dy[0], dx.view(), cache);
+        },
+        gen);
+    INFO("training " << training);
+    require_ok(rep);
+  }
+}
+
+TEST_CASE("MultiheadSelfAttention and ImageSelfAttention: gradients match central differences",
+          "[nn][spatial][gradcheck]") {
+  fd::Generator gen(15);
+  for (fd::index_t heads : {1, 2, 4}) {
+    nn::Parameters<double> ps;
+    nn::MultiheadSelfAttention<double> attn(ps, "attn", 8, heads, heads != 4);
+    ps.allocate();
+    randomise(ps, gen);
+    INFO("heads " << heads);
+    require_ok(check_layer(attn, ps, {2, 5, 8}, gen));
+  }
+  nn::Parameters<double> ps;
+  nn::ImageSelfAttention<double> attn(ps, "mid.attn", 4, 2);
+  ps.allocate();
+  randomise(ps, gen);
+  require_ok(check_layer(attn, ps, {2, 4, 3, 2}, gen));
+}
+
+TEST_CASE("Layers without dx skip the input gradient and still accumulate parameter gradients",
+          "[nn][spatial]") {
+  fd::Generator gen(16);
+  nn::Parameters<double> ps;
+  nn::Conv2d<double> conv(ps, "c", 2, 3, 3, 1, 1);
+  nn::MultiheadSelfAttention<double> attn(ps, "a", 4, 2);
+  ps.allocate();
+  randomise(ps, gen);
+  auto x = fd::randn<double>({2, 2, 4, 4}, gen);
+  auto t = fd::randn<double>({2, 3, 4}, gen);
+  fd::Tensor<double> y({2, 3, 4, 4}), yt({2, 3, 4}), dx({2, 2, 4, 4}), dt({2, 3, 4});
+  auto dy = fd::randn<double>(y.shape(), gen);
+  auto dyt = fd::randn<double>(yt.shape(), gen);
+  nn::Conv2d<double>::Cache cc;
+  nn::MultiheadSelfAttention<double>::Cache ac;
+  conv.forward(ps, x.view(), y.view(), cc);
+  attn.forward(ps, t.view(), yt.view(), ac);
+  conv.backward(ps, x.view(), dy.view(), dx.view(), cc);
+  attn.backward(ps, t.view(), dyt.view(), dt.view(), ac);
+  auto with_dx = ps.flat_grads();
+  std::vector<double> g1(with_dx.data(), with_dx.data() + with_dx.numel());
+  ps.zero_grad();
+  conv.backward(ps, x.view(), dy.view(), empty_view(), cc);
+  attn.backward(ps, t.view(), dyt.view(), empty_view(), ac);
+  for (fd::index_t i = 0; i < with_dx.numel(); ++i) CHECK(with_dx[i] == g1[static_cast<size_t>(i)]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// PyTorch parity (float32)
+// ------------------------------------------------------------------------------------------------
+
+TEST_CASE("Conv2d and ConvTranspose2d match PyTorch", "[nn][spatial][parity]") {
+  struct Conv {
+    const char* name;
+    fd::index_t cin, cout, k, s, p;
+  };
+  for (const auto& c : {Conv{"conv_a", 3, 4, 3, 1, 1}, Conv{"conv_b", 3, 4, 3, 2, 1},
+                        Conv{"conv_c", 4, 5, 1, 1, 0}, Conv{"conv_d", 2, 3, 4, 2, 1},
+                        Conv{"conv_e", 1, 2, 3, 1, 1}}) {
+    nn::Parameters<float> ps;
+    nn::Conv2d<float> conv(ps, c.name, c.cin, c.cout, c.k, c.s, c.p);
+    ps.allocate();
+    check_parity(c.name, conv, ps);
+  }
+  struct ConvT {
+    const char* name;
+    fd::index_t cin, cout, k, s, p, op;
+  };
+  for (const auto& c : {ConvT{"convt_a", 4, 3, 4, 2, 1, 0}, ConvT{"convt_b", 3, 2, 3, 2, 1, 1}}) {
+    nn::Parameters<float> ps;
+    nn::ConvTranspose2d<float> convt(ps, c.name, c.cin, c.cout, c.k, c.s, c.p, c.op);
+    ps.allocate();
+    check_parity(c.name, convt, ps);
+  }
+}
+
+TEST_CASE("Pooling, upsampling and BatchNorm2d match PyTorch", "[nn][spatial][parity]") {
+  nn::Parameters<float> none;
+  check_parity("up", nn::UpsampleNearest2d<float>(2), none);
+  check_parity("pool", nn::AvgPool2d<float>(2), none);
+
+  nn::Parameters<float> ps;
+  nn::BatchNorm2d<float> bn(ps, "bn_train", 3);
+  ps.allocate();
+  check_parity("bn_train", bn, ps);  // one training step from the stored running statistics
+  check_close("bn running_mean", ps.param(bn.running_mean_id()), "bn_train.running_mean_after");
+  check_close("bn running_var", ps.param(bn.running_var_id()), "bn_train.running_var_after");
+
+  nn::Parameters<float> pe;
+  nn::BatchNorm2d<float> bne(pe, "bn_eval", 3);
+  pe.allocate();
+  bne.eval();
+  check_parity("bn_eval", bne, pe);
+}
+
+TEST_CASE("Self-attention matches PyTorch (timm Attention layout)", "[nn][spatial][parity]") {
+  {
+    nn::Parameters<float> ps;
+    nn::MultiheadSelfAttention<float> attn(ps, "attn_a", 8, 2);
+    ps.allocate();
+    check_parity("attn_a", attn, ps);
+  }
+  {
+    nn::Parameters<float> ps;
+    nn::MultiheadSelfAttention<float> attn(ps, "attn_b", 16, 4);
+    ps.allocate();
+    check_parity("attn_b", attn, ps);
+  }
+  nn::Parameters<float> ps;
+  nn::ImageSelfAttention<float> attn(ps, "img_attn", 8, 2);
+  ps.allocate();
+  check_parity("img_attn", attn, ps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Errors and workspaces
+// ------------------------------------------------------------------------------------------------
+
+TEST_CASE("Spatial layers name the layer, the expected and the actual shape",
+          "[nn][spatial][errors]") {
+  nn::Parameters<float> ps;
+  nn::Conv2d<float> conv(ps, "enc.0.conv1", 3, 8, 3, 1, 1);
+  nn::ConvTranspose2d<float> convt(ps, "dec.up", 8, 4, 4, 2, 1);
+  nn::BatchNorm2d<float> bn(ps, "enc.0.bn", 8);
+  nn::MultiheadSelfAttention<float> attn(ps, "mid.attn", 16, 4);
+  ps.allocate();
+  fd::Tensor<float> x({2, 4, 5, 5}), y({2, 8, 5, 5}), t({2, 6, 12});
+  nn::Conv2d<float>::Cache cc;
+  CHECK_THROWS_AS(conv.forward(ps, x.view(), y.view(), cc), fd::shape_error);
+  CHECK_THROWS_WITH(conv.forward(ps, x.view(), y.view(), cc),
+                    Contains("enc.0.conv1") && Contains("expected shape [N, 3, H, W]") &&
+                        Contains("got [2, 4, 5, 5]"));
+  fd::Tensor<float> x3({2, 3, 5, 5}), ybad({2, 8, 4, 5});
+  CHECK_THROWS_WITH(conv.forward(ps, x3.view(), ybad.view(), cc),
+                    Contains("enc.0.conv1") && Contains("y: expected shape [2, 8, 5, 5]") &&
+                        Contains("got [2, 8, 4, 5]"));
+  nn::ConvTranspose2d<float>::Cache tc;
+  fd::Tensor<float> xt({2, 8, 3, 3}), yt({2, 4, 5, 6});
+  CHECK_THROWS_WITH(convt.forward(ps, xt.view(), yt.view(), tc),
+                    Contains("dec.up") && Contains("expected shape [2, 4, 6, 6]") &&
+                        Contains("got [2, 4, 5, 6]"));
+  nn::BatchNorm2d<float>::Cache bc;
+  CHECK_THROWS_WITH(bn.forward(ps, x.view(), x.view(), bc),
+                    Contains("enc.0.bn") && Contains("expected shape [N, 8, H, W]") &&
+                        Contains("got [2, 4, 5, 5]"));
+  nn::MultiheadSelfAttention<float>::Cache ac;
+  fd::Tensor<float> ta({2, 6, 12});
+  CHECK_THROWS_WITH(attn.forward(ps, ta.view(), t.view(), ac),
+                    Contains("mid.attn") && Contains("expected shape [N, L, 16]") &&
+                        Contains("got [2, 6, 12]"));
+  nn::AvgPool2d<float> pool(2, "down");
+  fd::Tensor<float> yp({2, 4, 3, 3});
+  CHECK_THROWS_WITH(pool.forward(x.view(), yp.view()),
+                    Contains("down") && Contains("expected shape [2, 4, 2, 2]") &&
+                        Contains("got [2, 4, 3, 3]"));
+  CHECK_THROWS_AS(nn::Conv2d<float>(ps, "bad", 3, 8, 0), fd::config_error);
+  nn::Parameters<float> p2;
+  CHECK_THROWS_WITH(nn::MultiheadSelfAttention<float>(p2, "bad", 10, 4),
+                    Contains("multiple of heads"));
+  CHECK_THROWS_WITH(nn::ConvTranspose2d<float>(p2, "bad", 2, 2, 3, 2, 1, 2),
+                    Contains("output_padding"));
+}
+
+TEST_CASE("Workspaces are reused when shapes repeat", "[nn][spatial]") {
+  fd::Generator gen(17);
+  nn::Parameters<float> ps;
+  nn::Conv2d<float> conv(ps, "c", 4, 8, 3, 1, 1);
+  nn::MultiheadSelfAttention<float> attn(ps, "a", 8, 2);
+  ps.allocate();
+  conv.init(ps, gen);
+  attn.init(ps, gen);
+  auto x = fd::randn<float>({4, 4, 8, 8}, gen);
+  fd::Tensor<float> y({4, 8, 8, 8}), dx(x.shape());
+  nn::Conv2d<float>::Cache cc;
+  conv.forward(ps, x.view(), y.view(), cc);
+  conv.backward(ps, x.view(), y.view(), dx.view(), cc);
+  const float* col = cc.col.data();
+  const float* out = cc.out.data();
+  for (int i = 0; i < 3; ++i) {
+    conv.forward(ps, x.view(), y.view(), cc);
+    conv.backward(ps, x.view(), y.view(), dx.view(), cc);
+  }
+  CHECK(cc.col.data() == col);
+  CHECK(cc.out.data() == out);
+  // A smaller batch reuses the larger workspace.
+  conv.forward(ps, x.view().rows(0, 2), y.view().rows(0, 2), cc);
+  CHECK(cc.col.data() == col);
+
+  auto t = fd::randn<float>({3, 16, 8}, gen);
+  fd::Tensor<float> yt(t.shape()), dt(t.shape());
+  nn::MultiheadSelfAttention<float>::Cache ac;
+  attn.forward(ps, t.view(), yt.view(), ac);
+  attn.backward(ps, t.view(), yt.view(), dt.view(), ac);
+  const float* p = ac.p.data();
+  const float* dq = ac.dqkv.data();
+  attn.forward(ps, t.view(), yt.view(), ac);
+  attn.backward(ps, t.view(), yt.view(), dt.view(), ac);
+  CHECK(ac.p.data() == p);
+  CHECK(ac.dqkv.data() == dq);
+  // Softmax rows sum to one and stay finite for large logits (stable softmax).
+  fd::fill(ps.param(attn.qkv_weight_id()), 40.0f);
+  attn.forward(ps, t.view(), yt.view(), ac);
+  for (fd::index_t r = 0; r < 3 * 2 * 16; ++r) {
+    double s = 0;
+    for (fd::index_t c = 0; c < 16; ++c) s += ac.p[r * 16 + c];
+    CHECK(std::abs(s - 1.0) < 1e-5);
+  }
+  for (fd::index_t i = 0; i < yt.numel(); ++i) REQUIRE(std::isfinite(yt[i]));
+}
