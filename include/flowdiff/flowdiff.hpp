@@ -53,6 +53,7 @@
 #include "flowdiff/metrics/distances.hpp"
 
 // nn: the flat parameter store, the layers and the gradient checker of the networks
+#include "flowdiff/nn/checkpoint.hpp"
 #include "flowdiff/nn/parameters.hpp"
 #include "flowdiff/nn/gradcheck.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
@@ -74,3 +75,9 @@
 #include "flowdiff/io/image.hpp"
 #include "flowdiff/io/plot.hpp"
 #include "flowdiff/io/safetensors.hpp"
+
+// train: optimizers, learning-rate schedules, EMA, gradient clipping
+#include "flowdiff/train/clip.hpp"
+#include "flowdiff/train/ema.hpp"
+#include "flowdiff/train/optimizer.hpp"
+#include "flowdiff/train/schedule.hpp"
