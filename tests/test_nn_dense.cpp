@@ -7,9 +7,11 @@
 #include <filesystem>
 #include <numbers>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <flowdiff/core/random.hpp>
+#include <flowdiff/io/safetensors.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
 #include <flowdiff/nn/layers/activation.hpp>
 #include <flowdiff/nn/layers/dropout.hpp>
@@ -302,6 +304,191 @@ TEST_CASE("The gradient checker rejects wrong, zero and non-finite gradients", "
                                   },
                                   gen),
                     Contains("must be overwritten"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch parity (fp32): tests/fixtures/layers_dense.safetensors from tools/fixtures/layers_dense.py
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+std::filesystem::path fixture_path() {
+  return std::filesystem::path(__FILE__).parent_path() / "fixtures" / "layers_dense.safetensors";
+}
+
+// Compares against a PyTorch reference by normalised MSE sum((a-b)^2) / sum(b^2) <= 1e-7
+// (DESIGN §4), after checking both are finite and the reference is not all zero.
+struct Parity {
+  fd::io::SafetensorsFile file = fd::io::SafetensorsFile::read(fixture_path());
+  double worst = 0;
+  std::string worst_name;
+
+  fd::Tensor<float> get(const std::string& name) const { return file.tensor<float>(name); }
+
+  void compare(const std::string& name, fd::View<const float> a) {
+    const auto ref = get(name);
+    INFO(name);
+    REQUIRE(a.shape() == ref.shape());
+    double num = 0, den = 0;
+    for (fd::index_t i = 0; i < ref.numel(); ++i) {
+      REQUIRE(std::isfinite(a[i]));
+      REQUIRE(std::isfinite(ref[i]));
+      const double d = double(a[i]) - double(ref[i]);
+      num += d * d;
+      den += double(ref[i]) * double(ref[i]);
+    }
+    REQUIRE(den > 0);
+    const double e = num / den;
+    CHECK(e <= 1e-7);
+    if (e >= worst) {
+      worst = e;
+      worst_name = name;
+    }
+  }
+
+  // Loads every registered parameter from its state_dict name.
+  void load(nn::Parameters<float>& ps) const {
+    for (fd::index_t id = 0; id < ps.count(); ++id) {
+      INFO(ps.info(id).name);
+      auto t = get(ps.info(id).name);
+      REQUIRE(t.shape() == ps.info(id).shape);
+      fd::copy(ps.param(id), t);
+    }
+  }
+
+  // Compares every parameter gradient with "<case>:grad.<name without the case prefix>".
+  void compare_grads(const nn::Parameters<float>& ps, const std::string& kase) {
+    for (fd::index_t id = 0; id < ps.count(); ++id)
+      compare(kase + ":grad." + ps.info(id).name.substr(kase.size() + 1), ps.grad(id));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
+  REQUIRE(std::filesystem::exists(fixture_path()));
+  Parity P;
+
+  for (auto [kase, in, out, bias] : {std::tuple{"linear", 5, 3, true}, std::tuple{"linear_tokens", 6, 4, false}}) {
+    nn::Parameters<float> ps;
+    nn::Linear<float> fc(ps, kase, in, out, bias);
+    ps.allocate();
+    P.load(ps);
+    const std::string k = kase;
+    auto x = P.get(k + ":x");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(dy.shape()), dx(x.shape());
+    fc.forward(ps, x, y);
+    fc.backward(ps, x, dy, dx);
+    P.compare(k + ":y", y);
+    P.compare(k + ":dx", dx);
+    P.compare_grads(ps, k);
+  }
+
+  for (std::string k : {"silu", "gelu", "gelu_tanh"}) {
+    auto x = P.get(k + ":x");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(x.shape()), dx(x.shape());
+    if (k == "silu") {
+      nn::silu_forward(x, y.view());
+      nn::silu_backward(x, dy, dx.view());
+    } else {
+      const auto a = k == "gelu" ? nn::GeluApprox::none : nn::GeluApprox::tanh;
+      nn::gelu_forward(x, y.view(), a);
+      nn::gelu_backward(x, dy, dx.view(), a);
+    }
+    P.compare(k + ":y", y);
+    P.compare(k + ":dx", dx);
+  }
+
+  for (auto [kase, c, eps, affine] : {std::tuple{"layernorm", 8, 1e-5f, true},
+                                      std::tuple{"layernorm_noaffine", 6, 1e-6f, false}}) {
+    const std::string k = kase;
+    nn::Parameters<float> ps;
+    nn::LayerNorm<float> ln(ps, k, c, eps, affine);
+    if (affine) ps.allocate();
+    P.load(ps);
+    nn::LayerNorm<float>::Cache cache;
+    auto x = P.get(k + ":x");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(x.shape()), dx(x.shape());
+    ln.forward(ps, x, y, cache);
+    ln.backward(ps, x, dy, dx, cache);
+    P.compare(k + ":y", y);
+    P.compare(k + ":dx", dx);
+    P.compare_grads(ps, k);
+  }
+
+  for (auto [kase, groups, c] : {std::tuple{"groupnorm", 4, 8}, std::tuple{"groupnorm_2d", 3, 12}}) {
+    const std::string k = kase;
+    nn::Parameters<float> ps;
+    nn::GroupNorm<float> gn(ps, k, groups, c);
+    ps.allocate();
+    P.load(ps);
+    nn::GroupNorm<float>::Cache cache;
+    auto x = P.get(k + ":x");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(x.shape()), dx(x.shape());
+    gn.forward(ps, x, y, cache);
+    gn.backward(ps, x, dy, dx, cache);
+    P.compare(k + ":y", y);
+    P.compare(k + ":dx", dx);
+    P.compare_grads(ps, k);
+  }
+
+  {
+    nn::Parameters<float> ps;
+    nn::Embedding<float> emb(ps, "embedding", 5, 4);
+    ps.allocate();
+    P.load(ps);
+    auto labels = P.file.tensor<fd::label_t>("embedding:labels");
+    auto dy = P.get("embedding:dy");
+    fd::Tensor<float> y(dy.shape());
+    emb.forward(ps, labels, y);
+    emb.backward(ps, labels, dy);
+    P.compare("embedding:y", y);
+    P.compare_grads(ps, "embedding");
+  }
+
+  for (auto [kase, dim] : {std::tuple{"timestep", 16}, std::tuple{"timestep_odd", 9}}) {
+    const std::string k = kase;
+    nn::SinusoidalTimeEmbedding<float> te(dim, 1000.0);
+    auto t = P.get(k + ":t");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(dy.shape()), dt(t.shape());
+    te.forward(t, y);
+    te.backward(t, dy, dt);
+    P.compare(k + ":y", y);
+    P.compare(k + ":dt", dt);
+  }
+  {
+    fd::Generator gen(0);
+    auto w = P.get("fourier:W");
+    nn::GaussianFourierFeatures<float> ff(2 * w.numel(), 4.0f, gen);
+    ff.set_frequencies(w);
+    auto t = P.get("fourier:t");
+    auto dy = P.get("fourier:dy");
+    fd::Tensor<float> y(dy.shape()), dt(t.shape());
+    ff.forward(t, y);
+    ff.backward(t, dy, dt);
+    P.compare("fourier:y", y);
+    P.compare("fourier:dt", dt);
+  }
+
+  for (std::string k : {"film", "adaln"}) {
+    const auto axis = k == "film" ? nn::ChannelAxis::first : nn::ChannelAxis::last;
+    auto x = P.get(k + ":x");
+    auto sc = P.get(k + ":scale");
+    auto sh = P.get(k + ":shift");
+    auto dy = P.get(k + ":dy");
+    fd::Tensor<float> y(x.shape()), dx(x.shape()), dsc(sc.shape()), dsh(sh.shape());
+    nn::modulate_forward(x, sc, sh, y.view(), axis);
+    nn::modulate_backward(x, sc, dy, dx.view(), dsc.view(), dsh.view(), axis);
+    P.compare(k + ":y", y);
+    P.compare(k + ":dx", dx);
+    P.compare(k + ":dscale", dsc);
+    P.compare(k + ":dshift", dsh);
+  }
+  WARN("PyTorch parity: worst normalised MSE " << P.worst << " (" << P.worst_name << "), bound 1e-7");
 }
 
 TEST_CASE("Dense layers name the layer, expected and actual shape on bad input", "[nn][dense][errors]") {
