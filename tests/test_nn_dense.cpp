@@ -494,10 +494,69 @@ TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
 TEST_CASE("Dense layers name the layer, expected and actual shape on bad input", "[nn][dense][errors]") {
   nn::Parameters<float> ps;
   nn::Linear<float> fc(ps, "enc.fc1", 4, 3);
+  nn::LayerNorm<float> ln(ps, "enc.norm1", 4);
+  nn::GroupNorm<float> gn(ps, "enc.gn", 2, 6);
+  nn::Embedding<float> emb(ps, "y_embedder", 3, 5);
   ps.allocate();
+
   fd::Tensor<float> x({2, 5}), y({2, 3});
   CHECK_THROWS_AS(fc.forward(ps, x, y), fd::shape_error);
-  CHECK_THROWS_WITH(fc.forward(ps, x, y), Contains("enc.fc1 (Linear): x") && Contains("got [2, 5]") && Contains("4"));
-  fd::Tensor<float> x2({2, 4}), y2({3, 3});
+  CHECK_THROWS_WITH(fc.forward(ps, x, y), Contains("enc.fc1 (Linear): x: expected shape [N, ..., in] with 4 at axis -1, got [2, 5]"));
+  fd::Tensor<float> x2({2, 4}), y2({3, 3}), dx2({2, 3});
   CHECK_THROWS_WITH(fc.forward(ps, x2, y2), Contains("enc.fc1 (Linear): y: expected shape [2, 3], got [3, 3]"));
+  fd::Tensor<float> dy2({2, 3});
+  CHECK_THROWS_WITH(fc.backward(ps, x2, dy2, dx2), Contains("enc.fc1 (Linear): dx: expected shape [2, 4], got [2, 3]"));
+
+  nn::LayerNorm<float>::Cache lc;
+  fd::Tensor<float> z({3, 5}), z2({3, 4}), z3({3, 4});
+  CHECK_THROWS_WITH(ln.forward(ps, z, z, lc), Contains("enc.norm1 (LayerNorm): x: expected shape [..., C] with 4") && Contains("got [3, 5]"));
+  CHECK_THROWS_WITH(ln.backward(ps, z2, z3, z3, lc), Contains("enc.norm1 (LayerNorm): cache.mean (run forward first): expected shape [3], got [0]"));
+  fd::Tensor<float> z4({2, 4});
+  CHECK_THROWS_WITH(ln.forward(ps, z2, z4, lc), Contains("enc.norm1 (LayerNorm): y: expected shape [3, 4], got [2, 4]"));
+
+  nn::GroupNorm<float>::Cache gc;
+  fd::Tensor<float> g1({2, 4, 3}), g2({2, 6, 3}), g3({2, 6, 4});
+  CHECK_THROWS_WITH(gn.forward(ps, g1, g1, gc), Contains("enc.gn (GroupNorm): x: expected shape [N, C, ...] with 6 at axis 1, got [2, 4, 3]"));
+  CHECK_THROWS_WITH(gn.forward(ps, g2, g3, gc), Contains("enc.gn (GroupNorm): y: expected shape [2, 6, 3], got [2, 6, 4]"));
+  CHECK_THROWS_AS(nn::GroupNorm<float>(ps, "bad", 4, 6), fd::config_error);
+
+  auto labels = fd::Tensor<fd::label_t>::from({2}, {0, 4});
+  fd::Tensor<float> e1({2, 5}), e2({2, 4});
+  CHECK_THROWS_WITH(emb.forward(ps, labels, e1), Contains("y_embedder (Embedding): labels[1] must lie in [0, 3] (3 is the null label), got 4"));
+  auto ok_labels = fd::Tensor<fd::label_t>::from({2}, {0, 3});
+  CHECK_THROWS_WITH(emb.forward(ps, ok_labels, e2), Contains("y_embedder (Embedding): y: expected shape [2, 5], got [2, 4]"));
+
+  nn::SinusoidalTimeEmbedding<float> te(8);
+  fd::Tensor<float> t({3}), ty({3, 6});
+  CHECK_THROWS_WITH(te.forward(t, ty), Contains("SinusoidalTimeEmbedding (time embedding): y: expected shape [3, 8], got [3, 6]"));
+
+  fd::Tensor<float> mx({2, 3, 4}), ms({2, 4}), my({2, 3, 4});
+  CHECK_THROWS_WITH(nn::modulate_forward(mx, ms, ms, my.view()), Contains("modulate_forward: x: expected shape [N, C, ...] with N = 2, C = 4, got [2, 3, 4]"));
+  CHECK_NOTHROW(nn::modulate_forward(mx, ms, ms, my.view(), nn::ChannelAxis::last));
+  fd::Tensor<float> ca({2, 3, 4}), cb({2, 1, 5}), cy({2, 4, 4});
+  CHECK_THROWS_WITH(nn::concat_channels(ca, cb, cy.view()), Contains("concat_channels: expected") && Contains("got a: [2, 3, 4], b: [2, 1, 5], y: [2, 4, 4]"));
+}
+
+TEST_CASE("Norm caches keep their storage while the batch shape is unchanged", "[nn][dense]") {
+  fd::Generator gen(10);
+  nn::Parameters<float> ps;
+  nn::GroupNorm<float> gn(ps, "gn", 2, 4);
+  ps.allocate();
+  gn.init(ps, gen);
+  nn::GroupNorm<float>::Cache cache;
+  auto x = fd::randn<float>({3, 4, 5}, gen);
+  fd::Tensor<float> y({3, 4, 5});
+  gn.forward(ps, x, y, cache);
+  const float* m0 = cache.mean.data();
+  gn.forward(ps, x, y, cache);
+  CHECK(cache.mean.data() == m0);
+  CHECK(cache.mean.shape() == fd::Shape{6});
+  // Default init (gamma = 1, beta = 0): every group has mean 0 and variance ~1 after the layer.
+  double s = 0, ss = 0;
+  for (fd::index_t j = 0; j < 10; ++j) {
+    s += y[j];
+    ss += double(y[j]) * y[j];
+  }
+  CHECK(std::abs(s) < 1e-5);
+  CHECK(ss / 10 == Approx(1.0).epsilon(1e-4));
 }
