@@ -2,14 +2,8 @@
 // layer (nn/gradcheck.hpp), PyTorch parity from tests/fixtures/layers_dense.safetensors
 // (tools/fixtures/layers_dense.py), and error messages for bad shapes.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <filesystem>
-#include <numbers>
-#include <string>
-#include <tuple>
-#include <vector>
-
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/io/safetensors.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
@@ -20,6 +14,10 @@
 #include <flowdiff/nn/layers/modulation.hpp>
 #include <flowdiff/nn/layers/norm.hpp>
 #include <flowdiff/nn/parameters.hpp>
+#include <numbers>
+#include <string>
+#include <tuple>
+#include <vector>
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -29,7 +27,9 @@ namespace {
 
 // Parameters drawn N(0, 1) (not the layer's init: norm layers start at gamma = 1, beta = 0, which
 // would hide a swapped gamma/beta gradient).
-void randomise(nn::Parameters<double>& ps, fd::Generator& gen) { fd::fill_normal(ps.flat_params(), gen); }
+void randomise(nn::Parameters<double>& ps, fd::Generator& gen) {
+  fd::fill_normal(ps.flat_params(), gen);
+}
 
 void require_ok(const nn::GradcheckReport& rep) {
   INFO(rep.summary());
@@ -128,7 +128,8 @@ TEST_CASE("GroupNorm: gradients match central differences", "[nn][dense][gradche
   }
 }
 
-TEST_CASE("Embedding: gradients match central differences; the null row is the last", "[nn][dense][gradcheck]") {
+TEST_CASE("Embedding: gradients match central differences; the null row is the last",
+          "[nn][dense][gradcheck]") {
   fd::Generator gen(5);
   nn::Parameters<double> ps;
   nn::Embedding<double> emb(ps, "y_embedder.embedding_table", 4, 3);
@@ -147,7 +148,8 @@ TEST_CASE("Embedding: gradients match central differences; the null row is the l
   CHECK(fd::sum(ps.grad(emb.weight_id()).row(2)) == 0.0);
 }
 
-TEST_CASE("Time embeddings: DiT values and d/dt match central differences", "[nn][dense][gradcheck]") {
+TEST_CASE("Time embeddings: DiT values and d/dt match central differences",
+          "[nn][dense][gradcheck]") {
   fd::Generator gen(6);
   auto t = fd::rand<double>({5}, gen);
   fd::Tensor<double> dt({5});
@@ -180,7 +182,8 @@ TEST_CASE("Time embeddings: DiT values and d/dt match central differences", "[nn
   CHECK(y(1, 5) == Approx(std::cos(a)).epsilon(1e-12));
 }
 
-TEST_CASE("Dropout: inverted scaling, reproducible mask, identity at p = 0 and in eval", "[nn][dense][gradcheck]") {
+TEST_CASE("Dropout: inverted scaling, reproducible mask, identity at p = 0 and in eval",
+          "[nn][dense][gradcheck]") {
   fd::Generator gen(7);
   nn::Dropout<double> drop(0.25);
   nn::Dropout<double>::Cache cache;
@@ -229,16 +232,20 @@ TEST_CASE("Dropout: inverted scaling, reproducible mask, identity at p = 0 and i
   CHECK_THROWS_AS(nn::Dropout<double>(1.0), fd::config_error);
 }
 
-TEST_CASE("Modulation, residual add and channel concatenation: gradients match central differences", "[nn][dense][gradcheck]") {
+TEST_CASE("Modulation, residual add and channel concatenation: gradients match central differences",
+          "[nn][dense][gradcheck]") {
   fd::Generator gen(8);
   for (auto axis : {nn::ChannelAxis::first, nn::ChannelAxis::last}) {
-    const fd::Shape xs = axis == nn::ChannelAxis::first ? fd::Shape{2, 3, 2, 2} : fd::Shape{2, 5, 3};
+    const fd::Shape xs =
+        axis == nn::ChannelAxis::first ? fd::Shape{2, 3, 2, 2} : fd::Shape{2, 5, 3};
     auto x = fd::randn<double>(xs, gen);
     auto sc = fd::randn<double>({2, 3}, gen);
     auto sh = fd::randn<double>({2, 3}, gen);
     fd::Tensor<double> y(xs), dx(xs), dsc({2, 3}), dsh({2, 3});
     require_ok(nn::gradcheck(
-        {{"x", x.view(), dx.view()}, {"scale", sc.view(), dsc.view()}, {"shift", sh.view(), dsh.view()}},
+        {{"x", x.view(), dx.view()},
+         {"scale", sc.view(), dsc.view()},
+         {"shift", sh.view(), dsh.view()}},
         nullptr, {y.view()}, [&] { nn::modulate_forward(x, sc, sh, y.view(), axis); },
         [&](const auto& dy) {
           nn::modulate_backward(x, sc, dy[0], dx.view(), dsc.view(), dsh.view(), axis);
@@ -280,34 +287,39 @@ TEST_CASE("The gradient checker rejects wrong, zero and non-finite gradients", "
   fd::Tensor<double> y({2, 3}), dx({2, 3});
   auto fwd = [&] { nn::silu_forward(x, y.view()); };
   // A backward that is off by 1e-4 relative fails.
-  auto rep = nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
-                           [&](const auto& dy) {
-                             nn::silu_backward(x, dy[0], dx.view());
-                             fd::scale(dx, 1.0001);
-                           },
-                           gen);
+  auto rep = nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+      [&](const auto& dy) {
+        nn::silu_backward(x, dy[0], dx.view());
+        fd::scale(dx, 1.0001);
+      },
+      gen);
   CHECK_FALSE(rep.ok());
   CHECK(rep.max_error == Approx(1e-4).epsilon(1e-3));
-  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
-                                  [&](const auto&) { fd::fill(dx, 0.0); }, gen),
+  CHECK_THROWS_WITH(nn::gradcheck(
+                        {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                        [&](const auto&) { fd::fill(dx, 0.0); }, gen),
                     Contains("all zero"));
-  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
-                                  [&](const auto&) { fd::fill(dx, std::nan("")); }, gen),
+  CHECK_THROWS_WITH(nn::gradcheck(
+                        {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                        [&](const auto&) { fd::fill(dx, std::nan("")); }, gen),
                     Contains("not finite"));
   // A backward that accumulates into an input gradient breaks the convention.
   fd::fill(dx, 0.0);
-  CHECK_THROWS_WITH(nn::gradcheck({{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
-                                  [&](const auto& dy) {
-                                    fd::Tensor<double> t({2, 3});
-                                    nn::silu_backward(x, dy[0], t.view());
-                                    nn::accumulate(dx.view(), t);
-                                  },
-                                  gen),
+  CHECK_THROWS_WITH(nn::gradcheck(
+                        {{"x", x.view(), dx.view()}}, nullptr, {y.view()}, fwd,
+                        [&](const auto& dy) {
+                          fd::Tensor<double> t({2, 3});
+                          nn::silu_backward(x, dy[0], t.view());
+                          nn::accumulate(dx.view(), t);
+                        },
+                        gen),
                     Contains("must be overwritten"));
 }
 
 // ---------------------------------------------------------------------------------------------
-// PyTorch parity (fp32): tests/fixtures/layers_dense.safetensors from tools/fixtures/layers_dense.py
+// PyTorch parity (fp32): tests/fixtures/layers_dense.safetensors from
+// tools/fixtures/layers_dense.py
 // ---------------------------------------------------------------------------------------------
 namespace {
 
@@ -368,7 +380,8 @@ TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
   REQUIRE(std::filesystem::exists(fixture_path()));
   Parity P;
 
-  for (auto [kase, in, out, bias] : {std::tuple{"linear", 5, 3, true}, std::tuple{"linear_tokens", 6, 4, false}}) {
+  for (auto [kase, in, out, bias] :
+       {std::tuple{"linear", 5, 3, true}, std::tuple{"linear_tokens", 6, 4, false}}) {
     nn::Parameters<float> ps;
     nn::Linear<float> fc(ps, kase, in, out, bias);
     ps.allocate();
@@ -418,7 +431,8 @@ TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
     P.compare_grads(ps, k);
   }
 
-  for (auto [kase, groups, c] : {std::tuple{"groupnorm", 4, 8}, std::tuple{"groupnorm_2d", 3, 12}}) {
+  for (auto [kase, groups, c] :
+       {std::tuple{"groupnorm", 4, 8}, std::tuple{"groupnorm_2d", 3, 12}}) {
     const std::string k = kase;
     nn::Parameters<float> ps;
     nn::GroupNorm<float> gn(ps, k, groups, c);
@@ -488,10 +502,12 @@ TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
     P.compare(k + ":dscale", dsc);
     P.compare(k + ":dshift", dsh);
   }
-  WARN("PyTorch parity: worst normalised MSE " << P.worst << " (" << P.worst_name << "), bound 1e-7");
+  WARN("PyTorch parity: worst normalised MSE " << P.worst << " (" << P.worst_name
+                                               << "), bound 1e-7");
 }
 
-TEST_CASE("Dense layers name the layer, expected and actual shape on bad input", "[nn][dense][errors]") {
+TEST_CASE("Dense layers name the layer, expected and actual shape on bad input",
+          "[nn][dense][errors]") {
   nn::Parameters<float> ps;
   nn::Linear<float> fc(ps, "enc.fc1", 4, 3);
   nn::LayerNorm<float> ln(ps, "enc.norm1", 4);
@@ -501,40 +517,64 @@ TEST_CASE("Dense layers name the layer, expected and actual shape on bad input",
 
   fd::Tensor<float> x({2, 5}), y({2, 3});
   CHECK_THROWS_AS(fc.forward(ps, x, y), fd::shape_error);
-  CHECK_THROWS_WITH(fc.forward(ps, x, y), Contains("enc.fc1 (Linear): x: expected shape [N, ..., in] with 4 at axis -1, got [2, 5]"));
+  CHECK_THROWS_WITH(
+      fc.forward(ps, x, y),
+      Contains("enc.fc1 (Linear): x: expected shape [N, ..., in] with 4 at axis -1, got [2, 5]"));
   fd::Tensor<float> x2({2, 4}), y2({3, 3}), dx2({2, 3});
-  CHECK_THROWS_WITH(fc.forward(ps, x2, y2), Contains("enc.fc1 (Linear): y: expected shape [2, 3], got [3, 3]"));
+  CHECK_THROWS_WITH(fc.forward(ps, x2, y2),
+                    Contains("enc.fc1 (Linear): y: expected shape [2, 3], got [3, 3]"));
   fd::Tensor<float> dy2({2, 3});
-  CHECK_THROWS_WITH(fc.backward(ps, x2, dy2, dx2), Contains("enc.fc1 (Linear): dx: expected shape [2, 4], got [2, 3]"));
+  CHECK_THROWS_WITH(fc.backward(ps, x2, dy2, dx2),
+                    Contains("enc.fc1 (Linear): dx: expected shape [2, 4], got [2, 3]"));
 
   nn::LayerNorm<float>::Cache lc;
   fd::Tensor<float> z({3, 5}), z2({3, 4}), z3({3, 4});
-  CHECK_THROWS_WITH(ln.forward(ps, z, z, lc), Contains("enc.norm1 (LayerNorm): x: expected shape [..., C] with 4") && Contains("got [3, 5]"));
-  CHECK_THROWS_WITH(ln.backward(ps, z2, z3, z3, lc), Contains("enc.norm1 (LayerNorm): cache.mean (run forward first): expected shape [3], got [0]"));
+  CHECK_THROWS_WITH(ln.forward(ps, z, z, lc),
+                    Contains("enc.norm1 (LayerNorm): x: expected shape [..., C] with 4") &&
+                        Contains("got [3, 5]"));
+  CHECK_THROWS_WITH(
+      ln.backward(ps, z2, z3, z3, lc),
+      Contains(
+          "enc.norm1 (LayerNorm): cache.mean (run forward first): expected shape [3], got [0]"));
   fd::Tensor<float> z4({2, 4});
-  CHECK_THROWS_WITH(ln.forward(ps, z2, z4, lc), Contains("enc.norm1 (LayerNorm): y: expected shape [3, 4], got [2, 4]"));
+  CHECK_THROWS_WITH(ln.forward(ps, z2, z4, lc),
+                    Contains("enc.norm1 (LayerNorm): y: expected shape [3, 4], got [2, 4]"));
 
   nn::GroupNorm<float>::Cache gc;
   fd::Tensor<float> g1({2, 4, 3}), g2({2, 6, 3}), g3({2, 6, 4});
-  CHECK_THROWS_WITH(gn.forward(ps, g1, g1, gc), Contains("enc.gn (GroupNorm): x: expected shape [N, C, ...] with 6 at axis 1, got [2, 4, 3]"));
-  CHECK_THROWS_WITH(gn.forward(ps, g2, g3, gc), Contains("enc.gn (GroupNorm): y: expected shape [2, 6, 3], got [2, 6, 4]"));
+  CHECK_THROWS_WITH(
+      gn.forward(ps, g1, g1, gc),
+      Contains(
+          "enc.gn (GroupNorm): x: expected shape [N, C, ...] with 6 at axis 1, got [2, 4, 3]"));
+  CHECK_THROWS_WITH(gn.forward(ps, g2, g3, gc),
+                    Contains("enc.gn (GroupNorm): y: expected shape [2, 6, 3], got [2, 6, 4]"));
   CHECK_THROWS_AS(nn::GroupNorm<float>(ps, "bad", 4, 6), fd::config_error);
 
   auto labels = fd::Tensor<fd::label_t>::from({2}, {0, 4});
   fd::Tensor<float> e1({2, 5}), e2({2, 4});
-  CHECK_THROWS_WITH(emb.forward(ps, labels, e1), Contains("y_embedder (Embedding): labels[1] must lie in [0, 3] (3 is the null label), got 4"));
+  CHECK_THROWS_WITH(
+      emb.forward(ps, labels, e1),
+      Contains(
+          "y_embedder (Embedding): labels[1] must lie in [0, 3] (3 is the null label), got 4"));
   auto ok_labels = fd::Tensor<fd::label_t>::from({2}, {0, 3});
-  CHECK_THROWS_WITH(emb.forward(ps, ok_labels, e2), Contains("y_embedder (Embedding): y: expected shape [2, 5], got [2, 4]"));
+  CHECK_THROWS_WITH(emb.forward(ps, ok_labels, e2),
+                    Contains("y_embedder (Embedding): y: expected shape [2, 5], got [2, 4]"));
 
   nn::SinusoidalTimeEmbedding<float> te(8);
   fd::Tensor<float> t({3}), ty({3, 6});
-  CHECK_THROWS_WITH(te.forward(t, ty), Contains("SinusoidalTimeEmbedding (time embedding): y: expected shape [3, 8], got [3, 6]"));
+  CHECK_THROWS_WITH(
+      te.forward(t, ty),
+      Contains("SinusoidalTimeEmbedding (time embedding): y: expected shape [3, 8], got [3, 6]"));
 
   fd::Tensor<float> mx({2, 3, 4}), ms({2, 4}), my({2, 3, 4});
-  CHECK_THROWS_WITH(nn::modulate_forward(mx, ms, ms, my.view()), Contains("modulate_forward: x: expected shape [N, C, ...] with N = 2, C = 4, got [2, 3, 4]"));
+  CHECK_THROWS_WITH(
+      nn::modulate_forward(mx, ms, ms, my.view()),
+      Contains("modulate_forward: x: expected shape [N, C, ...] with N = 2, C = 4, got [2, 3, 4]"));
   CHECK_NOTHROW(nn::modulate_forward(mx, ms, ms, my.view(), nn::ChannelAxis::last));
   fd::Tensor<float> ca({2, 3, 4}), cb({2, 1, 5}), cy({2, 4, 4});
-  CHECK_THROWS_WITH(nn::concat_channels(ca, cb, cy.view()), Contains("concat_channels: expected") && Contains("got a: [2, 3, 4], b: [2, 1, 5], y: [2, 4, 4]"));
+  CHECK_THROWS_WITH(nn::concat_channels(ca, cb, cy.view()),
+                    Contains("concat_channels: expected") &&
+                        Contains("got a: [2, 3, 4], b: [2, 1, 5], y: [2, 4, 4]"));
 }
 
 TEST_CASE("Norm caches keep their storage while the batch shape is unchanged", "[nn][dense]") {

@@ -49,9 +49,9 @@ struct GradcheckOptions {
 struct GradcheckTensorReport {
   std::string name;
   index_t numel = 0;
-  double max_error = 0;   ///< max |a-b| / max(|a|, |b|, scale)
-  double scale = 0;       ///< s_g: RMS of the analytic gradient
-  index_t worst = -1;     ///< flat index of the worst element
+  double max_error = 0;              ///< max |a-b| / max(|a|, |b|, scale)
+  double scale = 0;                  ///< s_g: RMS of the analytic gradient
+  index_t worst = -1;                ///< flat index of the worst element
   double analytic = 0, numeric = 0;  ///< the two values at the worst element
 };
 
@@ -87,8 +87,7 @@ GradcheckReport gradcheck(std::vector<GradcheckInput> inputs, Parameters<double>
   require<config_error>(!outputs.empty(), "gradcheck: no outputs");
   for (const auto& in : inputs)
     require<shape_error>(in.value.shape() == in.grad.shape(), "gradcheck: input '", in.name,
-                         "': value ", in.value.shape(), " and grad ", in.grad.shape(),
-                         " differ");
+                         "': value ", in.value.shape(), " and grad ", in.grad.shape(), " differ");
 
   auto finite_nonzero = [](std::string_view what, View<const double> v) {
     bool any = false;
@@ -115,15 +114,16 @@ GradcheckReport gradcheck(std::vector<GradcheckInput> inputs, Parameters<double>
 
   // Analytic gradients, snapshotted (forward calls during differencing must not disturb them).
   forward();
-  for (std::size_t k = 0; k < outputs.size(); ++k) finite_nonzero("output " + std::to_string(k), outputs[k]);
+  for (std::size_t k = 0; k < outputs.size(); ++k)
+    finite_nonzero("output " + std::to_string(k), outputs[k]);
   if (params) params->zero_grad();
   backward(dy_views);
   struct Target {
     std::string name;
     View<double> value;
-    Tensor<double> grad;     // snapshot of the first backward
-    View<const double> live; // where backward writes it
-    bool accumulates;        // parameter gradient (+=) rather than input gradient (=)
+    Tensor<double> grad;      // snapshot of the first backward
+    View<const double> live;  // where backward writes it
+    bool accumulates;         // parameter gradient (+=) rather than input gradient (=)
   };
   std::vector<Target> targets;
   for (const auto& in : inputs) {
@@ -135,8 +135,8 @@ GradcheckReport gradcheck(std::vector<GradcheckInput> inputs, Parameters<double>
     for (index_t id = 0; id < params->count(); ++id) {
       Tensor<double> g(params->info(id).shape);
       copy(g.view(), params->grad(id));
-      targets.push_back(
-          {"param " + params->info(id).name, params->param(id), std::move(g), params->grad(id), true});
+      targets.push_back({"param " + params->info(id).name, params->param(id), std::move(g),
+                         params->grad(id), true});
     }
   }
   for (const auto& t : targets) finite_nonzero("gradient of " + t.name, t.grad.view());
@@ -176,8 +176,7 @@ GradcheckReport gradcheck(std::vector<GradcheckInput> inputs, Parameters<double>
       t.value[i] = v0;
       const double num = (lp - lm) / (2 * opt.h);
       const double a = t.grad[i];
-      const double err =
-          std::abs(a - num) / std::max({std::abs(a), std::abs(num), tr.scale});
+      const double err = std::abs(a - num) / std::max({std::abs(a), std::abs(num), tr.scale});
       if (!(err <= tr.max_error) || tr.worst < 0) {
         tr.max_error = std::isfinite(err) ? err : HUGE_VAL;
         tr.worst = i;

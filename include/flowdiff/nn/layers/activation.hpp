@@ -38,7 +38,8 @@ template <class T>
 struct GeluFwd {
   GeluApprox a;
   T operator()(T x) const {
-    if (a == GeluApprox::none) return T(0.5) * x * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
+    if (a == GeluApprox::none)
+      return T(0.5) * x * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
     const T k = T(std::numbers::sqrt2 * std::numbers::inv_sqrtpi);  // sqrt(2/pi)
     return T(0.5) * x * (T(1) + std::tanh(k * (x + T(0.044715) * x * x * x)));
   }
@@ -78,7 +79,8 @@ void silu_backward(std::type_identity_t<View<const T>> x, std::type_identity_t<V
 
 // x: any shape, y: same shape
 template <class T>
-void gelu_forward(std::type_identity_t<View<const T>> x, View<T> y, GeluApprox approx = GeluApprox::none) {
+void gelu_forward(std::type_identity_t<View<const T>> x, View<T> y,
+                  GeluApprox approx = GeluApprox::none) {
   check_same_shape("gelu_forward", "x", x, "y", y);
   transform(y, detail::GeluFwd<T>{approx}, x);
 }
@@ -86,8 +88,7 @@ void gelu_forward(std::type_identity_t<View<const T>> x, View<T> y, GeluApprox a
 // x, dy, dx: same shape
 template <class T>
 void gelu_backward(std::type_identity_t<View<const T>> x, std::type_identity_t<View<const T>> dy,
-                   View<T> dx,
-                   GeluApprox approx = GeluApprox::none) {
+                   View<T> dx, GeluApprox approx = GeluApprox::none) {
   check_same_shape("gelu_backward", "x", x, "dy", dy);
   check_same_shape("gelu_backward", "x", x, "dx", dx);
   transform(dx, detail::GeluBwd<T>{approx}, x, dy);

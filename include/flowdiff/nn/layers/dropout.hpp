@@ -20,8 +20,8 @@ template <class T>
 class Dropout {
  public:
   struct Cache {
-    Tensor<T> mask;         // same shape as x: 0 or 1 / (1 - p)
-    bool identity = true;   // the last forward was the identity (p = 0 or eval)
+    Tensor<T> mask;        // same shape as x: 0 or 1 / (1 - p)
+    bool identity = true;  // the last forward was the identity (p = 0 or eval)
   };
 
   /// p in [0, 1): the probability of zeroing an element.
@@ -43,8 +43,10 @@ class Dropout {
     if (!(cache.mask.shape() == x.shape())) cache.mask.resize(x.shape());
     fill_uniform(cache.mask, gen);
     const T p = p_, keep = T(1) / (T(1) - p_);
-    transform(cache.mask.view(), [p, keep](T u) { return u >= p ? keep : T(0); }, cache.mask);
-    transform(y, [](T m, T xi) { return m * xi; }, cache.mask, x);
+    transform(
+        cache.mask.view(), [p, keep](T u) { return u >= p ? keep : T(0); }, cache.mask);
+    transform(
+        y, [](T m, T xi) { return m * xi; }, cache.mask, x);
   }
 
   // dy: shape of x -> dx: same shape (overwritten; may alias dy)
@@ -57,7 +59,8 @@ class Dropout {
     require<shape_error>(cache.mask.shape() == dy.shape(), "Dropout::backward: dy has shape ",
                          dy.shape(), " but the cached mask has shape ", cache.mask.shape(),
                          " (run forward on the same batch first)");
-    transform(dx, [](T m, T g) { return m * g; }, cache.mask, dy);
+    transform(
+        dx, [](T m, T g) { return m * g; }, cache.mask, dy);
   }
 
  private:

@@ -89,8 +89,8 @@ class Embedding {
     detail::check_arg(prefix_, "Embedding", name, y, Shape{labels.dim(0), d_});
     for (index_t n = 0; n < labels.numel(); ++n)
       if (labels[n] < 0 || labels[n] > k_)
-        fail<config_error>(prefix_, " (Embedding): labels[", n, "] must lie in [0, ", k_,
-                           "] (", k_, " is the null label), got ", labels[n]);
+        fail<config_error>(prefix_, " (Embedding): labels[", n, "] must lie in [0, ", k_, "] (", k_,
+                           " is the null label), got ", labels[n]);
   }
 
   std::string prefix_;
@@ -113,8 +113,8 @@ class SinusoidalTimeEmbedding {
     // Frequencies in double: the arguments reach scale * t ~ 1000, where float rounding of
     // the frequency alone would shift the phase by ~1e-4.
     for (index_t i = 0; i < half_; ++i)
-      freqs_[i] = std::exp(-std::log(max_period) * static_cast<double>(i) /
-                           static_cast<double>(half_));
+      freqs_[i] =
+          std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half_));
   }
 
   index_t dim() const { return d_; }
@@ -164,8 +164,7 @@ class SinusoidalTimeEmbedding {
   void check(View<const T> t, View<U> y, const char* name) const {
     if (t.rank() != 1)
       fail<shape_error>("SinusoidalTimeEmbedding: t: expected shape [N], got ", t.shape());
-    detail::check_arg("SinusoidalTimeEmbedding", "time embedding", name, y,
-                      Shape{t.dim(0), d_});
+    detail::check_arg("SinusoidalTimeEmbedding", "time embedding", name, y, Shape{t.dim(0), d_});
   }
 
   index_t d_, half_;

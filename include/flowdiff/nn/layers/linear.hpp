@@ -23,8 +23,8 @@ class Linear {
  public:
   Linear(Parameters<T>& ps, const std::string& prefix, index_t in, index_t out, bool bias = true)
       : prefix_(prefix), in_(in), out_(out), bias_(bias) {
-    require<config_error>(in > 0 && out > 0, prefix, " (Linear): in and out must be >= 1, got in = ",
-                          in, ", out = ", out);
+    require<config_error>(in > 0 && out > 0, prefix,
+                          " (Linear): in and out must be >= 1, got in = ", in, ", out = ", out);
     w_ = ps.add(prefix + ".weight", Shape{out, in});
     if (bias) b_ = ps.add(prefix + ".bias", Shape{out});
   }

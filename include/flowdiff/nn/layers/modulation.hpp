@@ -89,8 +89,10 @@ void modulate_backward(std::type_identity_t<View<const T>> x,
       x.dim(0),
       [=](index_t n) {
         const index_t o = n * c * s;
-        if (pds) for (index_t ch = 0; ch < c; ++ch) pds[n * c + ch] = T(0);
-        if (pdb) for (index_t ch = 0; ch < c; ++ch) pdb[n * c + ch] = T(0);
+        if (pds)
+          for (index_t ch = 0; ch < c; ++ch) pds[n * c + ch] = T(0);
+        if (pdb)
+          for (index_t ch = 0; ch < c; ++ch) pdb[n * c + ch] = T(0);
         for (index_t i = 0; i < c * s; ++i) {
           const index_t ch = first ? i / s : i % c;
           const T g = pg[o + i];
@@ -106,7 +108,8 @@ void modulate_backward(std::type_identity_t<View<const T>> x,
 template <class T>
 void add_forward(std::type_identity_t<View<const T>> a, std::type_identity_t<View<const T>> b,
                  View<T> y) {
-  transform(y, [](T u, T v) { return u + v; }, a, b);
+  transform(
+      y, [](T u, T v) { return u + v; }, a, b);
 }
 
 // dy -> da, db (each overwritten with dy; either may be empty)
@@ -125,7 +128,8 @@ void add_backward(std::type_identity_t<View<const T>> dy, View<T> da, View<T> db
 /// dst += src: fan-in of gradients (e.g. the skip branch of a residual block).
 template <class T>
 void accumulate(View<T> dst, std::type_identity_t<View<const T>> src) {
-  transform(dst, [](T u, T v) { return u + v; }, dst, src);
+  transform(
+      dst, [](T u, T v) { return u + v; }, dst, src);
 }
 
 namespace detail {
@@ -133,8 +137,8 @@ namespace detail {
 // returns the per-sample sizes of a and b.
 template <class T, class U, class V>
 void concat_dims(const char* what, View<T> a, View<U> b, View<V> y, index_t& ra, index_t& rb) {
-  bool ok = a.rank() >= 2 && a.rank() == b.rank() && a.rank() == y.rank() &&
-            a.dim(0) == b.dim(0) && a.dim(0) == y.dim(0) && y.dim(1) == a.dim(1) + b.dim(1);
+  bool ok = a.rank() >= 2 && a.rank() == b.rank() && a.rank() == y.rank() && a.dim(0) == b.dim(0) &&
+            a.dim(0) == y.dim(0) && y.dim(1) == a.dim(1) + b.dim(1);
   for (int k = 2; ok && k < a.rank(); ++k) ok = a.dim(k) == b.dim(k) && a.dim(k) == y.dim(k);
   if (!ok) {
     Shape want = a.shape();

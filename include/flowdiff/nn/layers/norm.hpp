@@ -1,7 +1,7 @@
-// flowdiff/nn/layers/norm.hpp — LayerNorm and GroupNorm, as torch.nn.LayerNorm / torch.nn.GroupNorm.
-// Both normalise a set S of elements (LayerNorm: the last axis of one row; GroupNorm: the
-// C/G channels of one group of one sample, with all their spatial positions) with the biased
-// variance, then apply a per-channel affine map:
+// flowdiff/nn/layers/norm.hpp — LayerNorm and GroupNorm, as torch.nn.LayerNorm /
+// torch.nn.GroupNorm. Both normalise a set S of elements (LayerNorm: the last axis of one row;
+// GroupNorm: the C/G channels of one group of one sample, with all their spatial positions) with
+// the biased variance, then apply a per-channel affine map:
 //   forward   mu = mean_S x,  rstd = 1/sqrt(mean_S (x - mu)^2 + eps),  xh = (x - mu) rstd,
 //             y = gamma_c xh + beta_c
 //   backward  dgamma_c += sum dy xh,  dbeta_c += sum dy   (over every element of channel c)
@@ -116,8 +116,8 @@ class LayerNorm {
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
                 const Cache& cache) const {
     const index_t m = check(x, dy, "dy");
-    detail::check_arg(prefix_, "LayerNorm", "cache.mean (run forward first)",
-                      cache.mean.view(), Shape{m});
+    detail::check_arg(prefix_, "LayerNorm", "cache.mean (run forward first)", cache.mean.view(),
+                      Shape{m});
     const T* px = x.data();
     const T* pdy = dy.data();
     const T* mean = cache.mean.data();
