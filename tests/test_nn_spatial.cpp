@@ -3,12 +3,8 @@
 // tests/fixtures/layers_spatial.safetensors (tools/fixtures/layers_spatial.py) by normalised MSE,
 // error messages for bad shapes, and workspace reuse.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <filesystem>
-#include <string>
-#include <vector>
-
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/io/safetensors.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
@@ -19,6 +15,8 @@
 #include <flowdiff/nn/layers/pooling.hpp>
 #include <flowdiff/nn/layers/upsample.hpp>
 #include <flowdiff/nn/parameters.hpp>
+#include <string>
+#include <vector>
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -126,11 +124,12 @@ TEST_CASE("Conv2d: gradients match central differences", "[nn][spatial][gradchec
     bool bias;
     fd::Shape x;
   };
-  for (const auto& c : {Cfg{3, 4, 3, 1, 1, true, {2, 3, 5, 5}}, Cfg{2, 3, 3, 2, 1, true, {2, 2, 7, 6}},
-                        Cfg{3, 2, 1, 1, 0, false, {3, 3, 4, 4}}, Cfg{2, 2, 4, 2, 1, true, {2, 2, 6, 6}},
-                        Cfg{2, 2, 2, 1, 0, true, {1, 2, 5, 4}},
-                        Cfg{1, 2, 3, 1, 1, true, {1, 1, 32, 32}},   // one sample per GEMM
-                        Cfg{2, 2, 1, 1, 0, true, {1, 2, 32, 32}}}) {  // 1x1: no im2col copy
+  for (const auto& c :
+       {Cfg{3, 4, 3, 1, 1, true, {2, 3, 5, 5}}, Cfg{2, 3, 3, 2, 1, true, {2, 2, 7, 6}},
+        Cfg{3, 2, 1, 1, 0, false, {3, 3, 4, 4}}, Cfg{2, 2, 4, 2, 1, true, {2, 2, 6, 6}},
+        Cfg{2, 2, 2, 1, 0, true, {1, 2, 5, 4}},
+        Cfg{1, 2, 3, 1, 1, true, {1, 1, 32, 32}},     // one sample per GEMM
+        Cfg{2, 2, 1, 1, 0, true, {1, 2, 32, 32}}}) {  // 1x1: no im2col copy
     nn::Parameters<double> ps;
     nn::Conv2d<double> conv(ps, "conv", c.cin, c.cout, c.k, c.s, c.p, c.bias);
     ps.allocate();
@@ -146,8 +145,9 @@ TEST_CASE("ConvTranspose2d: gradients match central differences", "[nn][spatial]
     fd::index_t cin, cout, k, s, p, op;
     fd::Shape x;
   };
-  for (const auto& c : {Cfg{3, 2, 4, 2, 1, 0, {2, 3, 3, 3}}, Cfg{2, 3, 3, 2, 1, 1, {2, 2, 3, 4}},
-                        Cfg{2, 2, 3, 1, 1, 0, {1, 2, 4, 4}}, Cfg{2, 2, 2, 2, 0, 0, {1, 2, 16, 32}}}) {
+  for (const auto& c :
+       {Cfg{3, 2, 4, 2, 1, 0, {2, 3, 3, 3}}, Cfg{2, 3, 3, 2, 1, 1, {2, 2, 3, 4}},
+        Cfg{2, 2, 3, 1, 1, 0, {1, 2, 4, 4}}, Cfg{2, 2, 2, 2, 0, 0, {1, 2, 16, 32}}}) {
     nn::Parameters<double> ps;
     nn::ConvTranspose2d<double> convt(ps, "up", c.cin, c.cout, c.k, c.s, c.p, c.op);
     ps.allocate();
@@ -253,9 +253,9 @@ TEST_CASE("Conv2d and ConvTranspose2d match PyTorch", "[nn][spatial][parity]") {
     const char* name;
     fd::index_t cin, cout, k, s, p;
   };
-  for (const auto& c : {Conv{"conv_a", 3, 4, 3, 1, 1}, Conv{"conv_b", 3, 4, 3, 2, 1},
-                        Conv{"conv_c", 4, 5, 1, 1, 0}, Conv{"conv_d", 2, 3, 4, 2, 1},
-                        Conv{"conv_e", 1, 2, 3, 1, 1}}) {
+  for (const auto& c :
+       {Conv{"conv_a", 3, 4, 3, 1, 1}, Conv{"conv_b", 3, 4, 3, 2, 1}, Conv{"conv_c", 4, 5, 1, 1, 0},
+        Conv{"conv_d", 2, 3, 4, 2, 1}, Conv{"conv_e", 1, 2, 3, 1, 1}}) {
     nn::Parameters<float> ps;
     nn::Conv2d<float> conv(ps, c.name, c.cin, c.cout, c.k, c.s, c.p);
     ps.allocate();
@@ -344,14 +344,14 @@ TEST_CASE("Spatial layers name the layer, the expected and the actual shape",
                         Contains("got [2, 4, 5, 5]"));
   nn::MultiheadSelfAttention<float>::Cache ac;
   fd::Tensor<float> ta({2, 6, 12});
-  CHECK_THROWS_WITH(attn.forward(ps, ta.view(), t.view(), ac),
-                    Contains("mid.attn") && Contains("expected shape [N, L, 16]") &&
-                        Contains("got [2, 6, 12]"));
+  CHECK_THROWS_WITH(
+      attn.forward(ps, ta.view(), t.view(), ac),
+      Contains("mid.attn") && Contains("expected shape [N, L, 16]") && Contains("got [2, 6, 12]"));
   nn::AvgPool2d<float> pool(2, "down");
   fd::Tensor<float> yp({2, 4, 3, 3});
-  CHECK_THROWS_WITH(pool.forward(x.view(), yp.view()),
-                    Contains("down") && Contains("expected shape [2, 4, 2, 2]") &&
-                        Contains("got [2, 4, 3, 3]"));
+  CHECK_THROWS_WITH(
+      pool.forward(x.view(), yp.view()),
+      Contains("down") && Contains("expected shape [2, 4, 2, 2]") && Contains("got [2, 4, 3, 3]"));
   CHECK_THROWS_AS(nn::Conv2d<float>(ps, "bad", 3, 8, 0), fd::config_error);
   nn::Parameters<float> p2;
   CHECK_THROWS_WITH(nn::MultiheadSelfAttention<float>(p2, "bad", 10, 4),

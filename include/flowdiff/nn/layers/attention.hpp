@@ -53,12 +53,13 @@ void accumulate_column_sums(const T* g, index_t rows, index_t cols, T* db) {
 template <class T>
 class MultiheadSelfAttention {
  public:
-  MultiheadSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t dim,
-                         index_t heads, bool qkv_bias = true)
+  MultiheadSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t dim, index_t heads,
+                         bool qkv_bias = true)
       : prefix_(prefix), d_(dim), heads_(heads), qkv_bias_(qkv_bias) {
     require<config_error>(dim >= 1 && heads >= 1 && dim % heads == 0, prefix,
                           " (MultiheadSelfAttention): dim must be a positive multiple of heads, "
-                          "got dim = ", dim, ", heads = ", heads);
+                          "got dim = ",
+                          dim, ", heads = ", heads);
     wqkv_ = ps.add(prefix + ".qkv.weight", Shape{3 * dim, dim});
     if (qkv_bias) bqkv_ = ps.add(prefix + ".qkv.bias", Shape{3 * dim});
     wproj_ = ps.add(prefix + ".proj.weight", Shape{dim, dim});
@@ -125,9 +126,10 @@ class MultiheadSelfAttention {
     const bool want_dx = !dx.empty();
     if (want_dx) check_exact(prefix_, "MultiheadSelfAttention", "dx", View<const T>(dx), x.shape());
     const index_t n = x.dim(0), L = x.dim(1), D = d_, rows = n * L;
-    require<config_error>(cache.qkv.numel() >= rows * 3 * D && cache.p.numel() >= n * heads_ * L * L,
-                          prefix_, " (MultiheadSelfAttention): backward needs the cache of the "
-                          "matching forward call");
+    require<config_error>(
+        cache.qkv.numel() >= rows * 3 * D && cache.p.numel() >= n * heads_ * L * L, prefix_,
+        " (MultiheadSelfAttention): backward needs the cache of the "
+        "matching forward call");
     grow(cache.dqkv, rows * 3 * D);
     grow(cache.dp, n * heads_ * L * L);
     grow(cache.dout, rows * D);
@@ -141,7 +143,8 @@ class MultiheadSelfAttention {
     attend_backward(cache.qkv.data(), cache.p.data(), dout, cache.dp.data(), dqkv, n, L);
     const auto dqkv2 = mat(static_cast<const T*>(dqkv), rows, 3 * D);
     gemm(Trans::yes, Trans::no, T(1), dqkv2, x.reshape({rows, D}), T(1), ps.grad(wqkv_));
-    if (qkv_bias_) accumulate_column_sums(static_cast<const T*>(dqkv), rows, 3 * D, ps.grad(bqkv_).data());
+    if (qkv_bias_)
+      accumulate_column_sums(static_cast<const T*>(dqkv), rows, 3 * D, ps.grad(bqkv_).data());
     if (want_dx)
       gemm(Trans::no, Trans::no, T(1), dqkv2, ps.param(wqkv_), T(0), dx.reshape({rows, D}));
   }
@@ -242,8 +245,8 @@ class MultiheadSelfAttention {
 template <class T>
 class ImageSelfAttention {
  public:
-  ImageSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t channels,
-                     index_t heads, bool qkv_bias = true)
+  ImageSelfAttention(Parameters<T>& ps, const std::string& prefix, index_t channels, index_t heads,
+                     bool qkv_bias = true)
       : attn_(ps, prefix, channels, heads, qkv_bias) {}
 
   const MultiheadSelfAttention<T>& attention() const { return attn_; }
@@ -284,8 +287,9 @@ class ImageSelfAttention {
       spatial_detail::check_exact(attn_.prefix(), "ImageSelfAttention", "dx", View<const T>(dx),
                                   x.shape());
     const Shape ts = token_shape(x.shape());
-    require<config_error>(cache.tokens.shape() == ts, attn_.prefix(),
-                          " (ImageSelfAttention): backward needs the cache of the matching forward");
+    require<config_error>(
+        cache.tokens.shape() == ts, attn_.prefix(),
+        " (ImageSelfAttention): backward needs the cache of the matching forward");
     prepare(cache.tokens2, ts);
     to_tokens(dy.data(), cache.tokens2.data(), ts);
     if (want_dx) {

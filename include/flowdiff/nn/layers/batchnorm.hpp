@@ -1,7 +1,8 @@
 // flowdiff/nn/layers/batchnorm.hpp — batch normalisation over the channels of [N, C, H, W], as
 // torch.nn.BatchNorm2d(C, eps, momentum, affine=True, track_running_stats=True). Per channel c,
 // over the M = N H W values x_i of that channel:
-//   training  mu = mean x_i, var = mean (x_i - mu)^2 (biased), xhat_i = (x_i - mu) / sqrt(var + eps),
+//   training  mu = mean x_i, var = mean (x_i - mu)^2 (biased), xhat_i = (x_i - mu) / sqrt(var +
+//   eps),
 //             y_i = gamma xhat_i + beta; running_mean <- (1 - m) running_mean + m mu,
 //             running_var <- (1 - m) running_var + m var M / (M - 1)   (unbiased, as PyTorch)
 //   eval      xhat_i = (x_i - running_mean) / sqrt(running_var + eps), y_i = gamma xhat_i + beta
@@ -94,7 +95,8 @@ class BatchNorm2d {
     output_shape(x.shape());
     spatial_detail::check_exact(prefix_, "BatchNorm2d", "dy", dy, x.shape());
     const bool want_dx = !dx.empty();
-    if (want_dx) spatial_detail::check_exact(prefix_, "BatchNorm2d", "dx", View<const T>(dx), x.shape());
+    if (want_dx)
+      spatial_detail::check_exact(prefix_, "BatchNorm2d", "dx", View<const T>(dx), x.shape());
     require<config_error>(cache.mean.numel() == c_, prefix_,
                           " (BatchNorm2d): backward needs the cache of a forward call");
     const index_t n = x.dim(0), C = c_, L = x.dim(2) * x.dim(3);
@@ -138,8 +140,7 @@ class BatchNorm2d {
   }
 
  private:
-  void run_forward(Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache,
-                   bool update) const {
+  void run_forward(Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache, bool update) const {
     output_shape(x.shape());
     spatial_detail::check_exact(prefix_, "BatchNorm2d", "y", View<const T>(y), x.shape());
     const index_t n = x.dim(0), C = c_, L = x.dim(2) * x.dim(3);
@@ -150,7 +151,8 @@ class BatchNorm2d {
     const bool training = training_;
     require<config_error>(!training || n * L > 1, prefix_,
                           " (BatchNorm2d): training needs more than one value per channel, got "
-                          "input shape ", x.shape());
+                          "input shape ",
+                          x.shape());
     const T* px = x.data();
     T* py = y.data();
     T* mean = cache.mean.data();

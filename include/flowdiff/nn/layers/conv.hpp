@@ -218,12 +218,19 @@ class Conv2d {
   /// Registers prefix.weight [out_ch, in_ch, kernel, kernel] and prefix.bias [out_ch].
   Conv2d(Parameters<T>& ps, const std::string& prefix, index_t in_ch, index_t out_ch,
          index_t kernel, index_t stride = 1, index_t padding = 0, bool bias = true)
-      : prefix_(prefix), in_(in_ch), out_(out_ch), k_(kernel), s_(stride), p_(padding),
+      : prefix_(prefix),
+        in_(in_ch),
+        out_(out_ch),
+        k_(kernel),
+        s_(stride),
+        p_(padding),
         bias_(bias) {
     require<config_error>(in_ch > 0 && out_ch > 0 && kernel > 0 && stride > 0 && padding >= 0,
-                          prefix, " (Conv2d): need in_ch, out_ch, kernel, stride >= 1 and "
-                          "padding >= 0, got in_ch = ", in_ch, ", out_ch = ", out_ch,
-                          ", kernel = ", kernel, ", stride = ", stride, ", padding = ", padding);
+                          prefix,
+                          " (Conv2d): need in_ch, out_ch, kernel, stride >= 1 and "
+                          "padding >= 0, got in_ch = ",
+                          in_ch, ", out_ch = ", out_ch, ", kernel = ", kernel,
+                          ", stride = ", stride, ", padding = ", padding);
     w_ = ps.add(prefix + ".weight", Shape{out_ch, in_ch, kernel, kernel});
     if (bias) b_ = ps.add(prefix + ".bias", Shape{out_ch});
   }

@@ -23,12 +23,20 @@ class ConvTranspose2d {
   ConvTranspose2d(Parameters<T>& ps, const std::string& prefix, index_t in_ch, index_t out_ch,
                   index_t kernel, index_t stride = 1, index_t padding = 0,
                   index_t output_padding = 0, bool bias = true)
-      : prefix_(prefix), in_(in_ch), out_(out_ch), k_(kernel), s_(stride), p_(padding),
-        op_(output_padding), bias_(bias) {
+      : prefix_(prefix),
+        in_(in_ch),
+        out_(out_ch),
+        k_(kernel),
+        s_(stride),
+        p_(padding),
+        op_(output_padding),
+        bias_(bias) {
     require<config_error>(in_ch > 0 && out_ch > 0 && kernel > 0 && stride > 0 && padding >= 0,
-                          prefix, " (ConvTranspose2d): need in_ch, out_ch, kernel, stride >= 1 "
-                          "and padding >= 0, got in_ch = ", in_ch, ", out_ch = ", out_ch,
-                          ", kernel = ", kernel, ", stride = ", stride, ", padding = ", padding);
+                          prefix,
+                          " (ConvTranspose2d): need in_ch, out_ch, kernel, stride >= 1 "
+                          "and padding >= 0, got in_ch = ",
+                          in_ch, ", out_ch = ", out_ch, ", kernel = ", kernel,
+                          ", stride = ", stride, ", padding = ", padding);
     require<config_error>(output_padding >= 0 && output_padding < stride, prefix,
                           " (ConvTranspose2d): output_padding must lie in [0, stride = ", stride,
                           "), got ", output_padding);
