@@ -69,6 +69,8 @@
 #include "flowdiff/nn/layers/norm.hpp"
 #include "flowdiff/nn/layers/pooling.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
+#include "flowdiff/nn/models/mlp.hpp"
+#include "flowdiff/nn/as_field.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"

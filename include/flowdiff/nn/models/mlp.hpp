@@ -1,0 +1,236 @@
+// flowdiff/nn/models/mlp.hpp — the MLP vector field u_theta(x, t[, y]) for flat data x: [N, d]
+// (toy 2-D distributions, small latents). With e = SinusoidalTimeEmbedding(t) (+ W_y[y] when the
+// model is class-conditional; row num_classes of W_y is the null label of CFG):
+//   h_0 = [x, e]                                  [N, d + time_dim]
+//   a_i = h_i W_i^T + b_i,  h_{i+1} = silu(a_i)   i = 0 .. depth - 1   (width hidden units)
+//   u   = h_depth W_depth^T + b_depth             [N, d]
+// Backward runs the layers in reverse: dW_i += da_i^T h_i, da_i = silu'(a_i) * (da_{i+1} W_{i+1}),
+// and splits dh_0 into dx (the input gradient, for classifier guidance and likelihoods) and de
+// (scattered into the label-embedding rows). Parameters carry the names PyTorch's
+//   net = nn.Sequential(Linear(d + time_dim, width), SiLU(), ..., Linear(width, d))
+//   label_emb = nn.Embedding(num_classes + 1, time_dim)
+// gives them: "net.0.weight", "net.0.bias", "net.2.weight", ..., "net.<2 depth>.bias",
+// "label_emb.weight", so a state_dict saved from that module loads with nn::load_parameters.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/field.hpp"
+#include "flowdiff/core/ops.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/activation.hpp"
+#include "flowdiff/nn/layers/embedding.hpp"
+#include "flowdiff/nn/layers/linear.hpp"
+#include "flowdiff/nn/parameters.hpp"
+
+namespace flowdiff::nn {
+
+/// Configuration of nn::MLP.
+struct MLPConfig {
+  index_t dim;              ///< d: features of x and of the output
+  index_t width = 256;      ///< hidden units per layer
+  index_t depth = 4;        ///< hidden layers (Linear + SiLU); depth + 1 Linear layers in all
+  index_t time_dim = 64;    ///< width of the sinusoidal time embedding (and of the label one)
+  index_t num_classes = 0;  ///< 0: unconditional; else labels in [0, num_classes], num_classes = ∅
+};
+
+template <class T>
+class MLP {
+ public:
+  using value_type = T;
+
+  /// Everything the forward pass computes and backward needs, plus backward's scratch. Sized on
+  /// the first call and whenever N changes; reused (no allocation) while N repeats.
+  struct Cache {
+    index_t n = 0;
+    bool has_forward = false;
+    Tensor<label_t> labels;      // [N] (the null label where forward got no labels)
+    Tensor<T> emb, label_emb;    // [N, time_dim]
+    Tensor<T> h0;                // [N, d + time_dim]
+    std::vector<Tensor<T>> pre;  // depth × [N, width]: a_i
+    std::vector<Tensor<T>> act;  // depth × [N, width]: silu(a_i)
+    Tensor<T> g0, g1;            // [N, width]: backward ping-pong buffers
+    Tensor<T> dh0, de;           // [N, d + time_dim], [N, time_dim]
+  };
+
+  MLP(Parameters<T>& ps, const MLPConfig& config, const std::string& prefix = "")
+      : cfg_(config), prefix_(prefix), temb_(config.time_dim >= 2 ? config.time_dim : 2) {
+    require<config_error>(config.dim >= 1 && config.width >= 1 && config.depth >= 1 &&
+                              config.time_dim >= 2 && config.num_classes >= 0,
+                          name(),
+                          ": need dim >= 1, width >= 1, depth >= 1, time_dim >= 2, num_classes >= "
+                          "0; got dim = ",
+                          config.dim, ", width = ", config.width, ", depth = ", config.depth,
+                          ", time_dim = ", config.time_dim, ", num_classes = ", config.num_classes);
+    linears_.reserve(static_cast<std::size_t>(config.depth + 1));
+    for (index_t i = 0; i <= config.depth; ++i) {
+      const index_t in = i == 0 ? config.dim + config.time_dim : config.width;
+      const index_t out = i == config.depth ? config.dim : config.width;
+      // nn.Sequential numbering: Linear layers at even indices, SiLU at odd ones.
+      linears_.emplace_back(ps, prefix + "net." + std::to_string(2 * i), in, out);
+    }
+    if (config.num_classes > 0)
+      label_emb_.emplace_back(ps, prefix + "label_emb", config.num_classes, config.time_dim);
+  }
+
+  const MLPConfig& config() const { return cfg_; }
+  index_t dim() const { return cfg_.dim; }
+  index_t num_classes() const { return cfg_.num_classes; }
+  bool conditional() const { return cfg_.num_classes > 0; }
+  /// The label meaning "no class" (classifier-free guidance); only for conditional models.
+  label_t null_label() const { return static_cast<label_t>(cfg_.num_classes); }
+
+  /// PyTorch's defaults: Linear U(±1/sqrt(in)), Embedding N(0, 1).
+  void init(Parameters<T>& ps, Generator& gen) const {
+    for (const auto& l : linears_) l.init(ps, gen);
+    for (const auto& e : label_emb_) e.init(ps, gen);
+  }
+
+  // x: [N, d], t: [N], y: [N] or empty / {} (a conditional model then uses the null label),
+  // out: [N, d]. Fills `cache` for backward.
+  void forward(const Parameters<T>& ps, View<const T> x, View<const T> t, View<const label_t> y,
+               View<T> out, Cache& cache) const {
+    const index_t n = check_forward(x, t, y, out);
+    prepare(cache, n);
+    const index_t d = cfg_.dim, td = cfg_.time_dim, in0 = d + td;
+
+    temb_.forward(t, cache.emb.view());
+    if (conditional()) {
+      if (absent(y))
+        fill(cache.labels.view(), null_label());
+      else
+        copy(cache.labels.view(), y);
+      label_emb_[0].forward(ps, cache.labels.view(), cache.label_emb.view());
+      add_inplace(cache.emb.view(), cache.label_emb.view());
+    }
+    // h0 = [x, e], row by row.
+    T* h0 = cache.h0.data();
+    const T* px = x.data();
+    const T* pe = cache.emb.data();
+    for (index_t r = 0; r < n; ++r) {
+      for (index_t j = 0; j < d; ++j) h0[r * in0 + j] = px[r * d + j];
+      for (index_t j = 0; j < td; ++j) h0[r * in0 + d + j] = pe[r * td + j];
+    }
+    View<const T> h = cache.h0.view();
+    for (std::size_t i = 0; i < cache.pre.size(); ++i) {
+      linears_[i].forward(ps, h, cache.pre[i].view());
+      silu_forward<T>(cache.pre[i].view(), cache.act[i].view());
+      h = cache.act[i].view();
+    }
+    linears_.back().forward(ps, h, out);
+    cache.has_forward = true;
+  }
+
+  // dout: [N, d] (N of the last forward), dx: [N, d] or empty / {} (skipped). Parameter gradients
+  // accumulate
+  // (+=); dx is overwritten. Uses the activations of the last forward() with this cache.
+  void backward(Parameters<T>& ps, View<const T> dout, View<T> dx, Cache& cache) const {
+    require<config_error>(cache.has_forward, name(),
+                          ": backward() needs the cache of a forward() call first");
+    const index_t n = cache.n, d = cfg_.dim, td = cfg_.time_dim, in0 = d + td;
+    check_shape("dout", dout, Shape{n, d});
+    if (!absent(dx)) check_shape("dx", dx, Shape{n, d});
+
+    const index_t depth = cfg_.depth;
+    // g: gradient w.r.t. the output of the layer being processed; ping-pong between g0 and g1
+    // because Linear::backward reads dy while it writes dx.
+    View<const T> g = dout;
+    Tensor<T>* bufs[2] = {&cache.g0, &cache.g1};
+    for (index_t i = depth; i >= 1; --i) {
+      const auto k = static_cast<std::size_t>(i);
+      View<T> dh = bufs[i % 2]->view();
+      linears_[k].backward(ps, cache.act[k - 1].view(), g, dh);
+      silu_backward<T>(cache.pre[k - 1].view(), dh, dh);  // da = silu'(a) dh, in place
+      g = dh;
+    }
+    // The first layer: its input gradient is needed only for dx or the label embedding.
+    const bool need_dh0 = !absent(dx) || conditional();
+    linears_[0].backward(ps, cache.h0.view(), g,
+                         need_dh0 ? cache.dh0.view() : View<T>(nullptr, Shape{0}));
+    if (!need_dh0) return;
+    const T* dh0 = cache.dh0.data();
+    if (!absent(dx)) {
+      T* pdx = dx.data();
+      for (index_t r = 0; r < n; ++r)
+        for (index_t j = 0; j < d; ++j) pdx[r * d + j] = dh0[r * in0 + j];
+    }
+    if (conditional()) {
+      T* de = cache.de.data();
+      for (index_t r = 0; r < n; ++r)
+        for (index_t j = 0; j < td; ++j) de[r * td + j] = dh0[r * in0 + d + j];
+      label_emb_[0].backward(ps, cache.labels.view(), cache.de.view());
+    }
+  }
+
+ private:
+  std::string name() const { return prefix_.empty() ? std::string("MLP") : prefix_ + " (MLP)"; }
+
+  template <class U>
+  void check_shape(const char* arg, View<U> v, const Shape& expected) const {
+    if (!(v.shape() == expected))
+      fail<shape_error>(name(), ": ", arg, ": expected shape ", expected, ", got ", v.shape());
+  }
+
+  index_t check_forward(View<const T> x, View<const T> t, View<const label_t> y,
+                        View<T> out) const {
+    if (x.rank() != 2 || x.dim(1) != cfg_.dim || x.dim(0) < 1)
+      fail<shape_error>(name(), ": x: expected shape [N, ", cfg_.dim, "] with N >= 1, got ",
+                        x.shape());
+    const index_t n = x.dim(0);
+    check_shape("t", t, Shape{n});
+    check_shape("out", out, Shape{n, cfg_.dim});
+    if (!absent(y)) {
+      if (!conditional())
+        fail<config_error>(name(), ": labels y were given (shape ", y.shape(),
+                           ") but the model is unconditional (num_classes = 0)");
+      check_shape("y", y, Shape{n});
+    }
+    return n;
+  }
+
+  void prepare(Cache& c, index_t n) const {
+    const index_t w = cfg_.width, td = cfg_.time_dim, in0 = cfg_.dim + td;
+    const auto depth = static_cast<std::size_t>(cfg_.depth);
+    c.has_forward = false;
+    if (c.n == n && c.pre.size() == depth) return;
+    c.labels.resize(Shape{n});
+    c.emb.resize(Shape{n, td});
+    c.label_emb.resize(Shape{n, td});
+    c.h0.resize(Shape{n, in0});
+    c.pre.resize(depth);
+    c.act.resize(depth);
+    for (std::size_t i = 0; i < depth; ++i) {
+      c.pre[i].resize(Shape{n, w});
+      c.act[i].resize(Shape{n, w});
+    }
+    c.g0.resize(Shape{n, w});
+    c.g1.resize(Shape{n, w});
+    c.dh0.resize(Shape{n, in0});
+    c.de.resize(Shape{n, td});
+    c.n = n;
+  }
+
+  // An omitted optional argument: an empty view, or a default-constructed one (whose rank-0 shape
+  // counts one element, so empty() alone would not recognise `{}`).
+  template <class U>
+  static bool absent(View<U> v) {
+    return v.data() == nullptr || v.empty();
+  }
+
+  static void add_inplace(View<T> a, View<const T> b) {
+    T* pa = a.data();
+    const T* pb = b.data();
+    for (index_t i = 0; i < a.numel(); ++i) pa[i] += pb[i];
+  }
+
+  MLPConfig cfg_;
+  std::string prefix_;
+  SinusoidalTimeEmbedding<T> temb_;
+  std::vector<Linear<T>> linears_;       // depth + 1 layers
+  std::vector<Embedding<T>> label_emb_;  // one layer when conditional, else none
+};
+
+}  // namespace flowdiff::nn
