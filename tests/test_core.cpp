@@ -41,6 +41,9 @@ TEST_CASE("Tensor ownership, views and indexing", "[core]") {
   CHECK_THROWS_WITH(t.view().reshape({4, 2}), Contains("cannot view [2, 3] as [4, 2]"));
   CHECK_THROWS_AS(t.view().row(2), fd::shape_error);
   CHECK_THROWS_WITH((fd::Tensor<float>::from({2, 2}, {1, 2, 3})), Contains("needs 4 values, got 3"));
+  fd::View<float> no_view;
+  CHECK(no_view.empty());
+  CHECK(no_view.data() == nullptr);
   fd::Tensor<float> none;
   CHECK(none.empty());
   CHECK(none.numel() == 0);

@@ -25,7 +25,9 @@ class View {
   using element_type = T;
   using backend = B;
 
-  constexpr View() = default;
+  /// An empty view: shape [0] and no data (so `{}` passed for an optional output means "none";
+  /// a rank-0 Shape would be a scalar with numel() == 1).
+  View() : shape_{Shape{0}} {}
   View(T* data, Shape shape) : data_(data), shape_(shape) {
     require<shape_error>(data != nullptr || shape.numel() == 0,
                          "View: null data pointer for a non-empty shape ", shape);
