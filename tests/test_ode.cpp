@@ -125,15 +125,15 @@ TEST_CASE("DPM-Solver++(2M) is second order and exact for a point mass", "[ode][
   const fd::schedules::Linear sch;  // the velocity must determine the data at t = 0 (d_alpha != 0)
   // On a grid uniform in lambda = log(alpha / beta) = logit(t) over [0.05, 0.95] every step is a
   // pure second-order multistep step: the observed order is 2.
-  auto lambda_grid = [](fd::index_t n) {
-    const double l0 = std::log(0.05 / 0.95), l1 = std::log(0.95 / 0.05);
-    std::vector<double> g;
-    for (fd::index_t i = 0; i <= n; ++i) {
-      const double l = l0 + (l1 - l0) * double(i) / double(n);
-      g.push_back(1 / (1 + std::exp(-l)));
+  auto lambda_grid = [&](fd::index_t n) { return fd::log_snr_grid<double>(sch, n, 0.05, 0.95); };
+  {  // the grid really is uniform in lambda = logit(t) for the linear path
+    const auto g = lambda_grid(4);
+    for (std::size_t i = 0; i + 1 < g.size(); ++i) {
+      const double dl = std::log(g[i + 1] / (1 - g[i + 1])) - std::log(g[i] / (1 - g[i]));
+      CHECK(dl == Approx(2 * std::log(0.95 / 0.05) / 4).epsilon(1e-9));
     }
-    return g;
-  };
+    CHECK_THROWS_WITH(fd::log_snr_grid<double>(sch, 4, 0.0, 1.0), Contains("lambda must be finite"));
+  }
   std::vector<double> errs;
   for (fd::index_t n : {8, 16, 32, 64}) {
     GaussianFlow flow;

@@ -12,6 +12,8 @@
 
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/paths/log_snr.hpp"
+#include "flowdiff/paths/schedule.hpp"
 
 namespace flowdiff {
 
@@ -53,6 +55,26 @@ std::vector<T> shifted_grid(index_t steps, T shift, T t0 = T(0), T t1 = T(1)) {
     // 0 and 1 are fixed points of the map; keep them exact despite rounding.
     if (t != T(0) && t != T(1)) t = std::min(T(1), std::max(T(0), shift * t / (T(1) + (shift - T(1)) * t)));
   }
+  check_grid<T>(g);
+  return g;
+}
+
+/// steps + 1 times equally spaced in lambda = log(alpha / beta) between t0 and t1 (both strictly
+/// inside (0, 1) where lambda is finite): the natural grid of DPM-Solver-type samplers.
+template <class T = float, Schedule S>
+std::vector<T> log_snr_grid(const S& schedule, index_t steps, T t0, T t1) {
+  require<config_error>(steps >= 1, "log_snr_grid: steps must be >= 1, got ", steps);
+  const double l0 = lambda(schedule, static_cast<double>(t0));
+  const double l1 = lambda(schedule, static_cast<double>(t1));
+  require<config_error>(std::isfinite(l0) && std::isfinite(l1), "log_snr_grid: lambda must be finite at ",
+                        "both ends (t strictly inside (0, 1)), got lambda(", t0, ") = ", l0,
+                        " and lambda(", t1, ") = ", l1);
+  std::vector<T> g(static_cast<std::size_t>(steps + 1));
+  for (index_t i = 0; i <= steps; ++i)
+    g[static_cast<std::size_t>(i)] = static_cast<T>(
+        lambda_inverse(schedule, l0 + (l1 - l0) * static_cast<double>(i) / static_cast<double>(steps)));
+  g.front() = t0;
+  g.back() = t1;
   check_grid<T>(g);
   return g;
 }
