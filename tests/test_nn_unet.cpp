@@ -95,7 +95,8 @@ TEST_CASE("UNet: gradients w.r.t. x and every parameter match central difference
     // GroupNorm's default affine (1, 0) would leave its parameter gradients special; perturb.
     for (fd::index_t id = 0; id < ps.count(); ++id) {
       auto p = ps.param(id);
-      for (fd::index_t i = 0; i < p.numel(); ++i) p.data()[i] += 0.1 * fd::randn<double>({1}, gen)[0];
+      for (fd::index_t i = 0; i < p.numel(); ++i)
+        p.data()[i] += 0.1 * fd::randn<double>({1}, gen)[0];
     }
     const fd::index_t n = 2;
     auto x = fd::randn<double>({n, 2, 8, 8}, gen);
@@ -110,7 +111,7 @@ TEST_CASE("UNet: gradients w.r.t. x and every parameter match central difference
     INFO(rep.summary());
     CHECK(rep.ok());
     WARN("UNet gradcheck (attention = " << cs.attention << ", classes = " << cs.num_classes
-                                         << "): worst error " << rep.max_error);
+                                        << "): worst error " << rep.max_error);
   }
 }
 
@@ -219,8 +220,12 @@ TEST_CASE("UNet: the cache is reused while N repeats; empty labels are the null 
           "[nn][unet]") {
   fd::Generator gen(3);
   nn::Parameters<float> ps;
-  nn::UNet<float> net(ps, {.channels = {8, 16}, .num_residual_layers = 1, .t_embed_dim = 8,
-                           .y_embed_dim = 8, .num_classes = 4, .attention = true});
+  nn::UNet<float> net(ps, {.channels = {8, 16},
+                           .num_residual_layers = 1,
+                           .t_embed_dim = 8,
+                           .y_embed_dim = 8,
+                           .num_classes = 4,
+                           .attention = true});
   ps.allocate();
   net.init(ps, gen);
   auto x = fd::randn<float>({3, 1, 8, 8}, gen);
@@ -268,8 +273,12 @@ TEST_CASE("UNet: as_field samples with Heun; cfg evaluates one 2N batch equal to
           "[nn][unet][as_field][cfg]") {
   fd::Generator gen(8);
   nn::Parameters<float> ps;
-  nn::UNet<float> net(ps, {.channels = {8, 16}, .num_residual_layers = 1, .t_embed_dim = 8,
-                           .y_embed_dim = 8, .num_classes = 3, .attention = true});
+  nn::UNet<float> net(ps, {.channels = {8, 16},
+                           .num_residual_layers = 1,
+                           .t_embed_dim = 8,
+                           .y_embed_dim = 8,
+                           .num_classes = 3,
+                           .attention = true});
   ps.allocate();
   net.init(ps, gen);
   auto field = nn::as_field(net, ps);
@@ -310,8 +319,11 @@ TEST_CASE("UNet: as_field samples with Heun; cfg evaluates one 2N batch equal to
 
 TEST_CASE("UNet: errors name the model, the argument and the shapes", "[nn][unet][errors]") {
   nn::Parameters<float> ps;
-  nn::UNet<float> net(ps, {.channels = {8, 16}, .num_residual_layers = 1, .t_embed_dim = 8,
-                           .y_embed_dim = 8, .num_classes = 0});
+  nn::UNet<float> net(ps, {.channels = {8, 16},
+                           .num_residual_layers = 1,
+                           .t_embed_dim = 8,
+                           .y_embed_dim = 8,
+                           .num_classes = 0});
   ps.allocate();
   nn::UNet<float>::Cache cache;
   fd::Tensor<float> x({2, 1, 8, 8}), t({2}), out({2, 1, 8, 8});

@@ -70,6 +70,7 @@
 #include "flowdiff/nn/layers/pooling.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
 #include "flowdiff/nn/models/mlp.hpp"
+#include "flowdiff/nn/models/unet.hpp"
 #include "flowdiff/nn/as_field.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)

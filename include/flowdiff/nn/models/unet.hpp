@@ -14,6 +14,10 @@
 // module in tools/fixtures/unet.py ("init_conv.0.weight", "encoders.0.res_blocks.1.block1.2.bias",
 // "encoders.0.downsample.weight", "midcoder.attn.qkv.weight", "decoders.0.upsample.1.weight",
 // "final_conv.weight", "y_embedder.weight", ...), so its state_dict loads with load_parameters.
+// Departures from the lab, on purpose: GroupNorm instead of BatchNorm (a sample's output must not
+// depend on its batch, or cfg's 2N batch and sampling would differ from single evaluations), a
+// fixed sinusoidal time embedding instead of a learned Fourier one (nothing to checkpoint outside
+// Parameters), nearest instead of bilinear upsampling, and the norm placed before the SiLU.
 #pragma once
 
 #include <string>
@@ -36,15 +40,15 @@ namespace flowdiff::nn {
 
 /// Configuration of nn::UNet.
 struct UNetConfig {
-  index_t in_channels = 1;                    ///< channels of x and of the output
+  index_t in_channels = 1;                        ///< channels of x and of the output
   std::vector<index_t> channels = {32, 64, 128};  ///< channels per resolution level
-  index_t num_residual_layers = 2;            ///< residual blocks per encoder/decoder/midcoder
-  index_t t_embed_dim = 40;                   ///< sinusoidal time-embedding width
-  index_t y_embed_dim = 40;                   ///< label-embedding width
-  index_t num_classes = 10;                   ///< 0: unconditional; null label = num_classes
-  bool attention = false;                     ///< self-attention at the lowest resolution
-  index_t attention_heads = 4;                ///< heads of that attention
-  index_t groups = 8;                         ///< GroupNorm groups (must divide every channel count)
+  index_t num_residual_layers = 2;                ///< residual blocks per encoder/decoder/midcoder
+  index_t t_embed_dim = 40;                       ///< sinusoidal time-embedding width
+  index_t y_embed_dim = 40;                       ///< label-embedding width
+  index_t num_classes = 10;                       ///< 0: unconditional; null label = num_classes
+  bool attention = false;                         ///< self-attention at the lowest resolution
+  index_t attention_heads = 4;                    ///< heads of that attention
+  index_t groups = 8;  ///< GroupNorm groups (must divide every channel count)
 };
 
 namespace unet_detail {
@@ -212,10 +216,10 @@ class UNet {
     Shape in_shape;
     const void* owner = nullptr;  // the model that sized it (a cache may move between models)
     bool has_forward = false;
-    Tensor<T> x;                            // the input (init conv's backward needs it)
-    Tensor<label_t> labels;                 // [N]
+    Tensor<T> x;                               // the input (init conv's backward needs it)
+    Tensor<label_t> labels;                    // [N]
     Tensor<T> et, ey, det, dey, tmp_t, tmp_y;  // [N, td] / [N, yd]
-    Tensor<T> c0, g0, a0;                   // init conv, its GroupNorm, SiLU: [N, c_0, H, W]
+    Tensor<T> c0, g0, a0;                      // init conv, its GroupNorm, SiLU: [N, c_0, H, W]
     typename Conv2d<T>::Cache conv0;
     typename GroupNorm<T>::Cache norm0;
     // Per residual block (encoders, midcoder, decoders in order): its output and its gradient.
@@ -255,8 +259,8 @@ class UNet {
       down_.emplace_back(ps, p + ".downsample", ch[i], ch[i + 1], 3, 2, 1);
     }
     for (index_t r = 0; r < R; ++r)
-      blocks_.emplace_back(ps, prefix + "midcoder.res_blocks." + std::to_string(r),
-                           ch[levels - 1], g, td, yd, cond);
+      blocks_.emplace_back(ps, prefix + "midcoder.res_blocks." + std::to_string(r), ch[levels - 1],
+                           g, td, yd, cond);
     if (cfg_.attention) {
       attn_norm_.emplace_back(ps, prefix + "midcoder.attn_norm", g, ch[levels - 1]);
       attn_.emplace_back(ps, prefix + "midcoder.attn", ch[levels - 1], cfg_.attention_heads);
@@ -378,8 +382,8 @@ class UNet {
     };
 
     // Final conv: its input is the last decoder block's output (with one level, the midcoder's).
-    const View<const T> last = levels == 1 && cfg_.attention ? View<const T>(c.mid)
-                                                               : View<const T>(c.rb_out.back());
+    const View<const T> last =
+        levels == 1 && cfg_.attention ? View<const T>(c.mid) : View<const T>(c.rb_out.back());
     View<T> glast = c.dupc.empty() ? c.dmid.view() : c.dupc.back().view();
     // glast is only scratch for d(last); it is consumed by back_blocks before being rewritten.
     final_conv_[0].backward(ps, last, dout, glast, c.final_c);
