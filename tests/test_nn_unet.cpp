@@ -362,3 +362,35 @@ TEST_CASE("UNet: errors name the model, the argument and the shapes", "[nn][unet
   auto ybad = make_labels({0, 5});
   CHECK_THROWS_AS(cond.forward(ps2, x, t, ybad, out, cache2), fd::config_error);
 }
+
+TEST_CASE("UNet: a single level (midcoder only) passes the gradient check",
+          "[nn][unet][gradcheck]") {
+  for (bool attention : {false, true}) {
+    INFO("attention = " << attention);
+    fd::Generator gen(9);
+    nn::Parameters<double> ps;
+    nn::UNet<double> net(ps, {.in_channels = 1,
+                              .channels = {4},
+                              .num_residual_layers = 2,
+                              .t_embed_dim = 4,
+                              .y_embed_dim = 3,
+                              .num_classes = 2,
+                              .attention = attention,
+                              .attention_heads = 2,
+                              .groups = 2});
+    ps.allocate();
+    net.init(ps, gen);
+    auto x = fd::randn<double>({2, 1, 3, 5}, gen);  // no downsampling: any H, W
+    auto t = make_times<double>({0.2, 0.6});
+    auto y = make_labels({0, 2});
+    fd::Tensor<double> out({2, 1, 3, 5}), dx({2, 1, 3, 5});
+    nn::UNet<double>::Cache cache;
+    auto rep = nn::gradcheck(
+        {{"x", x.view(), dx.view()}}, &ps, {out.view()},
+        [&] { net.forward(ps, x, t, y, out, cache); },
+        [&](const auto& dy) { net.backward(ps, dy[0], dx, cache); }, gen, {.h = 1e-5});
+    INFO(rep.summary());
+    CHECK(rep.ok());
+    WARN("1-level UNet gradcheck (attention = " << attention << "): worst error " << rep.max_error);
+  }
+}
