@@ -146,7 +146,6 @@ struct ResBlock {
     typename Conv2d<T>::Cache c1, c2;
     typename Adapter<T>::Cache at, ay;
     Tensor<T> a1, s1, h1, a2, s2;  // [N, C, H, W] each: GN1 out, SiLU, conv1 + adapters, GN2, SiLU
-    Tensor<T> g1, g2;              // [N, C, H, W] backward scratch
   };
 
   void init(Parameters<T>& ps, Generator& gen) const {
@@ -162,7 +161,7 @@ struct ResBlock {
   void forward(const Parameters<T>& ps, View<const T> x, View<const T> et, View<const T> ey,
                View<T> out, Cache& c) const {
     const Shape s = x.shape();
-    for (Tensor<T>* t : {&c.a1, &c.s1, &c.h1, &c.a2, &c.s2, &c.g1, &c.g2}) resize_if(*t, s);
+    for (Tensor<T>* t : {&c.a1, &c.s1, &c.h1, &c.a2, &c.s2}) resize_if(*t, s);
     const index_t len = s[2] * s[3];
     gn1.forward(ps, x, c.a1.view(), c.n1);
     silu_forward<T>(c.a1.view(), c.s1.view());
@@ -180,23 +179,24 @@ struct ResBlock {
   }
 
   // dout: [N, C, H, W]; dx overwritten (must not alias dout); det, dey accumulated (+=), using
-  // tmp_t [N, td] / tmp_y [N, yd] as scratch.
+  // tmp_t [N, td] / tmp_y [N, yd] and g1, g2 [N, C, H, W] as scratch (shared by the blocks of a
+  // level: only one block runs backward at a time).
   void backward(Parameters<T>& ps, View<const T> x, View<const T> et, View<const T> ey,
                 View<const T> dout, View<T> dx, View<T> det, View<T> dey, View<T> tmp_t,
-                View<T> tmp_y, Cache& c) const {
+                View<T> tmp_y, View<T> g1, View<T> g2, Cache& c) const {
     const index_t len = x.dim(2) * x.dim(3);
-    conv2.backward(ps, c.s2.view(), dout, c.g1.view(), c.c2);
-    silu_backward<T>(c.a2.view(), c.g1.view(), c.g1.view());
-    gn2.backward(ps, c.h1.view(), c.g1.view(), c.g2.view(), c.n2);  // g2 = dh1
-    sum_spatial<T>(c.g2.view(), c.at.dout.view(), len);
+    conv2.backward(ps, c.s2.view(), dout, g1, c.c2);
+    silu_backward<T>(c.a2.view(), g1, g1);
+    gn2.backward(ps, c.h1.view(), g1, g2, c.n2);  // g2 = dh1
+    sum_spatial<T>(g2, c.at.dout.view(), len);
     t_adapter.backward(ps, et, det, tmp_t, c.at);
     if (!y_adapter.empty()) {
-      sum_spatial<T>(c.g2.view(), c.ay.dout.view(), len);
+      sum_spatial<T>(g2, c.ay.dout.view(), len);
       y_adapter[0].backward(ps, ey, dey, tmp_y, c.ay);
     }
-    conv1.backward(ps, c.s1.view(), c.g2.view(), c.g1.view(), c.c1);
-    silu_backward<T>(c.a1.view(), c.g1.view(), c.g1.view());
-    gn1.backward(ps, x, c.g1.view(), dx, c.n1);
+    conv1.backward(ps, c.s1.view(), g2, g1, c.c1);
+    silu_backward<T>(c.a1.view(), g1, g1);
+    gn1.backward(ps, x, g1, dx, c.n1);
     add_inplace<T>(dx, dout);  // the identity path
   }
 };
@@ -225,6 +225,7 @@ class UNet {
     // Per residual block (encoders, midcoder, decoders in order): its output and its gradient.
     std::vector<Tensor<T>> rb_out, rb_grad;
     std::vector<typename Block::Cache> rb;
+    std::vector<Tensor<T>> scratch1, scratch2;  // per level: the blocks' backward scratch
     // Per encoder level: the downsampled output s_i (also the skip) and its gradient.
     std::vector<Tensor<T>> down, ddown;
     std::vector<typename Conv2d<T>::Cache> down_c;
@@ -274,6 +275,11 @@ class UNet {
         blocks_.emplace_back(ps, p + ".res_blocks." + std::to_string(r), ch[i], g, td, yd, cond);
     }
     final_conv_.emplace_back(ps, prefix + "final_conv", ch[0], cfg_.in_channels, 3, 1, 1);
+    // Block order: encoder i at level i, the midcoder at the lowest level, decoder j at level
+    // levels - 2 - j; R blocks each.
+    for (index_t i = 0; i + 1 < levels; ++i) level_of_.insert(level_of_.end(), R, i);
+    level_of_.insert(level_of_.end(), R, levels - 1);
+    for (index_t j = 0; j + 1 < levels; ++j) level_of_.insert(level_of_.end(), R, levels - 2 - j);
   }
 
   const UNetConfig& config() const { return cfg_; }
@@ -375,7 +381,8 @@ class UNet {
         --b;
         blocks_[b].backward(ps, block_input(b, stage_in), c.et.view(), c.ey.view(), g,
                             c.rb_grad[b].view(), c.det.view(), c.dey.view(), c.tmp_t.view(),
-                            c.tmp_y.view(), c.rb[b]);
+                            c.tmp_y.view(), c.scratch1[level_of_[b]].view(),
+                            c.scratch2[level_of_[b]].view(), c.rb[b]);
         g = c.rb_grad[b].view();  // rb_grad[b] = gradient w.r.t. block b's input
       }
       return g;
@@ -484,6 +491,12 @@ class UNet {
     c.rb.resize(blocks_.size());
     c.rb_out.resize(blocks_.size());
     c.rb_grad.resize(blocks_.size());
+    c.scratch1.resize(static_cast<std::size_t>(levels));
+    c.scratch2.resize(static_cast<std::size_t>(levels));
+    for (index_t i = 0; i < levels; ++i) {
+      c.scratch1[static_cast<std::size_t>(i)].resize(at(i));
+      c.scratch2[static_cast<std::size_t>(i)].resize(at(i));
+    }
     std::size_t b = 0;
     const auto stage = [&](index_t level) {
       for (index_t r = 0; r < R; ++r, ++b) {
@@ -534,7 +547,8 @@ class UNet {
   std::vector<Conv2d<T>> init_conv_, down_, up_conv_, final_conv_;
   std::vector<GroupNorm<T>> init_norm_, attn_norm_;
   std::vector<Embedding<T>> y_emb_;
-  std::vector<Block> blocks_;  // encoders, midcoder, decoders, in forward order
+  std::vector<Block> blocks_;          // encoders, midcoder, decoders, in forward order
+  std::vector<std::size_t> level_of_;  // the resolution level of each block
   std::vector<ImageSelfAttention<T>> attn_;
 };
 
