@@ -20,49 +20,18 @@
 #include <string>
 #include <vector>
 
+#include "support/compare.hpp"
+
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 using Catch::Matchers::Contains;
 
 namespace {
 
-fd::Tensor<fd::label_t> make_labels(const std::vector<fd::label_t>& v) {
-  fd::Tensor<fd::label_t> y({static_cast<fd::index_t>(v.size())});
-  for (std::size_t i = 0; i < v.size(); ++i) y[static_cast<fd::index_t>(i)] = v[i];
-  return y;
-}
-
-template <class T>
-fd::Tensor<T> make_times(const std::vector<double>& v) {
-  fd::Tensor<T> t({static_cast<fd::index_t>(v.size())});
-  for (std::size_t i = 0; i < v.size(); ++i) t[static_cast<fd::index_t>(i)] = static_cast<T>(v[i]);
-  return t;
-}
-
-// Normalised MSE sum (a-b)^2 / sum b^2, after requiring both finite and b not all zero.
-double nmse(fd::View<const float> a, fd::View<const float> b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (fd::index_t i = 0; i < a.numel(); ++i) {
-    REQUIRE(std::isfinite(a[i]));
-    REQUIRE(std::isfinite(b[i]));
-    const double d = double(a[i]) - double(b[i]);
-    num += d * d;
-    den += double(b[i]) * double(b[i]);
-  }
-  REQUIRE(den > 0);
-  return num / den;
-}
-
-double max_abs_diff(fd::View<const float> a, fd::View<const float> b) {
-  REQUIRE(a.shape() == b.shape());
-  double m = 0;
-  for (fd::index_t i = 0; i < a.numel(); ++i) {
-    REQUIRE(std::isfinite(a[i]));
-    m = std::max(m, std::abs(double(a[i]) - double(b[i])));
-  }
-  return m;
-}
+using flowdiff::test::make_labels;
+using flowdiff::test::make_times;
+using flowdiff::test::max_abs_diff;
+using flowdiff::test::nmse;
 
 }  // namespace
 

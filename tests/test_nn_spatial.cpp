@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "support/compare.hpp"
+
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 using Catch::Matchers::Contains;
@@ -59,19 +61,7 @@ const fd::io::SafetensorsFile& fixture() {
   return f;
 }
 
-// sum((a - b)^2) / sum(b^2), after checking both are finite and the reference is not zero.
-double nmse(fd::View<const float> a, fd::View<const float> b) {
-  REQUIRE(a.shape() == b.shape());
-  double num = 0, den = 0;
-  for (fd::index_t i = 0; i < a.numel(); ++i) {
-    REQUIRE(std::isfinite(a[i]));
-    REQUIRE(std::isfinite(b[i]));
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  REQUIRE(den > 0);
-  return num / den;
-}
+using flowdiff::test::nmse;
 
 void check_close(const std::string& what, fd::View<const float> got, const std::string& ref_name) {
   const auto ref = fixture().tensor<float>(ref_name);
