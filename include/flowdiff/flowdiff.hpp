@@ -84,3 +84,8 @@
 #include "flowdiff/train/ema.hpp"
 #include "flowdiff/train/optimizer.hpp"
 #include "flowdiff/train/schedule.hpp"
+
+// data: in-memory image data sets, the IDX reader and Fashion-MNIST (the loaders link flowdiff::io)
+#include "flowdiff/data/dataset.hpp"
+#include "flowdiff/data/fashion_mnist.hpp"
+#include "flowdiff/data/idx.hpp"
