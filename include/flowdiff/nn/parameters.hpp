@@ -5,6 +5,10 @@
 // reaches its own tensors through the id it got at registration. Names follow PyTorch's
 // state_dict conventions ("enc.0.conv1.weight"), and layouts PyTorch's (Linear weight [out, in],
 // Conv2d weight [out, in, kh, kw]), so checkpoints interoperate with safetensors files from PyTorch.
+// Buffers (add_buffer: BatchNorm's running statistics, PyTorch's register_buffer) are state that is
+// saved and loaded with the parameters but never trained: allocate() places them after every
+// trainable tensor, so the trainable ones fill [0, trainable_size()) of the flat buffers and
+// optimizers and gradient clipping act on that range only (weight decay never shrinks a buffer).
 #pragma once
 
 #include <string>
@@ -21,7 +25,8 @@ namespace flowdiff::nn {
 struct ParameterInfo {
   std::string name;
   Shape shape;
-  index_t offset = 0;
+  index_t offset = 0;    ///< final once the store is allocated (buffers go after trainables)
+  bool buffer = false;   ///< true for add_buffer() tensors: saved and loaded, never trained
   index_t numel() const { return shape.numel(); }
 };
 
@@ -34,22 +39,28 @@ class Parameters {
   /// starts on a cache line / vector boundary.
   static constexpr index_t alignment = 16;
 
-  /// Registers a tensor called `name` of `shape`; returns its id. Names must be unique.
-  index_t add(std::string name, Shape shape) {
-    require<config_error>(!allocated(), "Parameters::add('", name,
-                          "'): parameters are already allocated; register every tensor first");
-    require<config_error>(!name.empty(), "Parameters::add: empty parameter name");
-    require<config_error>(shape.numel() > 0, "Parameters::add('", name, "'): empty shape ", shape);
-    for (const auto& e : entries_)
-      require<config_error>(e.name != name, "Parameters::add: duplicate parameter name '", name, "'");
-    entries_.push_back({std::move(name), shape, size_});
-    size_ += (shape.numel() + alignment - 1) / alignment * alignment;
-    return static_cast<index_t>(entries_.size()) - 1;
+  /// Registers a trainable tensor called `name` of `shape`; returns its id. Names must be unique.
+  index_t add(std::string name, Shape shape) { return add_entry("add", std::move(name), shape, false); }
+
+  /// Registers a buffer: a tensor saved and loaded like a parameter (it has a gradient slot, which
+  /// stays zero) that optimizers, gradient clipping and EMA averaging leave alone.
+  index_t add_buffer(std::string name, Shape shape) {
+    return add_entry("add_buffer", std::move(name), shape, true);
   }
 
-  /// Allocates both flat buffers; parameters and gradients start at zero.
+  /// Allocates both flat buffers (trainable tensors first, in registration order, then the
+  /// buffers); parameters and gradients start at zero.
   void allocate() {
     require<config_error>(!allocated(), "Parameters::allocate: already allocated");
+    index_t offset = 0;
+    for (int pass = 0; pass < 2; ++pass)
+      for (auto& e : entries_)
+        if (e.buffer == (pass == 1)) {
+          if (pass == 1 && trainable_size_ < 0) trainable_size_ = offset;
+          e.offset = offset;
+          offset += padded(e.numel());
+        }
+    if (trainable_size_ < 0) trainable_size_ = offset;
     values_ = Tensor<T, B>::zeros(Shape{size_});
     grads_ = Tensor<T, B>::zeros(Shape{size_});
   }
@@ -59,6 +70,13 @@ class Parameters {
   index_t count() const { return static_cast<index_t>(entries_.size()); }
   /// Length of the flat buffers (sum of sizes plus alignment padding).
   index_t flat_size() const { return size_; }
+  /// Length of the trainable prefix [0, trainable_size()) of the flat buffers (after allocate());
+  /// the buffers occupy [trainable_size(), flat_size()).
+  index_t trainable_size() const {
+    require<config_error>(allocated(), "Parameters: call allocate() before using the parameters");
+    return trainable_size_;
+  }
+  bool is_buffer(index_t id) const { return info(id).buffer; }
   /// Number of scalar parameters (without padding).
   index_t numel() const {
     index_t n = 0;
@@ -90,6 +108,22 @@ class Parameters {
   void zero_grad() { fill(checked(grads_).view(), T(0)); }
 
  private:
+  static index_t padded(index_t n) { return (n + alignment - 1) / alignment * alignment; }
+
+  index_t add_entry(const char* who, std::string name, const Shape& shape, bool buffer) {
+    require<config_error>(!allocated(), "Parameters::", who, "('", name,
+                          "'): parameters are already allocated; register every tensor first");
+    require<config_error>(!name.empty(), "Parameters::", who, ": empty parameter name");
+    require<config_error>(shape.numel() > 0, "Parameters::", who, "('", name, "'): empty shape ",
+                          shape);
+    for (const auto& e : entries_)
+      require<config_error>(e.name != name, "Parameters::", who, ": duplicate parameter name '",
+                            name, "'");
+    entries_.push_back({std::move(name), shape, size_, buffer});
+    size_ += padded(shape.numel());
+    return static_cast<index_t>(entries_.size()) - 1;
+  }
+
   template <class Tn>
   Tn& checked(Tn& t) const {
     require<config_error>(allocated(), "Parameters: call allocate() before using the parameters");
@@ -105,6 +139,7 @@ class Parameters {
 
   std::vector<ParameterInfo> entries_;
   index_t size_ = 0;
+  index_t trainable_size_ = -1;
   Tensor<T, B> values_, grads_;
 };
 

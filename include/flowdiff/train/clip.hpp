@@ -4,7 +4,8 @@
 // of squares is accumulated in double in a fixed order (deterministic whatever the thread count);
 // the flat gradient buffer is scaled in one pass. Unlike PyTorch's default, a non-finite norm is
 // an error (numeric_error) unless error_if_nonfinite is false: a NaN gradient should stop training
-// loudly, never be written into the parameters silently.
+// loudly, never be written into the parameters silently. Only trainable tensors count: buffers
+// (Parameters::add_buffer) lie after the trainable prefix of the flat gradient buffer and are skipped.
 #pragma once
 
 #include <cmath>
@@ -23,7 +24,7 @@ template <class T, Backend B>
 T clip_grad_norm(nn::Parameters<T, B>& ps, double max_norm, bool error_if_nonfinite = true) {
   require<config_error>(std::isfinite(max_norm) && max_norm > 0,
                         "clip_grad_norm: max_norm must be finite and > 0, got ", max_norm);
-  auto g = ps.flat_grads();
+  auto g = ps.flat_grads().rows(0, ps.trainable_size());
   const T* p = g.data();
   const double sq = Cpu::reduce_sum(g.numel(), [p](index_t i) {
     const double x = static_cast<double>(p[i]);

@@ -5,7 +5,10 @@
 // num_updates convention), so early averages forget the random initialisation quickly
 // (d = 2/11 at the first update) and d approaches `decay` after a few hundred updates. Without
 // warmup d = decay throughout. For evaluation, copy_to(ps) overwrites the parameters with the
-// average, or swap(ps) exchanges them (swap again to restore the training weights).
+// average, or swap(ps) exchanges them (swap again to restore the training weights). Buffers
+// (Parameters::add_buffer, e.g. BatchNorm running statistics) are not averaged: update() copies
+// them, so the shadow always holds the model's current buffers (as ema-pytorch and timm's ModelEmaV3
+// with buffers excluded from averaging do; the running statistics already are averages).
 #pragma once
 
 #include <algorithm>
@@ -70,8 +73,10 @@ class Ema {
   void update(const nn::Parameters<T, B>& ps) {
     check(ps);
     const double d = next_decay();
-    B::parallel_for(ps.flat_size(), detail::EmaKernel<T>{shadow_.data(), ps.flat_params().data(),
-                                                         static_cast<T>(1 - d)});
+    const index_t nt = ps.trainable_size();
+    B::parallel_for(nt, detail::EmaKernel<T>{shadow_.data(), ps.flat_params().data(),
+                                             static_cast<T>(1 - d)});
+    copy(shadow_.view().rows(nt, ps.flat_size()), ps.flat_params().rows(nt, ps.flat_size()));
     ++updates_;
   }
 

@@ -8,7 +8,9 @@
 //          p -= (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)   (eps outside the sqrt,
 //          after the bias correction, as PyTorch)
 //   AdamW: p *= 1 - lr wd (decoupled decay, before the moments), then Adam without wd.
-// Padding entries of the flat buffers are zero in p and g and stay zero under every rule.
+// Padding entries of the flat buffers are zero in p and g and stay zero under every rule. Buffers
+// (Parameters::add_buffer, e.g. BatchNorm running statistics) lie after the trainable prefix
+// [0, trainable_size()) and are never touched: no weight decay, no update.
 // State (momentum / moments and the step count) is saved and loaded per parameter name through
 // safetensors, so a resumed run continues bit for bit.
 #pragma once
@@ -175,7 +177,7 @@ class Sgd {
                                  momentum ? buf_.data() : nullptr, static_cast<T>(o_.lr),
                                  static_cast<T>(o_.weight_decay), static_cast<T>(o_.momentum),
                                  static_cast<T>(1 - o_.dampening), step_ == 0, o_.nesterov};
-    B::parallel_for(ps.flat_size(), k);
+    B::parallel_for(ps.trainable_size(), k);  // buffers lie after the trainable prefix
     ++step_;
   }
 
@@ -241,7 +243,7 @@ class AdamCore {
                           static_cast<T>(std::sqrt(bias2)),
                           static_cast<T>(o_.eps),
                           static_cast<T>(-(o_.lr / bias1))};
-    B::parallel_for(ps.flat_size(), k);
+    B::parallel_for(ps.trainable_size(), k);  // buffers lie after the trainable prefix
   }
 
   double lr() const { return o_.lr; }

@@ -11,7 +11,8 @@
 //             eval:     dx_i = gamma / sqrt(running_var + eps) dy_i
 // Parameters: prefix.weight (gamma) and prefix.bias (beta), [C]. The running statistics are
 // buffers, registered in Parameters under PyTorch's names prefix.running_mean / .running_var so
-// checkpoints carry them; their gradients stay zero (exclude them from weight decay).
+// checkpoints carry them (Parameters::add_buffer: optimizers, clipping and EMA averaging skip
+// them, so weight decay never shrinks them).
 // PyTorch's int64 num_batches_tracked is not stored (it only matters for momentum=None).
 // Backward uses the batch statistics its matching forward left in the cache.
 #pragma once
@@ -42,8 +43,8 @@ class BatchNorm2d {
                           " (BatchNorm2d): momentum must lie in [0, 1], got ", momentum);
     w_ = ps.add(prefix + ".weight", Shape{channels});
     b_ = ps.add(prefix + ".bias", Shape{channels});
-    rm_ = ps.add(prefix + ".running_mean", Shape{channels});
-    rv_ = ps.add(prefix + ".running_var", Shape{channels});
+    rm_ = ps.add_buffer(prefix + ".running_mean", Shape{channels});
+    rv_ = ps.add_buffer(prefix + ".running_var", Shape{channels});
   }
 
   index_t channels() const { return c_; }
