@@ -7,6 +7,11 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -429,4 +434,576 @@ TEST_CASE("fashion_mnist rejects inconsistent files", "[data][fashion]") {
     CHECK_THROWS_WITH(fd::data::fashion_mnist(fd::data::Split::Test, opt),
                       Contains("pad_to_32") && Contains("34 x 30"));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Toy 2D distributions
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+using fd::data::Toy2D;
+constexpr double kPi = 3.14159265358979323846;
+
+/// Label counts are multinomial with p = 1/K: each within 5 binomial standard
+/// deviations.
+void check_uniform_labels(const fd::Tensor<fd::label_t> &y, fd::index_t k) {
+  std::vector<double> count(static_cast<std::size_t>(k), 0);
+  for (fd::index_t i = 0; i < y.numel(); ++i) {
+    REQUIRE(y[i] >= 0);
+    REQUIRE(y[i] < k);
+    ++count[static_cast<std::size_t>(y[i])];
+  }
+  const double n = static_cast<double>(y.numel()),
+               p = 1.0 / static_cast<double>(k);
+  const double sd = std::sqrt(n * p * (1 - p));
+  for (fd::index_t c = 0; c < k; ++c) {
+    INFO("class " << c << ": " << count[static_cast<std::size_t>(c)] << " of "
+                  << n);
+    CHECK(std::abs(count[static_cast<std::size_t>(c)] - n * p) <= 5 * sd);
+  }
+}
+
+/// Per-class mean and per-axis variance of x: [N, 2].
+struct ClassMoments {
+  std::vector<double> n, mx, my, vx, vy;
+};
+ClassMoments class_moments(const fd::Tensor<float> &x,
+                           const fd::Tensor<fd::label_t> &y, fd::index_t k) {
+  const auto K = static_cast<std::size_t>(k);
+  ClassMoments m{std::vector<double>(K), std::vector<double>(K),
+                 std::vector<double>(K), std::vector<double>(K),
+                 std::vector<double>(K)};
+  for (fd::index_t i = 0; i < y.numel(); ++i) {
+    const auto c = static_cast<std::size_t>(y[i]);
+    m.n[c] += 1;
+    m.mx[c] += x(i, 0);
+    m.my[c] += x(i, 1);
+  }
+  for (std::size_t c = 0; c < K; ++c)
+    m.mx[c] /= m.n[c], m.my[c] /= m.n[c];
+  for (fd::index_t i = 0; i < y.numel(); ++i) {
+    const auto c = static_cast<std::size_t>(y[i]);
+    m.vx[c] += (x(i, 0) - m.mx[c]) * (x(i, 0) - m.mx[c]);
+    m.vy[c] += (x(i, 1) - m.my[c]) * (x(i, 1) - m.my[c]);
+  }
+  for (std::size_t c = 0; c < K; ++c)
+    m.vx[c] /= m.n[c] - 1, m.vy[c] /= m.n[c] - 1;
+  return m;
+}
+
+bool all_finite(const fd::Tensor<float> &x) {
+  for (fd::index_t i = 0; i < x.numel(); ++i)
+    if (!std::isfinite(x[i]))
+      return false;
+  return true;
+}
+
+} // namespace
+
+TEST_CASE("toy2d names round-trip; unknown names list the choices",
+          "[data][toy2d]") {
+  for (Toy2D k : {Toy2D::Gaussians, Toy2D::Moons, Toy2D::Circles,
+                  Toy2D::Checkerboard, Toy2D::Spirals})
+    CHECK(fd::data::toy2d_from_name(fd::data::toy2d_name(k)) == k);
+  CHECK(fd::data::toy2d_name(Toy2D::Checkerboard) == "checkerboard");
+  CHECK_THROWS_AS(fd::data::toy2d_from_name("swissroll"), fd::config_error);
+  CHECK_THROWS_WITH(
+      fd::data::toy2d_from_name("swissroll"),
+      Contains("'swissroll'") &&
+          Contains("gaussians, moons, circles, checkerboard, spirals"));
+}
+
+TEST_CASE("toy2d: 8 Gaussians match their mixture, moments and labels",
+          "[data][toy2d]") {
+  const fd::data::Toy2DDistribution<float> dist(Toy2D::Gaussians);
+  REQUIRE(dist.num_classes() == 8);
+  REQUIRE(dist.noise() == 0.2f);
+  fd::Generator gen{11};
+  const fd::index_t n = 8000;
+  const auto s = dist.sample(n, gen);
+  REQUIRE(all_finite(s.x));
+  check_uniform_labels(s.labels, 8);
+  const auto m = class_moments(s.x, s.labels, 8);
+  const auto mix = dist.gaussian_mixture();
+  REQUIRE(mix.num_components() == 8);
+  REQUIRE(mix.num_classes() == 8);
+  for (fd::index_t k = 0; k < 8; ++k) {
+    const auto c = static_cast<std::size_t>(k);
+    const double a = 2 * kPi * static_cast<double>(k) / 8;
+    CHECK(mix.mean(k, 0) == Approx(2 * std::cos(a)).margin(1e-6));
+    CHECK(mix.mean(k, 1) == Approx(2 * std::sin(a)).margin(1e-6));
+    CHECK(mix.stddev(k, 0) == 0.2f);
+    CHECK(mix.weight(k) == Approx(0.125));
+    CHECK(mix.label(k) == k);
+    // Mean within 5 standard errors; variance within 5 sd of the sample
+    // variance (2 s^4/(n-1)).
+    const double se = 0.2 / std::sqrt(m.n[c]),
+                 var_sd = 0.04 * std::sqrt(2 / (m.n[c] - 1));
+    CHECK(std::abs(m.mx[c] - mix.mean(k, 0)) <= 5 * se);
+    CHECK(std::abs(m.my[c] - mix.mean(k, 1)) <= 5 * se);
+    CHECK(std::abs(m.vx[c] - 0.04) <= 5 * var_sd);
+    CHECK(std::abs(m.vy[c] - 0.04) <= 5 * var_sd);
+  }
+  // The exact classifier of the mixture recognises the labels (components 7.6
+  // sigma apart).
+  fd::Tensor<float> logp(fd::Shape{n});
+  mix.class_log_prob(s.x, logp, s.labels);
+  double mean_p = 0;
+  for (fd::index_t i = 0; i < n; ++i)
+    mean_p += std::exp(static_cast<double>(logp[i])) / n;
+  CHECK(mean_p > 0.99);
+  CHECK_THROWS_WITH(
+      fd::data::Toy2DDistribution<float>(Toy2D::Moons).gaussian_mixture(),
+      Contains("moons") && Contains("only the gaussians"));
+  // A configurable mixture: 3 modes.
+  const fd::data::Toy2DDistribution<float> three(Toy2D::Gaussians, 0.1f, 3);
+  CHECK(three.num_classes() == 3);
+  CHECK(three.gaussian_mixture().num_components() == 3);
+}
+
+TEST_CASE("toy2d: moons lie on their arcs, with the exact class means",
+          "[data][toy2d]") {
+  fd::Generator gen{12};
+  const auto exact =
+      fd::data::Toy2DDistribution<float>(Toy2D::Moons, 0.0f).sample(4000, gen);
+  check_uniform_labels(exact.labels, 2);
+  for (fd::index_t i = 0; i < 4000; ++i) {
+    const double s = exact.labels[i] == 0 ? 1 : -1;
+    // Undo the class's map: (cos theta, sin theta) = s x / 2 + (1/2, 1/4),
+    // theta in [0, pi].
+    const double c = s * exact.x(i, 0) / 2 + 0.5,
+                 sn = s * exact.x(i, 1) / 2 + 0.25;
+    REQUIRE(std::hypot(c, sn) == Approx(1).margin(1e-5));
+    REQUIRE(sn >= -1e-6);
+  }
+  const fd::index_t n = 8000;
+  const auto s =
+      fd::data::Toy2DDistribution<float>(Toy2D::Moons).sample(n, gen);
+  const auto m = class_moments(s.x, s.labels, 2);
+  // Class 0: E x = 2 (E cos - 1/2) = -1, E y = 2 (2/pi - 1/4); Var x = 2 + s^2,
+  // Var y = 2 - 16/pi^2 + s^2. Class 1 is the point reflection.
+  const double ey = 4 / kPi - 0.5, sdx = std::sqrt(2 + 0.01),
+               sdy = std::sqrt(2 - 16 / (kPi * kPi) + 0.01);
+  for (std::size_t c = 0; c < 2; ++c) {
+    const double sign = c == 0 ? 1 : -1;
+    CHECK(std::abs(m.mx[c] - sign * -1) <= 5 * sdx / std::sqrt(m.n[c]));
+    CHECK(std::abs(m.my[c] - sign * ey) <= 5 * sdy / std::sqrt(m.n[c]));
+    CHECK(std::sqrt(m.vx[c]) == Approx(sdx).epsilon(0.05));
+    CHECK(std::sqrt(m.vy[c]) == Approx(sdy).epsilon(0.05));
+  }
+  CHECK_THROWS_WITH(fd::data::Toy2DDistribution<float>(Toy2D::Moons, 0.1f, 3),
+                    Contains("exactly 2 moons"));
+}
+
+TEST_CASE("toy2d: circles have the radius of their class", "[data][toy2d]") {
+  fd::Generator gen{13};
+  const fd::data::Toy2DDistribution<float> exact(Toy2D::Circles, 0.0f, 3);
+  REQUIRE(exact.num_classes() == 3);
+  const auto e = exact.sample(3000, gen);
+  check_uniform_labels(e.labels, 3);
+  for (fd::index_t i = 0; i < 3000; ++i)
+    REQUIRE(std::hypot(e.x(i, 0), e.x(i, 1)) ==
+            Approx(2.0 * (e.labels[i] + 1) / 3).margin(1e-5));
+  // With noise 0.05 the mean radius is r + sigma^2 / (2 r) + O(sigma^4), spread
+  // about sigma.
+  const auto s =
+      fd::data::Toy2DDistribution<float>(Toy2D::Circles).sample(4000, gen);
+  std::vector<double> sum(2), cnt(2);
+  for (fd::index_t i = 0; i < 4000; ++i) {
+    const auto c = static_cast<std::size_t>(s.labels[i]);
+    sum[c] += std::hypot(s.x(i, 0), s.x(i, 1));
+    cnt[c] += 1;
+  }
+  for (std::size_t c = 0; c < 2; ++c) {
+    const double r = static_cast<double>(c + 1);
+    CHECK(std::abs(sum[c] / cnt[c] - (r + 0.0025 / (2 * r))) <=
+          5 * 0.05 / std::sqrt(cnt[c]));
+  }
+}
+
+TEST_CASE(
+    "toy2d: checkerboard points lie in the dark cell of their class, uniformly",
+    "[data][toy2d]") {
+  for (fd::index_t side : {4, 3}) {
+    const fd::data::Toy2DDistribution<float> dist(Toy2D::Checkerboard, 0.0f,
+                                                  side);
+    const fd::index_t k = dist.num_classes();
+    CHECK(k == (side * side + 1) / 2);
+    fd::Generator gen{14};
+    const fd::index_t n = 6000;
+    const auto s = dist.sample(n, gen);
+    check_uniform_labels(s.labels, k);
+    const double h = 4.0 / static_cast<double>(side);
+    std::vector<double> mx(static_cast<std::size_t>(k)), my(mx), cnt(mx);
+    for (fd::index_t i = 0; i < n; ++i) {
+      const double x = s.x(i, 0), y = s.x(i, 1);
+      const auto ci = static_cast<fd::index_t>(std::floor((x + 2) / h));
+      const auto cj = static_cast<fd::index_t>(std::floor((y + 2) / h));
+      REQUIRE(ci >= 0);
+      REQUIRE(ci < side);
+      REQUIRE(cj >= 0);
+      REQUIRE(cj < side);
+      REQUIRE((ci + cj) % 2 == 0); // a dark cell
+      float x0 = 0, y0 = 0, cell = 0;
+      dist.checkerboard_cell(s.labels[i], x0, y0, cell);
+      REQUIRE(cell == Approx(h));
+      REQUIRE(x >= x0 - 1e-6); // the cell of its class
+      REQUIRE(x <= x0 + h + 1e-6);
+      REQUIRE(y >= y0 - 1e-6);
+      REQUIRE(y <= y0 + h + 1e-6);
+      const auto c = static_cast<std::size_t>(s.labels[i]);
+      mx[c] += x - x0;
+      my[c] += y - y0;
+      cnt[c] += 1;
+    }
+    // Uniform in the cell: mean offset h/2, standard error h / sqrt(12 n).
+    for (std::size_t c = 0; c < static_cast<std::size_t>(k); ++c) {
+      CHECK(std::abs(mx[c] / cnt[c] - h / 2) <= 5 * h / std::sqrt(12 * cnt[c]));
+      CHECK(std::abs(my[c] / cnt[c] - h / 2) <= 5 * h / std::sqrt(12 * cnt[c]));
+    }
+    // Every dark cell is some class's: the cells are distinct.
+    for (fd::index_t a = 0; a < k; ++a)
+      for (fd::index_t b = a + 1; b < k; ++b) {
+        float ax, ay, bx, by, hh;
+        dist.checkerboard_cell(a, ax, ay, hh);
+        dist.checkerboard_cell(b, bx, by, hh);
+        CHECK((ax != bx || ay != by));
+      }
+  }
+}
+
+TEST_CASE("toy2d: spiral radius grows with the angle along each arm",
+          "[data][toy2d]") {
+  const fd::data::Toy2DDistribution<float> dist(Toy2D::Spirals, 0.0f, 3);
+  fd::Generator gen{15};
+  const auto s = dist.sample(3000, gen);
+  check_uniform_labels(s.labels, 3);
+  double max_r = 0;
+  for (fd::index_t i = 0; i < 3000; ++i) {
+    const double r = std::hypot(s.x(i, 0), s.x(i, 1));
+    max_r = std::max(max_r, r);
+    REQUIRE(r <= 2 + 1e-6);
+    if (r < 1e-3)
+      continue;
+    // phi = 2 pi y / K + 3 pi t with r = 2 t: the angle, unwrapped, is an
+    // affine function of r.
+    const double phi = std::atan2(s.x(i, 1), s.x(i, 0));
+    const double expected = 2 * kPi * s.labels[i] / 3 + 1.5 * kPi * r;
+    const double d = std::remainder(phi - expected, 2 * kPi);
+    REQUIRE(std::abs(d) < 1e-3 / std::min(r, 1.0));
+  }
+  CHECK(max_r > 1.95);
+  // With noise: points stay near their arm (mean distance to the noiseless
+  // radius/angle relation).
+  const auto noisy =
+      fd::data::Toy2DDistribution<float>(Toy2D::Spirals).sample(2000, gen);
+  REQUIRE(all_finite(noisy.x));
+  check_uniform_labels(noisy.labels, 2);
+}
+
+TEST_CASE("toy2d: scale and centre of every kind", "[data][toy2d]") {
+  fd::Generator gen{16};
+  for (Toy2D kind : {Toy2D::Gaussians, Toy2D::Moons, Toy2D::Circles,
+                     Toy2D::Checkerboard, Toy2D::Spirals}) {
+    INFO(fd::data::toy2d_name(kind));
+    const auto s = fd::data::Toy2DDistribution<float>(kind).sample(6000, gen);
+    double m[2] = {0, 0}, v[2] = {0, 0};
+    for (fd::index_t i = 0; i < 6000; ++i)
+      for (int j = 0; j < 2; ++j)
+        m[j] += s.x(i, j) / 6000.0;
+    for (fd::index_t i = 0; i < 6000; ++i)
+      for (int j = 0; j < 2; ++j)
+        v[j] += (s.x(i, j) - m[j]) * (s.x(i, j) - m[j]) / 5999.0;
+    for (int j = 0; j < 2; ++j) {
+      CHECK(std::abs(m[j]) <
+            5 * std::sqrt(v[j] / 6000) + 0.02); // centred (spirals: ~0)
+      CHECK(std::sqrt(v[j]) > 0.8);
+      CHECK(std::sqrt(v[j]) < 2.0);
+    }
+  }
+}
+
+TEST_CASE("toy2d: determinism, batch-size and thread-count independence",
+          "[data][toy2d]") {
+  for (Toy2D kind : {Toy2D::Gaussians, Toy2D::Moons, Toy2D::Circles,
+                     Toy2D::Checkerboard, Toy2D::Spirals}) {
+    INFO(fd::data::toy2d_name(kind));
+    const fd::data::Toy2DDistribution<float> dist(kind);
+    fd::Generator g1{99}, g2{99}, g3{99}, g4{100};
+    const auto a = dist.sample(5000, g1);
+    const auto b = dist.sample(5000, g2);
+    CHECK(a.x.to_vector() == b.x.to_vector());
+    CHECK(a.labels.to_vector() == b.labels.to_vector());
+    // The first 37 samples of a 37-sample batch are those of the 5000-sample
+    // batch.
+    const auto small = dist.sample(37, g3);
+    for (fd::index_t i = 0; i < 37; ++i) {
+      REQUIRE(small.x(i, 0) == a.x(i, 0));
+      REQUIRE(small.x(i, 1) == a.x(i, 1));
+      REQUIRE(small.labels[i] == a.labels[i]);
+    }
+    CHECK(dist.sample(5000, g4).x.to_vector() != a.x.to_vector());
+    // Consecutive calls draw fresh samples.
+    CHECK(dist.sample(5000, g1).x.to_vector() != a.x.to_vector());
+#if defined(_OPENMP)
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    fd::Generator g5{99};
+    const auto serial = dist.sample(5000, g5);
+    omp_set_num_threads(std::max(threads, 2));
+    CHECK(serial.x.to_vector() == a.x.to_vector());
+    CHECK(serial.labels.to_vector() == a.labels.to_vector());
+    omp_set_num_threads(threads);
+#endif
+    // Labels may be skipped; the points are the same.
+    fd::Generator g6{99};
+    fd::Tensor<float> x(fd::Shape{5000, 2});
+    dist.sample(x, {}, g6);
+    CHECK(x.to_vector() == a.x.to_vector());
+  }
+  // double works too, and agrees with float to float precision for the class
+  // draws.
+  fd::Generator gd{5}, gf{5};
+  const auto d =
+      fd::data::Toy2DDistribution<double>(Toy2D::Circles).sample(100, gd);
+  const auto f =
+      fd::data::Toy2DDistribution<float>(Toy2D::Circles).sample(100, gf);
+  CHECK(d.labels.to_vector() == f.labels.to_vector());
+}
+
+TEST_CASE("toy2d: bad shapes and parameters name the problem",
+          "[data][toy2d]") {
+  const fd::data::Toy2DDistribution<float> dist(Toy2D::Spirals);
+  fd::Generator gen{1};
+  fd::Tensor<float> x3(fd::Shape{4, 3}), x2(fd::Shape{4, 2});
+  fd::Tensor<fd::label_t> y5(fd::Shape{5});
+  CHECK_THROWS_AS(dist.sample(x3, {}, gen), fd::shape_error);
+  CHECK_THROWS_WITH(dist.sample(x3, {}, gen),
+                    Contains("spirals") &&
+                        Contains("x must be [N, 2], got [4, 3]"));
+  CHECK_THROWS_AS(dist.sample(x2, y5, gen), fd::shape_error);
+  CHECK_THROWS_WITH(dist.sample(x2, y5, gen),
+                    Contains("y must be [4]") && Contains("got [5]"));
+  CHECK_THROWS_AS(fd::data::Toy2DDistribution<float>(Toy2D::Moons, -0.1f),
+                  fd::config_error);
+  CHECK_THROWS_WITH(fd::data::Toy2DDistribution<float>(Toy2D::Moons, -0.1f),
+                    Contains("noise must be finite and >= 0") &&
+                        Contains("-0.1"));
+  CHECK_THROWS_WITH(
+      fd::data::Toy2DDistribution<float>(Toy2D::Gaussians, 0.1f, -2),
+      Contains("modes must be in [1, 4096]") && Contains("-2"));
+  CHECK_THROWS_AS(dist.sample(-1, gen), fd::config_error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batcher
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+/// N images [N, 1, 2, 2] where every pixel of image i is i, and labels i % 3.
+fd::data::ImageDataset numbered_dataset(fd::index_t n) {
+  fd::data::ImageDataset ds;
+  ds.num_classes = 3;
+  ds.images = fd::Tensor<float>(fd::Shape{n, 1, 2, 2});
+  ds.labels = fd::Tensor<fd::label_t>(fd::Shape{n});
+  for (fd::index_t i = 0; i < n; ++i) {
+    for (int k = 0; k < 4; ++k)
+      ds.images[i * 4 + k] = static_cast<float>(i);
+    ds.labels[i] = static_cast<fd::label_t>(i % 3);
+  }
+  return ds;
+}
+
+/// The sample indices of one batch (read back from the pixel values), checking
+/// the rows are whole.
+std::vector<fd::index_t> batch_indices(const fd::Tensor<float> &x,
+                                       const fd::Tensor<fd::label_t> &y) {
+  std::vector<fd::index_t> idx;
+  for (fd::index_t b = 0; b < x.dim(0); ++b) {
+    const float v = x[b * 4];
+    for (int k = 1; k < 4; ++k)
+      REQUIRE(x[b * 4 + k] == v);
+    const auto i = static_cast<fd::index_t>(v);
+    REQUIRE(y[b] == i % 3);
+    idx.push_back(i);
+  }
+  return idx;
+}
+
+} // namespace
+
+TEST_CASE("epoch_permutation is a uniform random permutation, a function of "
+          "(seed, epoch)",
+          "[data][batcher]") {
+  for (std::int64_t e = 0; e < 5; ++e) {
+    auto p = fd::data::epoch_permutation(1000, 7, e);
+    CHECK(p == fd::data::epoch_permutation(1000, 7, e));
+    CHECK(p != fd::data::epoch_permutation(1000, 7, e + 1));
+    CHECK(p != fd::data::epoch_permutation(1000, 8, e));
+    std::sort(p.begin(), p.end());
+    for (fd::index_t i = 0; i < 1000; ++i)
+      REQUIRE(p[static_cast<std::size_t>(i)] == i);
+  }
+  // All 3! orders of 3 elements are equally likely: counts within 5 binomial
+  // sd.
+  std::vector<int> count(9, 0);
+  const int epochs = 6000;
+  for (int e = 0; e < epochs; ++e) {
+    const auto p = fd::data::epoch_permutation(3, 2024, e);
+    ++count[static_cast<std::size_t>(p[0] * 3 + p[1])];
+  }
+  const double sd = std::sqrt(epochs * (1.0 / 6) * (5.0 / 6));
+  int orders = 0;
+  for (int c : count)
+    if (c > 0) {
+      ++orders;
+      CHECK(std::abs(c - epochs / 6.0) <= 5 * sd);
+    }
+  CHECK(orders == 6);
+  CHECK(fd::data::epoch_permutation(1, 3, 0) == std::vector<fd::index_t>{0});
+  CHECK_THROWS_AS(fd::data::epoch_permutation(5, 3, -1), fd::config_error);
+}
+
+TEST_CASE("Batcher: every epoch visits each sample once; full batches only",
+          "[data][batcher]") {
+  const auto ds = numbered_dataset(10);
+  fd::Tensor<float> x(fd::Shape{5, 1, 2, 2});
+  fd::Tensor<fd::label_t> y(fd::Shape{5});
+  fd::data::Batcher batcher(ds, 42);
+  CHECK(batcher.size() == 10);
+  CHECK(batcher.batches_per_epoch(5) == 2);
+  CHECK(batcher.batches_per_epoch(3) == 3);
+  for (std::int64_t e = 0; e < 4; ++e) {
+    std::vector<fd::index_t> seen;
+    for (int b = 0; b < 2; ++b) {
+      batcher.next(x, y);
+      CHECK(batcher.epoch() == e);
+      CHECK(batcher.position() == 5 * (b + 1));
+      const auto idx = batch_indices(x, y);
+      seen.insert(seen.end(), idx.begin(), idx.end());
+    }
+    CHECK(seen ==
+          fd::data::epoch_permutation(10, 42, e)); // the epoch's order, exactly
+    std::sort(seen.begin(), seen.end());
+    for (fd::index_t i = 0; i < 10; ++i)
+      CHECK(seen[static_cast<std::size_t>(i)] == i);
+  }
+  // B = 3 over N = 10: three batches, the tenth index is skipped, then the next
+  // epoch starts.
+  fd::data::Batcher b3(ds, 5);
+  fd::Tensor<float> x3(fd::Shape{3, 1, 2, 2});
+  fd::Tensor<fd::label_t> y3(fd::Shape{3});
+  std::vector<fd::index_t> seen;
+  for (int b = 0; b < 3; ++b) {
+    b3.next(x3, y3);
+    const auto idx = batch_indices(x3, y3);
+    seen.insert(seen.end(), idx.begin(), idx.end());
+  }
+  CHECK(b3.epoch() == 0);
+  CHECK(b3.position() == 9);
+  const auto perm0 = fd::data::epoch_permutation(10, 5, 0);
+  CHECK(seen == std::vector<fd::index_t>(perm0.begin(), perm0.begin() + 9));
+  b3.next(x3, y3);
+  CHECK(b3.epoch() == 1);
+  CHECK(b3.position() == 3);
+  const auto perm1 = fd::data::epoch_permutation(10, 5, 1);
+  CHECK(batch_indices(x3, y3) ==
+        std::vector<fd::index_t>(perm1.begin(), perm1.begin() + 3));
+  // Labels may be skipped.
+  b3.next(x3, {});
+  CHECK(b3.position() == 6);
+}
+
+TEST_CASE("Batcher: same seed agrees, set_state resumes exactly",
+          "[data][batcher]") {
+  const auto ds = numbered_dataset(23);
+  fd::Tensor<float> xa(fd::Shape{4, 1, 2, 2}), xb(fd::Shape{4, 1, 2, 2});
+  fd::Tensor<fd::label_t> ya(fd::Shape{4}), yb(fd::Shape{4});
+  fd::data::Batcher a(ds, 9), b(ds, 9), other(ds, 10);
+  bool differs = false;
+  for (int k = 0; k < 12; ++k) {
+    a.next(xa, ya);
+    b.next(xb, yb);
+    CHECK(xa.to_vector() == xb.to_vector());
+    CHECK(ya.to_vector() == yb.to_vector());
+    other.next(xb, yb);
+    differs = differs || xa.to_vector() != xb.to_vector();
+  }
+  CHECK(differs);
+  // Save after 12 batches (epoch 2: 5 batches of 4 per epoch), continue; a
+  // fresh batcher resumes.
+  const auto saved = a.state();
+  CHECK(saved.epoch == 2);
+  CHECK(saved.position == 8);
+  std::vector<std::vector<float>> expected;
+  for (int k = 0; k < 9; ++k) {
+    a.next(xa, ya);
+    expected.push_back(xa.to_vector());
+  }
+  fd::data::Batcher resumed(ds, 9);
+  resumed.set_state(saved);
+  CHECK(resumed.epoch() == 2);
+  CHECK(resumed.position() == 8);
+  for (int k = 0; k < 9; ++k) {
+    resumed.next(xb, yb);
+    CHECK(xb.to_vector() == expected[static_cast<std::size_t>(k)]);
+  }
+  CHECK(resumed.state().epoch == a.state().epoch);
+  CHECK(resumed.state().position == a.state().position);
+  // position == N is a valid state: the next batch starts the next epoch.
+  resumed.set_state({3, 23});
+  resumed.next(xb, yb);
+  CHECK(resumed.epoch() == 4);
+  CHECK(resumed.position() == 4);
+}
+
+TEST_CASE("Batcher: generic items, invalid states and shapes",
+          "[data][batcher]") {
+  // Any element type and item shape, without labels.
+  fd::Tensor<double> items(fd::Shape{6, 3});
+  for (fd::index_t i = 0; i < 18; ++i)
+    items[i] = static_cast<double>(i / 3);
+  fd::data::BasicBatcher<double> gb(items.view(), {}, 1);
+  fd::Tensor<double> xg(fd::Shape{6, 3});
+  gb.next(xg, {});
+  std::vector<double> firsts;
+  for (fd::index_t b = 0; b < 6; ++b) {
+    CHECK(xg(b, 1) == xg(b, 0));
+    firsts.push_back(xg(b, 0));
+  }
+  std::sort(firsts.begin(), firsts.end());
+  CHECK(firsts == std::vector<double>{0, 1, 2, 3, 4, 5});
+  fd::Tensor<fd::label_t> y6(fd::Shape{6});
+  CHECK_THROWS_WITH(gb.next(xg, y6),
+                    Contains("labels requested") && Contains("has none"));
+
+  const auto ds = numbered_dataset(10);
+  fd::data::Batcher b(ds, 1);
+  CHECK_THROWS_AS(b.set_state({-1, 0}), fd::config_error);
+  CHECK_THROWS_WITH(b.set_state({-1, 0}),
+                    Contains("epoch must be >= 0, got -1"));
+  CHECK_THROWS_WITH(b.set_state({0, 11}),
+                    Contains("position must be in [0, 10], got 11"));
+  CHECK_THROWS_WITH(b.set_state({0, -1}),
+                    Contains("position must be in [0, 10], got -1"));
+  fd::Tensor<float> wrong_tail(fd::Shape{2, 1, 2, 3}),
+      too_big(fd::Shape{11, 1, 2, 2});
+  fd::Tensor<float> ok(fd::Shape{2, 1, 2, 2});
+  fd::Tensor<fd::label_t> y3(fd::Shape{3});
+  CHECK_THROWS_AS(b.next(wrong_tail, {}), fd::shape_error);
+  CHECK_THROWS_WITH(b.next(wrong_tail, {}),
+                    Contains("[10, 1, 2, 2]") && Contains("got [2, 1, 2, 3]"));
+  CHECK_THROWS_WITH(b.next(too_big, {}),
+                    Contains("1 <= B <= 10") && Contains("got [11, 1, 2, 2]"));
+  CHECK_THROWS_WITH(b.next(ok, y3),
+                    Contains("y must be [2]") && Contains("got [3]"));
+  CHECK(b.position() == 0); // failed calls do not advance
+  CHECK_THROWS_AS(fd::data::BasicBatcher<float>(
+                      fd::Tensor<float>(fd::Shape{0, 2}).view(), {}, 1),
+                  fd::shape_error);
+  fd::Tensor<fd::label_t> bad_labels(fd::Shape{9});
+  CHECK_THROWS_WITH(fd::data::Batcher(ds.images.view(), bad_labels.view(), 1),
+                    Contains("labels must be [10]") && Contains("got [9]"));
 }

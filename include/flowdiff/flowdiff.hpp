@@ -85,7 +85,10 @@
 #include "flowdiff/train/optimizer.hpp"
 #include "flowdiff/train/schedule.hpp"
 
-// data: in-memory image data sets, the IDX reader and Fashion-MNIST (the loaders link flowdiff::io)
+// data: toy 2D distributions, image data sets, the IDX reader and Fashion-MNIST (the loaders link
+// flowdiff::io), mini-batches
+#include "flowdiff/data/batcher.hpp"
 #include "flowdiff/data/dataset.hpp"
 #include "flowdiff/data/fashion_mnist.hpp"
 #include "flowdiff/data/idx.hpp"
+#include "flowdiff/data/toy2d.hpp"

@@ -77,7 +77,7 @@ inline std::filesystem::path find_fashion_file(const std::filesystem::path &dir,
   require<io_error>(fs::is_directory(dir, ec),
                     "fashion_mnist: data directory '", dir.string(),
                     "' does not exist (looking for ", base, "[.gz])", how);
-  for (const fs::path& p : {dir / (base + ".gz"), dir / base})
+  for (const fs::path &p : {dir / (base + ".gz"), dir / base})
     if (fs::is_regular_file(p, ec))
       return p;
   fail<io_error>("fashion_mnist: cannot find ", base, ".gz or ", base, " in '",
