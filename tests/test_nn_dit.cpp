@@ -323,3 +323,280 @@ TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs "
   }
   WARN("DiT PyTorch parity: worst NMSE " << worst << " (" << worst_name << ")");
 }
+
+TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names",
+          "[nn][dit]") {
+  fd::Generator gen(4);
+  nn::Parameters<float> ps;
+  nn::DiT<float> net(ps, {.image_size = 16,
+                          .patch_size = 4,
+                          .hidden = 32,
+                          .depth = 2,
+                          .heads = 4,
+                          .num_classes = 10});
+  ps.allocate();
+  net.init(ps, gen);
+  CHECK(net.tokens() == 16);
+  CHECK(net.null_label() == 10);
+  const auto &p = ps;
+  const auto shape = [&](const char *n) { return p.info(p.find(n)).shape; };
+  CHECK(shape("x_embedder.proj.weight") == fd::Shape{32, 1, 4, 4});
+  CHECK(shape("t_embedder.mlp.0.weight") == fd::Shape{32, 256});
+  CHECK(shape("y_embedder.embedding_table.weight") == fd::Shape{11, 32});
+  CHECK(shape("blocks.1.attn.qkv.weight") == fd::Shape{96, 32});
+  CHECK(shape("blocks.1.mlp.fc1.weight") == fd::Shape{128, 32});
+  CHECK(shape("blocks.0.adaLN_modulation.1.weight") == fd::Shape{192, 32});
+  CHECK(shape("final_layer.adaLN_modulation.1.weight") == fd::Shape{64, 32});
+  CHECK(shape("final_layer.linear.weight") == fd::Shape{16, 32});
+  CHECK_THROWS_AS(ps.find("pos_embed"),
+                  fd::config_error); // sin-cos: not a parameter
+  // xavier_uniform bound sqrt(6 / (fan_in + fan_out)) on qkv [96, 32]: 0.2165.
+  const auto qkv = ps.param(ps.find("blocks.1.attn.qkv.weight"));
+  double mx = 0;
+  for (fd::index_t i = 0; i < qkv.numel(); ++i)
+    mx = std::max(mx, double(std::abs(qkv[i])));
+  CHECK(mx <= std::sqrt(6.0 / 128) + 1e-6);
+  CHECK(mx > 0.9 * std::sqrt(6.0 / 128));
+  for (const char *zero :
+       {"blocks.0.adaLN_modulation.1.weight",
+        "blocks.1.adaLN_modulation.1.bias", "final_layer.linear.weight",
+        "final_layer.linear.bias", "blocks.0.attn.qkv.bias"}) {
+    const auto v = ps.param(ps.find(zero));
+    for (fd::index_t i = 0; i < v.numel(); ++i)
+      REQUIRE(v[i] == 0.0f);
+  }
+  // At init every block is the identity and the output is exactly zero.
+  auto x = fd::randn<float>({2, 1, 16, 16}, gen);
+  auto t = make_times<float>({0.3, 0.8});
+  fd::Tensor<float> out({2, 1, 16, 16});
+  fill(out.view(), 1.0f);
+  nn::DiT<float>::Cache cache;
+  net.forward(ps, x, t, make_labels({3, 10}), out, cache);
+  for (fd::index_t i = 0; i < out.numel(); ++i)
+    REQUIRE(out[i] == 0.0f);
+  // ... yet the final layer's weights get a gradient (the first training step
+  // moves them).
+  auto dout = fd::randn<float>({2, 1, 16, 16}, gen);
+  ps.zero_grad();
+  net.backward(ps, dout, {}, cache);
+  double g = 0;
+  const auto gw = ps.grad(ps.find("final_layer.linear.weight"));
+  for (fd::index_t i = 0; i < gw.numel(); ++i)
+    g += std::abs(gw[i]);
+  CHECK(g > 0);
+
+  // A learned position embedding is the parameter "pos_embed" [1, L, D],
+  // started at sin-cos.
+  nn::Parameters<float> ps2;
+  nn::DiT<float> net2(ps2, {.image_size = 16,
+                            .patch_size = 4,
+                            .hidden = 32,
+                            .depth = 1,
+                            .heads = 4,
+                            .learned_pos_embed = true});
+  ps2.allocate();
+  net2.init(ps2, gen);
+  const auto pe = ps2.param(ps2.find("pos_embed"));
+  CHECK(pe.shape() == fd::Shape{1, 16, 32});
+  CHECK(max_abs_diff(pe.reshape({16, 32}), net2.sincos_table()) == 0);
+}
+
+TEST_CASE(
+    "DiT: the cache is reused while N repeats; empty labels are the null label",
+    "[nn][dit]") {
+  fd::Generator gen(5);
+  nn::Parameters<float> ps;
+  nn::DiT<float> net(ps, {.image_size = 8,
+                          .patch_size = 2,
+                          .hidden = 16,
+                          .depth = 2,
+                          .heads = 2,
+                          .num_classes = 4,
+                          .frequency_dim = 16});
+  ps.allocate();
+  randomise(ps, gen, 0.2);
+  auto x = fd::randn<float>({3, 1, 8, 8}, gen);
+  auto t = make_times<float>({0.1, 0.5, 0.9});
+  fd::Tensor<float> out({3, 1, 8, 8}), out2({3, 1, 8, 8});
+  nn::DiT<float>::Cache cache;
+  net.forward(ps, x, t, {}, out, cache);
+  auto dout = fd::randn<float>({3, 1, 8, 8}, gen);
+  fd::Tensor<float> dx({3, 1, 8, 8});
+  net.backward(ps, dout, dx, cache);
+  const float *h0 = cache.h0.data();
+  const float *qkv = cache.bc[1].at.qkv.data();
+  const float *dbig = cache.scratch.dbig.data();
+  net.forward(ps, x, t, make_labels({4, 4, 4}), out2, cache);
+  CHECK(max_abs_diff(out, out2) == 0);
+  CHECK(max_abs_diff(out, fd::Tensor<float>::zeros(out.shape())) > 0);
+  // Skipping dx leaves the parameter gradients bit-identical; no buffer was
+  // re-allocated.
+  ps.zero_grad();
+  net.backward(ps, dout, dx, cache);
+  const auto g = ps.flat_grads();
+  const std::vector<float> with_dx(g.data(), g.data() + g.numel());
+  ps.zero_grad();
+  net.backward(ps, dout, {}, cache);
+  CHECK(std::vector<float>(g.data(), g.data() + g.numel()) == with_dx);
+  CHECK(cache.h0.data() == h0);
+  CHECK(cache.bc[1].at.qkv.data() == qkv);
+  CHECK(cache.scratch.dbig.data() == dbig);
+  // A sample's output does not depend on the rest of its batch.
+  fd::Tensor<float> x1({1, 1, 8, 8}), o1({1, 1, 8, 8});
+  fd::copy(x1.view(), fd::View<const float>(x.view().rows(2, 3)));
+  nn::DiT<float>::Cache c1;
+  net.forward(ps, x1, make_times<float>({0.9}), {}, o1, c1);
+  CHECK(max_abs_diff(o1, out.view().rows(2, 3)) <= 1e-6);
+}
+
+namespace {
+// Counts the forward calls and their batch sizes of the wrapped model.
+struct CountingDiT {
+  using value_type = float;
+  using Cache = nn::DiT<float>::Cache;
+  const nn::DiT<float> *m;
+  mutable std::vector<fd::index_t> calls;
+  void forward(const nn::Parameters<float> &ps, fd::View<const float> x,
+               fd::View<const float> t, fd::View<const fd::label_t> y,
+               fd::View<float> out, Cache &c) const {
+    calls.push_back(x.dim(0));
+    m->forward(ps, x, t, y, out, c);
+  }
+  fd::index_t num_classes() const { return m->num_classes(); }
+};
+} // namespace
+
+TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal "
+          "to separate calls",
+          "[nn][dit][as_field][cfg]") {
+  fd::Generator gen(6);
+  nn::Parameters<float> ps;
+  nn::DiT<float> net(ps, {.image_size = 8,
+                          .patch_size = 2,
+                          .hidden = 16,
+                          .depth = 2,
+                          .heads = 2,
+                          .num_classes = 3,
+                          .frequency_dim = 16});
+  ps.allocate();
+  net.init(ps, gen);
+  randomise(ps, gen, 0.2);
+  auto field = nn::as_field(net, ps);
+  static_assert(fd::Field<decltype(field), float>);
+  static_assert(fd::ConditionalField<decltype(field), float>);
+  const fd::index_t n = 3;
+  const fd::Shape s{n, 1, 8, 8};
+  auto x0 = fd::randn<float>(s, gen);
+  auto x = x0.clone();
+  const auto stats =
+      fd::integrate(fd::Heun{}, field, x, fd::uniform_grid<float>(2));
+  CHECK(stats.field_evaluations == 4);
+  for (fd::index_t i = 0; i < x.numel(); ++i)
+    REQUIRE(std::isfinite(x.data()[i]));
+  CHECK(max_abs_diff(x, x0) > 0);
+
+  auto y = make_labels({0, 2, 1});
+  auto tt = make_times<float>(std::vector<double>(n, 0.4));
+  fd::Tensor<float> cond(s), uncond(s), out(s);
+  nn::DiT<float>::Cache cache;
+  net.forward(ps, x0, tt, y, cond, cache);
+  net.forward(ps, x0, tt, make_labels({3, 3, 3}), uncond, cache);
+  CountingDiT counting{&net, {}};
+  auto g3 = fd::cfg(nn::as_field(counting, ps), 3.0f);
+  g3.set_condition(y);
+  g3(x0, out.view(), 0.4f);
+  REQUIRE(counting.calls.size() == 1);
+  CHECK(counting.calls[0] == 2 * n);
+  fd::Tensor<float> ref(s);
+  for (fd::index_t i = 0; i < ref.numel(); ++i)
+    ref.data()[i] = -2.0f * uncond.data()[i] + 3.0f * cond.data()[i];
+  const double err = max_abs_diff(out, ref);
+  CHECK(err <= 1e-5);
+  WARN("DiT cfg: 2N batch vs (1 - w) u(x|null) + w u(x|y) from separate calls, "
+       "max abs "
+       "difference "
+       << err);
+}
+
+TEST_CASE("DiT: errors name the model, the argument and the shapes",
+          "[nn][dit][errors]") {
+  nn::Parameters<float> ps;
+  nn::DiT<float> net(ps, {.image_size = 8,
+                          .patch_size = 2,
+                          .hidden = 16,
+                          .depth = 1,
+                          .heads = 2,
+                          .num_classes = 0,
+                          .frequency_dim = 16});
+  ps.allocate();
+  nn::DiT<float>::Cache cache;
+  fd::Tensor<float> x({2, 1, 8, 8}), t({2}), out({2, 1, 8, 8});
+  fd::Tensor<float> x16({2, 1, 16, 16});
+  CHECK_THROWS_AS(net.forward(ps, x16, t, {}, out, cache), fd::shape_error);
+  CHECK_THROWS_WITH(net.forward(ps, x16, t, {}, out, cache),
+                    Contains("DiT: x: expected shape [N, 1, 8, 8] with N >= 1, "
+                             "got [2, 1, 16, 16]"));
+  fd::Tensor<float> t3({3});
+  CHECK_THROWS_WITH(net.forward(ps, x, t3, {}, out, cache),
+                    Contains("DiT: t: expected shape [2], got [3]"));
+  fd::Tensor<float> out2({2, 1, 8, 4});
+  CHECK_THROWS_WITH(
+      net.forward(ps, x, t, {}, out2, cache),
+      Contains("DiT: out: expected shape [2, 1, 8, 8], got [2, 1, 8, 4]"));
+  CHECK_THROWS_WITH(net.forward(ps, x, t, make_labels({0, 0}), out, cache),
+                    Contains("unconditional"));
+  CHECK_THROWS_WITH(net.backward(ps, out, {}, cache), Contains("forward"));
+  net.forward(ps, x, t, {}, out, cache);
+  fd::Tensor<float> dbad({1, 1, 8, 8});
+  CHECK_THROWS_WITH(
+      net.backward(ps, dbad, {}, cache),
+      Contains("DiT: dout: expected shape [2, 1, 8, 8], got [1, 1, 8, 8]"));
+
+  nn::Parameters<float> ps2;
+  nn::DiT<float> cond(ps2,
+                      {.image_size = 8,
+                       .patch_size = 2,
+                       .hidden = 16,
+                       .depth = 1,
+                       .heads = 2,
+                       .num_classes = 2},
+                      "vf.");
+  ps2.allocate();
+  nn::DiT<float>::Cache c2;
+  CHECK(ps2.info(0).name == "vf.x_embedder.proj.weight");
+  CHECK_THROWS_WITH(cond.forward(ps2, x, t, make_labels({0}), out, c2),
+                    Contains("vf. (DiT): y: expected shape [2], got [1]"));
+  CHECK_THROWS_AS(cond.forward(ps2, x, t, make_labels({0, 5}), out, c2),
+                  fd::config_error);
+
+  nn::Parameters<float> p3;
+  CHECK_THROWS_WITH(
+      nn::DiT<float>(p3, {.image_size = 10, .patch_size = 4}),
+      Contains(
+          "DiT: need in_channels >= 1 and image_size a positive multiple of "
+          "patch_size"));
+  CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 30, .heads = 4}),
+                    Contains("hidden must be a positive multiple of heads"));
+  CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 6, .heads = 2}),
+                    Contains("hidden % 4 == 0"));
+  CHECK_NOTHROW(nn::DiT<float>(
+      p3, {.hidden = 6, .heads = 2, .learned_pos_embed = true}, "ok."));
+  CHECK_THROWS_AS(nn::DiT<float>(p3, {.depth = 0}), fd::config_error);
+  CHECK_THROWS_AS(nn::DiT<float>(p3, {.mlp_ratio = 0.0}), fd::config_error);
+
+  nn::Parameters<float> p4;
+  nn::DiTBlock<float> block(p4, "blocks.0", 8, 2);
+  p4.allocate();
+  nn::DiTBlock<float>::Cache bc;
+  fd::Tensor<float> bx({2, 3, 8}), bcond({2, 8}), bout({2, 3, 8}),
+      bbad({2, 3, 7});
+  CHECK_THROWS_WITH(
+      block.forward(p4, bbad, bcond, bout, bc),
+      Contains(
+          "blocks.0 (DiTBlock): x: expected shape [N, L, 8], got [2, 3, 7]"));
+  CHECK_THROWS_WITH(
+      block.forward(p4, bx, bx, bout, bc),
+      Contains("blocks.0 (DiTBlock): c: expected shape [2, 8], got [2, 3, 8]"));
+  CHECK_THROWS_WITH(block.backward(p4, bx, bcond, bout, {}, {}, bc),
+                    Contains("forward"));
+}
