@@ -67,6 +67,25 @@ struct Cpu {
     for (index_t i = 0; i < n; ++i) f(i);
   }
 
+  /// Calls f(i, thread) for i in [0, n): coarse tasks shared out dynamically, one at a time, over
+  /// at most `max_team` threads (one parallel region), so a thread the OS deschedules on a busy
+  /// machine delays only the task it holds. `thread` is below min(max_team, max_threads()) and
+  /// indexes per-thread workspaces allocated before the call. Runs serially on thread 0 for n < 2,
+  /// one thread, or inside an enclosing parallel region. f must not throw.
+  template <class F>
+  static void parallel_tasks(index_t n, index_t max_team, F&& f) {
+#if defined(_OPENMP)
+    const int team = static_cast<int>(std::min<index_t>({n, max_team, omp_get_max_threads()}));
+    if (team > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+      for (index_t i = 0; i < n; ++i) f(i, static_cast<index_t>(omp_get_thread_num()));
+      return;
+    }
+#endif
+    (void)max_team;
+    for (index_t i = 0; i < n; ++i) f(i, index_t{0});
+  }
+
   /// Calls f(begin, end) over contiguous chunks covering [0, n): the CPU fast path for element-wise
   /// loops, so the compiler sees a plain inner loop it can vectorise.
   template <class F>

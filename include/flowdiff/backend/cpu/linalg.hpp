@@ -1,8 +1,19 @@
 // flowdiff/backend/cpu/linalg.hpp — dense linear algebra of the CPU backend through Eigen:
-// C = alpha * op(A) * op(B) + beta * C on row-major views, op = identity or transpose. Eigen uses
-// OpenMP threads when the translation unit is compiled with OpenMP, and an external BLAS when
-// EIGEN_USE_BLAS is defined before the first Eigen include (see docs/architecture.md).
+// C = alpha * op(A) * op(B) + beta * C on row-major views, op = identity or transpose. Eigen runs
+// its own kernel, or an external BLAS when EIGEN_USE_BLAS is defined before the first Eigen include
+// (CMake option FLOWDIFF_USE_BLAS, on by default with the OpenMP OpenBLAS: docs/building.md).
+// Threads: C is cut into row (or column) panels whose number depends on the shape only, and each
+// panel is one single-threaded product; the panels are shared out dynamically over the OpenMP
+// threads (one parallel region per call), or run in turn inside an enclosing parallel region or on
+// one thread. Every element of C is thus computed by the same kernel with the same blocking
+// whatever the thread count: results are bit-identical for 1, 2 or more threads, and a thread that
+// the OS deschedules on a busy machine delays only the panels it holds.
 #pragma once
+
+#include <algorithm>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <Eigen/Core>
 #include <string_view>
@@ -18,7 +29,44 @@ enum class Trans { no, yes };
 namespace detail {
 template <class T>
 using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Panels of a [m, n] x k product: about 2^20 flops each at least (smaller ones cost more to
+/// schedule than they save), at most 16, rows/columns a multiple of 8; depends on the shape only.
+/// Eigen threads a product itself once m n k >= 1e5 (outside a parallel region), with a blocking
+/// that depends on the thread count, so such products always get at least two panels here.
+inline index_t gemm_panels(index_t m, index_t n, index_t k) {
+  const double mnk = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  index_t by_work = static_cast<index_t>(std::min(16.0, 2 * mnk / double(1 << 20)));
+  if (mnk >= 1e5) by_work = std::max<index_t>(by_work, 2);
+  const index_t by_size = std::max(m, n) / 8;
+  return std::max<index_t>(1, std::min(by_work, by_size));
 }
+
+/// C (+)= alpha op(A) op(B) on Eigen maps, by a single-threaded product (Eigen runs serially
+/// inside a parallel region, and so does the OpenMP OpenBLAS).
+template <class MA, class MB, class MC, class T>
+void gemm_panel(Trans ta, Trans tb, T alpha, const MA& A, const MB& B, MC&& C) {
+  if (C.rows() < 16 && C.cols() < 16) {  // tiny C: the coefficient-based product, never threaded
+    if (ta == Trans::no && tb == Trans::no) {
+      C.noalias() += alpha * A.lazyProduct(B);
+    } else if (ta == Trans::no) {
+      C.noalias() += alpha * A.lazyProduct(B.transpose());
+    } else if (tb == Trans::no) {
+      C.noalias() += alpha * A.transpose().lazyProduct(B);
+    } else {
+      C.noalias() += alpha * A.transpose().lazyProduct(B.transpose());
+    }
+  } else if (ta == Trans::no && tb == Trans::no) {
+    C.noalias() += alpha * A * B;
+  } else if (ta == Trans::no) {
+    C.noalias() += alpha * A * B.transpose();
+  } else if (tb == Trans::no) {
+    C.noalias() += alpha * A.transpose() * B;
+  } else {
+    C.noalias() += alpha * A.transpose() * B.transpose();
+  }
+}
+}  // namespace detail
 
 /// Eigen map of a rank-2 host view [rows, cols] (row-major, no copy).
 template <class T>
@@ -56,16 +104,36 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   } else if (beta != T(1)) {
     C *= beta;
   }
-  if (ka == 0) return;
-  if (ta == Trans::no && tb == Trans::no) {
-    C.noalias() += alpha * A * B;
-  } else if (ta == Trans::no) {
-    C.noalias() += alpha * A * B.transpose();
-  } else if (tb == Trans::no) {
-    C.noalias() += alpha * A.transpose() * B;
-  } else {
-    C.noalias() += alpha * A.transpose() * B.transpose();
+  if (ka == 0 || m == 0 || n == 0) return;
+  const index_t panels = detail::gemm_panels(m, n, ka);
+  const bool by_rows = m >= n;
+  const index_t len = by_rows ? m : n;
+  const index_t step = (len / panels + 7) / 8 * 8;  // panel rows (columns), a multiple of 8
+  const index_t count = (len + step - 1) / step;
+  auto run = [&](index_t p) {
+    const index_t lo = p * step, sz = std::min(len, lo + step) - lo;
+    if (by_rows) {
+      auto Cp = C.middleRows(lo, sz);
+      if (ta == Trans::no)
+        detail::gemm_panel(ta, tb, alpha, A.middleRows(lo, sz), B, Cp);
+      else
+        detail::gemm_panel(ta, tb, alpha, A.middleCols(lo, sz), B, Cp);
+    } else {
+      auto Cp = C.middleCols(lo, sz);
+      if (tb == Trans::no)
+        detail::gemm_panel(ta, tb, alpha, A, B.middleCols(lo, sz), Cp);
+      else
+        detail::gemm_panel(ta, tb, alpha, A, B.middleRows(lo, sz), Cp);
+    }
+  };
+#if defined(_OPENMP)
+  if (count > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (index_t p = 0; p < count; ++p) run(p);
+    return;
   }
+#endif
+  for (index_t p = 0; p < count; ++p) run(p);
 }
 
 /// Tensor-friendly overload: gemm(Trans::no, Trans::yes, 1.f, x, w, 0.f, y).

@@ -8,7 +8,13 @@
 // from, summing overlaps). Samples are processed in groups whose columns sit side by side in one
 // [C k k, G Ho Wo] matrix, so small images (the low-resolution levels of a U-Net) still make one
 // large GEMM; large images go one sample at a time to keep the workspace small. The column matrix
-// is recomputed in backward (cheaper than caching it for the whole batch). This file also holds
+// is recomputed in backward (cheaper than caching it for the whole batch). Threads: when a batch
+// makes several groups, one parallel region per call shares the groups out dynamically over the
+// threads, each with its own workspace in the cache (allocated once) and single-threaded GEMMs
+// inside; in backward the groups are cut into at most 8 contiguous chunks (by the batch shape
+// only, never the thread count), chunk 0 accumulates into dW and every other chunk into its own
+// partial, and the partials are added to dW in chunk order, so gradients are bit-identical for
+// any thread count. A batch of one group runs serially with threaded GEMMs. This file also holds
 // the im2col / col2im / channel-packing helpers shared with ConvTranspose2d.
 #pragma once
 
@@ -16,6 +22,7 @@
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
@@ -257,7 +264,13 @@ class Conv2d {
   struct Cache {
     Tensor<T> col;  // [C k k, G Ho Wo] columns of a group of G samples (also dcol in backward)
     Tensor<T> out;  // [O, G Ho Wo] GEMM result / packed dy of a group (G > 1 only)
+    // Threads 1, 2, ...: their own col / out (thread 0 uses the two above).
+    std::vector<Tensor<T>> col_t, out_t;
+    std::vector<Tensor<T>> dw;  // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
   };
+
+  /// At most this many backward chunks (weight-gradient partials) per call.
+  static constexpr index_t max_chunks = 8;
 
   /// [N, in, H, W] -> [N, out, Ho, Wo]; throws shape_error for a wrong input.
   Shape output_shape(const Shape& input) const {
@@ -271,23 +284,25 @@ class Conv2d {
     const auto g = geometry(x.shape());
     const index_t n = x.dim(0), L = g.cols(), K = g.rows();
     check_exact(prefix_, "Conv2d", "y", View<const T>(y), Shape{n, out_, g.out_h, g.out_w});
-    const index_t G = group_size(n, K, L);
-    prepare(cache, G, K, L);
+    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
+    const index_t team = prepare(cache, G, K, L, groups, 0);
     const T* w = ps.param(w_).data();
     const T* b = bias_ ? ps.param(b_).data() : nullptr;
-    for (index_t n0 = 0; n0 < n; n0 += G) {
-      const index_t gn = std::min(G, n - n0), cols = gn * L;
-      const T* col = columns(x, g, n0, gn, cache);
+    Cpu::parallel_tasks(groups, team, [&](index_t q, index_t tid) {
+      const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
+      T* colw = workspace(cache, tid, false);
+      T* outw = workspace(cache, tid, true);
+      const T* col = columns(x, g, n0, gn, colw);
       if (gn == 1) {
         T* yn = y.data() + n0 * out_ * L;
         gemm(Trans::no, Trans::no, T(1), mat(w, out_, K), mat(col, K, L), T(0), mat(yn, out_, L));
         if (b) add_channel_bias(yn, out_, out_, L, b);
       } else {
         gemm(Trans::no, Trans::no, T(1), mat(w, out_, K), mat(col, K, cols), T(0),
-             mat(cache.out.data(), out_, cols));
-        unpack_samples(cache.out.data(), gn, out_, L, y.data() + n0 * out_ * L, b);
+             mat(outw, out_, cols));
+        unpack_samples(outw, gn, out_, L, y.data() + n0 * out_ * L, b);
       }
-    }
+    });
   }
 
   // x: [N, in, H, W], dy: [N, out, Ho, Wo], dx: [N, in, H, W] or empty.
@@ -299,34 +314,53 @@ class Conv2d {
     check_exact(prefix_, "Conv2d", "dy", dy, Shape{n, out_, g.out_h, g.out_w});
     const bool want_dx = !dx.empty();
     if (want_dx) check_exact(prefix_, "Conv2d", "dx", View<const T>(dx), x.shape());
-    const index_t G = group_size(n, K, L);
-    prepare(cache, G, K, L);
+    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
+    const index_t chunks = std::min(groups, max_chunks);
+    const index_t team = prepare(cache, G, K, L, chunks, chunks - 1);
     const T* w = ps.param(w_).data();
     T* dw = ps.grad(w_).data();
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
-    for (index_t n0 = 0; n0 < n; n0 += G) {
-      const index_t gn = std::min(G, n - n0), cols = gn * L;
-      const T* col = columns(x, g, n0, gn, cache);
-      const T* dyg = dy.data() + n0 * out_ * L;
-      if (gn > 1) {
-        pack_samples(dyg, gn, out_, L, cache.out.data());
-        dyg = cache.out.data();
-      }
-      gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), T(1),
-           mat(dw, out_, K));
-      if (!want_dx) continue;
-      T* dxn = dx.data() + n0 * in_ * g.height * g.width;
-      if (g.identity() && gn == 1) {  // col2im is the identity: write dx directly
+    Cpu::parallel_tasks(chunks, team, [&](index_t c, index_t tid) {
+      // Chunk c: groups [c groups / chunks, (c + 1) groups / chunks), into dW or its partial.
+      const index_t q0 = c * groups / chunks, q1 = (c + 1) * groups / chunks;
+      T* dwc = c == 0 ? dw : cache.dw[static_cast<std::size_t>(c - 1)].data();
+      T* colw = workspace(cache, tid, false);
+      T* outw = workspace(cache, tid, true);
+      for (index_t q = q0; q < q1; ++q) {
+        const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
+        const T* col = columns(x, g, n0, gn, colw);
+        const T* dyg = dy.data() + n0 * out_ * L;
+        if (gn > 1) {
+          pack_samples(dyg, gn, out_, L, outw);
+          dyg = outw;
+        }
+        const T beta = c == 0 || q > q0 ? T(1) : T(0);
+        gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
+             mat(dwc, out_, K));
+        if (!want_dx) continue;
+        T* dxn = dx.data() + n0 * in_ * g.height * g.width;
+        if (g.identity() && gn == 1) {  // col2im is the identity: write dx directly
+          gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
+               mat(dxn, K, cols));
+          continue;
+        }
+        // The columns are no longer needed: their buffer takes dcol.
+        T* dcol = colw;
         gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
-             mat(dxn, K, cols));
-        continue;
+             mat(dcol, K, cols));
+        for (index_t i = 0; i < gn; ++i)
+          col2im(dcol + i * L, cols, g, dxn + i * in_ * g.height * g.width);
       }
-      // The columns are no longer needed: their buffer takes dcol.
-      T* dcol = cache.col.data();
-      gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
-           mat(dcol, K, cols));
-      for (index_t i = 0; i < gn; ++i)
-        col2im(dcol + i * L, cols, g, dxn + i * in_ * g.height * g.width);
+    });
+    // The partials in chunk order: the same sums whatever the thread count.
+    if (chunks > 1) {
+      const index_t wn = out_ * K;
+      Cpu::parallel_chunks(wn, [&](index_t lo, index_t hi) {
+        for (index_t c = 1; c < chunks; ++c) {
+          const T* p = cache.dw[static_cast<std::size_t>(c - 1)].data();
+          for (index_t i = lo; i < hi; ++i) dw[i] += p[i];
+        }
+      });
     }
   }
 
@@ -347,25 +381,47 @@ class Conv2d {
     return g;
   }
 
-  void prepare(Cache& cache, index_t G, index_t K, index_t L) const {
-    // Grow only: a smaller batch later reuses the larger workspace.
-    if (cache.col.numel() < K * G * L) cache.col.resize(Shape{K * G * L});
-    if (G > 1 && cache.out.numel() < out_ * G * L) cache.out.resize(Shape{out_ * G * L});
+  // Sizes the workspaces of up to min(tasks, threads) threads and `partials` weight-gradient
+  // partials (grow only: a smaller batch later reuses them); returns that team size.
+  index_t prepare(Cache& cache, index_t G, index_t K, index_t L, index_t tasks,
+                  index_t partials) const {
+    const index_t team = std::max<index_t>(1, std::min<index_t>(tasks, Cpu::max_threads()));
+    auto grow = [](Tensor<T>& t, index_t size) {
+      if (t.numel() < size) t.resize(Shape{size});
+    };
+    if (cache.col_t.size() < static_cast<std::size_t>(team - 1)) {
+      cache.col_t.resize(static_cast<std::size_t>(team - 1));
+      cache.out_t.resize(static_cast<std::size_t>(team - 1));
+    }
+    for (index_t t = 0; t < team; ++t) {
+      grow(t == 0 ? cache.col : cache.col_t[static_cast<std::size_t>(t - 1)], K * G * L);
+      if (G > 1) grow(t == 0 ? cache.out : cache.out_t[static_cast<std::size_t>(t - 1)], out_ * G * L);
+    }
+    if (cache.dw.size() < static_cast<std::size_t>(partials))
+      cache.dw.resize(static_cast<std::size_t>(partials));
+    for (index_t c = 0; c < partials; ++c) grow(cache.dw[static_cast<std::size_t>(c)], out_ * K);
+    return team;
   }
 
-  // The column matrix [K, gn L] of samples n0 .. n0 + gn - 1 (x itself for 1x1 convolutions).
+  static T* workspace(Cache& cache, index_t tid, bool out) {
+    if (tid == 0) return out ? cache.out.data() : cache.col.data();
+    auto& v = out ? cache.out_t : cache.col_t;
+    return v[static_cast<std::size_t>(tid - 1)].data();
+  }
+
+  // The column matrix [K, gn L] of samples n0 .. n0 + gn - 1 in `ws` (x itself for 1x1
+  // convolutions of one sample).
   const T* columns(View<const T> x, const spatial_detail::ConvGeometry& g, index_t n0, index_t gn,
-                   Cache& cache) const {
+                   T* ws) const {
     const index_t plane = in_ * g.height * g.width, L = g.cols();
     const T* xn = x.data() + n0 * plane;
     if (g.identity()) {
       if (gn == 1) return xn;
-      spatial_detail::pack_samples(xn, gn, in_, L, cache.col.data());
-      return cache.col.data();
+      spatial_detail::pack_samples(xn, gn, in_, L, ws);
+      return ws;
     }
-    for (index_t i = 0; i < gn; ++i)
-      spatial_detail::im2col(xn + i * plane, g, cache.col.data() + i * L, gn * L);
-    return cache.col.data();
+    for (index_t i = 0; i < gn; ++i) spatial_detail::im2col(xn + i * plane, g, ws + i * L, gn * L);
+    return ws;
   }
 
   std::string prefix_;

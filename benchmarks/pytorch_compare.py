@@ -1,0 +1,197 @@
+#!/usr/bin/python3
+"""flowdiff vs PyTorch on the same CPU: the MLP (4 x 256, SiLU, d = 2) and the 6.S184-style U-Net
+(channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10 classes), the same
+architectures as tools/fixtures/mlp.py and tools/fixtures/unet.py (imported from there).
+
+It alternates, round by round, PyTorch (torch.set_num_threads(threads)) and the C++ benchmark
+binary (bench_nn, --benchmark_format=json, OMP_NUM_THREADS=threads), and prints the median of
+each figure over the rounds and the ratio flowdiff / PyTorch (training steps/s: higher is better;
+forward latency: PyTorch / flowdiff, so > 1 means flowdiff is faster). One training step is
+forward, MSE loss gradient, backward, AdamW (lr 1e-4, weight decay 1e-2) in both. PyTorch's
+forward latency is measured under torch.no_grad() (its best case); flowdiff's forward always
+fills the cache for backward.
+
+With --memory it also runs N U-Net training steps at batch 250 in each under /usr/bin/time -v and
+prints the maximum resident set sizes (bench_nn --train=unet; this script's --train-driver).
+
+Usage (from the repository root, after building bench_nn in Release):
+  /usr/bin/python3 benchmarks/pytorch_compare.py --bench build/release/benchmarks/bench_nn \\
+      --rounds 3 --threads 2 --memory
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools", "fixtures"))
+
+# Both sides run with passive OpenMP waiters: on a shared machine libgomp's default spinning makes
+# every parallel region of either library many times slower (DESIGN.md §7, docs/architecture.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+from mlp import MLP  # noqa: E402
+from unet import UNet  # noqa: E402
+
+
+def make_mlp():
+    return MLP(2, 256, 4, 64, 0)
+
+
+def make_unet():
+    return UNet(1, [32, 64, 128], 2, 40, 40, 10, False, 4, 8)
+
+
+def data(kind, batch):
+    g = torch.Generator().manual_seed(11)
+    shape = (batch, 2) if kind == "mlp" else (batch, 1, 32, 32)
+    x = torch.randn(shape, generator=g)
+    target = torch.randn(shape, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = (torch.arange(batch) % 10).int() if kind == "unet" else None
+    return x, t, y, target
+
+
+class Trainer:
+    def __init__(self, kind, batch):
+        torch.manual_seed(0)
+        self.model = make_mlp() if kind == "mlp" else make_unet()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-2)
+        self.x, self.t, self.y, self.target = data(kind, batch)
+
+    def step(self):
+        out = self.model(self.x, self.t, self.y)
+        loss = torch.mean((out - self.target) ** 2)
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        self.opt.step()
+
+
+def timed(fn, min_time, min_iters=3):
+    fn()  # warm-up (allocator, first-touch)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if n >= min_iters and el >= min_time:
+            return el / n
+
+
+def torch_figures(min_time):
+    f = {}
+    for batch in (1024,):
+        tr = Trainer("mlp", batch)
+        f[f"mlp_train/{batch}"] = 1.0 / timed(tr.step, min_time)
+    for batch in (64, 250):
+        tr = Trainer("unet", batch)
+        f[f"unet_train/{batch}"] = 1.0 / timed(tr.step, min_time)
+    with torch.no_grad():
+        for kind in ("mlp", "unet"):
+            model = make_mlp() if kind == "mlp" else make_unet()
+            for batch in (1, 4, 16):
+                x, t, y, _ = data(kind, batch)
+                f[f"{kind}_forward/{batch}"] = timed(lambda: model(x, t, y), min_time)
+    return f
+
+
+CPP_NAMES = {
+    "BM_mlp_train/1024": "mlp_train/1024",
+    "BM_unet_train/64": "unet_train/64",
+    "BM_unet_train/250": "unet_train/250",
+    "BM_mlp_forward/1": "mlp_forward/1",
+    "BM_mlp_forward/4": "mlp_forward/4",
+    "BM_mlp_forward/16": "mlp_forward/16",
+    "BM_unet_forward/1": "unet_forward/1",
+    "BM_unet_forward/4": "unet_forward/4",
+    "BM_unet_forward/16": "unet_forward/16",
+}
+UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def cpp_figures(bench, min_time, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run(
+        [bench, "--benchmark_filter=BM_(mlp|unet)_", "--benchmark_format=json",
+         f"--benchmark_min_time={min_time}"],
+        env=env, check=True, capture_output=True, text=True).stdout
+    f = {}
+    for b in json.loads(out)["benchmarks"]:
+        name = b["name"].replace("/real_time", "")
+        if name in CPP_NAMES:
+            sec = b["real_time"] * UNIT[b["time_unit"]]
+            key = CPP_NAMES[name]
+            f[key] = 1.0 / sec if "train" in key else sec
+    return f
+
+
+def max_rss_kib(cmd, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, env=env, check=True, capture_output=True,
+                       text=True)
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    return int(m.group(1))
+
+
+def load():
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bench", default="build/release/benchmarks/bench_nn")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--train-driver", nargs=3, metavar=("KIND", "BATCH", "STEPS"),
+                    help="internal: run STEPS PyTorch training steps and exit")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.train_driver:
+        kind, batch, steps = a.train_driver[0], int(a.train_driver[1]), int(a.train_driver[2])
+        tr = Trainer(kind, batch)
+        for _ in range(steps):
+            tr.step()
+        return
+
+    print(f"torch {torch.__version__}, {a.threads} threads, bench {a.bench}; load before: {load()}")
+    runs_t, runs_c = [], []
+    for r in range(a.rounds):
+        runs_t.append(torch_figures(a.min_time))
+        runs_c.append(cpp_figures(a.bench, a.min_time, a.threads))
+        print(f"round {r + 1}/{a.rounds} done, load {load()}", flush=True)
+    med_t = {k: statistics.median(run[k] for run in runs_t) for k in runs_t[0]}
+    med_c = {k: statistics.median(run[k] for run in runs_c) for k in runs_c[0]}
+    print()
+    print("| figure | PyTorch | flowdiff | flowdiff / PyTorch |")
+    print("| --- | --- | --- | --- |")
+    for k in med_t:
+        t, c = med_t[k], med_c.get(k)
+        if c is None:
+            continue
+        if "train" in k:
+            print(f"| {k} (steps/s) | {t:.2f} | {c:.2f} | {c / t:.2f}x |")
+        else:
+            print(f"| {k} (latency) | {t * 1e6:.1f} us | {c * 1e6:.1f} us | {t / c:.2f}x faster |")
+    print(f"\nload after: {load()}")
+
+    if a.memory:
+        n = str(a.memory_steps)
+        cpp = max_rss_kib([a.bench, "--train=unet", "--batch=250", f"--steps={n}"], a.threads)
+        py = max_rss_kib([sys.executable, os.path.abspath(__file__), "--threads",
+                          str(a.threads), "--train-driver", "unet", "250", n], a.threads)
+        print(f"\nU-Net training, batch 250, {n} steps, maximum resident set size "
+              f"(/usr/bin/time -v): flowdiff {cpp / 1024:.0f} MiB, PyTorch {py / 1024:.0f} MiB, "
+              f"flowdiff / PyTorch = {cpp / py:.2f}")
+
+
+if __name__ == "__main__":
+    main()

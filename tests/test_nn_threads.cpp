@@ -1,0 +1,158 @@
+// Thread-count independence of the network engine: the U-Net (with midcoder attention), Conv2d
+// and the MLP give bit-identical outputs, input gradients and parameter gradients on 1 and on 2
+// OpenMP threads (omp_set_num_threads), because GEMM panels, convolution groups and backward
+// chunks are cut by shape only and the weight-gradient partials are summed in a fixed order.
+// Batches are chosen so that convolutions run several groups and backward chunks in parallel.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <flowdiff/backend/cpu/linalg.hpp>
+#include <flowdiff/nn/layers/conv.hpp>
+#include <flowdiff/nn/models/mlp.hpp>
+#include <flowdiff/nn/models/unet.hpp>
+
+namespace fd = flowdiff;
+namespace nn = flowdiff::nn;
+
+namespace {
+
+// Everything one run produces: output, input gradient, flat parameter gradients.
+struct Result {
+  std::vector<float> out, dx, grads;
+};
+
+std::vector<float> copy_of(fd::View<const float> v) {
+  return std::vector<float>(v.data(), v.data() + v.numel());
+}
+
+// Runs f on `threads` threads and restores the previous setting.
+Result with_threads(int threads, const std::function<Result()>& f) {
+#if defined(_OPENMP)
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  Result r = f();
+  omp_set_num_threads(before);
+  return r;
+#else
+  (void)threads;
+  return f();
+#endif
+}
+
+void check_same(const Result& a, const Result& b) {
+  REQUIRE(a.out.size() == b.out.size());
+  REQUIRE(a.dx.size() == b.dx.size());
+  REQUIRE(a.grads.size() == b.grads.size());
+  // Not trivially zero.
+  float mx = 0;
+  for (float g : a.grads) mx = std::max(mx, std::abs(g));
+  CHECK(mx > 0);
+  CHECK(a.out == b.out);
+  CHECK(a.dx == b.dx);
+  CHECK(a.grads == b.grads);
+}
+
+}  // namespace
+
+TEST_CASE("U-Net forward and backward are bit-identical on 1 and 2 threads", "[nn][threads]") {
+#if !defined(_OPENMP)
+  WARN("built without OpenMP: one thread only");
+#endif
+  nn::UNetConfig cfg;
+  cfg.in_channels = 1;
+  cfg.channels = {8, 16};
+  cfg.num_residual_layers = 1;
+  cfg.t_embed_dim = 8;
+  cfg.y_embed_dim = 8;
+  cfg.num_classes = 3;
+  cfg.attention = true;
+  cfg.attention_heads = 2;
+  cfg.groups = 4;
+  nn::Parameters<float> ps;
+  nn::UNet<float> net(ps, cfg);
+  ps.allocate();
+  fd::Generator gen{5};
+  net.init(ps, gen);
+  // 16 x 16: 4 samples per group at the top level, so a batch of 36 makes 9 groups (8 chunks).
+  const fd::index_t n = 36;
+  auto x = fd::randn<float>({n, 1, 16, 16}, gen);
+  auto dout = fd::randn<float>(x.shape(), gen);
+  fd::Tensor<float> t({n});
+  fd::fill_uniform(t, gen);
+  fd::Tensor<fd::label_t> y({n});
+  for (fd::index_t i = 0; i < n; ++i) y.data()[i] = static_cast<fd::label_t>(i % 4);  // 3 = null
+  auto run = [&] {
+    nn::UNet<float>::Cache cache;
+    fd::Tensor<float> out(x.shape()), dx(x.shape());
+    ps.zero_grad();
+    net.forward(ps, x, t, y, out, cache);
+    net.backward(ps, dout, dx, cache);
+    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+  };
+  const Result one = with_threads(1, run);
+  const Result two = with_threads(2, run);
+  check_same(one, two);
+}
+
+TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 threads",
+          "[nn][threads]") {
+  nn::Parameters<float> ps;
+  nn::Conv2d<float> conv(ps, "c", 3, 5, 3, 2, 1);
+  ps.allocate();
+  fd::Generator gen{6};
+  conv.init(ps, gen);
+  // 32 x 32 stride 2: 256 columns per sample, 4 samples per group: 21 groups, 8 chunks.
+  auto x = fd::randn<float>({81, 3, 32, 32}, gen);
+  const auto os = conv.output_shape(x.shape());
+  auto dy = fd::randn<float>(os, gen);
+  auto run = [&] {
+    nn::Conv2d<float>::Cache cache;
+    fd::Tensor<float> out(os), dx(x.shape());
+    ps.zero_grad();
+    conv.forward(ps, x, out, cache);
+    conv.backward(ps, x, dy, dx, cache);
+    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+  };
+  check_same(with_threads(1, run), with_threads(2, run));
+}
+
+TEST_CASE("MLP training pass and a large GEMM are bit-identical on 1 and 2 threads",
+          "[nn][threads]") {
+  nn::Parameters<float> ps;
+  nn::MLP<float> mlp(ps, nn::MLPConfig{.dim = 2, .width = 64, .depth = 3, .time_dim = 16});
+  ps.allocate();
+  fd::Generator gen{8};
+  mlp.init(ps, gen);
+  const fd::index_t n = 512;
+  auto x = fd::randn<float>({n, 2}, gen);
+  auto dout = fd::randn<float>(x.shape(), gen);
+  fd::Tensor<float> t({n});
+  fd::fill_uniform(t, gen);
+  auto run = [&] {
+    nn::MLP<float>::Cache cache;
+    fd::Tensor<float> out(x.shape()), dx(x.shape());
+    ps.zero_grad();
+    mlp.forward(ps, x, t, {}, out, cache);
+    mlp.backward(ps, dout, dx, cache);
+    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+  };
+  check_same(with_threads(1, run), with_threads(2, run));
+
+  // A GEMM with k > 320, where Eigen's own threading would pick a different blocking.
+  auto a = fd::randn<float>({300, 700}, gen);
+  auto b = fd::randn<float>({700, 200}, gen);
+  auto gemm_run = [&] {
+    fd::Tensor<float> c({300, 200});
+    fd::gemm(fd::Trans::no, fd::Trans::no, 1.0f, a, b, 0.0f, c);
+    return Result{copy_of(c.view()), {}, {1.0f}};
+  };
+  check_same(with_threads(1, gemm_run), with_threads(2, gemm_run));
+}
