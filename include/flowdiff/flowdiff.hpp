@@ -73,6 +73,7 @@
 #include "flowdiff/nn/models/dit.hpp"
 #include "flowdiff/nn/models/mlp.hpp"
 #include "flowdiff/nn/models/unet.hpp"
+#include "flowdiff/nn/models/vae.hpp"
 #include "flowdiff/nn/as_field.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
