@@ -19,6 +19,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flowdiff/flowdiff.hpp"
@@ -886,6 +887,12 @@ TEST_CASE("Batcher: generic items, invalid states and shapes", "[data][batcher]"
   CHECK(firsts == std::vector<double>{0, 1, 2, 3, 4, 5});
   fd::Tensor<fd::label_t> y6(fd::Shape{6});
   CHECK_THROWS_WITH(gb.next(xg, y6), Contains("labels requested") && Contains("has none"));
+
+  // A batcher of a temporary data set would dangle, so it does not compile.
+  STATIC_REQUIRE(
+      std::is_constructible_v<fd::data::Batcher, const fd::data::ImageDataset&, std::uint64_t>);
+  STATIC_REQUIRE(
+      !std::is_constructible_v<fd::data::Batcher, fd::data::ImageDataset&&, std::uint64_t>);
 
   const auto ds = numbered_dataset(10);
   fd::data::Batcher b(ds, 1);

@@ -68,6 +68,8 @@ class BasicBatcher {
   /// Batches of an ImageDataset's images and labels (the data set must outlive the batcher).
   BasicBatcher(const ImageDataset& data, std::uint64_t seed) requires std::is_same_v<T, float>
       : BasicBatcher(data.images.view(), data.labels.view(), seed) {}
+  /// A temporary data set would dangle: keep the data set in a variable.
+  BasicBatcher(ImageDataset&& data, std::uint64_t seed) = delete;
 
   /// x: [B, ...] (the items' trailing shape, 1 <= B <= N); y: [B], or empty to skip the labels.
   /// Fills the next batch and advances the state.
