@@ -181,11 +181,15 @@ TEST_CASE("read_idx rejects corrupt files with messages that say what is wrong",
     CHECK_THROWS_AS(fd::data::read_idx(path("extent0.idx")), fd::io_error);
     CHECK_THROWS_WITH(fd::data::read_idx(path("extent0.idx")),
                       Contains("extent0.idx") && Contains("dimension 1 of [2, 0] is 0"));
+    write_raw(path("first0.idx"), idx_bytes({0, 5}, {}));
+    CHECK_THROWS_WITH(fd::data::read_idx(path("first0.idx")),
+                      Contains("dimension 0 of [0, 5] is 0"));
   }
   SECTION("dimensions that overflow") {
     write_raw(path("huge.idx"), idx_bytes({0xFFFFFFFFu, 0xFFFFFFFFu}, {}));
-    CHECK_THROWS_WITH(fd::data::read_idx(path("huge.idx")),
-                      Contains("huge.idx") && Contains("dimensions overflow"));
+    CHECK_THROWS_WITH(
+        fd::data::read_idx(path("huge.idx")),
+        Contains("huge.idx") && Contains("dimensions [4294967295, 4294967295] overflow"));
   }
   SECTION("a huge header with no payload fails without allocating it") {
     write_raw(path("big.idx"), idx_bytes({0xFFFFu, 0xFFFFu, 0x3FFu}, iota_bytes(10)));

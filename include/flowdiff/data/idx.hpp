@@ -183,26 +183,25 @@ inline IdxArray read_idx(const std::filesystem::path& file) {
                     " dimensions need ", header.size(), " bytes of extents, got ", got_header);
   IdxArray out;
   out.dims.resize(ndim);
+  for (unsigned k = 0; k < ndim; ++k)
+    out.dims[k] = static_cast<index_t>((std::uint64_t{header[4 * k]} << 24) |
+                                       (std::uint64_t{header[4 * k + 1]} << 16) |
+                                       (std::uint64_t{header[4 * k + 2]} << 8) | header[4 * k + 3]);
   std::uint64_t total = 1;
   // Bound the payload well inside index_t and size_t (2^48 bytes is far past any real data set).
   constexpr std::uint64_t max_total = std::uint64_t{1} << 48;
   for (unsigned k = 0; k < ndim; ++k) {
-    const std::uint64_t d = (std::uint64_t{header[4 * k]} << 24) |
-                            (std::uint64_t{header[4 * k + 1]} << 16) |
-                            (std::uint64_t{header[4 * k + 2]} << 8) | header[4 * k + 3];
-    out.dims[k] = static_cast<index_t>(d);
+    const auto d = static_cast<std::uint64_t>(out.dims[k]);
     require<io_error>(d >= 1, "read_idx: '", name, "': dimension ", k, " of ",
                       detail::dims_string(out.dims), " is 0; an IDX array must not be empty");
-    require<io_error>(total <= max_total / d, "read_idx: '", name,
-                      "': the dimensions overflow: ", "the product of the first ", k + 1,
-                      " extents exceeds 2^48 elements");
+    require<io_error>(total <= max_total / d, "read_idx: '", name, "': the dimensions ",
+                      detail::dims_string(out.dims), " overflow: their product exceeds 2^48");
     total *= d;
   }
 
-  // Grow the buffer as bytes arrive, so that a corrupt header cannot make us allocate more than the
-  // file really holds.
+  // Grow the buffer (geometrically) as bytes arrive rather than allocating prod(dims) up front, so
+  // that a corrupt header cannot make us allocate much more than the file really holds.
   const auto expected = static_cast<std::size_t>(total);
-  out.data.reserve(std::min<std::size_t>(expected, std::size_t{1} << 26));
   std::size_t have = 0;
   while (have < expected) {
     const std::size_t want = std::min(expected - have, std::max<std::size_t>(have, 1 << 20));
