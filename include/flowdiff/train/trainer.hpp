@@ -81,6 +81,39 @@ class SampledSource {
   index_t k_;
 };
 
+/// Batches from a shuffling batcher over a data set in memory (data::Batcher: next(x, y),
+/// state() -> {epoch, position}, set_state): the batcher's position is checkpointed, so a resumed
+/// run sees the same batches. Holds a reference.
+template <class Batcher>
+class BatcherSource {
+ public:
+  BatcherSource(Batcher& batcher, Shape sample_shape, index_t num_classes)
+      : b_(&batcher), shape_(sample_shape), k_(num_classes) {}
+  template <class T>
+  void next(View<T> x, View<label_t> y, Generator&) {
+    b_->next(x, y);
+  }
+  Shape sample_shape() const { return shape_; }
+  index_t num_classes() const { return k_; }
+  std::vector<std::int64_t> state() const {
+    const auto s = b_->state();
+    return {s.epoch, s.position};
+  }
+  void set_state(const std::vector<std::int64_t>& s) {
+    require<io_error>(s.size() == 2, "BatcherSource: a batcher state has 2 values (epoch, "
+                      "position), the checkpoint holds ", s.size());
+    auto st = b_->state();
+    st.epoch = s[0];
+    st.position = s[1];
+    b_->set_state(st);
+  }
+
+ private:
+  Batcher* b_;
+  Shape shape_;
+  index_t k_;
+};
+
 struct TrainerOptions {
   std::int64_t steps = 1000;        ///< total optimizer steps of the run (a resumed run included)
   index_t batch = 128;              ///< samples per step
@@ -199,6 +232,7 @@ class Trainer {
       ++step_;
       last_loss_ = loss;
       last_grad_norm_ = norm;
+      losses_.push_back(loss);
       window += loss;
       ++window_n;
       if (window_n > o_.log_every) {
@@ -230,6 +264,9 @@ class Trainer {
   std::int64_t step() const { return step_; }
   double last_loss() const { return last_loss_; }
   double last_grad_norm() const { return last_grad_norm_; }
+  /// The loss of every step this trainer ran (since construction; a resumed run's earlier steps
+  /// are in the CSV).
+  const std::vector<double>& losses() const { return losses_; }
   const Generator& generator() const { return gen_; }
   const Objective& objective() const { return objective_; }
   Objective& objective() { return objective_; }
@@ -396,6 +433,7 @@ class Trainer {
   Tensor<label_t> y_;
   std::int64_t step_ = 0;
   double last_loss_ = NAN, last_grad_norm_ = NAN;
+  std::vector<double> losses_;
   std::optional<std::ofstream> csv_;
 };
 
