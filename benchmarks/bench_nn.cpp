@@ -369,9 +369,13 @@ int main(int argc, char** argv) {
   }
   if (!train.empty()) return driver(train, std::stol(batch), std::stol(steps));
 
+  // Best of 7 short trials: other processes on the cores only ever lower the figure.
   const int nt = fd::Cpu::max_threads();
-  const double avx2 = measure_peak(nt, 30'000'000, 8);
-  const double avx512 = has_avx512() ? measure_peak(nt, 30'000'000, 16) : 0.0;
+  double avx2 = 0, avx512 = 0;
+  for (int trial = 0; trial < 7; ++trial) {
+    avx2 = std::max(avx2, measure_peak(nt, 5'000'000, 8));
+    if (has_avx512()) avx512 = std::max(avx512, measure_peak(nt, 5'000'000, 16));
+  }
   g_peak = std::max(avx2, avx512);
   benchmark::AddCustomContext("fma_peak_gflops_avx2", std::to_string(avx2));
   benchmark::AddCustomContext("fma_peak_gflops_avx512", std::to_string(avx512));
