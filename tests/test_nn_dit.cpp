@@ -1,10 +1,8 @@
-// The diffusion transformer (nn/models/dit.hpp) and the patch layers
-// (nn/layers/patchify.hpp): finite-difference gradient checks in double (patch
-// embedding, one adaLN-Zero block, whole models with sin-cos and learned
-// positions, conditional and unconditional), PyTorch parity in fp32 against
-// tests/fixtures/dit.safetensors (tools/fixtures/dit.py; state_dicts loaded
-// strictly by name), the reference's zero init, cache reuse, as_field + cfg,
-// and error messages.
+// The diffusion transformer (nn/models/dit.hpp) and the patch layers (nn/layers/patchify.hpp):
+// finite-difference gradient checks in double (patch embedding, one adaLN-Zero block, whole
+// models with sin-cos and learned positions, conditional and unconditional), PyTorch parity in
+// fp32 against tests/fixtures/dit.safetensors (tools/fixtures/dit.py; state_dicts loaded strictly
+// by name), the reference's zero init, cache reuse, as_field + cfg, and error messages.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
@@ -36,11 +34,10 @@ using flowdiff::test::make_times;
 using flowdiff::test::max_abs_diff;
 using flowdiff::test::nmse;
 
-// Moves every parameter to a random value: the zero-initialised adaLN and final
-// layers would otherwise hide most gradients (a zero gate passes no gradient
-// into its branch).
+// Moves every parameter to a random value: the zero-initialised adaLN and final layers would
+// otherwise hide most gradients (a zero gate passes no gradient into its branch).
 template <class T>
-void randomise(nn::Parameters<T> &ps, fd::Generator &gen, double scale) {
+void randomise(nn::Parameters<T>& ps, fd::Generator& gen, double scale) {
   for (fd::index_t id = 0; id < ps.count(); ++id) {
     auto p = ps.param(id);
     for (fd::index_t i = 0; i < p.numel(); ++i)
@@ -48,8 +45,7 @@ void randomise(nn::Parameters<T> &ps, fd::Generator &gen, double scale) {
   }
 }
 
-nn::DiTConfig tiny_config(fd::index_t num_classes, bool learned,
-                          fd::index_t patch) {
+nn::DiTConfig tiny_config(fd::index_t num_classes, bool learned, fd::index_t patch) {
   return {.in_channels = 2,
           .image_size = 8,
           .patch_size = patch,
@@ -63,56 +59,41 @@ nn::DiTConfig tiny_config(fd::index_t num_classes, bool learned,
 }
 
 std::filesystem::path fixture() {
-  return std::filesystem::path(__FILE__).parent_path() / "fixtures" /
-         "dit.safetensors";
+  return std::filesystem::path(__FILE__).parent_path() / "fixtures" / "dit.safetensors";
 }
 
-} // namespace
+}  // namespace
 
-TEST_CASE("patchify / unpatchify: inverse permutations in both layouts",
-          "[nn][dit][patchify]") {
+TEST_CASE("patchify / unpatchify: inverse permutations in both layouts", "[nn][dit][patchify]") {
   fd::Generator gen(1);
-  auto x =
-      fd::randn<double>({2, 3, 6, 4}, gen); // p = 2: 3 x 2 patches of 12 values
-  for (auto layout :
-       {nn::PatchLayout::channel_first, nn::PatchLayout::channel_last}) {
+  auto x = fd::randn<double>({2, 3, 6, 4}, gen);  // p = 2: 3 x 2 patches of 12 values
+  for (auto layout : {nn::PatchLayout::channel_first, nn::PatchLayout::channel_last}) {
     fd::Tensor<double> p({2, 6, 12}), back({2, 3, 6, 4});
     nn::patchify<double>(x, 2, p.view(), layout);
     nn::unpatchify<double>(p, 2, back.view(), layout);
-    for (fd::index_t i = 0; i < x.numel(); ++i)
-      REQUIRE(back.data()[i] == x.data()[i]);
-    // Spot values: token 4 = patch row 2, column 0; pixel (c = 1, u = 1, v =
-    // 0).
+    for (fd::index_t i = 0; i < x.numel(); ++i) REQUIRE(back.data()[i] == x.data()[i]);
+    // Spot values: token 4 = patch row 2, column 0; pixel (c = 1, u = 1, v = 0).
     const double v = x.data()[((0 * 3 + 1) * 6 + 2 * 2 + 1) * 4 + 0];
-    const fd::index_t e = layout == nn::PatchLayout::channel_first
-                              ? (1 * 2 + 1) * 2 + 0
-                              : (1 * 2 + 0) * 3 + 1;
+    const fd::index_t e =
+        layout == nn::PatchLayout::channel_first ? (1 * 2 + 1) * 2 + 0 : (1 * 2 + 0) * 3 + 1;
     CHECK(p.data()[4 * 12 + e] == v);
   }
   // Gradient check of both directions (each is the other's adjoint).
-  fd::Tensor<double> p({2, 6, 12}), dx({2, 3, 6, 4}), dp({2, 6, 12}),
-      y({2, 3, 6, 4});
+  fd::Tensor<double> p({2, 6, 12}), dx({2, 3, 6, 4}), dp({2, 6, 12}), y({2, 3, 6, 4});
   auto r1 = nn::gradcheck(
       {{"x", x.view(), dx.view()}}, nullptr, {p.view()},
-      [&] {
-        nn::patchify<double>(x, 2, p.view(), nn::PatchLayout::channel_last);
-      },
-      [&](const auto &dy) {
-        nn::unpatchify<double>(dy[0], 2, dx.view(),
-                               nn::PatchLayout::channel_last);
+      [&] { nn::patchify<double>(x, 2, p.view(), nn::PatchLayout::channel_last); },
+      [&](const auto& dy) {
+        nn::unpatchify<double>(dy[0], 2, dx.view(), nn::PatchLayout::channel_last);
       },
       gen);
   CHECK(r1.ok());
   auto pin = fd::randn<double>({2, 6, 12}, gen);
   auto r2 = nn::gradcheck(
       {{"patches", pin.view(), dp.view()}}, nullptr, {y.view()},
-      [&] {
-        nn::unpatchify<double>(pin, 2, y.view(),
-                               nn::PatchLayout::channel_first);
-      },
-      [&](const auto &dy) {
-        nn::patchify<double>(dy[0], 2, dp.view(),
-                             nn::PatchLayout::channel_first);
+      [&] { nn::unpatchify<double>(pin, 2, y.view(), nn::PatchLayout::channel_first); },
+      [&](const auto& dy) {
+        nn::patchify<double>(dy[0], 2, dp.view(), nn::PatchLayout::channel_first);
       },
       gen);
   CHECK(r2.ok());
@@ -132,14 +113,11 @@ TEST_CASE("PatchEmbed: gradients and equality with a stride-p convolution",
   pe.init(ps, gen);
   CHECK(ps.info(0).name == "x_embedder.proj.weight");
   CHECK(ps.info(0).shape == fd::Shape{5, 3, 2, 2});
-  nn::Parameters<double>
-      pc; // the same weights in a Conv2d(3, 5, kernel 2, stride 2)
+  nn::Parameters<double> pc;  // the same weights in a Conv2d(3, 5, kernel 2, stride 2)
   nn::Conv2d<double> conv(pc, "conv", 3, 5, 2, 2, 0);
   pc.allocate();
-  fd::copy(pc.param(conv.weight_id()),
-           fd::View<const double>(ps.param(pe.weight_id())));
-  fd::copy(pc.param(conv.bias_id()),
-           fd::View<const double>(ps.param(pe.bias_id())));
+  fd::copy(pc.param(conv.weight_id()), fd::View<const double>(ps.param(pe.weight_id())));
+  fd::copy(pc.param(conv.bias_id()), fd::View<const double>(ps.param(pe.bias_id())));
   auto x = fd::randn<double>({2, 3, 4, 6}, gen);
   fd::Tensor<double> y({2, 6, 5}), dx({2, 3, 4, 6}), yc({2, 5, 2, 3});
   nn::PatchEmbed<double>::Cache cache;
@@ -150,20 +128,17 @@ TEST_CASE("PatchEmbed: gradients and equality with a stride-p convolution",
   for (fd::index_t n = 0; n < 2; ++n)
     for (fd::index_t k = 0; k < 6; ++k)
       for (fd::index_t d = 0; d < 5; ++d)
-        err = std::max(err, std::abs(y.data()[(n * 6 + k) * 5 + d] -
-                                     yc.data()[(n * 5 + d) * 6 + k]));
+        err =
+            std::max(err, std::abs(y.data()[(n * 6 + k) * 5 + d] - yc.data()[(n * 5 + d) * 6 + k]));
   CHECK(err < 1e-13);
   auto rep = nn::gradcheck(
-      {{"x", x.view(), dx.view()}}, &ps, {y.view()},
-      [&] { pe.forward(ps, x, y.view(), cache); },
-      [&](const auto &dy) { pe.backward(ps, x, dy[0], dx.view(), cache); },
-      gen);
+      {{"x", x.view(), dx.view()}}, &ps, {y.view()}, [&] { pe.forward(ps, x, y.view(), cache); },
+      [&](const auto& dy) { pe.backward(ps, x, dy[0], dx.view(), cache); }, gen);
   INFO(rep.summary());
   CHECK(rep.ok());
 }
 
-TEST_CASE("DiTBlock: gradients w.r.t. x, c and every parameter match central "
-          "differences",
+TEST_CASE("DiTBlock: gradients w.r.t. x, c and every parameter match central differences",
           "[nn][dit][gradcheck]") {
   fd::Generator gen(3);
   nn::Parameters<double> ps;
@@ -175,20 +150,16 @@ TEST_CASE("DiTBlock: gradients w.r.t. x, c and every parameter match central "
   fd::Tensor<double> out({2, 5, 8}), dx({2, 5, 8}), dc({2, 8});
   nn::DiTBlock<double>::Cache cache;
   auto rep = nn::gradcheck(
-      {{"x", x.view(), dx.view()}, {"c", c.view(), dc.view()}}, &ps,
-      {out.view()}, [&] { block.forward(ps, x, c, out.view(), cache); },
-      [&](const auto &dy) {
-        block.backward(ps, x, c, dy[0], dx.view(), dc.view(), cache);
-      },
-      gen);
+      {{"x", x.view(), dx.view()}, {"c", c.view(), dc.view()}}, &ps, {out.view()},
+      [&] { block.forward(ps, x, c, out.view(), cache); },
+      [&](const auto& dy) { block.backward(ps, x, c, dy[0], dx.view(), dc.view(), cache); }, gen);
   INFO(rep.summary());
   CHECK(rep.ok());
   WARN("DiTBlock gradcheck: worst error " << rep.max_error);
 }
 
-TEST_CASE(
-    "DiT: gradients w.r.t. x and every parameter match central differences",
-    "[nn][dit][gradcheck]") {
+TEST_CASE("DiT: gradients w.r.t. x and every parameter match central differences",
+          "[nn][dit][gradcheck]") {
   struct Case {
     fd::index_t num_classes;
     bool learned;
@@ -205,30 +176,27 @@ TEST_CASE(
     const fd::index_t n = 2;
     auto x = fd::randn<double>({n, 2, 8, 8}, gen);
     auto t = make_times<double>({0.13, 0.71});
-    auto y =
-        cs.num_classes > 0 ? make_labels({1, 3}) : fd::Tensor<fd::label_t>();
+    auto y = cs.num_classes > 0 ? make_labels({1, 3}) : fd::Tensor<fd::label_t>();
     fd::Tensor<double> out({n, 2, 8, 8}), dx({n, 2, 8, 8});
     nn::DiT<double>::Cache cache;
     auto rep = nn::gradcheck(
         {{"x", x.view(), dx.view()}}, &ps, {out.view()},
         [&] { net.forward(ps, x, t, y, out, cache); },
-        [&](const auto &dy) { net.backward(ps, dy[0], dx, cache); }, gen);
+        [&](const auto& dy) { net.backward(ps, dy[0], dx, cache); }, gen);
     INFO(rep.summary());
     CHECK(rep.ok());
-    WARN("DiT gradcheck (classes = " << cs.num_classes << ", learned = "
-                                     << cs.learned << ", p = " << cs.patch
-                                     << "): worst error " << rep.max_error);
+    WARN("DiT gradcheck (classes = " << cs.num_classes << ", learned = " << cs.learned
+                                     << ", p = " << cs.patch << "): worst error " << rep.max_error);
   }
 }
 
-TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs "
-          "and gradients",
+TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs and gradients",
           "[nn][dit][parity]") {
   REQUIRE(std::filesystem::exists(fixture()));
   const auto file = fd::io::SafetensorsFile::read(fixture());
   double worst = 0;
   std::string worst_name;
-  auto cmp = [&](const std::string &name, fd::View<const float> a) {
+  auto cmp = [&](const std::string& name, fd::View<const float> a) {
     INFO(name);
     const double e = nmse(a, file.tensor<float>(name));
     CHECK(e <= 1e-7);
@@ -238,12 +206,11 @@ TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs "
     }
   };
 
-  { // One block, registered under the name a DiT gives its first block.
+  {  // One block, registered under the name a DiT gives its first block.
     nn::Parameters<float> ps;
     nn::DiTBlock<float> block(ps, "blocks.0", 16, 2);
     ps.allocate();
-    const auto rep = nn::load_parameters(
-        ps, file, {.strict = true, .prefix = "block.model."});
+    const auto rep = nn::load_parameters(ps, file, {.strict = true, .prefix = "block.model."});
     CHECK(rep.missing.empty());
     CHECK(rep.unexpected.empty());
     const auto x = file.tensor<float>("block.x");
@@ -287,19 +254,18 @@ TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs "
         .frequency_dim = 256,
         .learned_pos_embed = true}},
   };
-  for (const auto &cs : cases) {
+  for (const auto& cs : cases) {
     INFO(cs.name);
     nn::Parameters<float> ps;
     nn::DiT<float> net(ps, cs.config);
     ps.allocate();
-    const auto rep = nn::load_parameters(
-        ps, file, {.strict = true, .prefix = cs.name + ".model."});
+    const auto rep = nn::load_parameters(ps, file, {.strict = true, .prefix = cs.name + ".model."});
     CHECK(rep.missing.empty());
     CHECK(rep.unexpected.empty());
     const auto x = file.tensor<float>(cs.name + ".x");
     const auto t = file.tensor<float>(cs.name + ".t");
-    const auto y = net.conditional() ? file.tensor<fd::label_t>(cs.name + ".y")
-                                     : fd::Tensor<fd::label_t>();
+    const auto y =
+        net.conditional() ? file.tensor<fd::label_t>(cs.name + ".y") : fd::Tensor<fd::label_t>();
     const auto dout = file.tensor<float>(cs.name + ".dout");
     fd::Tensor<float> out(x.shape()), dx(x.shape());
     nn::DiT<float>::Cache cache;
@@ -311,35 +277,27 @@ TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs "
     for (fd::index_t id = 0; id < ps.count(); ++id)
       cmp(cs.name + ".grad." + ps.info(id).name, ps.grad(id));
   }
-  { // The fixed 2-D sin-cos table equals the reference's
-    // get_2d_sincos_pos_embed.
+  {  // The fixed 2-D sin-cos table equals the reference's get_2d_sincos_pos_embed.
     nn::Parameters<float> ps;
-    nn::DiT<float> net(ps, {.image_size = 16,
-                            .patch_size = 2,
-                            .hidden = 16,
-                            .depth = 1,
-                            .heads = 2});
+    nn::DiT<float> net(ps,
+                       {.image_size = 16, .patch_size = 2, .hidden = 16, .depth = 1, .heads = 2});
     cmp("sincos.8x8.d16", net.sincos_table());
   }
   WARN("DiT PyTorch parity: worst NMSE " << worst << " (" << worst_name << ")");
 }
 
-TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names",
-          "[nn][dit]") {
+TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names", "[nn][dit]") {
   fd::Generator gen(4);
   nn::Parameters<float> ps;
-  nn::DiT<float> net(ps, {.image_size = 16,
-                          .patch_size = 4,
-                          .hidden = 32,
-                          .depth = 2,
-                          .heads = 4,
-                          .num_classes = 10});
+  nn::DiT<float> net(
+      ps,
+      {.image_size = 16, .patch_size = 4, .hidden = 32, .depth = 2, .heads = 4, .num_classes = 10});
   ps.allocate();
   net.init(ps, gen);
   CHECK(net.tokens() == 16);
   CHECK(net.null_label() == 10);
-  const auto &p = ps;
-  const auto shape = [&](const char *n) { return p.info(p.find(n)).shape; };
+  const auto& p = ps;
+  const auto shape = [&](const char* n) { return p.info(p.find(n)).shape; };
   CHECK(shape("x_embedder.proj.weight") == fd::Shape{32, 1, 4, 4});
   CHECK(shape("t_embedder.mlp.0.weight") == fd::Shape{32, 256});
   CHECK(shape("y_embedder.embedding_table.weight") == fd::Shape{11, 32});
@@ -349,21 +307,18 @@ TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names",
   CHECK(shape("final_layer.adaLN_modulation.1.weight") == fd::Shape{64, 32});
   CHECK(shape("final_layer.linear.weight") == fd::Shape{16, 32});
   CHECK_THROWS_AS(ps.find("pos_embed"),
-                  fd::config_error); // sin-cos: not a parameter
+                  fd::config_error);  // sin-cos: not a parameter
   // xavier_uniform bound sqrt(6 / (fan_in + fan_out)) on qkv [96, 32]: 0.2165.
   const auto qkv = ps.param(ps.find("blocks.1.attn.qkv.weight"));
   double mx = 0;
-  for (fd::index_t i = 0; i < qkv.numel(); ++i)
-    mx = std::max(mx, double(std::abs(qkv[i])));
+  for (fd::index_t i = 0; i < qkv.numel(); ++i) mx = std::max(mx, double(std::abs(qkv[i])));
   CHECK(mx <= std::sqrt(6.0 / 128) + 1e-6);
   CHECK(mx > 0.9 * std::sqrt(6.0 / 128));
-  for (const char *zero :
-       {"blocks.0.adaLN_modulation.1.weight",
-        "blocks.1.adaLN_modulation.1.bias", "final_layer.linear.weight",
-        "final_layer.linear.bias", "blocks.0.attn.qkv.bias"}) {
+  for (const char* zero :
+       {"blocks.0.adaLN_modulation.1.weight", "blocks.1.adaLN_modulation.1.bias",
+        "final_layer.linear.weight", "final_layer.linear.bias", "blocks.0.attn.qkv.bias"}) {
     const auto v = ps.param(ps.find(zero));
-    for (fd::index_t i = 0; i < v.numel(); ++i)
-      REQUIRE(v[i] == 0.0f);
+    for (fd::index_t i = 0; i < v.numel(); ++i) REQUIRE(v[i] == 0.0f);
   }
   // At init every block is the identity and the output is exactly zero.
   auto x = fd::randn<float>({2, 1, 16, 16}, gen);
@@ -372,21 +327,17 @@ TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names",
   fill(out.view(), 1.0f);
   nn::DiT<float>::Cache cache;
   net.forward(ps, x, t, make_labels({3, 10}), out, cache);
-  for (fd::index_t i = 0; i < out.numel(); ++i)
-    REQUIRE(out[i] == 0.0f);
-  // ... yet the final layer's weights get a gradient (the first training step
-  // moves them).
+  for (fd::index_t i = 0; i < out.numel(); ++i) REQUIRE(out[i] == 0.0f);
+  // ... yet the final layer's weights get a gradient (the first training step moves them).
   auto dout = fd::randn<float>({2, 1, 16, 16}, gen);
   ps.zero_grad();
   net.backward(ps, dout, {}, cache);
   double g = 0;
   const auto gw = ps.grad(ps.find("final_layer.linear.weight"));
-  for (fd::index_t i = 0; i < gw.numel(); ++i)
-    g += std::abs(gw[i]);
+  for (fd::index_t i = 0; i < gw.numel(); ++i) g += std::abs(gw[i]);
   CHECK(g > 0);
 
-  // A learned position embedding is the parameter "pos_embed" [1, L, D],
-  // started at sin-cos.
+  // A learned position embedding is the parameter "pos_embed" [1, L, D], started at sin-cos.
   nn::Parameters<float> ps2;
   nn::DiT<float> net2(ps2, {.image_size = 16,
                             .patch_size = 4,
@@ -401,9 +352,8 @@ TEST_CASE("DiT: the reference's init (adaLN-Zero: u = 0) and parameter names",
   CHECK(max_abs_diff(pe.reshape({16, 32}), net2.sincos_table()) == 0);
 }
 
-TEST_CASE(
-    "DiT: the cache is reused while N repeats; empty labels are the null label",
-    "[nn][dit]") {
+TEST_CASE("DiT: the cache is reused while N repeats; empty labels are the null label",
+          "[nn][dit]") {
   fd::Generator gen(5);
   nn::Parameters<float> ps;
   nn::DiT<float> net(ps, {.image_size = 8,
@@ -423,14 +373,13 @@ TEST_CASE(
   auto dout = fd::randn<float>({3, 1, 8, 8}, gen);
   fd::Tensor<float> dx({3, 1, 8, 8});
   net.backward(ps, dout, dx, cache);
-  const float *h0 = cache.h0.data();
-  const float *qkv = cache.bc[1].at.qkv.data();
-  const float *dbig = cache.scratch.dbig.data();
+  const float* h0 = cache.h0.data();
+  const float* qkv = cache.bc[1].at.qkv.data();
+  const float* dbig = cache.scratch.dbig.data();
   net.forward(ps, x, t, make_labels({4, 4, 4}), out2, cache);
   CHECK(max_abs_diff(out, out2) == 0);
   CHECK(max_abs_diff(out, fd::Tensor<float>::zeros(out.shape())) > 0);
-  // Skipping dx leaves the parameter gradients bit-identical; no buffer was
-  // re-allocated.
+  // Skipping dx leaves the parameter gradients bit-identical; no buffer was re-allocated.
   ps.zero_grad();
   net.backward(ps, dout, dx, cache);
   const auto g = ps.flat_grads();
@@ -454,20 +403,18 @@ namespace {
 struct CountingDiT {
   using value_type = float;
   using Cache = nn::DiT<float>::Cache;
-  const nn::DiT<float> *m;
+  const nn::DiT<float>* m;
   mutable std::vector<fd::index_t> calls;
-  void forward(const nn::Parameters<float> &ps, fd::View<const float> x,
-               fd::View<const float> t, fd::View<const fd::label_t> y,
-               fd::View<float> out, Cache &c) const {
+  void forward(const nn::Parameters<float>& ps, fd::View<const float> x, fd::View<const float> t,
+               fd::View<const fd::label_t> y, fd::View<float> out, Cache& c) const {
     calls.push_back(x.dim(0));
     m->forward(ps, x, t, y, out, c);
   }
   fd::index_t num_classes() const { return m->num_classes(); }
 };
-} // namespace
+}  // namespace
 
-TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal "
-          "to separate calls",
+TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal to separate calls",
           "[nn][dit][as_field][cfg]") {
   fd::Generator gen(6);
   nn::Parameters<float> ps;
@@ -488,11 +435,9 @@ TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal "
   const fd::Shape s{n, 1, 8, 8};
   auto x0 = fd::randn<float>(s, gen);
   auto x = x0.clone();
-  const auto stats =
-      fd::integrate(fd::Heun{}, field, x, fd::uniform_grid<float>(2));
+  const auto stats = fd::integrate(fd::Heun{}, field, x, fd::uniform_grid<float>(2));
   CHECK(stats.field_evaluations == 4);
-  for (fd::index_t i = 0; i < x.numel(); ++i)
-    REQUIRE(std::isfinite(x.data()[i]));
+  for (fd::index_t i = 0; i < x.numel(); ++i) REQUIRE(std::isfinite(x.data()[i]));
   CHECK(max_abs_diff(x, x0) > 0);
 
   auto y = make_labels({0, 2, 1});
@@ -512,14 +457,11 @@ TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal "
     ref.data()[i] = -2.0f * uncond.data()[i] + 3.0f * cond.data()[i];
   const double err = max_abs_diff(out, ref);
   CHECK(err <= 1e-5);
-  WARN("DiT cfg: 2N batch vs (1 - w) u(x|null) + w u(x|y) from separate calls, "
-       "max abs "
-       "difference "
+  WARN("DiT cfg: 2N batch vs (1 - w) u(x|null) + w u(x|y) from separate calls, max abs difference "
        << err);
 }
 
-TEST_CASE("DiT: errors name the model, the argument and the shapes",
-          "[nn][dit][errors]") {
+TEST_CASE("DiT: errors name the model, the argument and the shapes", "[nn][dit][errors]") {
   nn::Parameters<float> ps;
   nn::DiT<float> net(ps, {.image_size = 8,
                           .patch_size = 2,
@@ -533,54 +475,43 @@ TEST_CASE("DiT: errors name the model, the argument and the shapes",
   fd::Tensor<float> x({2, 1, 8, 8}), t({2}), out({2, 1, 8, 8});
   fd::Tensor<float> x16({2, 1, 16, 16});
   CHECK_THROWS_AS(net.forward(ps, x16, t, {}, out, cache), fd::shape_error);
-  CHECK_THROWS_WITH(net.forward(ps, x16, t, {}, out, cache),
-                    Contains("DiT: x: expected shape [N, 1, 8, 8] with N >= 1, "
-                             "got [2, 1, 16, 16]"));
+  CHECK_THROWS_WITH(
+      net.forward(ps, x16, t, {}, out, cache),
+      Contains("DiT: x: expected shape [N, 1, 8, 8] with N >= 1, got [2, 1, 16, 16]"));
   fd::Tensor<float> t3({3});
   CHECK_THROWS_WITH(net.forward(ps, x, t3, {}, out, cache),
                     Contains("DiT: t: expected shape [2], got [3]"));
   fd::Tensor<float> out2({2, 1, 8, 4});
-  CHECK_THROWS_WITH(
-      net.forward(ps, x, t, {}, out2, cache),
-      Contains("DiT: out: expected shape [2, 1, 8, 8], got [2, 1, 8, 4]"));
+  CHECK_THROWS_WITH(net.forward(ps, x, t, {}, out2, cache),
+                    Contains("DiT: out: expected shape [2, 1, 8, 8], got [2, 1, 8, 4]"));
   CHECK_THROWS_WITH(net.forward(ps, x, t, make_labels({0, 0}), out, cache),
                     Contains("unconditional"));
   CHECK_THROWS_WITH(net.backward(ps, out, {}, cache), Contains("forward"));
   net.forward(ps, x, t, {}, out, cache);
   fd::Tensor<float> dbad({1, 1, 8, 8});
-  CHECK_THROWS_WITH(
-      net.backward(ps, dbad, {}, cache),
-      Contains("DiT: dout: expected shape [2, 1, 8, 8], got [1, 1, 8, 8]"));
+  CHECK_THROWS_WITH(net.backward(ps, dbad, {}, cache),
+                    Contains("DiT: dout: expected shape [2, 1, 8, 8], got [1, 1, 8, 8]"));
 
   nn::Parameters<float> ps2;
-  nn::DiT<float> cond(ps2,
-                      {.image_size = 8,
-                       .patch_size = 2,
-                       .hidden = 16,
-                       .depth = 1,
-                       .heads = 2,
-                       .num_classes = 2},
-                      "vf.");
+  nn::DiT<float> cond(
+      ps2,
+      {.image_size = 8, .patch_size = 2, .hidden = 16, .depth = 1, .heads = 2, .num_classes = 2},
+      "vf.");
   ps2.allocate();
   nn::DiT<float>::Cache c2;
   CHECK(ps2.info(0).name == "vf.x_embedder.proj.weight");
   CHECK_THROWS_WITH(cond.forward(ps2, x, t, make_labels({0}), out, c2),
                     Contains("vf. (DiT): y: expected shape [2], got [1]"));
-  CHECK_THROWS_AS(cond.forward(ps2, x, t, make_labels({0, 5}), out, c2),
-                  fd::config_error);
+  CHECK_THROWS_AS(cond.forward(ps2, x, t, make_labels({0, 5}), out, c2), fd::config_error);
 
   nn::Parameters<float> p3;
   CHECK_THROWS_WITH(
       nn::DiT<float>(p3, {.image_size = 10, .patch_size = 4}),
-      Contains(
-          "DiT: need in_channels >= 1 and image_size a positive multiple of "
-          "patch_size"));
+      Contains("DiT: need in_channels >= 1 and image_size a positive multiple of patch_size"));
   CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 30, .heads = 4}),
                     Contains("hidden must be a positive multiple of heads"));
-  CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 6, .heads = 2}),
-                    Contains("hidden % 4 == 0"));
-  CHECK_NOTHROW(nn::DiT<float>(
-      p3, {.hidden = 6, .heads = 2, .learned_pos_embed = true}, "ok."));
+  CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 6, .heads = 2}), Contains("hidden % 4 == 0"));
+  CHECK_NOTHROW(nn::DiT<float>(p3, {.hidden = 6, .heads = 2, .learned_pos_embed = true}, "ok."));
   CHECK_THROWS_AS(nn::DiT<float>(p3, {.depth = 0}), fd::config_error);
   CHECK_THROWS_AS(nn::DiT<float>(p3, {.mlp_ratio = 0.0}), fd::config_error);
 
@@ -588,15 +519,10 @@ TEST_CASE("DiT: errors name the model, the argument and the shapes",
   nn::DiTBlock<float> block(p4, "blocks.0", 8, 2);
   p4.allocate();
   nn::DiTBlock<float>::Cache bc;
-  fd::Tensor<float> bx({2, 3, 8}), bcond({2, 8}), bout({2, 3, 8}),
-      bbad({2, 3, 7});
-  CHECK_THROWS_WITH(
-      block.forward(p4, bbad, bcond, bout, bc),
-      Contains(
-          "blocks.0 (DiTBlock): x: expected shape [N, L, 8], got [2, 3, 7]"));
-  CHECK_THROWS_WITH(
-      block.forward(p4, bx, bx, bout, bc),
-      Contains("blocks.0 (DiTBlock): c: expected shape [2, 8], got [2, 3, 8]"));
-  CHECK_THROWS_WITH(block.backward(p4, bx, bcond, bout, {}, {}, bc),
-                    Contains("forward"));
+  fd::Tensor<float> bx({2, 3, 8}), bcond({2, 8}), bout({2, 3, 8}), bbad({2, 3, 7});
+  CHECK_THROWS_WITH(block.forward(p4, bbad, bcond, bout, bc),
+                    Contains("blocks.0 (DiTBlock): x: expected shape [N, L, 8], got [2, 3, 7]"));
+  CHECK_THROWS_WITH(block.forward(p4, bx, bx, bout, bc),
+                    Contains("blocks.0 (DiTBlock): c: expected shape [2, 8], got [2, 3, 8]"));
+  CHECK_THROWS_WITH(block.backward(p4, bx, bcond, bout, {}, {}, bc), Contains("forward"));
 }
