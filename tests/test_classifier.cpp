@@ -372,7 +372,7 @@ TEST_CASE("ConvClassifier: cache reuse, batch independence and errors", "[nn][cl
   // A time-conditioned model needs t.
   nn::Parameters<float> pt;
   nn::ConvClassifier<float> timed(
-      pt, {.channels = {4}, .feature_dim = 4, .num_classes = 2, .time_dim = 4});
+      pt, {.channels = {4}, .feature_dim = 4, .num_classes = 2, .groups = 0, .time_dim = 4});
   pt.allocate();
   fd::Tensor<float> zt({4, 2});
   nn::ConvClassifier<float>::Cache ct;
@@ -390,7 +390,8 @@ TEST_CASE("ConvClassifier: cache reuse, batch independence and errors", "[nn][cl
 TEST_CASE("ConvClassifier: checkpoint round trip gives identical logits", "[nn][classifier]") {
   const auto dir = scratch_dir("roundtrip");
   fd::Generator gen(21);
-  const nn::ConvClassifierConfig cfg{.channels = {4, 8}, .feature_dim = 6, .num_classes = 3};
+  const nn::ConvClassifierConfig cfg{
+      .channels = {4, 8}, .feature_dim = 6, .num_classes = 3, .groups = 0};
   nn::Parameters<float> ps;
   nn::ConvClassifier<float> net(ps, cfg);
   ps.allocate();
@@ -424,7 +425,8 @@ TEST_CASE(
   fd::Tensor<fd::label_t> ytr, yte;
   toy_images(160, gen, xtr, ytr);
   toy_images(60, gen, xte, yte);
-  const nn::ConvClassifierConfig cfg{.channels = {4, 8}, .feature_dim = 8, .num_classes = 2};
+  const nn::ConvClassifierConfig cfg{
+      .channels = {4, 8}, .feature_dim = 8, .num_classes = 2, .groups = 0};
   std::ostringstream log;
   metrics::ClassifierTrainOptions o;
   o.epochs = 3;
@@ -471,7 +473,8 @@ TEST_CASE(
   }
   {  // Another architecture (or geometry) does not reuse the cache: it retrains and replaces it.
     log.str("");
-    const nn::ConvClassifierConfig cfg2{.channels = {4, 4}, .feature_dim = 8, .num_classes = 2};
+    const nn::ConvClassifierConfig cfg2{
+        .channels = {4, 4}, .feature_dim = 8, .num_classes = 2, .groups = 0};
     nn::Parameters<float> ps;
     nn::ConvClassifier<float> net(ps, cfg2);
     ps.allocate();
@@ -507,7 +510,8 @@ TEST_CASE(
   fd::Tensor<fd::label_t> ytr, yte;
   toy_images(64, gen, xtr, ytr, /*labels_random=*/true);
   toy_images(40, gen, xte, yte, /*labels_random=*/true);
-  const nn::ConvClassifierConfig cfg{.channels = {4}, .feature_dim = 4, .num_classes = 2};
+  const nn::ConvClassifierConfig cfg{
+      .channels = {4}, .feature_dim = 4, .num_classes = 2, .groups = 0};
   std::ostringstream log;
   metrics::ClassifierTrainOptions o;
   o.epochs = 1;

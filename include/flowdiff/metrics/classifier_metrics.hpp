@@ -10,7 +10,9 @@
 //  - train_classifier / load_or_train_classifier: AdamW on the mean cross-entropy over shuffled
 //    mini-batches (warm-up + cosine learning rate), test accuracy measured at the end, a bar the
 //    classifier must clear before it is cached (an atomic safetensors checkpoint whose metadata
-//    records the configuration and image geometry it was trained for).
+//    records the configuration and image geometry it was trained for);
+//  - load_or_train_fashion_classifier: the same for a data::ImageDataset with the measured
+//    Fashion-MNIST architecture (docs/metrics.md), returning the parameters and the model together.
 #pragma once
 
 #include <algorithm>
@@ -31,6 +33,7 @@
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/data/dataset.hpp"
 #include "flowdiff/io/safetensors.hpp"
 #include "flowdiff/metrics/frechet.hpp"
 #include "flowdiff/nn/checkpoint.hpp"
@@ -450,6 +453,62 @@ ClassifierTrainReport load_or_train_classifier(const std::filesystem::path& cach
     say(o, "classifier: wrote " + cache_path.string());
   }
   return rep;
+}
+
+/// The classifier architecture measured on Fashion-MNIST (docs/metrics.md) for images of
+/// `channels` x `image_size` x `image_size` and `num_classes` classes: ConvClassifierConfig's
+/// defaults with a flatten head (image_size 28, or 32 for the padded images the pixel-space
+/// generative models produce).
+inline nn::ConvClassifierConfig fashion_classifier_config(index_t image_size = 32,
+                                                          index_t num_classes = 10,
+                                                          index_t channels = 1) {
+  nn::ConvClassifierConfig c;
+  c.in_channels = channels;
+  c.num_classes = num_classes;
+  c.image_size = image_size;
+  return c;
+}
+
+/// A classifier with its own parameters (the model refers to them by id, so the two travel
+/// together; the struct is movable).
+template <class T = float>
+struct TrainedClassifier {
+  nn::Parameters<T> params;
+  nn::ConvClassifier<T> net;
+  ClassifierTrainReport report;
+
+  explicit TrainedClassifier(const nn::ConvClassifierConfig& config) : net(params, config) {
+    params.allocate();
+  }
+  /// A batched evaluator over this classifier (it must outlive the evaluator).
+  ClassifierEvaluator<T> evaluator(index_t batch = 250) const {
+    return ClassifierEvaluator<T>(net, params, batch);
+  }
+};
+
+/// load_or_train_classifier for Fashion-MNIST-like data sets (train and test of the same square
+/// geometry [N, C, S, S], S = 28, or 32 with FashionMnistOptions::pad_to_32 — train on the
+/// geometry the generative model produces): builds fashion_classifier_config(S, num_classes, C),
+/// then loads the cache at `cache_path` or trains and caches (see load_or_train_classifier for
+/// what is checked and when the cache is replaced).
+inline TrainedClassifier<float> load_or_train_fashion_classifier(
+    const std::filesystem::path& cache_path, const data::ImageDataset& train,
+    const data::ImageDataset& test, const ClassifierTrainOptions& options, Generator& gen) {
+  const Shape s = test.images.shape();
+  require<shape_error>(s.rank() == 4 && s[2] == s[3] && s[2] >= 4,
+                       "load_or_train_fashion_classifier: test images: expected shape [N, C, S, "
+                       "S] (square, S >= 4), got ",
+                       s);
+  require<shape_error>(train.images.rank() == 4 && train.images.shape().tail() == s.tail(),
+                       "load_or_train_fashion_classifier: train images ", train.images.shape(),
+                       " and test images ", s, " differ in geometry");
+  require<config_error>(train.num_classes == test.num_classes,
+                        "load_or_train_fashion_classifier: train has ", train.num_classes,
+                        " classes, test ", test.num_classes);
+  TrainedClassifier<float> c(fashion_classifier_config(s[2], test.num_classes, s[1]));
+  c.report = load_or_train_classifier<float>(cache_path, c.net, c.params, train.images,
+                                             train.labels, test.images, test.labels, options, gen);
+  return c;
 }
 
 }  // namespace flowdiff::metrics
