@@ -50,7 +50,9 @@
 #include "flowdiff/samplers/sde.hpp"
 
 // metrics: sample-quality metrics
+#include "flowdiff/metrics/classifier_metrics.hpp"
 #include "flowdiff/metrics/distances.hpp"
+#include "flowdiff/metrics/frechet.hpp"
 
 // nn: the flat parameter store, the layers and the gradient checker of the networks
 #include "flowdiff/nn/checkpoint.hpp"
@@ -61,6 +63,7 @@
 #include "flowdiff/nn/layers/batchnorm.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
 #include "flowdiff/nn/layers/conv_transpose.hpp"
+#include "flowdiff/nn/layers/cross_entropy.hpp"
 #include "flowdiff/nn/layers/dropout.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
@@ -70,6 +73,7 @@
 #include "flowdiff/nn/layers/patchify.hpp"
 #include "flowdiff/nn/layers/pooling.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
+#include "flowdiff/nn/models/classifier.hpp"
 #include "flowdiff/nn/models/dit.hpp"
 #include "flowdiff/nn/models/mlp.hpp"
 #include "flowdiff/nn/models/unet.hpp"
