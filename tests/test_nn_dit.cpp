@@ -526,3 +526,22 @@ TEST_CASE("DiT: errors name the model, the argument and the shapes", "[nn][dit][
                     Contains("blocks.0 (DiTBlock): c: expected shape [2, 8], got [2, 3, 8]"));
   CHECK_THROWS_WITH(block.backward(p4, bx, bcond, bout, {}, {}, bc), Contains("forward"));
 }
+
+TEST_CASE("DiT: runs on a VAE latent (4x7x7, patch size 1)", "[nn][dit]") {
+  fd::Generator gen(7);
+  nn::Parameters<float> ps;
+  nn::DiT<float> net(ps, {.in_channels = 4, .image_size = 7, .patch_size = 1, .hidden = 32,
+                          .depth = 2, .heads = 4, .num_classes = 10});
+  ps.allocate();
+  net.init(ps, gen);
+  randomise(ps, gen, 0.05);
+  CHECK(net.tokens() == 49);
+  auto z = fd::randn<float>({3, 4, 7, 7}, gen);
+  fd::Tensor<float> out(z.shape()), dz(z.shape());
+  nn::DiT<float>::Cache cache;
+  net.forward(ps, z, make_times<float>({0.0, 0.5, 1.0}), make_labels({1, 10, 9}), out, cache);
+  net.backward(ps, z, dz, cache);
+  for (fd::index_t i = 0; i < out.numel(); ++i) REQUIRE(std::isfinite(out[i]));
+  for (fd::index_t i = 0; i < dz.numel(); ++i) REQUIRE(std::isfinite(dz[i]));
+  CHECK(max_abs_diff(out, fd::Tensor<float>::zeros(out.shape())) > 0);
+}
