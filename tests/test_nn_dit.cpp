@@ -530,8 +530,13 @@ TEST_CASE("DiT: errors name the model, the argument and the shapes", "[nn][dit][
 TEST_CASE("DiT: runs on a VAE latent (4x7x7, patch size 1)", "[nn][dit]") {
   fd::Generator gen(7);
   nn::Parameters<float> ps;
-  nn::DiT<float> net(ps, {.in_channels = 4, .image_size = 7, .patch_size = 1, .hidden = 32,
-                          .depth = 2, .heads = 4, .num_classes = 10});
+  nn::DiT<float> net(ps, {.in_channels = 4,
+                          .image_size = 7,
+                          .patch_size = 1,
+                          .hidden = 32,
+                          .depth = 2,
+                          .heads = 4,
+                          .num_classes = 10});
   ps.allocate();
   net.init(ps, gen);
   randomise(ps, gen, 0.05);
