@@ -74,16 +74,16 @@ int main(int argc, char** argv) try {
   auto& out_dir = cli.option<std::string>("out", "out/fashion_cfg", "output folder");
   auto& cache_dir = cli.option<std::string>("cache", "out/cache",
                                             "folder of the cached evaluation classifier");
-  auto& train_steps = cli.option<long>("train-steps", 3000, "optimizer steps");
+  auto& train_steps = cli.option<long>("train-steps", 1600, "optimizer steps");
   auto& batch = cli.option<long>("batch", 64, "training batch size");
   auto& lr = cli.option<double>("lr", 2e-3, "peak learning rate (AdamW, warmup + cosine)");
-  auto& channels_text = cli.option<std::string>("channels", "32,64,128",
+  auto& channels_text = cli.option<std::string>("channels", "16,32,64",
                                                 "U-Net channels per resolution level");
   auto& res_layers = cli.option<long>("res-layers", 1, "residual blocks per U-Net stage");
   auto& eta = cli.option<double>("eta", 0.1, "CFG label-dropout probability");
   auto& ws_text = cli.option<std::string>("w", "1,3,5", "guidance scales to sample");
   auto& sample_steps = cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1");
-  auto& per_class = cli.option<long>("eval-per-class", 40,
+  auto& per_class = cli.option<long>("eval-per-class", 30,
                                      "generated images per class for the metrics");
   auto& limit = cli.option<long>("limit", 0, "use only the first N training images (0: all)");
   auto& n_real = cli.option<long>("eval-real", 5000,

@@ -1,0 +1,338 @@
+// classifier_guidance — classifier guidance of an unconditional flow model compared with
+// classifier-free guidance at the same scales, on Fashion-MNIST. The flow model is the U-Net that
+// fashion_cfg trained (its EMA weights, out/fashion_cfg/unet_ema.safetensors): with the null label
+// it is the unconditional field u(x|∅), with a label the conditional one. This program trains a
+// time-conditioned classifier p_t(y | x_t) on noisy inputs x_t = alpha_t z + beta_t eps (the
+// linear path, t ~ U[t_min, 1]) and samples with
+//   CG:  u~ = u(x|∅) + w b_t ∇_x log p_t(y|x),   b_t = (d_alpha beta^2 - d_beta beta alpha)/alpha
+//   CFG: u~ = (1 - w) u(x|∅) + w u(x|y)
+// for each w. With exact fields the two are the same field (DESIGN.md §1, a test of
+// guidance/classifier.hpp); with learned ones they differ, and the table shows how: agreement of
+// the samples with their conditioning class under the separate evaluation classifier of
+// fashion_cfg, and the Fréchet distance to real test images in its penultimate features.
+// b_t is infinite at t = 0, so both samplers integrate over [t_min, 1] from N(0, I).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <flowdiff/flowdiff.hpp>
+#include <flowdiff/metrics/classifier_metrics.hpp>
+#include <flowdiff/nn/layers/cross_entropy.hpp>
+#include <flowdiff/nn/models/classifier.hpp>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "common/cli.hpp"
+
+namespace fd = flowdiff;
+namespace nn = flowdiff::nn;
+namespace tr = flowdiff::train;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+template <class V>
+std::vector<V> parse_list(const std::string& flag, const std::string& text) {
+  std::vector<V> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    std::istringstream is(item);
+    V v{};
+    is >> v;
+    fd::require<fd::config_error>(!is.fail() && is.eof(), "--", flag, ": cannot parse '", item,
+                                  "' in '", text, "' (a comma-separated list)");
+    out.push_back(v);
+  }
+  fd::require<fd::config_error>(!out.empty(), "--", flag, ": empty list");
+  return out;
+}
+
+/// ∇_x log p_t(y | x) of the noisy classifier, as the gradient callable classifier_guidance takes.
+struct NoisyClassifierGradient {
+  const nn::ConvClassifier<float>* net;
+  nn::Parameters<float>* ps;
+  nn::ConvClassifier<float>::Cache cache;
+  fd::Tensor<float> t, logits, dlogits;
+  fd::index_t num_classes() const { return net->num_classes(); }
+  void operator()(fd::View<const float> x, fd::View<float> out, float time,
+                  fd::View<const fd::label_t> y) {
+    t.resize(fd::Shape{x.dim(0)});
+    fd::fill(t.view(), time);
+    ps->zero_grad();  // the backward also accumulates parameter gradients; keep them bounded
+    nn::classifier_log_prob_grad<float>(*net, *ps, x, t, y, out, {}, cache, logits, dlogits);
+  }
+};
+
+/// Trains the time-conditioned classifier on x_t with t ~ U[t_min, 1]: mean cross-entropy, AdamW,
+/// warmup + cosine. Returns the seconds it took.
+double train_noisy_classifier(const nn::ConvClassifier<float>& net, nn::Parameters<float>& ps,
+                              const fd::data::ImageDataset& train, long steps, long batch,
+                              double lr, double t_min, std::uint64_t seed) {
+  const auto t0 = Clock::now();
+  fd::Generator gen(seed);
+  fd::data::Batcher batcher(train, seed + 1);
+  const fd::GaussianPath path(fd::schedules::Linear{});
+  tr::AdamW<float> opt({.lr = lr, .weight_decay = 1e-4});
+  nn::SoftmaxCrossEntropy<float> ce;
+  nn::SoftmaxCrossEntropy<float>::Cache ce_cache;
+  nn::ConvClassifier<float>::Cache cache;
+  fd::Tensor<float> z({batch, 1, 28, 28}), eps({batch, 1, 28, 28}), xt({batch, 1, 28, 28});
+  fd::Tensor<float> t({batch}), logits({batch, net.num_classes()}),
+      dlogits({batch, net.num_classes()});
+  fd::Tensor<fd::label_t> y({batch});
+  const long warmup = std::min<long>(100, steps / 10);
+  double window = 0;
+  for (long s = 0; s < steps; ++s) {
+    opt.set_lr(s < warmup ? tr::linear_warmup(s, lr, warmup)
+                          : tr::cosine_decay(s - warmup, lr, steps - warmup, lr / 20));
+    batcher.next(z.view(), y.view());
+    tr::UniformTime{t_min, 1.0}.sample(t.view(), gen);
+    fd::fill_normal(eps, gen);
+    path.sample(z, eps, t, xt);
+    ps.zero_grad();
+    net.forward(ps, xt.view(), t.view(), logits.view(), cache);
+    const double loss = ce.forward(logits.view(), y.view(), ce_cache);
+    fd::require<fd::numeric_error>(std::isfinite(loss), "classifier_guidance: noisy classifier "
+                                   "loss is not finite at step ", s + 1);
+    ce.backward(dlogits.view(), ce_cache);
+    net.backward(ps, dlogits.view(), {}, cache);
+    tr::clip_grad_norm(ps, 1.0);
+    opt.step(ps);
+    window += loss;
+    if ((s + 1) % std::max<long>(1, steps / 10) == 0 || s + 1 == steps) {
+      std::printf("noisy classifier: step %ld/%ld loss %.4f (%.1f s)\n", s + 1, steps,
+                  window / static_cast<double>(std::max<long>(1, steps / 10)), seconds_since(t0));
+      std::fflush(stdout);
+      window = 0;
+    }
+  }
+  return seconds_since(t0);
+}
+
+/// Accuracy of the noisy classifier on test images noised to time t (fixed noise seed).
+double noisy_accuracy(const nn::ConvClassifier<float>& net, const nn::Parameters<float>& ps,
+                      const fd::data::ImageDataset& test, fd::index_t n, float t) {
+  fd::Generator gen(1234);
+  const auto z = fd::View<const float>(test.images.view().rows(0, n));
+  auto eps = fd::randn<float>(z.shape(), gen);
+  fd::Tensor<float> xt(z.shape());
+  fd::GaussianPath(fd::schedules::Linear{}).sample(z, eps, t, xt);
+  const auto tt = fd::Tensor<float>::full({n}, t);
+  fd::metrics::ClassifierEvaluator<float> eval(net, ps, std::min<fd::index_t>(n, 250));
+  return eval
+      .agreement(xt, fd::View<const fd::label_t>(test.labels.view().rows(0, n)), tt.view())
+      .rate();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  fd::examples::Cli cli(
+      "classifier_guidance",
+      "Classifier guidance (a noisy classifier trained here) of the unconditional branch of "
+      "fashion_cfg's U-Net, against classifier-free guidance at the same scales: sample grids, "
+      "agreement and Frechet distance per w. Run fashion_cfg first.");
+  auto& data_dir = cli.option<std::string>("data-dir", "", "Fashion-MNIST folder (default: "
+                                                           "$FLOWDIFF_FASHION_MNIST or the Debian one)");
+  auto& model = cli.option<std::string>("model", "out/fashion_cfg/unet_ema.safetensors",
+                                        "the U-Net weights fashion_cfg wrote");
+  auto& channels_text = cli.option<std::string>("channels", "16,32,64",
+                                                "U-Net channels (as fashion_cfg was run)");
+  auto& res_layers = cli.option<long>("res-layers", 1, "U-Net residual blocks per stage");
+  auto& out_dir = cli.option<std::string>("out", "out/classifier_guidance", "output folder");
+  auto& cache_dir = cli.option<std::string>("cache", "out/cache",
+                                            "folder of the cached evaluation classifier");
+  auto& noisy_steps = cli.option<long>("classifier-steps", 2000,
+                                       "training steps of the noisy classifier");
+  auto& batch = cli.option<long>("batch", 128, "noisy-classifier batch size");
+  auto& lr = cli.option<double>("lr", 2e-3, "noisy-classifier peak learning rate");
+  auto& t_min = cli.option<double>("t-min", 0.02, "first time of the sampling grid (b_t is "
+                                                  "infinite at t = 0)");
+  auto& ws_text = cli.option<std::string>("w", "1,3,5", "guidance scales");
+  auto& sample_steps = cli.option<long>("sample-steps", 10, "Heun steps over [t-min, 1]");
+  auto& per_class = cli.option<long>("eval-per-class", 30, "generated images per class");
+  auto& n_real = cli.option<long>("eval-real", 5000, "real test images for the reference");
+  auto& limit = cli.option<long>("limit", 0, "use only the first N training images (0: all)");
+  auto& quick = cli.option<int>("quick", 0, "1: tiny smoke run (evaluation classifier not cached)");
+  auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
+  auto& seed = cli.option<unsigned long>("seed", 0, "random seed");
+  if (!cli.parse(argc, argv)) return 0;
+  const auto channels = parse_list<fd::index_t>("channels", channels_text);
+  const auto ws = parse_list<float>("w", ws_text);
+  fd::require<fd::config_error>(noisy_steps >= 1 && batch >= 1,
+                                "--classifier-steps and --batch must be >= 1");
+  fd::require<fd::config_error>(t_min > 0 && t_min < 1, "--t-min must lie in (0, 1), got ", t_min);
+  fd::require<fd::config_error>(sample_steps >= 1 && per_class >= 2 && n_real >= 2,
+                                "--sample-steps >= 1, --eval-per-class >= 2, --eval-real >= 2");
+#if defined(_OPENMP)
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+#endif
+  const auto t_start = Clock::now();
+  const std::filesystem::path out(out_dir), cache(cache_dir);
+  std::filesystem::create_directories(out);
+
+  fd::data::FashionMnistOptions dopt;
+  dopt.dir = data_dir;
+  dopt.limit = limit;
+  const auto train = fd::data::fashion_mnist(fd::data::Split::Train, dopt);
+  dopt.limit = 0;
+  const auto test = fd::data::fashion_mnist(fd::data::Split::Test, dopt);
+  const fd::index_t k = train.num_classes;
+
+  // The flow model fashion_cfg trained.
+  nn::Parameters<float> ups;
+  nn::UNet<float> unet(ups, {.in_channels = 1, .channels = channels,
+                             .num_residual_layers = res_layers, .num_classes = k});
+  ups.allocate();
+  fd::require<fd::io_error>(std::filesystem::exists(model), "classifier_guidance: no U-Net weights at '",
+                            model, "': run fashion_cfg first (bash scripts/demo.sh fashion_cfg), "
+                            "or pass --model with --channels/--res-layers as it was trained");
+  nn::load_parameters(ups, fd::io::SafetensorsFile::read(model));
+
+  // The evaluation classifier (the one fashion_cfg uses, from the same cache).
+  nn::Parameters<float> eps_;
+  nn::ConvClassifier<float> evaluator_net(eps_, {.in_channels = 1, .num_classes = k, .image_size = 28});
+  eps_.allocate();
+  {
+    fd::Generator cgen(seed + 17);
+    fd::metrics::ClassifierTrainOptions copt;
+    if (quick) {
+      copt.max_steps = 10;
+      copt.require_accuracy = false;
+      copt.write_cache = false;
+    }
+    const auto rep = fd::metrics::load_or_train_classifier<float>(
+        quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", evaluator_net,
+        eps_, train.images, train.labels, test.images, test.labels, copt, cgen);
+    std::printf("classifier_guidance: evaluation classifier: test accuracy %.2f%%%s\n",
+                100 * rep.test_accuracy, rep.loaded ? " (cached)" : "");
+  }
+  fd::metrics::ClassifierEvaluator<float> evaluator(evaluator_net, eps_, 200);
+
+  // The noisy classifier p_t(y | x_t): trained here, cached in the output folder.
+  nn::Parameters<float> nps;
+  nn::ConvClassifier<float> noisy(nps, {.in_channels = 1, .channels = {32, 64, 128},
+                                        .num_classes = k, .groups = 8, .time_dim = 32,
+                                        .image_size = 28});
+  nps.allocate();
+  const auto noisy_file = out / "noisy_classifier.safetensors";
+  double noisy_seconds = 0;
+  if (!quick && std::filesystem::exists(noisy_file)) {
+    nn::load_parameters(nps, fd::io::SafetensorsFile::read(noisy_file));
+    std::printf("classifier_guidance: loaded the noisy classifier from %s\n",
+                noisy_file.string().c_str());
+  } else {
+    fd::Generator ig(seed + 5);
+    noisy.init(nps, ig);
+    std::printf("classifier_guidance: training the noisy classifier p_t(y | x_t), %ld steps of %ld\n",
+                noisy_steps, batch);
+    noisy_seconds = train_noisy_classifier(noisy, nps, train, noisy_steps, batch, lr, t_min,
+                                           seed + 6);
+    if (!quick) nn::save_parameters(nps, noisy_file);
+  }
+  const fd::index_t n_acc = std::min<fd::index_t>(test.size(), quick ? 100 : 2000);
+  std::printf("noisy classifier test accuracy:");
+  for (float t : {0.25f, 0.5f, 0.75f, 1.0f})
+    std::printf("  t = %.2f: %.1f%%", t, 100 * noisy_accuracy(noisy, nps, test, n_acc, t));
+  std::printf("\n");
+
+  // Reference statistics of real test images, and the real-vs-real floor.
+  const fd::index_t n_eval = per_class * k;
+  const fd::index_t n_ref = std::min<fd::index_t>(test.size(), n_real);
+  const auto real_stats =
+      evaluator.feature_statistics(fd::View<const float>(test.images.view().rows(0, n_ref)));
+  const fd::index_t m_floor = std::min<fd::index_t>(n_eval, test.size() / 2);
+  const double floor = evaluator.frechet_to(
+      fd::View<const float>(test.images.view().rows(test.size() - m_floor, test.size())),
+      real_stats);
+
+  const fd::index_t grid_n = 8 * k;
+  fd::Tensor<fd::label_t> grid_y({grid_n}), eval_y({n_eval});
+  for (fd::index_t i = 0; i < grid_n; ++i) grid_y[i] = static_cast<fd::label_t>(i / 8);
+  for (fd::index_t i = 0; i < n_eval; ++i) eval_y[i] = static_cast<fd::label_t>(i % k);
+  fd::Generator noise_gen(seed + 3);
+  const auto grid_noise = fd::randn<float>({grid_n, 1, 28, 28}, noise_gen);
+  const auto eval_noise = fd::randn<float>({n_eval, 1, 28, 28}, noise_gen);
+  const auto tgrid = fd::uniform_grid<float>(sample_steps, static_cast<float>(t_min), 1.0f);
+  const fd::schedules::Linear schedule;
+
+  struct Result {
+    std::string method;
+    float w;
+    double agreement, frechet, seconds;
+  };
+  std::vector<Result> results;
+  std::vector<std::string> pictures;
+  NoisyClassifierGradient grad{&noisy, &nps, {}, {}, {}, {}};
+  for (const float w : ws) {
+    for (int method = 0; method < 2; ++method) {
+      const std::string name = method == 0 ? "CG" : "CFG";
+      auto run = [&](auto& field) {
+        const auto t0 = Clock::now();
+        auto x = grid_noise.clone();
+        field.set_condition(grid_y);
+        fd::integrate(fd::Heun{}, field, x, tgrid);
+        fd::check_finite("classifier_guidance: samples", x);
+        char file[64];
+        std::snprintf(file, sizeof file, "%s_w%g.png", method == 0 ? "cg" : "cfg", w);
+        fd::io::write_png_grid<float>(out / file, x, 8);
+        pictures.push_back((out / file).string());
+        auto xe = eval_noise.clone();
+        field.set_condition(eval_y);
+        fd::integrate(fd::Heun{}, field, xe, tgrid);
+        fd::check_finite("classifier_guidance: samples", xe);
+        const double secs = seconds_since(t0);
+        const double agree = evaluator.agreement(xe, eval_y).rate();
+        const double fr = evaluator.frechet_to(xe, real_stats);
+        results.push_back({name, w, agree, fr, secs});
+        std::printf("classifier_guidance: %-3s w = %g: agreement %.1f%%, Frechet distance %.3f "
+                    "(%.1f s)\n", name.c_str(), w, 100 * agree, fr, secs);
+        std::fflush(stdout);
+      };
+      if (method == 0) {
+        // u(x|∅): the U-Net with its null label (as_field's plain Field call).
+        auto field = fd::classifier_guidance<float>(nn::as_field(unet, ups), grad, schedule, w);
+        run(field);
+      } else {
+        auto field = fd::cfg(nn::as_field(unet, ups), w);
+        run(field);
+      }
+    }
+  }
+
+  std::printf("\n%-7s %-6s %-12s %-18s %-10s\n", "method", "w", "agreement", "Frechet distance",
+              "seconds");
+  for (const auto& r : results)
+    std::printf("%-7s %-6g %-12.3f %-18.3f %-10.1f\n", r.method.c_str(), r.w, r.agreement,
+                r.frechet, r.seconds);
+  std::printf("%-7s %-6s %-12s %-18.3f\n", "real", "-", "-", floor);
+  {
+    std::ofstream f(out / "metrics.csv");
+    f << "method,w,agreement,frechet_distance,sampling_seconds,noisy_classifier_seconds,"
+         "real_frechet_floor\n";
+    for (const auto& r : results)
+      f << r.method << ',' << r.w << ',' << r.agreement << ',' << r.frechet << ',' << r.seconds
+        << ',' << noisy_seconds << ',' << floor << '\n';
+    fd::require<fd::io_error>(f.good(), "classifier_guidance: cannot write ",
+                              (out / "metrics.csv").string());
+  }
+  std::printf("\nclassifier_guidance: done in %.1f s\n", seconds_since(t_start));
+  for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());
+  std::printf("wrote %s\n", (out / "metrics.csv").string().c_str());
+  return 0;
+} catch (const std::exception& e) {
+  std::cerr << "classifier_guidance: error: " << e.what() << '\n';
+  return 1;
+}
