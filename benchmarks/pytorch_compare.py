@@ -5,8 +5,10 @@ architectures as tools/fixtures/mlp.py and tools/fixtures/unet.py (imported from
 
 It alternates, round by round, PyTorch (torch.set_num_threads(threads)) and the C++ benchmark
 binary (bench_nn, --benchmark_format=json, OMP_NUM_THREADS=threads), and prints the median of
-each figure over the rounds and the ratio flowdiff / PyTorch (training steps/s: higher is better;
-forward latency: PyTorch / flowdiff, so > 1 means flowdiff is faster). One training step is
+each figure over the rounds, wall time and process CPU time (all threads) per training step or
+forward call, and the ratios PyTorch / flowdiff (> 1: flowdiff is faster; for training steps this
+is the ratio of steps/s flowdiff / PyTorch). On a shared machine the CPU-time ratio says what the
+work costs; the wall-time ratio also depends on the share of the cores each process was given. One training step is
 forward, MSE loss gradient, backward, AdamW (lr 1e-4, weight decay 1e-2) in both. PyTorch's
 forward latency is measured under torch.no_grad() (its best case); flowdiff's forward always
 fills the cache for backward.
@@ -73,24 +75,25 @@ class Trainer:
 
 
 def timed(fn, min_time, min_iters=3):
+    """(wall seconds, process CPU seconds of all threads) per call."""
     fn()  # warm-up (allocator, first-touch)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         n += 1
         el = time.perf_counter() - t0
         if n >= min_iters and el >= min_time:
-            return el / n
+            return el / n, (time.process_time() - c0) / n
 
 
 def torch_figures(min_time):
     f = {}
     for batch in (1024,):
         tr = Trainer("mlp", batch)
-        f[f"mlp_train/{batch}"] = 1.0 / timed(tr.step, min_time)
+        f[f"mlp_train/{batch}"] = timed(tr.step, min_time)
     for batch in (64, 250):
         tr = Trainer("unet", batch)
-        f[f"unet_train/{batch}"] = 1.0 / timed(tr.step, min_time)
+        f[f"unet_train/{batch}"] = timed(tr.step, min_time)
     with torch.no_grad():
         for kind in ("mlp", "unet"):
             model = make_mlp() if kind == "mlp" else make_unet()
@@ -122,11 +125,10 @@ def cpp_figures(bench, min_time, threads):
         env=env, check=True, capture_output=True, text=True).stdout
     f = {}
     for b in json.loads(out)["benchmarks"]:
-        name = b["name"].replace("/real_time", "")
+        name = b["name"].replace("/real_time", "").replace("/process_time", "")
         if name in CPP_NAMES:
-            sec = b["real_time"] * UNIT[b["time_unit"]]
-            key = CPP_NAMES[name]
-            f[key] = 1.0 / sec if "train" in key else sec
+            u = UNIT[b["time_unit"]]
+            f[CPP_NAMES[name]] = (b["real_time"] * u, b["cpu_time"] * u)
     return f
 
 
@@ -168,19 +170,23 @@ def main():
         runs_t.append(torch_figures(a.min_time))
         runs_c.append(cpp_figures(a.bench, a.min_time, a.threads))
         print(f"round {r + 1}/{a.rounds} done, load {load()}", flush=True)
-    med_t = {k: statistics.median(run[k] for run in runs_t) for k in runs_t[0]}
-    med_c = {k: statistics.median(run[k] for run in runs_c) for k in runs_c[0]}
+    def med(runs, k, i):
+        return statistics.median(run[k][i] for run in runs)
+
     print()
-    print("| figure | PyTorch | flowdiff | flowdiff / PyTorch |")
-    print("| --- | --- | --- | --- |")
-    for k in med_t:
-        t, c = med_t[k], med_c.get(k)
-        if c is None:
+    print("Seconds per training step / per forward call, median over rounds; 'wall' is elapsed time,")
+    print("'cpu' the process CPU time of all threads. Ratios > 1 favour flowdiff (PyTorch / flowdiff).")
+    print()
+    print("| figure | PyTorch wall | flowdiff wall | wall ratio | PyTorch cpu | flowdiff cpu | cpu ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k in runs_t[0]:
+        if k not in runs_c[0]:
             continue
-        if "train" in k:
-            print(f"| {k} (steps/s) | {t:.2f} | {c:.2f} | {c / t:.2f}x |")
-        else:
-            print(f"| {k} (latency) | {t * 1e6:.1f} us | {c * 1e6:.1f} us | {t / c:.2f}x faster |")
+        tw, tc = med(runs_t, k, 0), med(runs_t, k, 1)
+        cw, cc = med(runs_c, k, 0), med(runs_c, k, 1)
+        unit, sc = ("ms", 1e3) if "train" in k or "unet" in k else ("us", 1e6)
+        print(f"| {k} | {tw * sc:.1f} {unit} | {cw * sc:.1f} {unit} | {tw / cw:.2f} "
+              f"| {tc * sc:.1f} {unit} | {cc * sc:.1f} {unit} | {tc / cc:.2f} |")
     print(f"\nload after: {load()}")
 
     if a.memory:

@@ -4,8 +4,8 @@
 // (CMake option FLOWDIFF_USE_BLAS, on by default with the OpenMP OpenBLAS: docs/building.md).
 // Threads: C is cut into row (or column) panels whose number depends on the shape only, and each
 // panel is one single-threaded product; the panels are shared out dynamically over the OpenMP
-// threads (one parallel region per call), or run in turn inside an enclosing parallel region or on
-// one thread. Every element of C is thus computed by the same kernel with the same blocking
+// threads (one parallel region per call, for products of at least 2^23 flops), or run in turn
+// inside an enclosing parallel region, on one thread, or for smaller products. Every element of C is thus computed by the same kernel with the same blocking
 // whatever the thread count: results are bit-identical for 1, 2 or more threads, and a thread that
 // the OS deschedules on a busy machine delays only the panels it holds.
 #pragma once
@@ -41,6 +41,10 @@ inline index_t gemm_panels(index_t m, index_t n, index_t k) {
   const index_t by_size = std::max(m, n) / 8;
   return std::max<index_t>(1, std::min(by_work, by_size));
 }
+
+/// Products below this many flops run on the calling thread (about 100 us on one core): waking a
+/// second thread costs more, and far more on a busy machine, where it may wait for a time slice.
+inline constexpr double gemm_parallel_flops = double(1 << 23);
 
 /// C (+)= alpha op(A) op(B) on Eigen maps, by a single-threaded product (Eigen runs serially
 /// inside a parallel region, and so does the OpenMP OpenBLAS).
@@ -127,9 +131,21 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
     }
   };
 #if defined(_OPENMP)
-  if (count > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+  if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
+    const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) *
+                         static_cast<double>(ka);
+    if (count > 1 && flops >= detail::gemm_parallel_flops) {
 #pragma omp parallel for schedule(dynamic, 1)
+      for (index_t p = 0; p < count; ++p) run(p);
+      return;
+    }
+    // Serially on this thread: with the thread count set to 1 for the duration, neither Eigen nor
+    // the OpenMP OpenBLAS opens a parallel region of its own (whose wake-up costs more than a
+    // small product, and whose blocking would depend on the thread count).
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
     for (index_t p = 0; p < count; ++p) run(p);
+    omp_set_num_threads(threads);
     return;
   }
 #endif
