@@ -187,7 +187,7 @@ int main(int argc, char** argv) try {
   dopt.dir = data_dir;
   dopt.limit = limit;
   const auto train = fd::data::fashion_mnist(fd::data::Split::Train, dopt);
-  dopt.limit = 0;
+  dopt.limit = quick ? 500 : 0;  // smoke runs evaluate on a slice of the test set
   const auto test = fd::data::fashion_mnist(fd::data::Split::Test, dopt);
   const fd::index_t k = train.num_classes;
 
@@ -202,28 +202,28 @@ int main(int argc, char** argv) try {
   nn::load_parameters(ups, fd::io::SafetensorsFile::read(model));
 
   // The evaluation classifier (the one fashion_cfg uses, from the same cache).
-  nn::Parameters<float> eps_;
-  nn::ConvClassifier<float> evaluator_net(eps_, {.in_channels = 1, .num_classes = k, .image_size = 28});
-  eps_.allocate();
-  {
-    fd::Generator cgen(seed + 17);
-    fd::metrics::ClassifierTrainOptions copt;
-    if (quick) {
-      copt.max_steps = 10;
-      copt.require_accuracy = false;
-      copt.write_cache = false;
-    }
-    const auto rep = fd::metrics::load_or_train_classifier<float>(
-        quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", evaluator_net,
-        eps_, train.images, train.labels, test.images, test.labels, copt, cgen);
-    std::printf("classifier_guidance: evaluation classifier: test accuracy %.2f%%%s\n",
-                100 * rep.test_accuracy, rep.loaded ? " (cached)" : "");
+  fd::Generator cgen(seed + 17);
+  fd::metrics::ClassifierTrainOptions copt;
+  copt.epochs = 2;
+  copt.lr = 3e-3;
+  if (quick) {
+    copt.max_steps = 10;
+    copt.require_accuracy = false;
+    copt.write_cache = false;
   }
-  fd::metrics::ClassifierEvaluator<float> evaluator(evaluator_net, eps_, 200);
+  auto classifier = fd::metrics::load_or_train_fashion_classifier(
+      quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", train, test, copt,
+      cgen);
+  std::printf("classifier_guidance: evaluation classifier: test accuracy %.2f%%%s\n",
+              100 * classifier.report.test_accuracy, classifier.report.loaded ? " (cached)" : "");
+  fd::metrics::ClassifierEvaluator<float> evaluator(classifier.net, classifier.params, 200);
 
   // The noisy classifier p_t(y | x_t): trained here, cached in the output folder.
   nn::Parameters<float> nps;
-  nn::ConvClassifier<float> noisy(nps, {.in_channels = 1, .channels = {32, 64, 128},
+  // (A tiny variant in --quick smoke runs.)
+  nn::ConvClassifier<float> noisy(nps, {.in_channels = 1,
+                                        .channels = quick ? std::vector<fd::index_t>{8, 16}
+                                                          : std::vector<fd::index_t>{32, 64, 128},
                                         .num_classes = k, .groups = 8, .time_dim = 32,
                                         .image_size = 28});
   nps.allocate();
@@ -242,7 +242,7 @@ int main(int argc, char** argv) try {
                                            seed + 6);
     if (!quick) nn::save_parameters(nps, noisy_file);
   }
-  const fd::index_t n_acc = std::min<fd::index_t>(test.size(), quick ? 100 : 2000);
+  const fd::index_t n_acc = std::min<fd::index_t>(test.size(), quick ? 40 : 2000);
   std::printf("noisy classifier test accuracy:");
   for (float t : {0.25f, 0.5f, 0.75f, 1.0f})
     std::printf("  t = %.2f: %.1f%%", t, 100 * noisy_accuracy(noisy, nps, test, n_acc, t));

@@ -88,7 +88,7 @@ int main(int argc, char** argv) try {
   auto& limit = cli.option<long>("limit", 0, "use only the first N training images (0: all)");
   auto& n_real = cli.option<long>("eval-real", 5000,
                                   "real test images behind the Frechet reference statistics");
-  auto& classifier_epochs = cli.option<long>("classifier-epochs", 3,
+  auto& classifier_epochs = cli.option<long>("classifier-epochs", 2,
                                              "epochs of the evaluation classifier's training");
   auto& quick = cli.option<int>("quick", 0,
                                 "1: tiny smoke run (classifier not cached, no 90% bar)");
@@ -118,33 +118,30 @@ int main(int argc, char** argv) try {
   dopt.dir = data_dir;
   dopt.limit = limit;
   const auto train = fd::data::fashion_mnist(fd::data::Split::Train, dopt);
-  dopt.limit = 0;
+  dopt.limit = quick ? 500 : 0;  // smoke runs evaluate on a slice of the test set
   const auto test = fd::data::fashion_mnist(fd::data::Split::Test, dopt);
   const fd::index_t k = train.num_classes;
   std::printf("fashion_cfg: %ld training and %ld test images from %s\n",
               static_cast<long>(train.size()), static_cast<long>(test.size()),
               fd::data::fashion_mnist_dir(dopt).string().c_str());
 
-  // The evaluation classifier (trained once, then loaded from the cache).
-  nn::Parameters<float> cps;
-  nn::ConvClassifier<float> classifier(cps, {.in_channels = 1, .num_classes = k, .image_size = 28});
-  cps.allocate();
-  {
-    fd::Generator cgen(seed + 17);
-    fd::metrics::ClassifierTrainOptions copt;
-    copt.epochs = classifier_epochs;
-    if (quick) {
-      copt.max_steps = 20;
-      copt.require_accuracy = false;
-      copt.write_cache = false;
-    }
-    const auto rep = fd::metrics::load_or_train_classifier<float>(
-        quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", classifier, cps,
-        train.images, train.labels, test.images, test.labels, copt, cgen);
-    std::printf("fashion_cfg: evaluation classifier: test accuracy %.2f%%%s\n",
-                100 * rep.test_accuracy, rep.loaded ? " (cached)" : "");
+  // The evaluation classifier (trained once, then loaded from the cache): the architecture of
+  // metrics::fashion_classifier_config, 2 epochs at lr 3e-3 (90.99% measured on 28 x 28 images).
+  fd::Generator cgen(seed + 17);
+  fd::metrics::ClassifierTrainOptions copt;
+  copt.epochs = classifier_epochs;
+  copt.lr = 3e-3;
+  if (quick) {
+    copt.max_steps = 20;
+    copt.require_accuracy = false;
+    copt.write_cache = false;
   }
-  fd::metrics::ClassifierEvaluator<float> evaluator(classifier, cps, 200);
+  auto classifier = fd::metrics::load_or_train_fashion_classifier(
+      quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", train, test, copt,
+      cgen);
+  std::printf("fashion_cfg: evaluation classifier: test accuracy %.2f%%%s\n",
+              100 * classifier.report.test_accuracy, classifier.report.loaded ? " (cached)" : "");
+  fd::metrics::ClassifierEvaluator<float> evaluator(classifier.net, classifier.params, 200);
 
   // The U-Net and its training.
   nn::Parameters<float> ps;
