@@ -86,11 +86,16 @@
 #include "flowdiff/io/plot.hpp"
 #include "flowdiff/io/safetensors.hpp"
 
-// train: optimizers, learning-rate schedules, EMA, gradient clipping
+// train: objectives (CFM, CFG-CFM, DSM), time samplers, the trainer, optimizers, learning-rate
+// schedules, EMA, gradient clipping
 #include "flowdiff/train/clip.hpp"
 #include "flowdiff/train/ema.hpp"
+#include "flowdiff/train/objective.hpp"
 #include "flowdiff/train/optimizer.hpp"
+#include "flowdiff/train/progress.hpp"
 #include "flowdiff/train/schedule.hpp"
+#include "flowdiff/train/time_sampler.hpp"
+#include "flowdiff/train/trainer.hpp"
 
 // data: toy 2D distributions, image data sets, the IDX reader and Fashion-MNIST (the loaders link
 // flowdiff::io), mini-batches
