@@ -1,8 +1,8 @@
 // Network-engine throughput: the FMA peak of this CPU (an AVX2+FMA loop on every thread, measured
-// in this binary), fp32 GEMM GFLOP/s at the shapes the MLP and the U-Net use, through flowdiff::gemm
-// (Eigen's kernel, or OpenBLAS when the binary is built with EIGEN_USE_BLAS) and through
-// cblas_sgemm of the OpenMP OpenBLAS directly (when linked), each as a fraction of that peak;
-// Conv2d forward/backward GFLOP/s at the U-Net's shapes; MLP (4 x 256, SiLU, d = 2) and U-Net
+// in this binary), fp32 GEMM GFLOP/s at the shapes the MLP and the U-Net use, through
+// flowdiff::gemm (Eigen's kernel, or OpenBLAS when the binary is built with EIGEN_USE_BLAS) and
+// through cblas_sgemm of the OpenMP OpenBLAS directly (when linked), each as a fraction of that
+// peak; Conv2d forward/backward GFLOP/s at the U-Net's shapes; MLP (4 x 256, SiLU, d = 2) and U-Net
 // (6.S184 config: channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10
 // classes) training steps/s (forward + MSE gradient + backward + AdamW); forward latency at batch
 // 1, 4, 16. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a convolution's forward
@@ -148,8 +148,8 @@ void BM_gemm_cblas(benchmark::State& state) {
             k = static_cast<int>(state.range(2));
   const bool ta = state.range(3) != 0, tb = state.range(4) != 0;
   for (auto _ : state) {
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m,
-                n, k, 1.0f, d.a.data(), ta ? m : k, d.b.data(), tb ? k : n, 0.0f, d.c.data(), n);
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+                k, 1.0f, d.a.data(), ta ? m : k, d.b.data(), tb ? k : n, 0.0f, d.c.data(), n);
     benchmark::DoNotOptimize(d.c.data());
   }
   set_gemm_counters(state, 2.0 * m * n * k);
@@ -304,7 +304,8 @@ void BM_mlp_train(benchmark::State& state) {
   for (auto _ : state) m.train_step();
   state.SetItemsProcessed(state.iterations());  // steps
 }
-BENCHMARK(BM_mlp_train)->Arg(1024)
+BENCHMARK(BM_mlp_train)
+    ->Arg(1024)
     ->UseRealTime()
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);
@@ -315,7 +316,9 @@ void BM_unet_train(benchmark::State& state) {
   for (auto _ : state) m.train_step();
   state.SetItemsProcessed(state.iterations());
 }
-BENCHMARK(BM_unet_train)->Arg(64)->Arg(250)
+BENCHMARK(BM_unet_train)
+    ->Arg(64)
+    ->Arg(250)
     ->UseRealTime()
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);
@@ -328,7 +331,10 @@ void BM_mlp_forward(benchmark::State& state) {
     benchmark::DoNotOptimize(m.out.data());
   }
 }
-BENCHMARK(BM_mlp_forward)->Arg(1)->Arg(4)->Arg(16)
+BENCHMARK(BM_mlp_forward)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
     ->UseRealTime()
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMicrosecond);
@@ -341,7 +347,10 @@ void BM_unet_forward(benchmark::State& state) {
     benchmark::DoNotOptimize(m.out.data());
   }
 }
-BENCHMARK(BM_unet_forward)->Arg(1)->Arg(4)->Arg(16)
+BENCHMARK(BM_unet_forward)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
     ->UseRealTime()
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);

@@ -3,18 +3,16 @@
 // clipping and EMA averaging leave buffers alone (EMA copies them); checkpoints carry them under
 // their names; BatchNorm2d registers its running statistics as buffers.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <filesystem>
-#include <string>
-#include <vector>
-
 #include <flowdiff/nn/checkpoint.hpp>
 #include <flowdiff/nn/layers/batchnorm.hpp>
 #include <flowdiff/nn/parameters.hpp>
 #include <flowdiff/train/clip.hpp>
 #include <flowdiff/train/ema.hpp>
 #include <flowdiff/train/optimizer.hpp>
+#include <string>
+#include <vector>
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -79,7 +77,8 @@ TEST_CASE("buffers follow the trainable tensors in the flat layout", "[nn][buffe
   CHECK_THROWS_WITH(empty.add_buffer("y", fd::Shape{1}), Catch::Contains("add_buffer('y')"));
   nn::Parameters<float> dup;
   dup.add("x", fd::Shape{1});
-  CHECK_THROWS_WITH(dup.add_buffer("x", fd::Shape{1}), Catch::Contains("duplicate parameter name 'x'"));
+  CHECK_THROWS_WITH(dup.add_buffer("x", fd::Shape{1}),
+                    Catch::Contains("duplicate parameter name 'x'"));
 }
 
 TEST_CASE("optimizers with weight decay leave buffers unchanged", "[nn][buffers]") {

@@ -3,9 +3,8 @@
 // OpenMP threads (omp_set_num_threads), because GEMM panels, convolution groups and backward
 // chunks are cut by shape only and the weight-gradient partials are summed in a fixed order.
 // Batches are chosen so that convolutions run several groups and backward chunks in parallel.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <functional>
 #include <vector>

@@ -4,11 +4,12 @@
 // gradient clipping, EMA and checkpoints each make a single pass over the flat buffers; a layer
 // reaches its own tensors through the id it got at registration. Names follow PyTorch's
 // state_dict conventions ("enc.0.conv1.weight"), and layouts PyTorch's (Linear weight [out, in],
-// Conv2d weight [out, in, kh, kw]), so checkpoints interoperate with safetensors files from PyTorch.
-// Buffers (add_buffer: BatchNorm's running statistics, PyTorch's register_buffer) are state that is
-// saved and loaded with the parameters but never trained: allocate() places them after every
-// trainable tensor, so the trainable ones fill [0, trainable_size()) of the flat buffers and
-// optimizers and gradient clipping act on that range only (weight decay never shrinks a buffer).
+// Conv2d weight [out, in, kh, kw]), so checkpoints interoperate with safetensors files from
+// PyTorch. Buffers (add_buffer: BatchNorm's running statistics, PyTorch's register_buffer) are
+// state that is saved and loaded with the parameters but never trained: allocate() places them
+// after every trainable tensor, so the trainable ones fill [0, trainable_size()) of the flat
+// buffers and optimizers and gradient clipping act on that range only (weight decay never shrinks a
+// buffer).
 #pragma once
 
 #include <string>
@@ -25,8 +26,8 @@ namespace flowdiff::nn {
 struct ParameterInfo {
   std::string name;
   Shape shape;
-  index_t offset = 0;    ///< final once the store is allocated (buffers go after trainables)
-  bool buffer = false;   ///< true for add_buffer() tensors: saved and loaded, never trained
+  index_t offset = 0;   ///< final once the store is allocated (buffers go after trainables)
+  bool buffer = false;  ///< true for add_buffer() tensors: saved and loaded, never trained
   index_t numel() const { return shape.numel(); }
 };
 
@@ -40,7 +41,9 @@ class Parameters {
   static constexpr index_t alignment = 16;
 
   /// Registers a trainable tensor called `name` of `shape`; returns its id. Names must be unique.
-  index_t add(std::string name, Shape shape) { return add_entry("add", std::move(name), shape, false); }
+  index_t add(std::string name, Shape shape) {
+    return add_entry("add", std::move(name), shape, false);
+  }
 
   /// Registers a buffer: a tensor saved and loaded like a parameter (it has a gradient slot, which
   /// stays zero) that optimizers, gradient clipping and EMA averaging leave alone.

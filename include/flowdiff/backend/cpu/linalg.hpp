@@ -5,9 +5,10 @@
 // Threads: C is cut into row (or column) panels whose number depends on the shape only, and each
 // panel is one single-threaded product; the panels are shared out dynamically over the OpenMP
 // threads (one parallel region per call, for products of at least 2^23 flops), or run in turn
-// inside an enclosing parallel region, on one thread, or for smaller products. Every element of C is thus computed by the same kernel with the same blocking
-// whatever the thread count: results are bit-identical for 1, 2 or more threads, and a thread that
-// the OS deschedules on a busy machine delays only the panels it holds.
+// inside an enclosing parallel region, on one thread, or for smaller products. Every element of C
+// is thus computed by the same kernel with the same blocking whatever the thread count: results are
+// bit-identical for 1, 2 or more threads, and a thread that the OS deschedules on a busy machine
+// delays only the panels it holds.
 #pragma once
 
 #include <algorithm>
@@ -98,8 +99,8 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   const index_t n = tb == Trans::no ? b.dim(1) : b.dim(0);
   require<shape_error>(ka == kb, "gemm: inner dimensions differ: op(A) is [", m, ", ", ka,
                        "], op(B) is [", kb, ", ", n, "]");
-  require<shape_error>(c.dim(0) == m && c.dim(1) == n, "gemm: C must be [", m, ", ", n,
-                       "], got ", c.shape());
+  require<shape_error>(c.dim(0) == m && c.dim(1) == n, "gemm: C must be [", m, ", ", n, "], got ",
+                       c.shape());
   auto A = as_matrix(a);
   auto B = as_matrix(b);
   auto C = as_matrix(c);
@@ -132,8 +133,8 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   };
 #if defined(_OPENMP)
   if (omp_get_max_threads() > 1 && !omp_in_parallel()) {
-    const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) *
-                         static_cast<double>(ka);
+    const double flops =
+        2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(ka);
     if (count > 1 && flops >= detail::gemm_parallel_flops) {
 #pragma omp parallel for schedule(dynamic, 1)
       for (index_t p = 0; p < count; ++p) run(p);
@@ -154,7 +155,7 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
 
 /// Tensor-friendly overload: gemm(Trans::no, Trans::yes, 1.f, x, w, 0.f, y).
 template <class T, class A, class Bm, class C>
-  requires TensorLike<A> && TensorLike<Bm> && TensorLike<C>
+requires TensorLike<A> && TensorLike<Bm> && TensorLike<C>
 void gemm(Trans ta, Trans tb, T alpha, const A& a, const Bm& b, T beta, C&& c) {
   gemm<T>(ta, tb, alpha, View<const T, Cpu>(view_of(a)), View<const T, Cpu>(view_of(b)), beta,
           View<T, Cpu>(view_of(c)));

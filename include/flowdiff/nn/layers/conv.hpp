@@ -395,7 +395,8 @@ class Conv2d {
     }
     for (index_t t = 0; t < team; ++t) {
       grow(t == 0 ? cache.col : cache.col_t[static_cast<std::size_t>(t - 1)], K * G * L);
-      if (G > 1) grow(t == 0 ? cache.out : cache.out_t[static_cast<std::size_t>(t - 1)], out_ * G * L);
+      if (G > 1)
+        grow(t == 0 ? cache.out : cache.out_t[static_cast<std::size_t>(t - 1)], out_ * G * L);
     }
     if (cache.dw.size() < static_cast<std::size_t>(partials))
       cache.dw.resize(static_cast<std::size_t>(partials));
