@@ -104,8 +104,10 @@ double train_noisy_classifier(const nn::ConvClassifier<float>& net, nn::Paramete
     ps.zero_grad();
     net.forward(ps, xt.view(), t.view(), logits.view(), cache);
     const double loss = ce.forward(logits.view(), y.view(), ce_cache);
-    fd::require<fd::numeric_error>(std::isfinite(loss), "classifier_guidance: noisy classifier "
-                                   "loss is not finite at step ", s + 1);
+    fd::require<fd::numeric_error>(std::isfinite(loss),
+                                   "classifier_guidance: noisy classifier "
+                                   "loss is not finite at step ",
+                                   s + 1);
     ce.backward(dlogits.view(), ce_cache);
     net.backward(ps, dlogits.view(), {}, cache);
     tr::clip_grad_norm(ps, 1.0);
@@ -131,8 +133,7 @@ double noisy_accuracy(const nn::ConvClassifier<float>& net, const nn::Parameters
   fd::GaussianPath(fd::schedules::Linear{}).sample(z, eps, t, xt);
   const auto tt = fd::Tensor<float>::full({n}, t);
   fd::metrics::ClassifierEvaluator<float> eval(net, ps, std::min<fd::index_t>(n, 250));
-  return eval
-      .agreement(xt, fd::View<const fd::label_t>(test.labels.view().rows(0, n)), tt.view())
+  return eval.agreement(xt, fd::View<const fd::label_t>(test.labels.view().rows(0, n)), tt.view())
       .rate();
 }
 
@@ -144,22 +145,24 @@ int main(int argc, char** argv) try {
       "Classifier guidance (a noisy classifier trained here) of the unconditional branch of "
       "fashion_cfg's U-Net, against classifier-free guidance at the same scales: sample grids, "
       "agreement and Frechet distance per w. Run fashion_cfg first.");
-  auto& data_dir = cli.option<std::string>("data-dir", "", "Fashion-MNIST folder (default: "
-                                                           "$FLOWDIFF_FASHION_MNIST or the Debian one)");
+  auto& data_dir = cli.option<std::string>("data-dir", "",
+                                           "Fashion-MNIST folder (default: "
+                                           "$FLOWDIFF_FASHION_MNIST or the Debian one)");
   auto& model = cli.option<std::string>("model", "out/fashion_cfg/unet_ema.safetensors",
                                         "the U-Net weights fashion_cfg wrote");
-  auto& channels_text = cli.option<std::string>("channels", "16,32,64",
-                                                "U-Net channels (as fashion_cfg was run)");
+  auto& channels_text =
+      cli.option<std::string>("channels", "16,32,64", "U-Net channels (as fashion_cfg was run)");
   auto& res_layers = cli.option<long>("res-layers", 1, "U-Net residual blocks per stage");
   auto& out_dir = cli.option<std::string>("out", "out/classifier_guidance", "output folder");
-  auto& cache_dir = cli.option<std::string>("cache", "out/cache",
-                                            "folder of the cached evaluation classifier");
-  auto& noisy_steps = cli.option<long>("classifier-steps", 2000,
-                                       "training steps of the noisy classifier");
+  auto& cache_dir =
+      cli.option<std::string>("cache", "out/cache", "folder of the cached evaluation classifier");
+  auto& noisy_steps =
+      cli.option<long>("classifier-steps", 2000, "training steps of the noisy classifier");
   auto& batch = cli.option<long>("batch", 128, "noisy-classifier batch size");
   auto& lr = cli.option<double>("lr", 2e-3, "noisy-classifier peak learning rate");
-  auto& t_min = cli.option<double>("t-min", 0.02, "first time of the sampling grid (b_t is "
-                                                  "infinite at t = 0)");
+  auto& t_min = cli.option<double>("t-min", 0.02,
+                                   "first time of the sampling grid (b_t is "
+                                   "infinite at t = 0)");
   auto& ws_text = cli.option<std::string>("w", "1,3,5", "guidance scales");
   auto& sample_steps = cli.option<long>("sample-steps", 10, "Heun steps over [t-min, 1]");
   auto& per_class = cli.option<long>("eval-per-class", 30, "generated images per class");
@@ -193,11 +196,14 @@ int main(int argc, char** argv) try {
 
   // The flow model fashion_cfg trained.
   nn::Parameters<float> ups;
-  nn::UNet<float> unet(ups, {.in_channels = 1, .channels = channels,
-                             .num_residual_layers = res_layers, .num_classes = k});
+  nn::UNet<float> unet(ups, {.in_channels = 1,
+                             .channels = channels,
+                             .num_residual_layers = res_layers,
+                             .num_classes = k});
   ups.allocate();
-  fd::require<fd::io_error>(std::filesystem::exists(model), "classifier_guidance: no U-Net weights at '",
-                            model, "': run fashion_cfg first (bash scripts/demo.sh fashion_cfg), "
+  fd::require<fd::io_error>(std::filesystem::exists(model),
+                            "classifier_guidance: no U-Net weights at '", model,
+                            "': run fashion_cfg first (bash scripts/demo.sh fashion_cfg), "
                             "or pass --model with --channels/--res-layers as it was trained");
   nn::load_parameters(ups, fd::io::SafetensorsFile::read(model));
 
@@ -224,7 +230,9 @@ int main(int argc, char** argv) try {
   nn::ConvClassifier<float> noisy(nps, {.in_channels = 1,
                                         .channels = quick ? std::vector<fd::index_t>{8, 16}
                                                           : std::vector<fd::index_t>{32, 64, 128},
-                                        .num_classes = k, .groups = 8, .time_dim = 32,
+                                        .num_classes = k,
+                                        .groups = 8,
+                                        .time_dim = 32,
                                         .image_size = 28});
   nps.allocate();
   const auto noisy_file = out / "noisy_classifier.safetensors";
@@ -236,10 +244,11 @@ int main(int argc, char** argv) try {
   } else {
     fd::Generator ig(seed + 5);
     noisy.init(nps, ig);
-    std::printf("classifier_guidance: training the noisy classifier p_t(y | x_t), %ld steps of %ld\n",
-                noisy_steps, batch);
-    noisy_seconds = train_noisy_classifier(noisy, nps, train, noisy_steps, batch, lr, t_min,
-                                           seed + 6);
+    std::printf(
+        "classifier_guidance: training the noisy classifier p_t(y | x_t), %ld steps of %ld\n",
+        noisy_steps, batch);
+    noisy_seconds =
+        train_noisy_classifier(noisy, nps, train, noisy_steps, batch, lr, t_min, seed + 6);
     if (!quick) nn::save_parameters(nps, noisy_file);
   }
   const fd::index_t n_acc = std::min<fd::index_t>(test.size(), quick ? 40 : 2000);
@@ -297,8 +306,10 @@ int main(int argc, char** argv) try {
         const double agree = evaluator.agreement(xe, eval_y).rate();
         const double fr = evaluator.frechet_to(xe, real_stats);
         results.push_back({name, w, agree, fr, secs});
-        std::printf("classifier_guidance: %-3s w = %g: agreement %.1f%%, Frechet distance %.3f "
-                    "(%.1f s)\n", name.c_str(), w, 100 * agree, fr, secs);
+        std::printf(
+            "classifier_guidance: %-3s w = %g: agreement %.1f%%, Frechet distance %.3f "
+            "(%.1f s)\n",
+            name.c_str(), w, 100 * agree, fr, secs);
         std::fflush(stdout);
       };
       if (method == 0) {

@@ -2,12 +2,12 @@
 // matching with classifier-free label dropout (eta = 0.1), then sampled with classifier-free
 // guidance u~ = (1 - w) u(x|∅) + w u(x|y) for several w. It writes a 10 x 8 sample grid per w
 // (one row per class), the loss curve, and a metrics table (printed and as CSV): the share of
-// samples that a Fashion-MNIST classifier trained by flowdiff itself (metrics/classifier_metrics.hpp,
-// cached after its first run) assigns to the class they were conditioned on, and the Fréchet
-// distance between generated and real test images in that classifier's penultimate features, with
-// the real-vs-real value at the same sample size as the floor. Training checkpoints to the output
-// folder and resumes from it, so a second run continues (or, when finished, goes straight to
-// sampling).
+// samples that a Fashion-MNIST classifier trained by flowdiff itself
+// (metrics/classifier_metrics.hpp, cached after its first run) assigns to the class they were
+// conditioned on, and the Fréchet distance between generated and real test images in that
+// classifier's penultimate features, with the real-vs-real value at the same sample size as the
+// floor. Training checkpoints to the output folder and resumes from it, so a second run continues
+// (or, when finished, goes straight to sampling).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -68,30 +68,31 @@ int main(int argc, char** argv) try {
       "Class-conditional flow matching on Fashion-MNIST with a U-Net trained here (CFG dropout), "
       "sampled with classifier-free guidance; sample grids per guidance scale and a metrics table "
       "(classifier agreement, Frechet distance in classifier features).");
-  auto& data_dir = cli.option<std::string>(
-      "data-dir", "", "Fashion-MNIST folder (default: $FLOWDIFF_FASHION_MNIST or "
-                      "/usr/share/datasets/fashion-mnist)");
+  auto& data_dir =
+      cli.option<std::string>("data-dir", "",
+                              "Fashion-MNIST folder (default: $FLOWDIFF_FASHION_MNIST or "
+                              "/usr/share/datasets/fashion-mnist)");
   auto& out_dir = cli.option<std::string>("out", "out/fashion_cfg", "output folder");
-  auto& cache_dir = cli.option<std::string>("cache", "out/cache",
-                                            "folder of the cached evaluation classifier");
+  auto& cache_dir =
+      cli.option<std::string>("cache", "out/cache", "folder of the cached evaluation classifier");
   auto& train_steps = cli.option<long>("train-steps", 1600, "optimizer steps");
   auto& batch = cli.option<long>("batch", 64, "training batch size");
   auto& lr = cli.option<double>("lr", 2e-3, "peak learning rate (AdamW, warmup + cosine)");
-  auto& channels_text = cli.option<std::string>("channels", "16,32,64",
-                                                "U-Net channels per resolution level");
+  auto& channels_text =
+      cli.option<std::string>("channels", "16,32,64", "U-Net channels per resolution level");
   auto& res_layers = cli.option<long>("res-layers", 1, "residual blocks per U-Net stage");
   auto& eta = cli.option<double>("eta", 0.1, "CFG label-dropout probability");
   auto& ws_text = cli.option<std::string>("w", "1,3,5", "guidance scales to sample");
   auto& sample_steps = cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1");
-  auto& per_class = cli.option<long>("eval-per-class", 30,
-                                     "generated images per class for the metrics");
+  auto& per_class =
+      cli.option<long>("eval-per-class", 30, "generated images per class for the metrics");
   auto& limit = cli.option<long>("limit", 0, "use only the first N training images (0: all)");
   auto& n_real = cli.option<long>("eval-real", 5000,
                                   "real test images behind the Frechet reference statistics");
-  auto& classifier_epochs = cli.option<long>("classifier-epochs", 2,
-                                             "epochs of the evaluation classifier's training");
-  auto& quick = cli.option<int>("quick", 0,
-                                "1: tiny smoke run (classifier not cached, no 90% bar)");
+  auto& classifier_epochs =
+      cli.option<long>("classifier-epochs", 2, "epochs of the evaluation classifier's training");
+  auto& quick =
+      cli.option<int>("quick", 0, "1: tiny smoke run (classifier not cached, no 90% bar)");
   auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
   auto& seed = cli.option<unsigned long>("seed", 0, "random seed");
   if (!cli.parse(argc, argv)) return 0;
@@ -186,7 +187,8 @@ int main(int argc, char** argv) try {
 
   // Reference statistics of real test images, and the real-vs-real floor at the same size.
   const fd::index_t n_eval = per_class * k;
-  const auto real_stats = evaluator.feature_statistics(first(test, std::min<fd::index_t>(test.size(), n_real)));
+  const auto real_stats =
+      evaluator.feature_statistics(first(test, std::min<fd::index_t>(test.size(), n_real)));
   double floor = 0;
   {
     const fd::index_t m = std::min<fd::index_t>(n_eval, test.size() / 2);
@@ -240,18 +242,21 @@ int main(int argc, char** argv) try {
   for (const auto& r : results)
     std::printf("%-6g %-12.3f %-18.3f %-10.1f\n", r.w, r.agreement, r.frechet, r.seconds);
   std::printf("%-6s %-12s %-18.3f %-10s\n", "real", "-", floor, "-");
-  std::printf("(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch; Frechet "
-              "distance to %ld real test images; 'real': %ld other test images)\n",
-              static_cast<long>(n_eval), sample_steps, 2 * sample_steps,
-              static_cast<long>(std::min<fd::index_t>(test.size(), n_real)),
-              static_cast<long>(std::min<fd::index_t>(n_eval, test.size() / 2)));
+  std::printf(
+      "(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch; Frechet "
+      "distance to %ld real test images; 'real': %ld other test images)\n",
+      static_cast<long>(n_eval), sample_steps, 2 * sample_steps,
+      static_cast<long>(std::min<fd::index_t>(test.size(), n_real)),
+      static_cast<long>(std::min<fd::index_t>(n_eval, test.size() / 2)));
   {
     std::ofstream f(out / "metrics.csv");
-    f << "w,agreement,frechet_distance,sampling_seconds,train_steps,train_seconds,real_frechet_floor\n";
+    f << "w,agreement,frechet_distance,sampling_seconds,train_steps,train_seconds,real_frechet_"
+         "floor\n";
     for (const auto& r : results)
       f << r.w << ',' << r.agreement << ',' << r.frechet << ',' << r.seconds << ','
         << result.last_step << ',' << train_seconds << ',' << floor << '\n';
-    fd::require<fd::io_error>(f.good(), "fashion_cfg: cannot write ", (out / "metrics.csv").string());
+    fd::require<fd::io_error>(f.good(), "fashion_cfg: cannot write ",
+                              (out / "metrics.csv").string());
   }
   std::printf("\nfashion_cfg: done in %.1f s\n", seconds_since(t_start));
   for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());

@@ -109,15 +109,16 @@ int main(int argc, char** argv) try {
       "Flow matching (Euler, Heun, SDE), denoising score matching (SDE) and classifier-free "
       "guidance on labelled 2D distributions, with an MLP trained here; pictures, distances to "
       "held-out data and a CSV.");
-  auto& which = cli.option<std::string>(
-      "dist", "all", "gaussians, moons, circles, checkerboard, spirals or all");
+  auto& which = cli.option<std::string>("dist", "all",
+                                        "gaussians, moons, circles, checkerboard, spirals or all");
   auto& out_dir = cli.option<std::string>("out", "out/toy2d", "output folder");
   auto& train_steps = cli.option<long>("train-steps", 3000, "optimizer steps per model");
   auto& batch = cli.option<long>("batch", 512, "training batch size");
   auto& width = cli.option<long>("width", 128, "MLP hidden width");
   auto& depth = cli.option<long>("depth", 3, "MLP hidden layers");
   auto& lr = cli.option<double>("lr", 2e-3, "peak learning rate (AdamW, warmup + cosine)");
-  auto& ema = cli.option<double>("ema", 0.995, "EMA decay of the weights used for sampling (0: off)");
+  auto& ema =
+      cli.option<double>("ema", 0.995, "EMA decay of the weights used for sampling (0: off)");
   auto& n = cli.option<long>("n", 2000, "samples per sampler (and held-out data points)");
   auto& steps = cli.option<long>("steps", 50, "sampler steps from t = 0 to t = 1");
   auto& sigma = cli.option<double>("sigma", 0.5, "SDE diffusion coefficient sigma_t");
@@ -170,14 +171,18 @@ int main(int argc, char** argv) try {
 
     // 1. CFM with CFG dropout: a conditional velocity MLP.
     nn::Parameters<float> ups;
-    nn::MLP<float> vnet(ups, {.dim = 2, .width = width, .depth = depth, .time_dim = 32,
-                              .num_classes = k});
+    nn::MLP<float> vnet(
+        ups, {.dim = 2, .width = width, .depth = depth, .time_dim = 32, .num_classes = k});
     ups.allocate();
     vnet.init(ups, gen);
     tr::Trainer cfm(vnet, ups, tr::flow_matching<float>(path, 0.1), tr::AdamW<float>(),
-                    {.steps = train_steps, .batch = batch, .lr = lr,
-                     .warmup_steps = std::min<long>(100, train_steps / 10), .ema_decay = ema,
-                     .seed = gen.fork().seed(), .loss_csv = out / (name + "_cfm_loss.csv"),
+                    {.steps = train_steps,
+                     .batch = batch,
+                     .lr = lr,
+                     .warmup_steps = std::min<long>(100, train_steps / 10),
+                     .ema_decay = ema,
+                     .seed = gen.fork().seed(),
+                     .loss_csv = out / (name + "_cfm_loss.csv"),
                      .log_every = std::max<long>(1, train_steps / 5)});
     std::printf("  training the velocity MLP (CFM, eta = 0.1): %ld steps of %ld\n", train_steps,
                 batch);
@@ -187,8 +192,8 @@ int main(int argc, char** argv) try {
     // 2. Unconditional samples (the null label): Euler, Heun, SDE.
     auto field = nn::as_field(vnet, ups);
     std::vector<fd::io::Image> panels;
-    panels.push_back(scatter_panel(held_out.x, name + ": data", "held-out samples", 3.0,
-                                   held_out.labels));
+    panels.push_back(
+        scatter_panel(held_out.x, name + ": data", "held-out samples", 3.0, held_out.labels));
     const auto grid = fd::uniform_grid<float>(steps);
     for (int method = 0; method < 3; ++method) {
       auto x = fd::randn<float>({n, 2}, gen);
@@ -221,9 +226,13 @@ int main(int argc, char** argv) try {
     sps.allocate();
     snet.init(sps, gen);
     tr::Trainer dsm(snet, sps, tr::score_matching<float>(path, 0.0, 0.995), tr::AdamW<float>(),
-                    {.steps = train_steps, .batch = batch, .lr = lr,
-                     .warmup_steps = std::min<long>(100, train_steps / 10), .ema_decay = ema,
-                     .seed = gen.fork().seed(), .loss_csv = out / (name + "_dsm_loss.csv"),
+                    {.steps = train_steps,
+                     .batch = batch,
+                     .lr = lr,
+                     .warmup_steps = std::min<long>(100, train_steps / 10),
+                     .ema_decay = ema,
+                     .seed = gen.fork().seed(),
+                     .loss_csv = out / (name + "_dsm_loss.csv"),
                      .log_every = std::max<long>(1, train_steps / 5)});
     std::printf("  training the score MLP (DSM, weight beta^2): %ld steps of %ld\n", train_steps,
                 batch);
@@ -237,12 +246,14 @@ int main(int argc, char** argv) try {
       const auto t0 = Clock::now();
       // The score says nothing about the data at t = 0 (alpha_0 = 0), so the conversion to a
       // velocity needs t > 0: start at t = 1e-3, where p_t is N(0, I) to within 1e-3.
-      fd::integrate(fd::euler_maruyama(schedule, fd::ConstantSigma{std::max(sigma, 0.5)}, score, gen),
-                    velocity, x, fd::uniform_grid<float>(4 * steps, 1e-3f, 1.0f));
+      fd::integrate(
+          fd::euler_maruyama(schedule, fd::ConstantSigma{std::max(sigma, 0.5)}, score, gen),
+          velocity, x, fd::uniform_grid<float>(4 * steps, 1e-3f, 1.0f));
       const double secs = seconds_since(t0);
       fd::check_finite("toy2d: DSM samples", x);
       char label[64];
-      std::snprintf(label, sizeof label, "DSM SDE sigma %.2g, %ld", std::max(sigma, 0.5), 4 * steps);
+      std::snprintf(label, sizeof label, "DSM SDE sigma %.2g, %ld", std::max(sigma, 0.5),
+                    4 * steps);
       add_row(label, x, secs);
       char cap[96];
       std::snprintf(cap, sizeof cap, "energy dist %.4f", rows.back().d.energy);
@@ -289,8 +300,8 @@ int main(int argc, char** argv) try {
     std::ofstream f(csv);
     f << "distribution,method,energy_distance,mmd2_rbf_0.2,sliced_w2,knn_agreement,seconds\n";
     for (const auto& r : rows)
-      f << r.dist << ',' << r.method << ',' << r.d.energy << ',' << r.d.mmd << ',' << r.d.swd
-        << ',' << (r.agreement >= 0 ? std::to_string(r.agreement) : "") << ',' << r.seconds << '\n';
+      f << r.dist << ',' << r.method << ',' << r.d.energy << ',' << r.d.mmd << ',' << r.d.swd << ','
+        << (r.agreement >= 0 ? std::to_string(r.agreement) : "") << ',' << r.seconds << '\n';
     fd::require<fd::io_error>(f.good(), "toy2d: cannot write ", csv.string());
   }
   std::printf("\ntoy2d: done in %.1f s\n", seconds_since(t_start));

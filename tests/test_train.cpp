@@ -10,6 +10,8 @@
 // - the trainer: deterministic from its seed, resumes bit for bit from a checkpoint (parameters,
 //   EMA, optimizer and data position), stops on a non-finite loss keeping the last good
 //   checkpoint, writes the loss CSV and progress lines, and rejects bad options.
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
@@ -26,7 +28,6 @@
 #include <fstream>
 #include <sstream>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 namespace fd = flowdiff;
@@ -106,7 +107,8 @@ struct MixtureSource {
   void next(fd::View<T> x, fd::View<fd::label_t> y, fd::Generator& gen) {
     auto s = mixture.sample(x.dim(0), gen);
     fd::copy(x, fd::View<const T>(s.x.view()));
-    if (y.data() != nullptr && !y.empty()) fd::copy(y, fd::View<const fd::label_t>(s.labels.view()));
+    if (y.data() != nullptr && !y.empty())
+      fd::copy(y, fd::View<const fd::label_t>(s.labels.view()));
   }
 };
 
@@ -193,9 +195,10 @@ TEST_CASE("Objectives: the exact field minimises CFM and DSM (L(u* + c) - L(u*) 
     for (bool conditional : {false, true}) {
       INFO("conditional = " << conditional);
       tr::PathObjective<double, fd::schedules::Linear, FixedTime> obj(
-          fd::GaussianPath<fd::schedules::Linear>(lin), FixedTime{t}, {.target = fd::Parametrization::velocity});
-      ExactModel<decltype(mix.velocity(lin))> exact{mix.velocity(lin), {0.0, 0.0},
-                                                    conditional ? mix.num_classes() : 0};
+          fd::GaussianPath<fd::schedules::Linear>(lin), FixedTime{t},
+          {.target = fd::Parametrization::velocity});
+      ExactModel<decltype(mix.velocity(lin))> exact{
+          mix.velocity(lin), {0.0, 0.0}, conditional ? mix.num_classes() : 0};
       ExactModel<decltype(mix.velocity(lin))> shifted{mix.velocity(lin), c, exact.classes};
       typename decltype(exact)::Cache cache;
       const fd::View<const fd::label_t> y =
@@ -208,7 +211,8 @@ TEST_CASE("Objectives: the exact field minimises CFM and DSM (L(u* + c) - L(u*) 
       const auto res_pred = obj.last_predictions();
       const auto res_tgt = obj.last_targets();
       for (fd::index_t i = 0; i < n; ++i) {
-        const double r = c[0] * (res_pred(i, 0) - res_tgt(i, 0)) + c[1] * (res_pred(i, 1) - res_tgt(i, 1));
+        const double r =
+            c[0] * (res_pred(i, 0) - res_tgt(i, 0)) + c[1] * (res_pred(i, 1) - res_tgt(i, 1));
         m2 += r * r;
       }
       const double se = 2.0 / 2.0 * std::sqrt(m2 / n) / std::sqrt(static_cast<double>(n));
@@ -265,8 +269,8 @@ TEST_CASE("Objectives: the gradient matches central differences of the loss (dou
     ps.zero_grad();
     obj.forward_backward(mlp, ps, cache, z.view(), y.view(), g);
     const auto grad = fd::Tensor<double>::from(
-        {ps.flat_size()}, std::span<const double>(ps.flat_grads().data(),
-                                                  static_cast<std::size_t>(ps.flat_size())));
+        {ps.flat_size()},
+        std::span<const double>(ps.flat_grads().data(), static_cast<std::size_t>(ps.flat_size())));
     double worst = 0, rms = 0;
     for (fd::index_t i = 0; i < grad.numel(); ++i) rms += grad[i] * grad[i];
     rms = std::sqrt(rms / static_cast<double>(grad.numel()));
@@ -384,11 +388,18 @@ TEST_CASE("CFM: a trained MLP approaches the exact marginal field", "[train][cfm
   fd::Generator init(2);
   mlp.init(ps, init);
   std::ostringstream log;
-  tr::Trainer trainer(mlp, ps, tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{}), 0.2),
+  tr::Trainer trainer(mlp, ps,
+                      tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{}), 0.2),
                       tr::AdamW<float>({.weight_decay = 0}),
-                      {.steps = 3000, .batch = 256, .lr = 3e-3, .warmup_steps = 50,
-                       .ema_decay = 0, .seed = 1, .log_every = 500,
-                       .progress = tr::ProgressMode::lines, .log = &log});
+                      {.steps = 3000,
+                       .batch = 256,
+                       .lr = 3e-3,
+                       .warmup_steps = 50,
+                       .ema_decay = 0,
+                       .seed = 1,
+                       .log_every = 500,
+                       .progress = tr::ProgressMode::lines,
+                       .log = &log});
   const auto r = trainer.fit(src);
   CHECK(r.last_step == 3000);
   CHECK(std::isfinite(r.final_loss));
@@ -431,12 +442,20 @@ TEST_CASE("Trainer: deterministic from the seed; resume continues bit for bit",
     mlp.init(ps, init);
   };
   auto options = [&](const fs::path& ckpt, const fs::path& csv, std::uint64_t seed) {
-    return tr::TrainerOptions{.steps = 40, .batch = 32, .lr = 2e-3, .warmup_steps = 5,
-                              .seed = seed, .checkpoint = ckpt, .checkpoint_every = 10,
-                              .loss_csv = csv, .progress = tr::ProgressMode::quiet};
+    return tr::TrainerOptions{.steps = 40,
+                              .batch = 32,
+                              .lr = 2e-3,
+                              .warmup_steps = 5,
+                              .seed = seed,
+                              .checkpoint = ckpt,
+                              .checkpoint_every = 10,
+                              .loss_csv = csv,
+                              .progress = tr::ProgressMode::quiet};
   };
   const nn::MLPConfig cfg{.dim = 2, .width = 16, .depth = 2, .time_dim = 8, .num_classes = 2};
-  auto objective = [] { return tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{}), 0.1); };
+  auto objective = [] {
+    return tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{}), 0.1);
+  };
 
   std::vector<float> straight, again, other_seed;
   std::string straight_csv;
@@ -450,7 +469,8 @@ TEST_CASE("Trainer: deterministic from the seed; resume continues bit for bit",
     const auto r = trainer.fit(src);
     CHECK(!r.resumed);
     CHECK(r.last_step == 40);
-    straight = std::vector<float>(ps.flat_params().data(), ps.flat_params().data() + ps.flat_size());
+    straight =
+        std::vector<float>(ps.flat_params().data(), ps.flat_params().data() + ps.flat_size());
     straight_csv = read_text(dir.path / "a.csv");
   }
   {  // the same seed again: identical
@@ -470,7 +490,8 @@ TEST_CASE("Trainer: deterministic from the seed; resume continues bit for bit",
     make(ps, mlp, 1);
     tr::Trainer trainer(mlp, ps, objective(), tr::AdamW<float>(), options({}, {}, 4));
     trainer.fit(src);
-    other_seed = std::vector<float>(ps.flat_params().data(), ps.flat_params().data() + ps.flat_size());
+    other_seed =
+        std::vector<float>(ps.flat_params().data(), ps.flat_params().data() + ps.flat_size());
   }
   CHECK(again == straight);
   CHECK(other_seed != straight);
@@ -550,7 +571,8 @@ TEST_CASE("Trainer: deterministic from the seed; resume continues bit for bit",
     ps2.allocate();
     nn::load_parameters(ps2, fd::io::SafetensorsFile::read(dir.path / "w.safetensors"));
     REQUIRE(trainer.ema() != nullptr);
-    for (fd::index_t i = 0; i < ps.flat_size(); ++i) REQUIRE(ps2.flat_params()[i] == trainer.ema()->flat()[i]);
+    for (fd::index_t i = 0; i < ps.flat_size(); ++i)
+      REQUIRE(ps2.flat_params()[i] == trainer.ema()->flat()[i]);
   }
 }
 
@@ -569,8 +591,12 @@ TEST_CASE("Trainer: a non-finite loss stops the run and keeps the last good chec
   const fs::path ckpt = dir.path / "run.safetensors";
   tr::Trainer trainer(mlp, ps, tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{})),
                       tr::AdamW<float>(),
-                      {.steps = 30, .batch = 16, .checkpoint = ckpt, .checkpoint_every = 10,
-                       .progress = tr::ProgressMode::lines, .log = &log});
+                      {.steps = 30,
+                       .batch = 16,
+                       .checkpoint = ckpt,
+                       .checkpoint_every = 10,
+                       .progress = tr::ProgressMode::lines,
+                       .log = &log});
   CHECK_THROWS_WITH(trainer.fit(src), Contains("step 15") && Contains("not finite") &&
                                           Contains("last good checkpoint"));
   CHECK(trainer.step() == 14);
@@ -600,8 +626,12 @@ TEST_CASE("Trainer: progress lines, the loss CSV and option errors", "[train][tr
   const fs::path csv = dir.path / "sub" / "loss.csv";
   tr::Trainer trainer(mlp, ps, tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{})),
                       tr::AdamW<float>(),
-                      {.steps = 25, .batch = 8, .loss_csv = csv, .log_every = 10,
-                       .progress = tr::ProgressMode::lines, .log = &log});
+                      {.steps = 25,
+                       .batch = 8,
+                       .loss_csv = csv,
+                       .log_every = 10,
+                       .progress = tr::ProgressMode::lines,
+                       .log = &log});
   trainer.fit(src);  // an unlabelled source: the unconditional model gets no labels
   const std::string text = log.str();
   CHECK_THAT(text, Contains("step 10/25") && Contains("step 20/25") && Contains("step 25/25") &&
@@ -624,14 +654,17 @@ TEST_CASE("Trainer: progress lines, the loss CSV and option errors", "[train][tr
                     Contains("batch must be >= 1"));
   CHECK_THROWS_WITH(tr::Trainer(mlp, ps, obj(), tr::AdamW<float>(), Opts{.lr = -1}),
                     Contains("lr must be"));
-  CHECK_THROWS_WITH(tr::Trainer(mlp, ps, obj(), tr::AdamW<float>(), Opts{.steps = 10, .warmup_steps = 10}),
-                    Contains("warmup_steps"));
+  CHECK_THROWS_WITH(
+      tr::Trainer(mlp, ps, obj(), tr::AdamW<float>(), Opts{.steps = 10, .warmup_steps = 10}),
+      Contains("warmup_steps"));
   CHECK_THROWS_WITH(tr::Trainer(mlp, ps, obj(), tr::AdamW<float>(), Opts{.ema_decay = 1.0}),
                     Contains("ema_decay"));
   // A file that is not a trainer checkpoint is refused with a clear message.
   nn::save_parameters(ps, dir.path / "weights.safetensors");
   tr::Trainer t2(mlp, ps, obj(), tr::AdamW<float>(),
-                 Opts{.steps = 5, .batch = 4, .checkpoint = dir.path / "weights.safetensors",
+                 Opts{.steps = 5,
+                      .batch = 4,
+                      .checkpoint = dir.path / "weights.safetensors",
                       .progress = tr::ProgressMode::quiet});
   CHECK_THROWS_WITH(t2.fit(src), Contains("not a flowdiff trainer checkpoint"));
   // Data with a different number of classes than the model.
@@ -639,6 +672,7 @@ TEST_CASE("Trainer: progress lines, the loss CSV and option errors", "[train][tr
   nn::MLP<float> mlp3(ps3, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4, .num_classes = 5});
   ps3.allocate();
   auto shuffled = make_shuffled(50);
-  tr::Trainer t3(mlp3, ps3, obj(), tr::AdamW<float>(), Opts{.steps = 2, .batch = 4, .progress = tr::ProgressMode::quiet});
+  tr::Trainer t3(mlp3, ps3, obj(), tr::AdamW<float>(),
+                 Opts{.steps = 2, .batch = 4, .progress = tr::ProgressMode::quiet});
   CHECK_THROWS_WITH(t3.fit(shuffled), Contains("2 classes but the model 5"));
 }

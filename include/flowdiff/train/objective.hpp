@@ -70,10 +70,9 @@ class PathObjective {
 
   PathObjective(GaussianPath<S> path, Times times = {}, ObjectiveOptions options = {})
       : path_(std::move(path)), times_(std::move(times)), o_(std::move(options)) {
-    require<config_error>(std::isfinite(o_.cfg_dropout) && o_.cfg_dropout >= 0 &&
-                              o_.cfg_dropout <= 1,
-                          "PathObjective: cfg_dropout (eta) must lie in [0, 1], got ",
-                          o_.cfg_dropout);
+    require<config_error>(
+        std::isfinite(o_.cfg_dropout) && o_.cfg_dropout >= 0 && o_.cfg_dropout <= 1,
+        "PathObjective: cfg_dropout (eta) must lie in [0, 1], got ", o_.cfg_dropout);
   }
 
   const GaussianPath<S>& path() const { return path_; }
@@ -100,26 +99,26 @@ class PathObjective {
   }
 
   // The last batch, for inspection and tests.
-  View<const T> last_times() const { return t_.view(); }          // [N]
-  View<const T> last_noise() const { return eps_.view(); }        // [N, ...]
-  View<const T> last_inputs() const { return xt_.view(); }        // [N, ...]: x_t
-  View<const T> last_targets() const { return target_.view(); }   // [N, ...]
-  View<const T> last_predictions() const { return pred_.view(); } // [N, ...]
-  View<const T> last_weights() const { return w_.view(); }        // [N]
+  View<const T> last_times() const { return t_.view(); }              // [N]
+  View<const T> last_noise() const { return eps_.view(); }            // [N, ...]
+  View<const T> last_inputs() const { return xt_.view(); }            // [N, ...]: x_t
+  View<const T> last_targets() const { return target_.view(); }       // [N, ...]
+  View<const T> last_predictions() const { return pred_.view(); }     // [N, ...]
+  View<const T> last_weights() const { return w_.view(); }            // [N]
   View<const label_t> last_labels() const { return labels_.view(); }  // [N], after dropout
 
  private:
   template <class M>
-  double run(const M& model, const nn::Parameters<T>& ps, typename M::Cache& cache,
-                  View<const T> z, View<const label_t> y, Generator& gen, bool with_gradient) {
+  double run(const M& model, const nn::Parameters<T>& ps, typename M::Cache& cache, View<const T> z,
+             View<const label_t> y, Generator& gen, bool with_gradient) {
     require<shape_error>(z.rank() >= 2 && z.dim(0) >= 1,
                          "PathObjective: z must be a batch [N, ...] with N >= 1, got ", z.shape());
     const index_t n = z.dim(0);
     const index_t k = static_cast<index_t>(model.num_classes());
     const bool has_labels = y.data() != nullptr && !y.empty();
     if (has_labels)
-      require<shape_error>(y.rank() == 1 && y.dim(0) == n, "PathObjective: y must have shape [",
-                           n, "] (one label per sample of z ", z.shape(), "), got ", y.shape());
+      require<shape_error>(y.rank() == 1 && y.dim(0) == n, "PathObjective: y must have shape [", n,
+                           "] (one label per sample of z ", z.shape(), "), got ", y.shape());
     require<config_error>(o_.cfg_dropout == 0 || k > 0,
                           "PathObjective: cfg_dropout = ", o_.cfg_dropout,
                           " needs a class-conditional model, but the model has num_classes = 0");
@@ -159,10 +158,13 @@ class PathObjective {
     if (with_gradient) {
       T* g = dpred_.data();
       const T c = static_cast<T>(2.0 * inv);
-      Cpu::parallel_for(n, [=](index_t i) {
-        const T wi = c * pw[i];
-        for (index_t j = i * d; j < (i + 1) * d; ++j) g[j] = wi * (pp[j] - pt[j]);
-      }, d);
+      Cpu::parallel_for(
+          n,
+          [=](index_t i) {
+            const T wi = c * pw[i];
+            for (index_t j = i * d; j < (i + 1) * d; ++j) g[j] = wi * (pp[j] - pt[j]);
+          },
+          d);
     }
     return loss;
   }
@@ -208,8 +210,9 @@ class PathObjective {
       const double ti = static_cast<double>(t_[i]);
       if (o_.weight) {
         w = o_.weight(ti);
-        require<config_error>(std::isfinite(w) && w >= 0, "PathObjective: the weight w(t) at t = ",
-                              ti, " is ", w, "; it must be finite and >= 0");
+        require<config_error>(std::isfinite(w) && w >= 0,
+                              "PathObjective: the weight w(t) at t = ", ti, " is ", w,
+                              "; it must be finite and >= 0");
       } else if (o_.weighting == Weighting::beta_squared) {
         const double b = flowdiff::evaluate(path_.schedule(), ti).beta;
         w = b * b;
@@ -221,9 +224,9 @@ class PathObjective {
   GaussianPath<S> path_;
   Times times_;
   ObjectiveOptions o_;
-  Tensor<T> t_, w_, u_;                          // [N]
-  Tensor<T> eps_, xt_, target_, pred_, dpred_;   // [N, ...]
-  Tensor<label_t> labels_;                       // [N]
+  Tensor<T> t_, w_, u_;                         // [N]
+  Tensor<T> eps_, xt_, target_, pred_, dpred_;  // [N, ...]
+  Tensor<label_t> labels_;                      // [N]
 };
 
 /// Conditional flow matching: the network regresses the velocity d_alpha z + d_beta eps.
@@ -231,9 +234,9 @@ class PathObjective {
 template <class T = float, Schedule S, class Times = UniformTime>
 PathObjective<T, S, Times> flow_matching(GaussianPath<S> path, double cfg_dropout = 0,
                                          Times times = {}) {
-  return PathObjective<T, S, Times>(std::move(path), std::move(times),
-                                    ObjectiveOptions{.target = Parametrization::velocity,
-                                                     .cfg_dropout = cfg_dropout});
+  return PathObjective<T, S, Times>(
+      std::move(path), std::move(times),
+      ObjectiveOptions{.target = Parametrization::velocity, .cfg_dropout = cfg_dropout});
 }
 
 /// Denoising score matching: the network regresses -eps / beta_t with weight beta_t^2. Times are
@@ -245,11 +248,10 @@ PathObjective<T, S, UniformTime> score_matching(GaussianPath<S> path, double cfg
                         "score_matching: t_max must lie in (0, 1) (beta_1 = 0 makes the score "
                         "target infinite), got ",
                         t_max);
-  return PathObjective<T, S, UniformTime>(
-      std::move(path), UniformTime{0, t_max},
-      ObjectiveOptions{.target = Parametrization::score,
-                       .cfg_dropout = cfg_dropout,
-                       .weighting = Weighting::beta_squared});
+  return PathObjective<T, S, UniformTime>(std::move(path), UniformTime{0, t_max},
+                                          ObjectiveOptions{.target = Parametrization::score,
+                                                           .cfg_dropout = cfg_dropout,
+                                                           .weighting = Weighting::beta_squared});
 }
 
 }  // namespace flowdiff::train

@@ -121,7 +121,8 @@ class Progress {
     const double eta = r > 0 ? static_cast<double>(total_ - step) / r : NAN;
     char buf[160];
     std::snprintf(buf, sizeof buf, "loss %.5f | lr %.2e | %.1f steps/s | %s %s", window_mean(), lr,
-                  r, step >= total_ ? "took" : "ETA", format_duration(step >= total_ ? secs : eta).c_str());
+                  r, step >= total_ ? "took" : "ETA",
+                  format_duration(step >= total_ ? secs : eta).c_str());
     return buf;
   }
 
@@ -142,8 +143,7 @@ class Progress {
     if (filled < width) bar[static_cast<std::size_t>(filled)] = '>';
     char pct[16];
     std::snprintf(pct, sizeof pct, "%3d%%", static_cast<int>(frac * 100));
-    *os_ << '\r' << "[" << bar << "] " << pct << "  " << line(step, lr, now) << "   "
-         << std::flush;
+    *os_ << '\r' << "[" << bar << "] " << pct << "  " << line(step, lr, now) << "   " << std::flush;
   }
 
   std::ostream* os_;

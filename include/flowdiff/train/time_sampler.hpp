@@ -1,11 +1,11 @@
 // flowdiff/train/time_sampler.hpp — the distribution of training times t ~ p(t) on [t_min, t_max]
 // that flow-matching and score-matching objectives draw per sample. Uniform is the plain CFM
-// choice; logit-normal, t = sigmoid(m + s n) with n ~ N(0, 1) (Esser et al. 2024, "Scaling Rectified
-// Flow Transformers"), puts more samples at intermediate times, where the velocity is hardest to
-// learn. Both are clamped into [t_min, t_max]: score targets -eps/beta blow up at t = 1 (beta_1 = 0)
-// and square-root-type schedules have d_beta(1) = -inf, so those objectives train on t_max < 1.
-// Each draw uses one generator call and the library's per-sample streams, so t_i depends only on
-// (seed, call counter, i), never on the batch size or the thread count.
+// choice; logit-normal, t = sigmoid(m + s n) with n ~ N(0, 1) (Esser et al. 2024, "Scaling
+// Rectified Flow Transformers"), puts more samples at intermediate times, where the velocity is
+// hardest to learn. Both are clamped into [t_min, t_max]: score targets -eps/beta blow up at t = 1
+// (beta_1 = 0) and square-root-type schedules have d_beta(1) = -inf, so those objectives train on
+// t_max < 1. Each draw uses one generator call and the library's per-sample streams, so t_i depends
+// only on (seed, call counter, i), never on the batch size or the thread count.
 #pragma once
 
 #include <cmath>
@@ -20,10 +20,9 @@ namespace flowdiff::train {
 
 namespace detail {
 inline void check_time_range(std::string_view who, double t_min, double t_max) {
-  require<config_error>(std::isfinite(t_min) && std::isfinite(t_max) && 0 <= t_min &&
-                            t_min < t_max && t_max <= 1,
-                        who, ": need 0 <= t_min < t_max <= 1, got t_min = ", t_min,
-                        ", t_max = ", t_max);
+  require<config_error>(
+      std::isfinite(t_min) && std::isfinite(t_max) && 0 <= t_min && t_min < t_max && t_max <= 1,
+      who, ": need 0 <= t_min < t_max <= 1, got t_min = ", t_min, ", t_max = ", t_max);
 }
 }  // namespace detail
 
@@ -82,6 +81,8 @@ struct LogitNormalTime {
 
 /// A time sampler: sample(t [N], gen) fills per-sample times in [0, 1].
 template <class S, class T = float>
-concept TimeSampler = requires(const S& s, View<T> t, Generator& gen) { s.sample(t, gen); };
+concept TimeSampler = requires(const S& s, View<T> t, Generator& gen) {
+  s.sample(t, gen);
+};
 
 }  // namespace flowdiff::train

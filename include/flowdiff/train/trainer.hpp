@@ -100,8 +100,10 @@ class BatcherSource {
     return {s.epoch, s.position};
   }
   void set_state(const std::vector<std::int64_t>& s) {
-    require<io_error>(s.size() == 2, "BatcherSource: a batcher state has 2 values (epoch, "
-                      "position), the checkpoint holds ", s.size());
+    require<io_error>(s.size() == 2,
+                      "BatcherSource: a batcher state has 2 values (epoch, "
+                      "position), the checkpoint holds ",
+                      s.size());
     auto st = b_->state();
     st.epoch = s[0];
     st.position = s[1];
@@ -115,32 +117,32 @@ class BatcherSource {
 };
 
 struct TrainerOptions {
-  std::int64_t steps = 1000;        ///< total optimizer steps of the run (a resumed run included)
-  index_t batch = 128;              ///< samples per step
-  double lr = 1e-3;                 ///< peak learning rate
-  std::int64_t warmup_steps = 0;    ///< linear warmup to lr
-  double min_lr = 0;                ///< cosine decay floor; min_lr == lr gives a constant rate
-  bool cosine = true;               ///< false: constant lr after the warmup
-  double grad_clip = 1.0;           ///< global-norm clipping; 0: off
-  double ema_decay = 0.999;         ///< 0: no EMA
-  bool ema_warmup = true;           ///< EMA decay min(decay, (1 + n) / (10 + n))
-  std::uint64_t seed = 0;           ///< the run's generator
+  std::int64_t steps = 1000;      ///< total optimizer steps of the run (a resumed run included)
+  index_t batch = 128;            ///< samples per step
+  double lr = 1e-3;               ///< peak learning rate
+  std::int64_t warmup_steps = 0;  ///< linear warmup to lr
+  double min_lr = 0;              ///< cosine decay floor; min_lr == lr gives a constant rate
+  bool cosine = true;             ///< false: constant lr after the warmup
+  double grad_clip = 1.0;         ///< global-norm clipping; 0: off
+  double ema_decay = 0.999;       ///< 0: no EMA
+  bool ema_warmup = true;         ///< EMA decay min(decay, (1 + n) / (10 + n))
+  std::uint64_t seed = 0;         ///< the run's generator
   std::filesystem::path checkpoint = {};  ///< empty: no checkpoints
   std::int64_t checkpoint_every = 0;      ///< 0: only at the end
-  bool resume = true;               ///< continue from `checkpoint` when the file exists
+  bool resume = true;                     ///< continue from `checkpoint` when the file exists
   std::filesystem::path loss_csv = {};    ///< empty: no CSV
-  std::int64_t log_every = 100;     ///< steps between progress lines
+  std::int64_t log_every = 100;           ///< steps between progress lines
   ProgressMode progress = ProgressMode::automatic;
-  std::ostream* log = &std::cerr;   ///< where progress goes
+  std::ostream* log = &std::cerr;  ///< where progress goes
 };
 
 struct TrainResult {
   std::int64_t first_step = 0;  ///< where this run started (> 0 when resumed)
   std::int64_t last_step = 0;   ///< steps done in all
   bool resumed = false;
-  double seconds = 0;           ///< wall time of this run
+  double seconds = 0;  ///< wall time of this run
   double steps_per_second = 0;
-  double final_loss = NAN;      ///< mean loss of the last min(log_every, steps run) steps
+  double final_loss = NAN;  ///< mean loss of the last min(log_every, steps run) steps
 };
 
 template <TrainableModel M, class Objective, class Optimizer = AdamW<typename M::value_type>>
@@ -160,15 +162,16 @@ class Trainer {
         gen_(o_.seed) {
     require<config_error>(o_.steps >= 1, "Trainer: steps must be >= 1, got ", o_.steps);
     require<config_error>(o_.batch >= 1, "Trainer: batch must be >= 1, got ", o_.batch);
-    require<config_error>(std::isfinite(o_.lr) && o_.lr > 0, "Trainer: lr must be finite and > 0, got ",
-                          o_.lr);
-    require<config_error>(o_.min_lr >= 0 && o_.min_lr <= o_.lr, "Trainer: min_lr must lie in [0, lr = ",
-                          o_.lr, "], got ", o_.min_lr);
+    require<config_error>(std::isfinite(o_.lr) && o_.lr > 0,
+                          "Trainer: lr must be finite and > 0, got ", o_.lr);
+    require<config_error>(o_.min_lr >= 0 && o_.min_lr <= o_.lr,
+                          "Trainer: min_lr must lie in [0, lr = ", o_.lr, "], got ", o_.min_lr);
     require<config_error>(o_.warmup_steps >= 0 && o_.warmup_steps < o_.steps,
                           "Trainer: warmup_steps must lie in [0, steps = ", o_.steps, "), got ",
                           o_.warmup_steps);
     require<config_error>(o_.grad_clip >= 0 && std::isfinite(o_.grad_clip),
-                          "Trainer: grad_clip must be finite and >= 0 (0: off), got ", o_.grad_clip);
+                          "Trainer: grad_clip must be finite and >= 0 (0: off), got ",
+                          o_.grad_clip);
     require<config_error>(o_.ema_decay >= 0 && o_.ema_decay < 1,
                           "Trainer: ema_decay must lie in [0, 1) (0: off), got ", o_.ema_decay);
     require<config_error>(o_.checkpoint_every >= 0, "Trainer: checkpoint_every must be >= 0, got ",
@@ -181,8 +184,7 @@ class Trainer {
   /// Trains until options.steps steps are done in all, resuming from the checkpoint when it
   /// exists (and options.resume). Returns what this call did.
   template <class D>
-    requires BatchSource<D, T>
-  TrainResult fit(D& data) {
+  requires BatchSource<D, T> TrainResult fit(D& data) {
     const Shape s = data.sample_shape();
     Shape bs;
     bs.push_back(o_.batch);
@@ -223,8 +225,9 @@ class Trainer {
       } catch (const numeric_error& e) {
         stop_nonfinite(progress, "the loss", e.what());
       }
-      const double norm = o_.grad_clip > 0 ? static_cast<double>(clip_grad_norm(*ps_, o_.grad_clip, false))
-                                           : grad_norm();
+      const double norm = o_.grad_clip > 0
+                              ? static_cast<double>(clip_grad_norm(*ps_, o_.grad_clip, false))
+                              : grad_norm();
       if (!std::isfinite(norm))
         stop_nonfinite(progress, "the gradient", "gradient norm " + std::to_string(norm));
       opt_.step(*ps_);
@@ -286,8 +289,8 @@ class Trainer {
     if (ema_) ema_->save_state(w, *ps_, "ema.");
     opt_.save_state(w, *ps_, "optimizer.");
     add_i64(w, "trainer.step", {step_});
-    add_i64(w, "trainer.rng", {static_cast<std::int64_t>(gen_.seed()),
-                               static_cast<std::int64_t>(gen_.offset())});
+    add_i64(w, "trainer.rng",
+            {static_cast<std::int64_t>(gen_.seed()), static_cast<std::int64_t>(gen_.offset())});
     if constexpr (StatefulSource<D>) {
       const std::vector<std::int64_t> st = data.state();
       if (!st.empty()) add_i64(w, "trainer.data_state", st);
@@ -312,8 +315,8 @@ class Trainer {
     const auto rng = nn::load_checked<std::int64_t>(f, "trainer.rng", Shape{2});
     require<config_error>(static_cast<std::uint64_t>(rng[0]) == o_.seed, path.string(),
                           ": the checkpoint was trained with seed ",
-                          static_cast<std::uint64_t>(rng[0]), " but the options say seed ",
-                          o_.seed, "; resume with the same seed");
+                          static_cast<std::uint64_t>(rng[0]), " but the options say seed ", o_.seed,
+                          "; resume with the same seed");
     require<io_error>(step[0] >= 0 && step[0] <= o_.steps, path.string(), ": checkpoint step ",
                       step[0], " is outside [0, steps = ", o_.steps, "]");
     // Parameters first: load_parameters validates every name, shape and dtype before it writes
@@ -370,13 +373,14 @@ class Trainer {
     }));
   }
 
-  [[noreturn]] void stop_nonfinite(Progress& progress, const char* what, const std::string& detail) {
-    std::string where = o_.checkpoint.empty()
-                            ? std::string("no checkpoint is configured")
-                            : (std::filesystem::exists(o_.checkpoint)
-                                   ? "the last good checkpoint is " + o_.checkpoint.string() +
-                                         " (untouched)"
-                                   : "no checkpoint had been written yet");
+  [[noreturn]] void stop_nonfinite(Progress& progress, const char* what,
+                                   const std::string& detail) {
+    std::string where =
+        o_.checkpoint.empty()
+            ? std::string("no checkpoint is configured")
+            : (std::filesystem::exists(o_.checkpoint)
+                   ? "the last good checkpoint is " + o_.checkpoint.string() + " (untouched)"
+                   : "no checkpoint had been written yet");
     const std::string msg = "Trainer: step " + std::to_string(step_ + 1) + ": " + what +
                             " is not finite (" + detail +
                             "); the parameters were not updated and " + where +
