@@ -35,29 +35,10 @@ namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 namespace tr = flowdiff::train;
 using Clock = std::chrono::steady_clock;
+using flowdiff::examples::parse_list;
+using flowdiff::examples::seconds_since;
 
 namespace {
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-template <class V>
-std::vector<V> parse_list(const std::string& flag, const std::string& text) {
-  std::vector<V> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    std::istringstream is(item);
-    V v{};
-    is >> v;
-    fd::require<fd::config_error>(!is.fail() && is.eof(), "--", flag, ": cannot parse '", item,
-                                  "' in '", text, "' (a comma-separated list)");
-    out.push_back(v);
-  }
-  fd::require<fd::config_error>(!out.empty(), "--", flag, ": empty list");
-  return out;
-}
 
 /// ∇_x log p_t(y | x) of the noisy classifier, as the gradient callable classifier_guidance takes.
 struct NoisyClassifierGradient {

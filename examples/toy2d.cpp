@@ -32,12 +32,10 @@ namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 namespace tr = flowdiff::train;
 using Clock = std::chrono::steady_clock;
+using flowdiff::examples::parse_list;
+using flowdiff::examples::seconds_since;
 
 namespace {
-
-double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
 struct Distances {
   double energy = 0, mmd = 0, swd = 0;

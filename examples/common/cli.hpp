@@ -3,6 +3,7 @@
 // flowdiff::config_error naming the flag for an unknown flag or a value that does not parse.
 #pragma once
 
+#include <chrono>
 #include <cstdio>
 #include <flowdiff/core/error.hpp>
 #include <iostream>
@@ -98,5 +99,29 @@ class Cli {
   std::vector<Entry> entries_;
   std::vector<std::shared_ptr<HolderBase>> holders_;
 };
+
+/// Seconds of wall time since t0.
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// A comma-separated flag value ("1,3,5") as a list; config_error naming the flag and the item
+/// that does not parse, or an empty list.
+template <class V>
+std::vector<V> parse_list(const std::string& flag, const std::string& text) {
+  std::vector<V> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    std::istringstream is(item);
+    V v{};
+    is >> v;
+    require<config_error>(!is.fail() && is.eof(), "--", flag, ": cannot parse '", item, "' in '",
+                          text, "' (a comma-separated list)");
+    out.push_back(v);
+  }
+  require<config_error>(!out.empty(), "--", flag, ": empty list");
+  return out;
+}
 
 }  // namespace flowdiff::examples
