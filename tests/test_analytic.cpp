@@ -12,6 +12,8 @@
 #include <numbers>
 #include <vector>
 
+#include "support/mixtures.hpp"
+
 namespace fd = flowdiff;
 using fd::analytic::GaussianMixture;
 using Catch::Matchers::Contains;
@@ -69,13 +71,7 @@ struct TestSqrtBeta : TestSqrtBetaNoProduct {
   }
 };
 
-// 2D, four anisotropic components, three classes (class 1 owns two components).
-template <class T>
-GaussianMixture<T> make_mixture() {
-  auto means = fd::Tensor<T>::from({4, 2}, {-2, 0, 1.5, 1, 2, -1.5, 0, 2.5});
-  auto sds = fd::Tensor<T>::from({4, 2}, {0.5, 0.3, 0.4, 0.6, 0.7, 0.5, 0.3, 0.35});
-  return GaussianMixture<T>({0.3, 0.2, 0.35, 0.15}, means, sds, {0, 1, 2, 1});
-}
+using flowdiff::test::make_mixture;
 
 double normal_log_pdf(double x, double m, double s) {
   return -0.5 * std::log(2 * std::numbers::pi * s * s) - 0.5 * (x - m) * (x - m) / (s * s);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "support/compare.hpp"
+#include "support/files.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -34,8 +35,8 @@ using flowdiff::test::make_times;
 using flowdiff::test::max_abs_diff;
 using flowdiff::test::nmse;
 
-std::filesystem::path fixture() {
-  return std::filesystem::path(__FILE__).parent_path() / "fixtures" / "classifier.safetensors";
+std::filesystem::path classifier_fixture() {
+  return flowdiff::test::fixture_path("classifier.safetensors");
 }
 
 std::filesystem::path scratch_dir(const std::string& name) {
@@ -103,8 +104,8 @@ TEST_CASE("SoftmaxCrossEntropy: gradient matches central differences (double)",
 
 TEST_CASE("SoftmaxCrossEntropy: matches F.cross_entropy and stays finite for large logits",
           "[nn][cross_entropy][parity]") {
-  REQUIRE(std::filesystem::exists(fixture()));
-  const auto file = fd::io::SafetensorsFile::read(fixture());
+  REQUIRE(std::filesystem::exists(classifier_fixture()));
+  const auto file = fd::io::SafetensorsFile::read(classifier_fixture());
   const auto z = file.tensor<float>("ce.logits");
   const auto y = file.tensor<fd::label_t>("ce.labels");
   const double ref = file.tensor<double>("ce.loss")[0];
@@ -270,8 +271,8 @@ TEST_CASE("ConvClassifier: gradients w.r.t. x and every parameter match central 
 
 TEST_CASE("ConvClassifier: matches PyTorch (fp32 fixture), including grad log p(y | x)",
           "[nn][classifier][parity]") {
-  REQUIRE(std::filesystem::exists(fixture()));
-  const auto file = fd::io::SafetensorsFile::read(fixture());
+  REQUIRE(std::filesystem::exists(classifier_fixture()));
+  const auto file = fd::io::SafetensorsFile::read(classifier_fixture());
   struct Case {
     std::string name;
     nn::ConvClassifierConfig cfg;

@@ -2,7 +2,6 @@
 // corrupt input), the Fashion-MNIST loader (the Debian files when installed, generated files via
 // the environment override), the toy 2D distributions (exact geometric facts per kind, label
 // frequencies, determinism and batch/thread independence) and the mini-batch Batcher.
-#include <unistd.h>
 #include <zlib.h>
 
 #include <catch2/catch.hpp>
@@ -22,6 +21,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/files.hpp"
+
 #include "flowdiff/flowdiff.hpp"
 
 namespace fd = flowdiff;
@@ -30,21 +31,7 @@ using Catch::Contains;
 
 namespace {
 
-/// A fresh temporary directory, removed with everything in it at the end of the test.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() /
-             ("flowdiff_test_data_" + name + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& f) const { return path / f; }
-};
+using flowdiff::test::TempDir;
 
 /// The bytes of an IDX file: magic 0 0 type ndim, big-endian extents, payload.
 std::vector<unsigned char> idx_bytes(const std::vector<std::uint32_t>& dims,

@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/mixtures.hpp"
+
 namespace fd = flowdiff;
 using fd::analytic::GaussianMixture;
 using Catch::Matchers::Contains;
@@ -19,15 +21,10 @@ namespace {
 
 // The library's own schedules: cosine (trigonometric) and sqrt-beta (d_beta(1) = -inf with a
 // finite beta d_beta = -1/2, so b_1 = 1/2).
-using TestCosine = fd::schedules::Cosine;
-using TestSqrtBeta = fd::schedules::SqrtBeta;
+using LibCosine = fd::schedules::Cosine;
+using LibSqrtBeta = fd::schedules::SqrtBeta;
 
-template <class T>
-GaussianMixture<T> make_mixture() {
-  auto means = fd::Tensor<T>::from({4, 2}, {-2, 0, 1.5, 1, 2, -1.5, 0, 2.5});
-  auto sds = fd::Tensor<T>::from({4, 2}, {0.5, 0.3, 0.4, 0.6, 0.7, 0.5, 0.3, 0.35});
-  return GaussianMixture<T>({0.3, 0.2, 0.35, 0.15}, means, sds, {0, 1, 2, 1});
-}
+using flowdiff::test::make_mixture;
 
 // A 6D mixture, so per-sample standard deviations over features mean something.
 template <class T>
@@ -89,13 +86,13 @@ TEMPLATE_TEST_CASE("CFG: w = 1 is the conditional field, w = 0 the unconditional
   const fd::index_t n = 50;
   auto x = points<T>(n, 2, 1);
   auto y = mixed_labels<T>(n, 3);
-  auto field = g.velocity(TestCosine{});
+  auto field = g.velocity(LibCosine{});
   fd::Tensor<T> cond(fd::Shape{n, 2}), uncond(fd::Shape{n, 2}), out(fd::Shape{n, 2});
   const T t = T(0.42);
   field(x, cond, t, y);
   field(x, uncond, t);
   for (double w : {1.0, 0.0, 2.5, -0.5, 0.3}) {
-    auto c = fd::cfg(g.velocity(TestCosine{}), static_cast<T>(w));
+    auto c = fd::cfg(g.velocity(LibCosine{}), static_cast<T>(w));
     static_assert(std::is_same_v<typename decltype(c)::value_type, T>);
     c.set_condition(y);
     c(x, out, t);
@@ -112,7 +109,7 @@ TEMPLATE_TEST_CASE("CFG: w = 1 is the conditional field, w = 0 the unconditional
     }
   }
   // One label for all samples.
-  auto c = fd::cfg(g.velocity(TestCosine{}), T(2));
+  auto c = fd::cfg(g.velocity(LibCosine{}), T(2));
   c.set_condition(2, n);
   c(x, out, t);
   fd::Tensor<fd::label_t> y2(fd::Shape{n});
@@ -203,8 +200,8 @@ void check_cg_equals_cfg(const S& sched) {
 TEMPLATE_TEST_CASE("Classifier guidance equals CFG for exact fields and the exact classifier",
                    "[guidance]", float, double) {
   check_cg_equals_cfg<TestType>(fd::schedules::Linear{});
-  check_cg_equals_cfg<TestType>(TestCosine{});
-  check_cg_equals_cfg<TestType>(TestSqrtBeta{});  // b_1 = 1/2 through beta d_beta
+  check_cg_equals_cfg<TestType>(LibCosine{});
+  check_cg_equals_cfg<TestType>(LibSqrtBeta{});  // b_1 = 1/2 through beta d_beta
 }
 
 TEMPLATE_TEST_CASE("CFG rescale: phi = 0 is CFG, phi = 1 matches the conditional std", "[guidance]",
@@ -287,7 +284,7 @@ TEST_CASE("Guidance interval applies w only inside [t_lo, t_hi]", "[guidance]") 
   auto edm = fd::guidance_interval_sigma(fd::schedules::Linear{}, 2.0, 0.28, 5.42);
   CHECK(edm.t_lo == Approx(1 / 6.42).epsilon(1e-12));
   CHECK(edm.t_hi == Approx(1 / 1.28).epsilon(1e-12));
-  CHECK(fd::time_of_sigma(TestCosine{}, 1.0) == Approx(0.5).epsilon(1e-12));
+  CHECK(fd::time_of_sigma(LibCosine{}, 1.0) == Approx(0.5).epsilon(1e-12));
 
   CHECK_THROWS_WITH(fd::guidance_interval(2.0, 0.8, 0.2), Contains("t_lo must be <= t_hi"));
   CHECK_THROWS_WITH(fd::guidance_interval(2.0, -0.1, 0.2), Contains("t_lo must lie in [0, 1], got -0.1"));

@@ -15,7 +15,7 @@ namespace {
 
 // z ~ N(mu, s^2 I) under the linear path: u_t(x) = mu + c_t (x - t mu), div u = d c_t,
 // c_t = (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2).
-struct GaussianFlow {
+struct LinearGaussianFlow {
   double mu = 1.0, s = 0.5;
   int evaluations = 0;
   double c(double t) const { return (t * s * s - (1 - t)) / (t * t * s * s + (1 - t) * (1 - t)); }
@@ -39,7 +39,7 @@ struct GaussianFlow {
 
 TEST_CASE("Likelihood of Gaussian data matches the closed form", "[likelihood]") {
   for (fd::index_t d : {2, 10}) {
-    GaussianFlow flow;
+    LinearGaussianFlow flow;
     fd::Generator gen{1};
     auto x = fd::randn<double>({20, d}, gen);
     fd::transform(x, [&](double v) { return flow.mu + flow.s * v; }, x);
@@ -130,7 +130,7 @@ TEST_CASE("The mixture's exact divergence matches central differences", "[likeli
 }
 
 TEST_CASE("Likelihood input errors", "[likelihood]") {
-  GaussianFlow flow;
+  LinearGaussianFlow flow;
   fd::Tensor<double> x(fd::Shape{4, 2}), out(fd::Shape{3});
   fd::fill(x, 0.0);
   CHECK_THROWS_WITH(fd::log_likelihood(flow, x.view(), out.view()), Contains("out"));

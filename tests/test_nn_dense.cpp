@@ -19,6 +19,9 @@
 #include <tuple>
 #include <vector>
 
+#include "support/files.hpp"
+#include "support/gradcheck.hpp"
+
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 using Catch::Matchers::Contains;
@@ -27,15 +30,8 @@ namespace {
 
 // Parameters drawn N(0, 1) (not the layer's init: norm layers start at gamma = 1, beta = 0, which
 // would hide a swapped gamma/beta gradient).
-void randomise(nn::Parameters<double>& ps, fd::Generator& gen) {
-  fd::fill_normal(ps.flat_params(), gen);
-}
-
-void require_ok(const nn::GradcheckReport& rep) {
-  INFO(rep.summary());
-  CHECK(rep.ok());
-  WARN(rep.summary());
-}
+using flowdiff::test::randomise;
+using flowdiff::test::require_ok;
 
 }  // namespace
 
@@ -323,14 +319,14 @@ TEST_CASE("The gradient checker rejects wrong, zero and non-finite gradients", "
 // ---------------------------------------------------------------------------------------------
 namespace {
 
-std::filesystem::path fixture_path() {
-  return std::filesystem::path(__FILE__).parent_path() / "fixtures" / "layers_dense.safetensors";
+std::filesystem::path dense_fixture() {
+  return flowdiff::test::fixture_path("layers_dense.safetensors");
 }
 
 // Compares against a PyTorch reference by normalised MSE sum((a-b)^2) / sum(b^2) <= 1e-7
 // (DESIGN §4), after checking both are finite and the reference is not all zero.
 struct Parity {
-  fd::io::SafetensorsFile file = fd::io::SafetensorsFile::read(fixture_path());
+  fd::io::SafetensorsFile file = fd::io::SafetensorsFile::read(dense_fixture());
   double worst = 0;
   std::string worst_name;
 
@@ -377,7 +373,7 @@ struct Parity {
 }  // namespace
 
 TEST_CASE("Dense layers match PyTorch (fp32 fixtures)", "[nn][dense][parity]") {
-  REQUIRE(std::filesystem::exists(fixture_path()));
+  REQUIRE(std::filesystem::exists(dense_fixture()));
   Parity P;
 
   for (auto [kase, in, out, bias] :

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "support/compare.hpp"
+#include "support/files.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -38,7 +39,7 @@ using flowdiff::test::nmse;
 // Moves every parameter to a random value: the zero-initialised adaLN and final layers would
 // otherwise hide most gradients (a zero gate passes no gradient into its branch).
 template <class T>
-void randomise(nn::Parameters<T>& ps, fd::Generator& gen, double scale) {
+void randomise_all(nn::Parameters<T>& ps, fd::Generator& gen, double scale) {
   for (fd::index_t id = 0; id < ps.count(); ++id) {
     auto p = ps.param(id);
     for (fd::index_t i = 0; i < p.numel(); ++i)
@@ -59,9 +60,7 @@ nn::DiTConfig tiny_config(fd::index_t num_classes, bool learned, fd::index_t pat
           .learned_pos_embed = learned};
 }
 
-std::filesystem::path fixture() {
-  return std::filesystem::path(__FILE__).parent_path() / "fixtures" / "dit.safetensors";
-}
+std::filesystem::path dit_fixture() { return flowdiff::test::fixture_path("dit.safetensors"); }
 
 }  // namespace
 
@@ -145,7 +144,7 @@ TEST_CASE("DiTBlock: gradients w.r.t. x, c and every parameter match central dif
   nn::Parameters<double> ps;
   nn::DiTBlock<double> block(ps, "blocks.0", 8, 2, 4.0);
   ps.allocate();
-  randomise(ps, gen, 0.3);
+  randomise_all(ps, gen, 0.3);
   auto x = fd::randn<double>({2, 5, 8}, gen);
   auto c = fd::randn<double>({2, 8}, gen);
   fd::Tensor<double> out({2, 5, 8}), dx({2, 5, 8}), dc({2, 8});
@@ -173,7 +172,7 @@ TEST_CASE("DiT: gradients w.r.t. x and every parameter match central differences
     nn::Parameters<double> ps;
     nn::DiT<double> net(ps, tiny_config(cs.num_classes, cs.learned, cs.patch));
     ps.allocate();
-    randomise(ps, gen, 0.3);
+    randomise_all(ps, gen, 0.3);
     const fd::index_t n = 2;
     auto x = fd::randn<double>({n, 2, 8, 8}, gen);
     auto t = make_times<double>({0.13, 0.71});
@@ -193,8 +192,8 @@ TEST_CASE("DiT: gradients w.r.t. x and every parameter match central differences
 
 TEST_CASE("DiT: PyTorch state_dicts load strictly and give the same outputs and gradients",
           "[nn][dit][parity]") {
-  REQUIRE(std::filesystem::exists(fixture()));
-  const auto file = fd::io::SafetensorsFile::read(fixture());
+  REQUIRE(std::filesystem::exists(dit_fixture()));
+  const auto file = fd::io::SafetensorsFile::read(dit_fixture());
   double worst = 0;
   std::string worst_name;
   auto cmp = [&](const std::string& name, fd::View<const float> a) {
@@ -365,7 +364,7 @@ TEST_CASE("DiT: the cache is reused while N repeats; empty labels are the null l
                           .num_classes = 4,
                           .frequency_dim = 16});
   ps.allocate();
-  randomise(ps, gen, 0.2);
+  randomise_all(ps, gen, 0.2);
   auto x = fd::randn<float>({3, 1, 8, 8}, gen);
   auto t = make_times<float>({0.1, 0.5, 0.9});
   fd::Tensor<float> out({3, 1, 8, 8}), out2({3, 1, 8, 8});
@@ -428,7 +427,7 @@ TEST_CASE("DiT: as_field samples with Heun; cfg evaluates one 2N batch equal to 
                           .frequency_dim = 16});
   ps.allocate();
   net.init(ps, gen);
-  randomise(ps, gen, 0.2);
+  randomise_all(ps, gen, 0.2);
   auto field = nn::as_field(net, ps);
   static_assert(fd::Field<decltype(field), float>);
   static_assert(fd::ConditionalField<decltype(field), float>);
@@ -540,7 +539,7 @@ TEST_CASE("DiT: runs on a VAE latent (4x7x7, patch size 1)", "[nn][dit]") {
                           .num_classes = 10});
   ps.allocate();
   net.init(ps, gen);
-  randomise(ps, gen, 0.05);
+  randomise_all(ps, gen, 0.05);
   CHECK(net.tokens() == 49);
   auto z = fd::randn<float>({3, 4, 7, 7}, gen);
   fd::Tensor<float> out(z.shape()), dz(z.shape());

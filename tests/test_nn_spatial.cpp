@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "support/compare.hpp"
+#include "support/files.hpp"
+#include "support/gradcheck.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -28,15 +30,8 @@ namespace {
 
 // Parameters N(0, 0.5^2): large enough that attention softmaxes are far from uniform, and no
 // gamma = 1 / beta = 0 that could hide a swapped gradient.
-void randomise(nn::Parameters<double>& ps, fd::Generator& gen) {
-  fd::fill_normal(ps.flat_params(), gen, 0.0, 0.5);
-}
-
-void require_ok(const nn::GradcheckReport& rep) {
-  INFO(rep.summary());
-  CHECK(rep.ok());
-  WARN(rep.summary());
-}
+using flowdiff::test::randomise;
+using flowdiff::test::require_ok;
 
 fd::View<double> empty_view() { return fd::View<double>(nullptr, fd::Shape{0}); }
 
@@ -55,16 +50,16 @@ nn::GradcheckReport check_layer(const Layer& layer, nn::Parameters<double>& ps, 
 
 // ---- PyTorch parity ----
 
-const fd::io::SafetensorsFile& fixture() {
-  static const auto f = fd::io::SafetensorsFile::read(
-      std::filesystem::path(__FILE__).parent_path() / "fixtures" / "layers_spatial.safetensors");
+const fd::io::SafetensorsFile& spatial_fixture() {
+  static const auto f =
+      fd::io::SafetensorsFile::read(flowdiff::test::fixture_path("layers_spatial.safetensors"));
   return f;
 }
 
 using flowdiff::test::nmse;
 
 void check_close(const std::string& what, fd::View<const float> got, const std::string& ref_name) {
-  const auto ref = fixture().tensor<float>(ref_name);
+  const auto ref = spatial_fixture().tensor<float>(ref_name);
   const double e = nmse(got, ref.view());
   INFO(what << " vs " << ref_name << ": nmse " << e);
   CHECK(e <= 1e-7);
@@ -73,7 +68,7 @@ void check_close(const std::string& what, fd::View<const float> got, const std::
 
 void load_params(nn::Parameters<float>& ps) {
   for (fd::index_t id = 0; id < ps.count(); ++id) {
-    const auto t = fixture().tensor<float>(ps.info(id).name);
+    const auto t = spatial_fixture().tensor<float>(ps.info(id).name);
     REQUIRE(t.shape() == ps.info(id).shape);
     fd::copy(ps.param(id), t.view());
   }
@@ -87,8 +82,8 @@ void check_parity(const std::string& name, const Layer& layer, nn::Parameters<fl
     load_params(ps);
     ps.zero_grad();
   }
-  const auto x = fixture().tensor<float>(name + ".x");
-  const auto dy = fixture().tensor<float>(name + ".dy");
+  const auto x = spatial_fixture().tensor<float>(name + ".x");
+  const auto dy = spatial_fixture().tensor<float>(name + ".dy");
   fd::Tensor<float> y(layer.output_shape(x.shape())), dx(x.shape());
   typename Layer::Cache cache;
   layer.forward(ps, x.view(), y.view(), cache);
@@ -97,7 +92,7 @@ void check_parity(const std::string& name, const Layer& layer, nn::Parameters<fl
   check_close(name + " dx", dx.view(), name + ".dx");
   for (fd::index_t id = 0; id < ps.count(); ++id) {
     const auto& pn = ps.info(id).name;
-    if (fixture().contains("grad." + pn)) check_close("d " + pn, ps.grad(id), "grad." + pn);
+    if (spatial_fixture().contains("grad." + pn)) check_close("d " + pn, ps.grad(id), "grad." + pn);
   }
 }
 
@@ -123,7 +118,7 @@ TEST_CASE("Conv2d: gradients match central differences", "[nn][spatial][gradchec
     nn::Parameters<double> ps;
     nn::Conv2d<double> conv(ps, "conv", c.cin, c.cout, c.k, c.s, c.p, c.bias);
     ps.allocate();
-    randomise(ps, gen);
+    randomise(ps, gen, 0.5);
     INFO("k " << c.k << " s " << c.s << " p " << c.p << " x " << c.x);
     require_ok(check_layer(conv, ps, c.x, gen));
   }
@@ -141,7 +136,7 @@ TEST_CASE("ConvTranspose2d: gradients match central differences", "[nn][spatial]
     nn::Parameters<double> ps;
     nn::ConvTranspose2d<double> convt(ps, "up", c.cin, c.cout, c.k, c.s, c.p, c.op);
     ps.allocate();
-    randomise(ps, gen);
+    randomise(ps, gen, 0.5);
     INFO("k " << c.k << " s " << c.s << " p " << c.p << " op " << c.op << " x " << c.x);
     require_ok(check_layer(convt, ps, c.x, gen));
   }
@@ -165,7 +160,7 @@ TEST_CASE("BatchNorm2d: gradients match central differences in training and eval
   nn::Parameters<double> ps;
   nn::BatchNorm2d<double> bn(ps, "bn", 3);
   ps.allocate();
-  randomise(ps, gen);
+  randomise(ps, gen, 0.5);
   fd::fill_uniform(ps.param(bn.running_var_id()), gen, 0.5, 1.5);
   for (bool training : {true, false}) {
     bn.train(training);
@@ -196,14 +191,14 @@ TEST_CASE("MultiheadSelfAttention and ImageSelfAttention: gradients match centra
     nn::Parameters<double> ps;
     nn::MultiheadSelfAttention<double> attn(ps, "attn", 8, heads, heads != 4);
     ps.allocate();
-    randomise(ps, gen);
+    randomise(ps, gen, 0.5);
     INFO("heads " << heads);
     require_ok(check_layer(attn, ps, {2, 5, 8}, gen));
   }
   nn::Parameters<double> ps;
   nn::ImageSelfAttention<double> attn(ps, "mid.attn", 4, 2);
   ps.allocate();
-  randomise(ps, gen);
+  randomise(ps, gen, 0.5);
   require_ok(check_layer(attn, ps, {2, 4, 3, 2}, gen));
 }
 
@@ -214,7 +209,7 @@ TEST_CASE("Layers without dx skip the input gradient and still accumulate parame
   nn::Conv2d<double> conv(ps, "c", 2, 3, 3, 1, 1);
   nn::MultiheadSelfAttention<double> attn(ps, "a", 4, 2);
   ps.allocate();
-  randomise(ps, gen);
+  randomise(ps, gen, 0.5);
   auto x = fd::randn<double>({2, 2, 4, 4}, gen);
   auto t = fd::randn<double>({2, 3, 4}, gen);
   fd::Tensor<double> y({2, 3, 4, 4}), yt({2, 3, 4}), dx({2, 2, 4, 4}), dt({2, 3, 4});

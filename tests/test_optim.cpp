@@ -19,15 +19,17 @@
 #include <flowdiff/train/optimizer.hpp>
 #include <flowdiff/train/schedule.hpp>
 
+#include "support/files.hpp"
+
 namespace fd = flowdiff;
 namespace tr = flowdiff::train;
 using Catch::Matchers::Contains;
 
 namespace {
 
-const fd::io::SafetensorsFile& fixture() {
-  static const auto f = fd::io::SafetensorsFile::read(std::filesystem::path(__FILE__).parent_path() /
-                                                      "fixtures" / "optim.safetensors");
+const fd::io::SafetensorsFile& optim_fixture() {
+  static const auto f =
+      fd::io::SafetensorsFile::read(flowdiff::test::fixture_path("optim.safetensors"));
   return f;
 }
 
@@ -65,13 +67,13 @@ void check_close(fd::View<const T> got, const fd::Tensor<T>& ref, const std::str
 template <class T>
 void set_grads(fd::nn::Parameters<T>& ps, int k) {
   for (fd::index_t id = 0; id < ps.count(); ++id)
-    fd::nn::load_into(fixture(), tag<T>() + ".grad" + std::to_string(k) + "." + ps.info(id).name, ps.grad(id));
+    fd::nn::load_into(optim_fixture(), tag<T>() + ".grad" + std::to_string(k) + "." + ps.info(id).name, ps.grad(id));
 }
 
 template <class T, class Opt>
 void check_parity(const std::string& name, Opt opt) {
   auto ps = make_params<T>();
-  fd::nn::load_parameters(ps, fixture(), {.strict = true, .prefix = tag<T>() + ".init."});
+  fd::nn::load_parameters(ps, optim_fixture(), {.strict = true, .prefix = tag<T>() + ".init."});
   const auto init = ps.flat_params();
   std::vector<T> start(init.data(), init.data() + init.numel());
   for (int k = 1; k <= 5; ++k) {
@@ -79,7 +81,7 @@ void check_parity(const std::string& name, Opt opt) {
     opt.step(ps);
     for (fd::index_t id = 0; id < ps.count(); ++id) {
       const std::string key = tag<T>() + "." + name + ".step" + std::to_string(k) + "." + ps.info(id).name;
-      check_close<T>(ps.param(id), fixture().tensor<T>(key), key);
+      check_close<T>(ps.param(id), optim_fixture().tensor<T>(key), key);
     }
   }
   // Not trivially equal to the start; padding untouched.
@@ -105,16 +107,16 @@ void clip_parity() {
   for (const char* max_norm : {"0.5", "100"}) {
     auto ps = make_params<T>();
     for (fd::index_t id = 0; id < ps.count(); ++id)
-      fd::nn::load_into(fixture(), tag<T>() + ".clip.grad." + ps.info(id).name, ps.grad(id));
+      fd::nn::load_into(optim_fixture(), tag<T>() + ".clip.grad." + ps.info(id).name, ps.grad(id));
     const T norm = tr::clip_grad_norm(ps, std::stod(max_norm));
-    const auto ref = fixture().tensor<T>(tag<T>() + ".clip" + max_norm + ".norm");
+    const auto ref = optim_fixture().tensor<T>(tag<T>() + ".clip" + max_norm + ".norm");
     const T ref_norm = ref[0];
     CHECK(ref_norm > T(1));
     const double tol = std::is_same_v<T, float> ? 1e-6 : 1e-12;
     CHECK(std::fabs(double(norm - ref_norm)) <= tol * (1 + double(ref_norm)));
     for (fd::index_t id = 0; id < ps.count(); ++id) {
       const std::string key = tag<T>() + ".clip" + max_norm + ".grad." + ps.info(id).name;
-      check_close<T>(ps.grad(id), fixture().tensor<T>(key), key);
+      check_close<T>(ps.grad(id), optim_fixture().tensor<T>(key), key);
     }
     if (std::string(max_norm) == "0.5")
       CHECK(std::sqrt(double(fd::sum_squares(ps.flat_grads()))) == Approx(0.5).epsilon(1e-5));
@@ -154,7 +156,7 @@ void check_resume(const std::function<Opt()>& make) {
   const auto path = dir / "state.safetensors";
   // Uninterrupted: 5 steps.
   auto a = make_params<double>();
-  fd::nn::load_parameters(a, fixture(), {.prefix = "f64.init."});
+  fd::nn::load_parameters(a, optim_fixture(), {.prefix = "f64.init."});
   Opt opt_a = make();
   tr::Ema<double> ema_a(a, {.decay = 0.9});
   run_steps(a, opt_a, 1, 3, &ema_a);
@@ -322,8 +324,8 @@ TEST_CASE("save_parameters / load_parameters round trip and report errors", "[nn
 
   // A PyTorch-written file (F32) loads into double parameters exactly.
   auto pd = make_params<double>();
-  fd::nn::load_parameters(pd, fixture(), {.prefix = "f32.init."});
-  CHECK(pd.param(1)[2] == double(fixture().tensor<float>("f32.init.net.0.bias")[2]));
+  fd::nn::load_parameters(pd, optim_fixture(), {.prefix = "f32.init."});
+  CHECK(pd.param(1)[2] == double(optim_fixture().tensor<float>("f32.init.net.0.bias")[2]));
 
   // save_tensors / load_tensors.
   const auto t = fd::Tensor<float>::from({2}, {1.0f, 2.0f});

@@ -13,13 +13,13 @@
 
 #include <flowdiff/io/safetensors.hpp>
 
+#include "support/files.hpp"
+
 namespace fd = flowdiff;
 namespace st = flowdiff::io;
 using Catch::Matchers::Contains;
 
 namespace {
-
-std::filesystem::path fixture_dir() { return std::filesystem::path(__FILE__).parent_path() / "fixtures"; }
 
 std::vector<std::byte> to_bytes(std::string_view s) {
   std::vector<std::byte> b(s.size());
@@ -245,7 +245,7 @@ TEST_CASE("safetensors: corrupt files throw io_error naming the file, the tensor
 }
 
 TEST_CASE("safetensors: reads a file written by Python (tools/fixtures/st.py)", "[io][safetensors]") {
-  const auto path = fixture_dir() / "optim.safetensors";
+  const auto path = flowdiff::test::fixture_path("optim.safetensors");
   REQUIRE(std::filesystem::exists(path));
   const auto f = st::SafetensorsFile::read(path);
   CHECK(f.metadata().at("generator") == "tools/fixtures/optim.py");

@@ -10,7 +10,6 @@
 // - the trainer: deterministic from its seed, resumes bit for bit from a checkpoint (parameters,
 //   EMA, optimizer and data position), stops on a non-finite loss keeping the last good
 //   checkpoint, writes the loss CSV and progress lines, and rejects bad options.
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -30,6 +29,8 @@
 #include <string>
 #include <vector>
 
+#include "support/files.hpp"
+
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
 namespace tr = flowdiff::train;
@@ -39,19 +40,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("flowdiff_test_train_" + name + "_" +
-                                        std::to_string(static_cast<long long>(::getpid())));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using flowdiff::test::TempDir;
 
 /// Every sample at the same time t (so an exact field can be evaluated on the whole batch).
 struct FixedTime {
