@@ -1,0 +1,815 @@
+// tests/cuda/test_cuda_backend.cu — the CUDA backend against its CPU reference, kernel by kernel,
+// with DESIGN.md §4's tolerances: error conversion, device tensors and copies, the grid-stride
+// parallel_for running the CPU's functors, the deterministic sum, Philox fills (integer streams
+// and uniforms bit-equal to the CPU, normals within a few ulp), cuBLAS GEMM (plain and strided-
+// batched, row-major like the CPU gemm) and the fused CFG + Euler / Euler–Maruyama updates (against
+// the CPU's Cfg adapter and steppers, and against the same generic path running on the GPU).
+// The checks that need no GPU (error messages, the device query) always run. Without a device the
+// program then prints "SKIPPED" and exits with 77, which ctest reports as skipped; 0: all passed,
+// 1: a check failed (each failure is printed with what was compared and by how much).
+#include <flowdiff/backend/cuda/all.cuh>
+#include <flowdiff/guidance/cfg.hpp>
+#include <flowdiff/samplers/grid.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/samplers/sde.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace fd = flowdiff;
+using fd::Cpu;
+using fd::Cuda;
+using fd::index_t;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// A minimal harness: every check prints on failure; main returns 1 if any failed.
+// ---------------------------------------------------------------------------------------------
+
+int failures = 0;
+int checks = 0;
+
+void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+template <class F>
+void section(const char* name, F&& body) {
+  const int before = failures;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    expect(false, std::string(name) + ": unexpected exception: " + e.what());
+  }
+  std::printf("%-34s %s\n", name, failures == before ? "ok" : "FAILED");
+}
+
+/// Runs f and reports whether it threw E with a message containing every one of `parts`.
+template <class E, class F>
+bool throws_with(F&& f, std::initializer_list<const char*> parts, std::string* message = nullptr) {
+  try {
+    f();
+  } catch (const E& e) {
+    const std::string m = e.what();
+    if (message != nullptr) *message = m;
+    for (const char* p : parts)
+      if (m.find(p) == std::string::npos) return false;
+    return true;
+  } catch (...) {
+    return false;
+  }
+  return false;
+}
+
+template <class T>
+std::string str(T v) {
+  return fd::detail::concat(v);
+}
+
+/// Element-wise rule |a - b| <= atol + rtol |ref|, after checking both are finite and the
+/// reference is not trivially zero. Returns the largest violation ratio (<= 1 passes).
+template <class T>
+double elementwise_ratio(const std::vector<T>& got, const std::vector<T>& ref, double atol,
+                         double rtol, std::string* note) {
+  if (got.size() != ref.size()) {
+    *note = "sizes differ";
+    return std::numeric_limits<double>::infinity();
+  }
+  double worst = 0, ref_max = 0;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double a = static_cast<double>(got[i]), b = static_cast<double>(ref[i]);
+    if (!std::isfinite(a) || !std::isfinite(b)) {
+      *note = "non-finite value at " + str(i) + ": got " + str(a) + ", ref " + str(b);
+      return std::numeric_limits<double>::infinity();
+    }
+    ref_max = std::max(ref_max, std::abs(b));
+    const double r = std::abs(a - b) / (atol + rtol * std::abs(b));
+    if (r > worst) {
+      worst = r;
+      at = i;
+    }
+  }
+  if (ref_max == 0) {
+    *note = "reference is all zero";
+    return std::numeric_limits<double>::infinity();
+  }
+  *note = "worst at " + str(at) + ": got " + str(static_cast<double>(got[at])) + ", ref " +
+          str(static_cast<double>(ref[at]));
+  return worst;
+}
+
+template <class T>
+constexpr double atol_of() {
+  return std::is_same_v<T, float> ? 1e-6 : 1e-12;
+}
+template <class T>
+constexpr double rtol_of() {
+  return std::is_same_v<T, float> ? 1e-5 : 1e-12;
+}
+
+template <class T>
+void expect_close(const std::string& what, const std::vector<T>& got, const std::vector<T>& ref,
+                  double atol = atol_of<T>(), double rtol = rtol_of<T>()) {
+  std::string note;
+  const double r = elementwise_ratio(got, ref, atol, rtol, &note);
+  expect(r <= 1.0, what + ": |got - ref| <= " + str(atol) + " + " + str(rtol) +
+                       " |ref| violated by a factor " + str(r) + " (" + note + ")");
+}
+
+/// Distance in units in the last place between two finite values of the same sign class.
+template <class T>
+std::int64_t ulp_distance(T a, T b) {
+  using I = std::conditional_t<std::is_same_v<T, float>, std::int32_t, std::int64_t>;
+  I ia, ib;
+  std::memcpy(&ia, &a, sizeof(T));
+  std::memcpy(&ib, &b, sizeof(T));
+  // Map the sign-magnitude bit patterns onto a monotonic integer line.
+  const auto key = [](I v) -> std::int64_t {
+    return v < 0 ? static_cast<std::int64_t>(std::numeric_limits<I>::min()) - v : v;
+  };
+  const std::int64_t d = key(ia) - key(ib);
+  return d < 0 ? -d : d;
+}
+
+template <class T>
+std::vector<T> host_vector(fd::View<const T, Cuda> v) {
+  auto h = fd::to_host(v);
+  return h.to_vector();
+}
+template <class T>
+std::vector<T> host_vector(const fd::Tensor<T, Cuda>& t) {
+  return host_vector(t.view());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host part: needs no GPU.
+// ---------------------------------------------------------------------------------------------
+
+cudaError_t returns_invalid_device() { return cudaErrorInvalidDevice; }
+
+void host_checks() {
+  section("error conversion (host)", [] {
+    std::string m;
+    expect(throws_with<fd::cuda_error>(
+               [] {
+                 fd::cuda::check(cudaErrorInvalidValue, "cudaMemcpy(dst, src, n, kind)",
+                                 "/some/dir/kernel.cu", 42);
+               },
+               {"cudaMemcpy(dst, src, n, kind)", "kernel.cu:42", "cudaErrorInvalidValue",
+                cudaGetErrorString(cudaErrorInvalidValue)},
+               &m),
+           "cuda::check names the call, file:line, error name and description; got: " + m);
+    expect(m.find("/some/dir") == std::string::npos, "the file is named without its directory");
+    expect(throws_with<fd::error>(
+               [] { FLOWDIFF_CUDA_CHECK(returns_invalid_device()); },
+               {"returns_invalid_device()", "test_cuda_backend.cu:", "cudaErrorInvalidDevice"},
+               &m),
+           "FLOWDIFF_CUDA_CHECK stringises the call and records this file; got: " + m);
+    expect(throws_with<fd::cuda_error>(
+               [] {
+                 FLOWDIFF_CUDA_CHECK(static_cast<cublasStatus_t>(CUBLAS_STATUS_NOT_INITIALIZED));
+               },
+               {"CUBLAS_STATUS_NOT_INITIALIZED", "test_cuda_backend.cu:"}, &m),
+           "cuBLAS statuses become cuda_error with the status name; got: " + m);
+    bool threw = false;
+    try {
+      FLOWDIFF_CUDA_CHECK(cudaSuccess);
+      FLOWDIFF_CUDA_CHECK(CUBLAS_STATUS_SUCCESS);
+    } catch (...) {
+      threw = true;
+    }
+    expect(!threw, "success statuses do not throw");
+    fd::Tensor<float, Cuda> empty;  // no allocation, no CUDA call, with or without a device
+    expect(empty.numel() == 0 && empty.data() == nullptr, "an empty device tensor owns nothing");
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device part.
+// ---------------------------------------------------------------------------------------------
+
+struct AffineMap {  // the same FLOWDIFF_HOST_DEVICE functor on both backends
+  float a, b;
+  FLOWDIFF_HOST_DEVICE float operator()(float x) const { return a * x + b; }
+};
+
+void device_tensors() {
+  section("device tensors and copies", [] {
+    fd::Generator gen{11};
+    auto h = fd::randn<float>({37, 5, 3}, gen);
+    auto d = fd::to_device(h);
+    expect(d.shape() == h.shape(), "to_device keeps the shape");
+    auto back = fd::to_host(d);
+    expect(back.to_vector() == h.to_vector(), "host -> device -> host is bit-exact");
+    auto c = d.clone();
+    expect(host_vector(c) == h.to_vector(), "clone copies device memory");
+    auto f = fd::Tensor<double, Cuda>::full({1000}, 2.5);
+    const auto fv = host_vector(f);
+    expect(std::all_of(fv.begin(), fv.end(), [](double v) { return v == 2.5; }),
+           "Tensor<double, Cuda>::full fills on the device");
+    auto z = fd::Tensor<float, Cuda>::zeros({3, 7});
+    const auto zv = host_vector(z);
+    expect(std::all_of(zv.begin(), zv.end(), [](float v) { return v == 0.0f; }), "zeros");
+    z.resize({21});
+    expect(z.shape() == fd::Shape{21}, "resize to the same element count keeps storage");
+    z.resize({0});
+    expect(z.data() == nullptr, "resize to 0 elements frees the storage");
+    auto e = fd::to_device(fd::Tensor<float>(fd::Shape{0, 4}));
+    expect(e.numel() == 0 && fd::to_host(e).numel() == 0, "empty tensors round-trip");
+    fd::Tensor<float, Cuda> small({5});
+    expect(throws_with<fd::shape_error>([&] { fd::cuda::copy_to_device(small.view(), h.view()); },
+                                        {"copy_to_device", "5", "555"}),
+           "copy_to_device rejects a size mismatch, naming both sizes");
+    // View conversions and row access work on device views without touching device memory.
+    auto rows = d.view().rows(2, 4);
+    expect(host_vector(fd::View<const float, Cuda>(rows)) ==
+               std::vector<float>(h.data() + 2 * 15, h.data() + 4 * 15),
+           "rows(2, 4) of a device view is the right sub-range");
+    std::string m;
+    expect(throws_with<fd::cuda_error>([] { (void)Cuda::allocate<float>(index_t{1} << 46); },
+                                       {"Cuda::allocate", "cudaMallocAsync", "bytes"}, &m),
+           "an impossible allocation throws cuda_error naming its size; got: " + m);
+    float* p = nullptr;
+    cudaError_t launch_error = cudaSuccess;
+    expect(throws_with<fd::cuda_error>(
+               [&] {
+                 fd::cuda::kernels::for_each<<<1, 4096, 0, cudaStreamPerThread>>>(
+                     index_t{1}, FLOWDIFF_LAMBDA(index_t i) { p[i] = 0; });
+                 launch_error = cudaPeekAtLastError();
+                 FLOWDIFF_CUDA_CHECK_LAUNCH("for_each", cudaStreamPerThread);
+               },
+               {"launch of for_each", "test_cuda_backend.cu:"}, &m),
+           "a bad launch configuration throws cuda_error naming the kernel; got: " + m);
+    expect(launch_error != cudaSuccess && cudaPeekAtLastError() == cudaSuccess,
+           "the launch error was reported and cleared");
+    Cuda::synchronize();
+  });
+}
+
+void parallel_loops() {
+  section("parallel_for / transform", [] {
+    // Larger than max_blocks * block_threads, so the grid-stride loop is exercised.
+    const index_t n = Cuda::max_blocks * Cuda::block_threads + 12345;
+    fd::Generator gen{3};
+    auto x = fd::rand<float>({n}, gen);
+    auto xd = fd::to_device(x);
+    fd::Tensor<float> y({n});
+    fd::Tensor<float, Cuda> yd({n});
+    const AffineMap f{1.75f, -0.5f};
+    fd::transform(y, f, x);
+    fd::transform(yd, f, xd);
+    const auto got = host_vector(yd);
+    expect_close("transform(a x + b) on the device vs the CPU", got, y.to_vector());
+    index_t same = 0;
+    for (index_t i = 0; i < n; ++i) same += got[static_cast<std::size_t>(i)] == y[i];
+    std::printf("  transform: %lld of %lld elements bit-equal to the CPU (FMA contraction may "
+                "differ)\n",
+                static_cast<long long>(same), static_cast<long long>(n));
+
+    // Generic ops from core/ops.hpp on device tensors: axpy, scale, fill, copy, row_sum.
+    fd::Tensor<double> a({40, 33}), b({40, 33});
+    fd::fill_uniform(a, gen, -1.0, 1.0);
+    fd::fill_uniform(b, gen, -1.0, 1.0);
+    auto ad = fd::to_device(a);
+    auto bd = fd::to_device(b);
+    fd::axpy(a, 0.25, b);
+    fd::axpy(ad, 0.25, bd);
+    fd::scale(a, -3.0);
+    fd::scale(ad, -3.0);
+    expect_close("axpy + scale on the device", host_vector(ad), a.to_vector());
+    fd::Tensor<double> rs({40});
+    fd::Tensor<double, Cuda> rsd({40});
+    fd::row_sum<double, Cpu>(a.view(), rs.view());
+    fd::row_sum<double, Cuda>(ad.view(), rsd.view());
+    expect_close("row_sum on the device", host_vector(rsd), rs.to_vector());
+    fd::fill(bd, 7.0);
+    fd::copy(ad, bd);
+    const auto av = host_vector(ad);
+    expect(std::all_of(av.begin(), av.end(), [](double v) { return v == 7.0; }), "fill + copy");
+
+    // A FLOWDIFF_LAMBDA through the Backend interface, on the default and an explicit stream.
+    fd::Tensor<index_t, Cuda> idx({100000});
+    index_t* pi = idx.data();
+    Cuda::parallel_for(idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] = 3 * i + 1; });
+    cudaStream_t s = nullptr;
+    FLOWDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    Cuda::synchronize();  // idx was written on the per-thread stream
+    Cuda::parallel_for(s, idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] += 1; });
+    Cuda::synchronize(s);
+    FLOWDIFF_CUDA_CHECK(cudaStreamDestroy(s));
+    const auto iv = host_vector(idx);
+    bool ok = true;
+    for (index_t i = 0; i < idx.numel(); ++i) ok = ok && iv[static_cast<std::size_t>(i)] == 3 * i + 2;
+    expect(ok, "FLOWDIFF_LAMBDA loops on the per-thread and an explicit stream");
+  });
+}
+
+void reductions() {
+  section("deterministic sum", [] {
+    fd::Generator gen{5};
+    // One pass, block edges, two passes, and three passes (more than reduce_block^2 elements).
+    const index_t sizes[] = {1,    7,        Cuda::reduce_block - 1, Cuda::reduce_block,
+                             8193, 1000003, Cuda::reduce_block * Cuda::reduce_block + 101};
+    for (const index_t n : sizes) {
+      fd::Tensor<float, Cuda> xd({n});
+      fd::fill_uniform(xd, gen, -1.0f, 2.0f);
+      const auto x = fd::to_host(xd);
+      const float cpu = fd::sum(x);
+      const float gpu = fd::sum(xd);
+      const float again = Cuda::sum(xd.data(), n);
+      double abs_sum = 0;
+      for (index_t i = 0; i < n; ++i) abs_sum += std::abs(static_cast<double>(x[i]));
+      // Both accumulate in double (in different orders) and round once: at most 1 float ulp apart.
+      expect(ulp_distance(cpu, gpu) <= 1, "sum of " + str(n) + " floats: gpu " + str(gpu) +
+                                              ", cpu " + str(cpu));
+      expect(std::memcmp(&gpu, &again, sizeof(float)) == 0,
+             "sum of " + str(n) + " floats is the same bits when repeated");
+      const double gd =
+          Cuda::reduce_sum(n, fd::cuda::kernels::Load<float>{xd.data()});
+      const double cd = Cpu::reduce_sum(n, [&](index_t i) { return static_cast<double>(x[i]); });
+      expect(std::abs(gd - cd) <= 1e-12 * abs_sum,
+             "double sum of " + str(n) + " elements: gpu " + str(gd) + ", cpu " + str(cd));
+    }
+    // The same bits on another stream; a dot product through reduce_sum with a device functor.
+    const index_t n = 3000017;
+    fd::Tensor<double, Cuda> ad({n}), bd({n});
+    fd::fill_normal(ad, gen);
+    fd::fill_normal(bd, gen);
+    const double* pa = ad.data();
+    const double* pb = bd.data();
+    auto prod = FLOWDIFF_LAMBDA(index_t i) { return pa[i] * pb[i]; };
+    const double d1 = Cuda::reduce_sum(n, prod);
+    cudaStream_t s = nullptr;
+    FLOWDIFF_CUDA_CHECK(cudaStreamCreate(&s));
+    const double d2 = Cuda::reduce_sum(n, prod, s);
+    FLOWDIFF_CUDA_CHECK(cudaStreamDestroy(s));
+    expect(std::memcmp(&d1, &d2, sizeof(double)) == 0, "reduce_sum is the same bits on two streams");
+    const auto a = fd::to_host(ad);
+    const auto b = fd::to_host(bd);
+    const double cpu = fd::dot(a, b);
+    double scale = 0;
+    for (index_t i = 0; i < n; ++i) scale += std::abs(a[i] * b[i]);
+    expect(std::abs(d1 - cpu) <= 1e-12 * scale,
+           "dot via reduce_sum: gpu " + str(d1) + ", cpu " + str(cpu));
+    expect(Cuda::sum(static_cast<const float*>(nullptr), 0) == 0.0f, "the empty sum is 0");
+  });
+}
+
+// Raw Philox words of the blocks fill_normal / fill_uniform use for a [rows, d] tensor.
+struct PhiloxWords {
+  std::uint32_t* out;
+  fd::rng_detail::Stream s;
+  index_t nb;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t k) const {
+    const auto b = s.block(static_cast<std::uint32_t>(k % nb), static_cast<std::uint32_t>(k / nb));
+    for (int l = 0; l < 4; ++l) out[4 * k + l] = b.v[l];
+  }
+};
+
+template <class T>
+void philox_fills_for() {
+  const char* tn = std::is_same_v<T, float> ? "float" : "double";
+  const fd::Shape shape{37, 1001};  // rows not a multiple of the per-block count
+  fd::Generator g_cpu{20261201}, g_gpu{20261201};
+  fd::Tensor<T> u(shape);
+  fd::Tensor<T, Cuda> ud(shape);
+  fd::fill_uniform(u, g_cpu);
+  fd::fill_uniform(ud, g_gpu);
+  expect(host_vector(ud) == u.to_vector(),
+         std::string("fill_uniform<") + tn + "> on [0, 1) is bit-equal to the CPU");
+  fd::fill_uniform(u, g_cpu, T(-2), T(3));
+  fd::fill_uniform(ud, g_gpu, T(-2), T(3));
+  expect_close(std::string("fill_uniform<") + tn + "> on [-2, 3)", host_vector(ud),
+               u.to_vector());
+  fd::Tensor<T> z(shape);
+  fd::Tensor<T, Cuda> zd(shape);
+  fd::fill_normal(z, g_cpu);
+  fd::fill_normal(zd, g_gpu);
+  const auto zg = host_vector(zd);
+  expect_close(std::string("fill_normal<") + tn + ">", zg, z.to_vector());
+  std::int64_t worst = 0;
+  for (index_t i = 0; i < z.numel(); ++i)
+    worst = std::max(worst, ulp_distance(zg[static_cast<std::size_t>(i)], z[i]));
+  std::printf("  fill_normal<%s>: largest difference to the CPU %lld ulp\n", tn,
+              static_cast<long long>(worst));
+  expect(worst <= 16, std::string("fill_normal<") + tn + "> within a few ulp of the CPU (" +
+                          str(worst) + " ulp)");
+  expect(g_cpu.offset() == 3 && g_gpu.offset() == 3, "each fill consumes one counter value");
+
+  // Sample i does not depend on the batch size: rows of a [rows, d] and a [2 rows + 1, d] fill.
+  fd::Generator g1{99}, g2{99};
+  fd::Tensor<T, Cuda> small(shape), big({2 * shape[0] + 1, shape[1]});
+  fd::fill_normal(small, g1);
+  fd::fill_normal(big, g2);
+  const auto sv = host_vector(small);
+  const auto bv = host_vector(fd::View<const T, Cuda>(big.view().rows(0, shape[0])));
+  expect(sv == bv, std::string("fill_normal<") + tn + ">: sample i is independent of batch size");
+}
+
+void philox() {
+  section("Philox fills", [] {
+    // The integer stream itself: every word of every block bit-equal to the host's.
+    fd::Generator gen{0xC0FFEEull << 20};
+    const auto s = gen.next_stream();
+    const index_t rows = 129, nb = 257;
+    fd::Tensor<std::uint32_t, Cuda> words({rows * nb * 4});
+    Cuda::parallel_for(rows * nb, PhiloxWords{words.data(), s, nb});
+    const auto w = host_vector(words);
+    index_t bad = 0;
+    for (index_t k = 0; k < rows * nb; ++k) {
+      const auto b = s.block(static_cast<std::uint32_t>(k % nb), static_cast<std::uint32_t>(k / nb));
+      for (int l = 0; l < 4; ++l) bad += w[static_cast<std::size_t>(4 * k + l)] != b.v[l];
+    }
+    expect(bad == 0, "Philox4x32-10 words on the device equal the host's (" + str(bad) +
+                         " of " + str(rows * nb * 4) + " differ)");
+    const auto kat = fd::Philox4x32::hash(0, 0, 0, 0, 0, 0);
+    expect(kat.v[0] == 0x6627e8d5u, "Random123 known answer on the host");
+    philox_fills_for<float>();
+    philox_fills_for<double>();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+// ---------------------------------------------------------------------------------------------
+
+/// C = alpha op(A) op(B) + beta C0 in double, row-major, the reference for both backends.
+template <class T>
+std::vector<double> gemm_reference(fd::Trans ta, fd::Trans tb, index_t m, index_t n, index_t k,
+                                   double alpha, const T* a, index_t lda, const T* b, index_t ldb,
+                                   double beta, const T* c0, index_t ldc) {
+  std::vector<double> c(static_cast<std::size_t>(m * n));
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (index_t p = 0; p < k; ++p) {
+        const double av = ta == fd::Trans::no ? a[i * lda + p] : a[p * lda + i];
+        const double bv = tb == fd::Trans::no ? b[p * ldb + j] : b[j * ldb + p];
+        s += av * bv;
+      }
+      c[static_cast<std::size_t>(i * n + j)] =
+          alpha * s + (beta == 0 ? 0.0 : beta * static_cast<double>(c0[i * ldc + j]));
+    }
+  return c;
+}
+
+/// Normalised MSE sum (got - ref)^2 / sum ref^2 after checking got is finite and ref non-zero.
+template <class T>
+double nmse(const std::vector<T>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double g = static_cast<double>(got[i]);
+    if (!std::isfinite(g)) return std::numeric_limits<double>::infinity();
+    num += (g - ref[i]) * (g - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? num / den : std::numeric_limits<double>::infinity();
+}
+
+template <class T>
+constexpr double nmse_bound() {
+  return std::is_same_v<T, float> ? 1e-7 : 1e-24;
+}
+
+const char* trans_name(fd::Trans t) { return t == fd::Trans::no ? "N" : "T"; }
+
+template <class T>
+void gemm_for(fd::cuda::Blas& blas) {
+  const char* tn = std::is_same_v<T, float> ? "float" : "double";
+  fd::Generator gen{77};
+  struct Dims {
+    index_t m, n, k;
+  };
+  for (const Dims dims : {Dims{37, 53, 29}, Dims{256, 192, 320}, Dims{1, 65, 7}}) {
+    for (const fd::Trans ta : {fd::Trans::no, fd::Trans::yes})
+      for (const fd::Trans tb : {fd::Trans::no, fd::Trans::yes}) {
+        const index_t m = dims.m, n = dims.n, k = dims.k;
+        fd::Tensor<T> a = ta == fd::Trans::no ? fd::Tensor<T>({m, k}) : fd::Tensor<T>({k, m});
+        fd::Tensor<T> b = tb == fd::Trans::no ? fd::Tensor<T>({k, n}) : fd::Tensor<T>({n, k});
+        fd::Tensor<T> c({m, n});
+        fd::fill_uniform(a, gen, T(-1), T(1));
+        fd::fill_uniform(b, gen, T(-1), T(1));
+        fd::fill_uniform(c, gen, T(-1), T(1));
+        const T alpha = T(0.75), beta = T(-0.5);
+        const auto ref = gemm_reference(ta, tb, m, n, k, alpha, a.data(), a.dim(1), b.data(),
+                                        b.dim(1), beta, c.data(), n);
+        auto ad = fd::to_device(a);
+        auto bd = fd::to_device(b);
+        auto cd = fd::to_device(c);
+        fd::gemm(blas, ta, tb, alpha, ad, bd, beta, cd);
+        fd::gemm(ta, tb, alpha, a, b, beta, c);  // the CPU backend, same call
+        const std::string what = std::string("gemm<") + tn + "> " + trans_name(ta) +
+                                 trans_name(tb) + " [" + str(m) + "x" + str(n) + "x" + str(k) + "]";
+        const double e_gpu = nmse(host_vector(cd), ref), e_cpu = nmse(c.to_vector(), ref);
+        expect(e_gpu <= nmse_bound<T>(), what + ": cuBLAS NMSE " + str(e_gpu));
+        expect(e_cpu <= nmse_bound<T>(), what + ": CPU NMSE " + str(e_cpu));
+      }
+  }
+  // beta = 0 must not read C (NaN there stays out of the result); k = 0 gives C = beta C.
+  {
+    fd::Tensor<T> a({9, 4}), b({4, 11});
+    fd::fill_uniform(a, gen, T(-1), T(1));
+    fd::fill_uniform(b, gen, T(-1), T(1));
+    auto cd = fd::Tensor<T, Cuda>::full({9, 11}, std::numeric_limits<T>::quiet_NaN());
+    fd::gemm(blas, fd::Trans::no, fd::Trans::no, T(1), fd::to_device(a), fd::to_device(b), T(0),
+             cd);
+    const auto ref = gemm_reference(fd::Trans::no, fd::Trans::no, 9, 11, 4, 1.0, a.data(), 4,
+                                    b.data(), 11, 0.0, static_cast<const T*>(nullptr), 11);
+    expect(nmse(host_vector(cd), ref) <= nmse_bound<T>(),
+           std::string("gemm<") + tn + "> with beta = 0 ignores NaN in C");
+    auto c2 = fd::Tensor<T, Cuda>::full({3, 5}, T(2));
+    fd::gemm(blas, fd::Trans::no, fd::Trans::no, T(1), fd::Tensor<T, Cuda>({3, 0}),
+             fd::Tensor<T, Cuda>({0, 5}), T(0.5), c2);
+    const auto c2v = host_vector(c2);
+    expect(std::all_of(c2v.begin(), c2v.end(), [](T v) { return v == T(1); }),
+           std::string("gemm<") + tn + "> with k = 0 computes C = beta C");
+  }
+  // Strided-batched, every transpose combination, against per-batch double references.
+  for (const fd::Trans ta : {fd::Trans::no, fd::Trans::yes})
+    for (const fd::Trans tb : {fd::Trans::no, fd::Trans::yes}) {
+      const index_t batch = 6, m = 17, n = 23, k = 31;
+      fd::Tensor<T> a(ta == fd::Trans::no ? fd::Shape{batch, m, k} : fd::Shape{batch, k, m});
+      fd::Tensor<T> b(tb == fd::Trans::no ? fd::Shape{batch, k, n} : fd::Shape{batch, n, k});
+      fd::Tensor<T> c({batch, m, n});
+      fd::fill_uniform(a, gen, T(-1), T(1));
+      fd::fill_uniform(b, gen, T(-1), T(1));
+      fd::fill_uniform(c, gen, T(-1), T(1));
+      auto ad = fd::to_device(a);
+      auto bd = fd::to_device(b);
+      auto cd = fd::to_device(c);
+      fd::gemm_batched<T>(blas, ta, tb, T(1.25), ad, bd, T(0.5), cd);
+      std::vector<double> ref;
+      const index_t sa = a.row_size(), sb = b.row_size();
+      for (index_t i = 0; i < batch; ++i) {
+        const auto r = gemm_reference(ta, tb, m, n, k, 1.25, a.data() + i * sa, a.dim(2),
+                                      b.data() + i * sb, b.dim(2), 0.5, c.data() + i * m * n, n);
+        ref.insert(ref.end(), r.begin(), r.end());
+      }
+      const double e = nmse(host_vector(cd), ref);
+      expect(e <= nmse_bound<T>(), std::string("gemm_batched<") + tn + "> " + trans_name(ta) +
+                                       trans_name(tb) + ": NMSE " + str(e));
+    }
+  // The raw form with padded leading dimensions and a batch stride larger than the matrix.
+  {
+    const index_t batch = 3, m = 12, n = 10, k = 8, lda = k + 3, ldb = n + 5, ldc = n + 2;
+    const index_t sa = m * lda + 7, sb = k * ldb + 1, sc = m * ldc + 4;
+    fd::Tensor<T> a({batch * sa}), b({batch * sb}), c({batch * sc});
+    fd::fill_uniform(a, gen, T(-1), T(1));
+    fd::fill_uniform(b, gen, T(-1), T(1));
+    fd::fill_uniform(c, gen, T(-1), T(1));
+    auto ad = fd::to_device(a);
+    auto bd = fd::to_device(b);
+    auto cd = fd::to_device(c);
+    fd::cuda::gemm_strided_batched<T>(blas, fd::Trans::no, fd::Trans::no, m, n, k, T(1),
+                                      ad.data(), lda, sa, bd.data(), ldb, sb, T(-1), cd.data(),
+                                      ldc, sc, batch);
+    const auto got = host_vector(cd);
+    bool untouched = true;
+    double e = 0;
+    for (index_t i = 0; i < batch; ++i) {
+      const auto r = gemm_reference(fd::Trans::no, fd::Trans::no, m, n, k, 1.0, a.data() + i * sa,
+                                    lda, b.data() + i * sb, ldb, -1.0, c.data() + i * sc, ldc);
+      std::vector<T> g;
+      for (index_t r0 = 0; r0 < m; ++r0)
+        for (index_t j = 0; j < ldc; ++j) {
+          const std::size_t at = static_cast<std::size_t>(i * sc + r0 * ldc + j);
+          if (j < n)
+            g.push_back(got[at]);
+          else
+            untouched = untouched && got[at] == c[static_cast<index_t>(at)];
+        }
+      e = std::max(e, nmse(g, r));
+    }
+    expect(e <= nmse_bound<T>(), std::string("gemm_strided_batched<") + tn +
+                                     "> with padding: NMSE " + str(e));
+    expect(untouched, std::string("gemm_strided_batched<") + tn +
+                          "> leaves the padding of C untouched");
+  }
+}
+
+void gemm() {
+  section("cuBLAS GEMM", [] {
+    fd::cuda::Blas blas;
+    gemm_for<float>(blas);
+    gemm_for<double>(blas);
+    fd::Tensor<float, Cuda> a({4, 5}), b({6, 3}), c({4, 3});
+    expect(throws_with<fd::shape_error>(
+               [&] { fd::gemm(blas, fd::Trans::no, fd::Trans::no, 1.0f, a, b, 0.0f, c); },
+               {"inner dimensions", "[4, 5]", "[6, 3]"}),
+           "gemm rejects mismatched inner dimensions, naming both shapes");
+    fd::cuda::Blas moved = std::move(blas);
+    expect(moved.handle() != nullptr && blas.handle() == nullptr, "Blas is move-only RAII");
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused sampler updates against the CPU's Cfg + Euler / EulerMaruyama, with one conditional field
+// written once for both backends.
+// ---------------------------------------------------------------------------------------------
+
+/// out[i, j] = a_y (1 - t) x[i, j] + t b_y[j]: an affine field per class y (y = classes is ∅).
+struct AffineClassKernel {
+  float* out;
+  const float* x;
+  const fd::label_t* y;
+  const float* a;  // [classes + 1]
+  const float* b;  // [classes + 1, d]
+  index_t d;
+  float t;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t k) const {
+    const index_t i = k / d, j = k % d;
+    const fd::label_t c = y[i];
+    out[k] = a[c] * (1.0f - t) * x[k] + t * b[c * d + j];
+  }
+};
+
+template <class B>
+struct AffineClassField {
+  using value_type = float;
+  using backend = B;
+  fd::Tensor<float, B> a, b;
+  index_t classes;
+
+  index_t num_classes() const { return classes; }
+  void operator()(fd::View<const float, B> x, fd::View<float, B> out, float t,
+                  fd::View<const fd::label_t, B> y) {
+    B::parallel_for(x.numel(), AffineClassKernel{out.data(), x.data(), y.data(), a.data(),
+                                                 b.data(), x.row_size(), t});
+  }
+};
+
+template <class B>
+AffineClassField<B> make_field(const fd::Tensor<float>& a, const fd::Tensor<float>& b,
+                               index_t classes) {
+  if constexpr (std::is_same_v<B, Cuda>) {
+    return {fd::to_device(a), fd::to_device(b), classes};
+  } else {
+    return {a.clone(), b.clone(), classes};
+  }
+}
+
+/// The fused GPU sampling loop: per step one 2N evaluation of the conditional field and one fused
+/// kernel (sigma = 0: CFG + Euler; sigma > 0: CFG + Euler–Maruyama with in-kernel noise).
+void fused_sample(AffineClassField<Cuda>& field, fd::Tensor<float, Cuda>& x,
+                  const fd::Tensor<fd::label_t, Cuda>& labels2, double w, double sigma,
+                  const std::vector<float>& grid, fd::Generator& gen, index_t max_steps) {
+  const index_t n = x.rows();
+  fd::Tensor<float, Cuda> x2(x.shape().with_rows(2 * n)), u2(x.shape().with_rows(2 * n));
+  for (std::size_t s = 0; s + 1 < grid.size() && static_cast<index_t>(s) < max_steps; ++s) {
+    const float t = grid[s], h = grid[s + 1] - grid[s];
+    Cuda::copy(x2.data(), x.data(), x.numel());
+    Cuda::copy(x2.data() + x.numel(), x.data(), x.numel());
+    field(x2.view(), u2.view(), t, labels2.view());
+    const fd::View<const float, Cuda> cond = u2.view().rows(0, n), uncond = u2.view().rows(n, 2 * n);
+    if (sigma == 0)
+      fd::cuda::cfg_euler_step(x.view(), cond, uncond, w, h);
+    else
+      fd::cuda::cfg_euler_maruyama_step(x.view(), cond, uncond, w, fd::schedules::Linear{}, sigma,
+                                        t, h, gen);
+  }
+}
+
+void fused_updates() {
+  section("fused CFG + Euler / Euler-Maruyama", [] {
+    const index_t n = 64, classes = 4;
+    const fd::Shape shape{n, 3, 5, 7};  // 105 features: not a multiple of the Philox block
+    const index_t d = shape.numel() / n;
+    fd::Generator gen{8};
+    fd::Tensor<float> a({classes + 1}), b({classes + 1, d});
+    fd::fill_uniform(a, gen, -1.5f, 0.5f);
+    fd::fill_normal(b, gen);
+    auto field_cpu = make_field<Cpu>(a, b, classes);
+    auto field_gpu = make_field<Cuda>(a, b, classes);
+    fd::Tensor<fd::label_t> labels({n}), labels2({2 * n});
+    for (index_t i = 0; i < n; ++i) {
+      labels[i] = static_cast<fd::label_t>(i % (classes + 1));  // ∅ included as a condition
+      labels2[i] = labels[i];
+      labels2[n + i] = static_cast<fd::label_t>(classes);
+    }
+    const auto labels_d = fd::to_device(labels);
+    const auto labels2_d = fd::to_device(labels2);
+    const auto x0 = fd::randn<float>(shape, gen);
+    const index_t steps = 8;
+    const auto grid = fd::uniform_grid<float>(steps);
+
+    for (const double w : {1.0, 3.0, 0.0}) {
+      for (const double sigma : {0.0, 0.8}) {
+        const std::string what = "w = " + str(w) + ", sigma = " + str(sigma);
+        // The CPU library: Cfg adapter + Euler / EulerMaruyama stepper through integrate().
+        fd::Generator g_gen{2026}, g_fused{2026}, g_one{2026};
+        auto run_cpu = [&](index_t nsteps) {
+          auto g = fd::cfg(field_cpu, w);
+          g.set_condition(labels.view());
+          auto x = x0.clone();
+          const std::vector<float> sub(grid.begin(), grid.begin() + nsteps + 1);
+          fd::Generator gc{2026};
+          if (sigma == 0)
+            fd::integrate(fd::Euler{}, g, x, sub);
+          else
+            fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gc), g, x, sub);
+          return x;
+        };
+        // The same generic library code on the GPU (unfused: Cfg's combination, the stepper's
+        // transform, fill_normal, each a kernel).
+        auto xg = fd::to_device(x0);
+        {
+          auto g = fd::cfg(field_gpu, w);
+          g.set_condition(labels_d.view());
+          if (sigma == 0)
+            fd::integrate(fd::Euler{}, g, xg, grid);
+          else
+            fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, g_gen), g, xg, grid);
+        }
+        // The fused kernels, one step and all steps.
+        auto x1 = fd::to_device(x0);
+        fused_sample(field_gpu, x1, labels2_d, w, sigma, grid, g_one, 1);
+        auto xf = fd::to_device(x0);
+        fused_sample(field_gpu, xf, labels2_d, w, sigma, grid, g_fused, steps);
+
+        const auto cpu1 = run_cpu(1), cpu = run_cpu(steps);
+        expect_close("fused, one step vs CPU (" + what + ")", host_vector(x1), cpu1.to_vector());
+        // Eight steps: each within the element-wise rule, compounded through the field.
+        expect_close("fused, " + str(steps) + " steps vs CPU (" + what + ")", host_vector(xf),
+                     cpu.to_vector(), 1e-5, 1e-4);
+        expect_close("generic GPU path, " + str(steps) + " steps vs CPU (" + what + ")",
+                     host_vector(xg), cpu.to_vector(), 1e-5, 1e-4);
+        const auto fv = host_vector(xf), gv = host_vector(xg);
+        expect_close("fused vs generic GPU path (" + what + ")", fv, gv);
+        index_t same = 0;
+        for (std::size_t i = 0; i < fv.size(); ++i) same += fv[i] == gv[i];
+        std::printf("  %s: fused and generic GPU paths bit-equal on %lld of %lld elements\n",
+                    what.c_str(), static_cast<long long>(same), static_cast<long long>(fv.size()));
+        const std::uint64_t expected_offset = sigma == 0 ? 0 : static_cast<std::uint64_t>(steps);
+        expect(g_fused.offset() == expected_offset && g_gen.offset() == expected_offset,
+               "the fused step consumes the generator as EulerMaruyama does (" + what + ")");
+      }
+    }
+    // Argument checks name what is wrong.
+    fd::Tensor<float, Cuda> x({4, 3}), c({4, 3}), u({4, 2});
+    expect(throws_with<fd::shape_error>(
+               [&] { fd::cuda::cfg_euler_step(x.view(), c.view(), u.view(), 2.0, 0.1f); },
+               {"cfg_euler_step", "uncond", "[4, 2]"}),
+           "cfg_euler_step rejects a mismatched uncond shape");
+    fd::Generator g{1};
+    expect(throws_with<fd::config_error>(
+               [&] {
+                 fd::cuda::cfg_euler_maruyama_step(x.view(), c.view(), c.view(), 2.0,
+                                                   fd::schedules::Linear{}, 0.5, 0.5f, -0.1f, g);
+               },
+               {"forward in time"}),
+           "cfg_euler_maruyama_step rejects a backward stochastic step");
+  });
+}
+
+}  // namespace
+
+int main() {
+  std::printf("flowdiff CUDA backend tests\n");
+  host_checks();
+  std::string why;
+  const int devices = fd::cuda::device_count(&why);
+  if (devices == 0) {
+    // Without a device every allocation must fail cleanly, as a flowdiff exception.
+    std::string m;
+    expect(throws_with<fd::cuda_error>([] { (void)Cuda::allocate<float>(16); },
+                                       {"Cuda::allocate", "cudaMallocAsync"}, &m),
+           "allocating without a device throws cuda_error; got: " + m);
+    if (failures > 0) {
+      std::printf("%d of %d host checks FAILED\n", failures, checks);
+      return 1;
+    }
+    std::printf("host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not "
+                "run\n",
+                checks, why.c_str());
+    return 77;
+  }
+  const auto info = fd::cuda::device_info();
+  std::printf("device %d: %s, compute capability %d.%d, %d SMs, %.1f GiB\n", info.index,
+              info.name.c_str(), info.compute_major, info.compute_minor, info.multiprocessors,
+              static_cast<double>(info.global_memory) / (1024.0 * 1024.0 * 1024.0));
+  device_tensors();
+  parallel_loops();
+  reductions();
+  philox();
+  gemm();
+  fused_updates();
+  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
