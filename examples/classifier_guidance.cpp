@@ -30,6 +30,7 @@
 #endif
 
 #include "common/cli.hpp"
+#include "common/fashion.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -167,13 +168,10 @@ int main(int argc, char** argv) try {
   const std::filesystem::path out(out_dir), cache(cache_dir);
   std::filesystem::create_directories(out);
 
-  fd::data::FashionMnistOptions dopt;
-  dopt.dir = data_dir;
-  dopt.limit = limit;
-  const auto train = fd::data::fashion_mnist(fd::data::Split::Train, dopt);
-  dopt.limit = quick ? 500 : 0;  // smoke runs evaluate on a slice of the test set
-  const auto test = fd::data::fashion_mnist(fd::data::Split::Test, dopt);
-  const fd::index_t k = train.num_classes;
+  const auto data = fd::examples::load_fashion("classifier_guidance", data_dir, limit, quick != 0);
+  const auto& train = data.train;
+  const auto& test = data.test;
+  const fd::index_t k = data.num_classes();
 
   // The flow model fashion_cfg trained.
   nn::Parameters<float> ups;
@@ -189,21 +187,8 @@ int main(int argc, char** argv) try {
   nn::load_parameters(ups, fd::io::SafetensorsFile::read(model));
 
   // The evaluation classifier (the one fashion_cfg uses, from the same cache).
-  fd::Generator cgen(seed + 17);
-  fd::metrics::ClassifierTrainOptions copt;
-  copt.epochs = 2;
-  copt.lr = 3e-3;
-  if (quick) {
-    copt.max_steps = 10;
-    copt.require_accuracy = false;
-    copt.write_cache = false;
-  }
-  auto classifier = fd::metrics::load_or_train_fashion_classifier(
-      quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", train, test, copt,
-      cgen);
-  std::printf("classifier_guidance: evaluation classifier: test accuracy %.2f%%%s\n",
-              100 * classifier.report.test_accuracy, classifier.report.loaded ? " (cached)" : "");
-  fd::metrics::ClassifierEvaluator<float> evaluator(classifier.net, classifier.params, 200);
+  const auto classifier = fd::examples::evaluation_classifier("classifier_guidance", cache, data, 2,
+                                                              quick != 0, 10, seed + 17);
 
   // The noisy classifier p_t(y | x_t): trained here, cached in the output folder.
   nn::Parameters<float> nps;
@@ -238,88 +223,36 @@ int main(int argc, char** argv) try {
     std::printf("  t = %.2f: %.1f%%", t, 100 * noisy_accuracy(noisy, nps, test, n_acc, t));
   std::printf("\n");
 
-  // Reference statistics of real test images, and the real-vs-real floor.
-  const fd::index_t n_eval = per_class * k;
-  const fd::index_t n_ref = std::min<fd::index_t>(test.size(), n_real);
-  const auto real_stats =
-      evaluator.feature_statistics(fd::View<const float>(test.images.view().rows(0, n_ref)));
-  const fd::index_t m_floor = std::min<fd::index_t>(n_eval, test.size() / 2);
-  const double floor = evaluator.frechet_to(
-      fd::View<const float>(test.images.view().rows(test.size() - m_floor, test.size())),
-      real_stats);
-
-  const fd::index_t grid_n = 8 * k;
-  fd::Tensor<fd::label_t> grid_y({grid_n}), eval_y({n_eval});
-  for (fd::index_t i = 0; i < grid_n; ++i) grid_y[i] = static_cast<fd::label_t>(i / 8);
-  for (fd::index_t i = 0; i < n_eval; ++i) eval_y[i] = static_cast<fd::label_t>(i % k);
-  fd::Generator noise_gen(seed + 3);
-  const auto grid_noise = fd::randn<float>({grid_n, 1, 28, 28}, noise_gen);
-  const auto eval_noise = fd::randn<float>({n_eval, 1, 28, 28}, noise_gen);
+  // Reference statistics of real test images, the real-vs-real floor, and the noise of every
+  // method and w.
+  fd::examples::Evaluation eval(classifier, test, per_class, n_real);
+  const fd::examples::SampleNoise noise(eval, fd::Shape{1, 28, 28}, seed + 3);
   const auto tgrid = fd::uniform_grid<float>(sample_steps, static_cast<float>(t_min), 1.0f);
   const fd::schedules::Linear schedule;
 
-  struct Result {
-    std::string method;
-    float w;
-    double agreement, frechet, seconds;
-  };
-  std::vector<Result> results;
+  std::vector<fd::examples::WResult> results;
   std::vector<std::string> pictures;
   NoisyClassifierGradient grad{&noisy, &nps, {}, {}, {}, {}};
   for (const float w : ws) {
-    for (int method = 0; method < 2; ++method) {
-      const std::string name = method == 0 ? "CG" : "CFG";
-      auto run = [&](auto& field) {
-        const auto t0 = Clock::now();
-        auto x = grid_noise.clone();
-        field.set_condition(grid_y);
-        fd::integrate(fd::Heun{}, field, x, tgrid);
-        fd::check_finite("classifier_guidance: samples", x);
-        char file[64];
-        std::snprintf(file, sizeof file, "%s_w%g.png", method == 0 ? "cg" : "cfg", w);
-        fd::io::write_png_grid<float>(out / file, x, 8);
-        pictures.push_back((out / file).string());
-        auto xe = eval_noise.clone();
-        field.set_condition(eval_y);
-        fd::integrate(fd::Heun{}, field, xe, tgrid);
-        fd::check_finite("classifier_guidance: samples", xe);
-        const double secs = seconds_since(t0);
-        const double agree = evaluator.agreement(xe, eval_y).rate();
-        const double fr = evaluator.frechet_to(xe, real_stats);
-        results.push_back({name, w, agree, fr, secs});
-        std::printf(
-            "classifier_guidance: %-3s w = %g: agreement %.1f%%, Frechet distance %.3f "
-            "(%.1f s)\n",
-            name.c_str(), w, 100 * agree, fr, secs);
-        std::fflush(stdout);
-      };
-      if (method == 0) {
-        // u(x|∅): the U-Net with its null label (as_field's plain Field call).
-        auto field = fd::classifier_guidance<float>(nn::as_field(unet, ups), grad, schedule, w);
-        run(field);
-      } else {
-        auto field = fd::cfg(nn::as_field(unet, ups), w);
-        run(field);
-      }
-    }
+    char file[64];
+    // CG: u(x|∅) (the U-Net with its null label, as_field's plain Field call) plus the noisy
+    // classifier's gradient.
+    std::snprintf(file, sizeof file, "cg_w%g.png", w);
+    auto cg = fd::classifier_guidance<float>(nn::as_field(unet, ups), grad, schedule, w);
+    results.push_back(fd::examples::sample_and_score("classifier_guidance", "CG", w, cg, noise,
+                                                     eval, tgrid, out / file));
+    pictures.push_back((out / file).string());
+    std::snprintf(file, sizeof file, "cfg_w%g.png", w);
+    auto cfg = fd::cfg(nn::as_field(unet, ups), w);
+    results.push_back(fd::examples::sample_and_score("classifier_guidance", "CFG", w, cfg, noise,
+                                                     eval, tgrid, out / file));
+    pictures.push_back((out / file).string());
   }
 
-  std::printf("\n%-7s %-6s %-12s %-18s %-10s\n", "method", "w", "agreement", "Frechet distance",
-              "seconds");
-  for (const auto& r : results)
-    std::printf("%-7s %-6g %-12.3f %-18.3f %-10.1f\n", r.method.c_str(), r.w, r.agreement,
-                r.frechet, r.seconds);
-  std::printf("%-7s %-6s %-12s %-18.3f\n", "real", "-", "-", floor);
-  {
-    std::ofstream f(out / "metrics.csv");
-    f << "method,w,agreement,frechet_distance,sampling_seconds,noisy_classifier_seconds,"
-         "real_frechet_floor\n";
-    for (const auto& r : results)
-      f << r.method << ',' << r.w << ',' << r.agreement << ',' << r.frechet << ',' << r.seconds
-        << ',' << noisy_seconds << ',' << floor << '\n';
-    fd::require<fd::io_error>(f.good(), "classifier_guidance: cannot write ",
-                              (out / "metrics.csv").string());
-  }
+  fd::examples::print_metrics(results, eval.floor());
+  fd::examples::write_metrics_csv(
+      "classifier_guidance", out / "metrics.csv", results,
+      {{"noisy_classifier_seconds", fd::examples::csv_value(noisy_seconds)}}, eval.floor());
   std::printf("\nclassifier_guidance: done in %.1f s\n", seconds_since(t_start));
   for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());
   std::printf("wrote %s\n", (out / "metrics.csv").string().c_str());

@@ -26,6 +26,7 @@
 #endif
 
 #include "common/cli.hpp"
+#include "common/fashion.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -33,15 +34,6 @@ namespace tr = flowdiff::train;
 using Clock = std::chrono::steady_clock;
 using flowdiff::examples::parse_list;
 using flowdiff::examples::seconds_since;
-
-namespace {
-
-/// The first `n` images of a data set as a view.
-fd::View<const float> first(const fd::data::ImageDataset& d, fd::index_t n) {
-  return fd::View<const float>(d.images.view().rows(0, std::min(n, d.size())));
-}
-
-}  // namespace
 
 int main(int argc, char** argv) try {
   fd::examples::Cli cli(
@@ -95,35 +87,13 @@ int main(int argc, char** argv) try {
   const std::filesystem::path out(out_dir), cache(cache_dir);
   std::filesystem::create_directories(out);
 
-  // Data: 28 x 28 images in [-1, 1] (the U-Net's levels halve 28 -> 14 -> 7).
-  fd::data::FashionMnistOptions dopt;
-  dopt.dir = data_dir;
-  dopt.limit = limit;
-  const auto train = fd::data::fashion_mnist(fd::data::Split::Train, dopt);
-  dopt.limit = quick ? 500 : 0;  // smoke runs evaluate on a slice of the test set
-  const auto test = fd::data::fashion_mnist(fd::data::Split::Test, dopt);
-  const fd::index_t k = train.num_classes;
-  std::printf("fashion_cfg: %ld training and %ld test images from %s\n",
-              static_cast<long>(train.size()), static_cast<long>(test.size()),
-              fd::data::fashion_mnist_dir(dopt).string().c_str());
-
-  // The evaluation classifier (trained once, then loaded from the cache): the architecture of
-  // metrics::fashion_classifier_config, 2 epochs at lr 3e-3 (90.99% measured on 28 x 28 images).
-  fd::Generator cgen(seed + 17);
-  fd::metrics::ClassifierTrainOptions copt;
-  copt.epochs = classifier_epochs;
-  copt.lr = 3e-3;
-  if (quick) {
-    copt.max_steps = 20;
-    copt.require_accuracy = false;
-    copt.write_cache = false;
-  }
-  auto classifier = fd::metrics::load_or_train_fashion_classifier(
-      quick ? std::filesystem::path() : cache / "fashion_classifier.safetensors", train, test, copt,
-      cgen);
-  std::printf("fashion_cfg: evaluation classifier: test accuracy %.2f%%%s\n",
-              100 * classifier.report.test_accuracy, classifier.report.loaded ? " (cached)" : "");
-  fd::metrics::ClassifierEvaluator<float> evaluator(classifier.net, classifier.params, 200);
+  // Data: 28 x 28 images in [-1, 1] (the U-Net's levels halve 28 -> 14 -> 7), and the
+  // evaluation classifier (trained once, then loaded from the cache).
+  const auto data = fd::examples::load_fashion("fashion_cfg", data_dir, limit, quick != 0);
+  const auto& train = data.train;
+  const fd::index_t k = data.num_classes();
+  const auto classifier = fd::examples::evaluation_classifier(
+      "fashion_cfg", cache, data, classifier_epochs, quick != 0, 20, seed + 17);
 
   // The U-Net and its training.
   nn::Parameters<float> ps;
@@ -138,107 +108,42 @@ int main(int argc, char** argv) try {
               channels_text.c_str(), res_layers, static_cast<long>(ps.numel()));
   fd::data::Batcher batcher(train, seed + 1);
   tr::BatcherSource source(batcher, fd::Shape{1, 28, 28}, k);
-  const fd::GaussianPath path(fd::schedules::Linear{});
-  tr::Trainer trainer(unet, ps, tr::flow_matching<float>(path, eta), tr::AdamW<float>(),
-                      {.steps = train_steps,
-                       .batch = batch,
-                       .lr = lr,
-                       .warmup_steps = std::min<long>(200, train_steps / 10),
-                       .min_lr = lr / 20,
-                       .ema_decay = 0.999,
-                       .seed = seed + 2,
-                       .checkpoint = out / "checkpoint.safetensors",
-                       .checkpoint_every = 500,
-                       .loss_csv = out / "loss.csv",
-                       .log_every = std::max<long>(1, std::min<long>(100, train_steps / 10))});
-  std::printf("fashion_cfg: training %ld steps of %ld images (CFM, CFG dropout eta = %.2f)\n",
-              train_steps, batch, eta);
-  const auto result = trainer.fit(source);
+  const auto result = fd::examples::train_cfm("fashion_cfg", unet, ps, source,
+                                              {.steps = train_steps,
+                                               .batch = batch,
+                                               .lr = lr,
+                                               .eta = eta,
+                                               .seed = seed + 2,
+                                               .out = out,
+                                               .weights = "unet_ema.safetensors"});
   const double train_seconds = result.seconds;
-  std::printf("fashion_cfg: trained to step %ld: %.2f steps/s, %.1f images/s, %.1f s%s\n",
-              static_cast<long>(result.last_step), result.steps_per_second,
-              result.steps_per_second * static_cast<double>(batch), train_seconds,
-              result.resumed ? " (resumed)" : "");
-  if (!trainer.losses().empty())
-    fd::io::write_png(out / "loss.png",
-                      fd::io::loss_curve_plot(trainer.losses(), "fashion_cfg: CFM loss",
-                                              {.log_y = true, .smoothing = 0.98}));
-  trainer.save_weights(out / "unet_ema.safetensors");
-  if (trainer.ema() != nullptr) trainer.ema()->copy_to(ps);  // sample with the EMA weights
-
-  // Reference statistics of real test images, and the real-vs-real floor at the same size.
-  const fd::index_t n_eval = per_class * k;
-  const auto real_stats =
-      evaluator.feature_statistics(first(test, std::min<fd::index_t>(test.size(), n_real)));
-  double floor = 0;
-  {
-    const fd::index_t m = std::min<fd::index_t>(n_eval, test.size() / 2);
-    const auto half = fd::View<const float>(test.images.view().rows(test.size() - m, test.size()));
-    floor = evaluator.frechet_to(half, real_stats);
-  }
 
   // Sampling: a 10 x 8 grid (one row per class) per w, from the same noise for every w, and
   // per_class images per class for the metrics.
-  const fd::index_t grid_n = 8 * k;
-  fd::Tensor<fd::label_t> grid_y(fd::Shape{grid_n}), eval_y(fd::Shape{n_eval});
-  for (fd::index_t i = 0; i < grid_n; ++i) grid_y[i] = static_cast<fd::label_t>(i / 8);
-  for (fd::index_t i = 0; i < n_eval; ++i) eval_y[i] = static_cast<fd::label_t>(i % k);
-  fd::Generator noise_gen(seed + 3);
-  const auto grid_noise = fd::randn<float>({grid_n, 1, 28, 28}, noise_gen);
-  const auto eval_noise = fd::randn<float>({n_eval, 1, 28, 28}, noise_gen);
+  fd::examples::Evaluation eval(classifier, data.test, per_class, n_real);
+  const fd::examples::SampleNoise noise(eval, fd::Shape{1, 28, 28}, seed + 3);
   const auto tgrid = fd::uniform_grid<float>(sample_steps);
-
-  struct Result {
-    float w;
-    double agreement, frechet, seconds;
-  };
-  std::vector<Result> results;
+  std::vector<fd::examples::WResult> results;
   std::vector<std::string> pictures;
   for (const float w : ws) {
     auto field = fd::cfg(nn::as_field(unet, ps), w);
-    const auto t0 = Clock::now();
-    auto x = grid_noise.clone();
-    field.set_condition(grid_y);
-    fd::integrate(fd::Heun{}, field, x, tgrid);
-    fd::check_finite("fashion_cfg: samples", x);
     char name[64];
     std::snprintf(name, sizeof name, "samples_w%g.png", w);
-    fd::io::write_png_grid<float>(out / name, x, 8);
+    results.push_back(fd::examples::sample_and_score("fashion_cfg", "", w, field, noise, eval,
+                                                     tgrid, out / name));
     pictures.push_back((out / name).string());
-
-    auto xe = eval_noise.clone();
-    field.set_condition(eval_y);
-    fd::integrate(fd::Heun{}, field, xe, tgrid);
-    fd::check_finite("fashion_cfg: samples", xe);
-    const double secs = seconds_since(t0);
-    const auto agree = evaluator.agreement(xe, eval_y);
-    const double fr = evaluator.frechet_to(xe, real_stats);
-    results.push_back({w, agree.rate(), fr, secs});
-    std::printf("fashion_cfg: w = %g: agreement %.1f%%, Frechet distance %.3f (%.1f s)\n", w,
-                100 * agree.rate(), fr, secs);
   }
 
-  // The table.
-  std::printf("\n%-6s %-12s %-18s %-10s\n", "w", "agreement", "Frechet distance", "seconds");
-  for (const auto& r : results)
-    std::printf("%-6g %-12.3f %-18.3f %-10.1f\n", r.w, r.agreement, r.frechet, r.seconds);
-  std::printf("%-6s %-12s %-18.3f %-10s\n", "real", "-", floor, "-");
+  fd::examples::print_metrics(results, eval.floor());
   std::printf(
       "(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch; Frechet "
       "distance to %ld real test images; 'real': %ld other test images)\n",
-      static_cast<long>(n_eval), sample_steps, 2 * sample_steps,
-      static_cast<long>(std::min<fd::index_t>(test.size(), n_real)),
-      static_cast<long>(std::min<fd::index_t>(n_eval, test.size() / 2)));
-  {
-    std::ofstream f(out / "metrics.csv");
-    f << "w,agreement,frechet_distance,sampling_seconds,train_steps,train_seconds,real_frechet_"
-         "floor\n";
-    for (const auto& r : results)
-      f << r.w << ',' << r.agreement << ',' << r.frechet << ',' << r.seconds << ','
-        << result.last_step << ',' << train_seconds << ',' << floor << '\n';
-    fd::require<fd::io_error>(f.good(), "fashion_cfg: cannot write ",
-                              (out / "metrics.csv").string());
-  }
+      static_cast<long>(eval.eval_size()), sample_steps, 2 * sample_steps,
+      static_cast<long>(eval.reference_size()), static_cast<long>(eval.floor_size()));
+  fd::examples::write_metrics_csv("fashion_cfg", out / "metrics.csv", results,
+                                  {{"train_steps", fd::examples::csv_value(result.last_step)},
+                                   {"train_seconds", fd::examples::csv_value(train_seconds)}},
+                                  eval.floor());
   std::printf("\nfashion_cfg: done in %.1f s\n", seconds_since(t_start));
   for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());
   std::printf("wrote %s, %s, %s and %s\n", (out / "metrics.csv").string().c_str(),

@@ -1,0 +1,281 @@
+// examples/common/fashion.hpp — what the Fashion-MNIST examples (fashion_cfg, fashion_dit,
+// fashion_latent, classifier_guidance) share: loading the training and test sets, the cached
+// evaluation classifier (metrics::load_or_train_fashion_classifier), the reference feature
+// statistics of real test images with the real-vs-real Fréchet floor at the generated sample
+// size, the fixed labels and noise of the sample grids (10 classes x 8, one row per class) and of
+// the metric samples, sampling one guided field per w (a grid picture, then the metric samples:
+// agreement = share the classifier assigns to the conditioning class, and the Fréchet distance
+// in its penultimate features), and the metrics table printed and written as CSV.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <flowdiff/core/error.hpp>
+#include <flowdiff/core/random.hpp>
+#include <flowdiff/core/tensor.hpp>
+#include <flowdiff/data/fashion_mnist.hpp>
+#include <flowdiff/io/image.hpp>
+#include <flowdiff/io/plot.hpp>
+#include <flowdiff/metrics/classifier_metrics.hpp>
+#include <flowdiff/nn/parameters.hpp>
+#include <flowdiff/paths/gaussian_path.hpp>
+#include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/train/trainer.hpp>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/cli.hpp"
+
+namespace flowdiff::examples {
+
+/// The training and test sets (28 x 28 in [-1, 1]). `limit` > 0 keeps the first `limit` training
+/// images; quick (smoke) runs evaluate on the first 500 test images.
+struct FashionData {
+  data::ImageDataset train, test;
+  index_t num_classes() const { return train.num_classes; }
+};
+
+inline FashionData load_fashion(const std::string& program, const std::string& dir, long limit,
+                                bool quick) {
+  data::FashionMnistOptions o;
+  o.dir = dir;
+  o.limit = limit;
+  FashionData d;
+  d.train = data::fashion_mnist(data::Split::Train, o);
+  o.limit = quick ? 500 : 0;
+  d.test = data::fashion_mnist(data::Split::Test, o);
+  std::printf("%s: %ld training and %ld test images from %s\n", program.c_str(),
+              static_cast<long>(d.train.size()), static_cast<long>(d.test.size()),
+              data::fashion_mnist_dir(o).string().c_str());
+  return d;
+}
+
+/// The evaluation classifier: trained once (`epochs`, lr 3e-3; 90.5-91% test accuracy on
+/// 28 x 28, docs/metrics.md) and cached at cache_dir/fashion_classifier.safetensors; quick runs
+/// train `quick_steps` steps, skip the 90% bar and cache nothing.
+inline metrics::TrainedClassifier<float> evaluation_classifier(
+    const std::string& program, const std::filesystem::path& cache_dir, const FashionData& d,
+    long epochs, bool quick, long quick_steps, std::uint64_t seed) {
+  Generator gen(seed);
+  metrics::ClassifierTrainOptions o;
+  o.epochs = epochs;
+  o.lr = 3e-3;
+  if (quick) {
+    o.max_steps = quick_steps;
+    o.require_accuracy = false;
+    o.write_cache = false;
+  }
+  auto c = metrics::load_or_train_fashion_classifier(
+      quick ? std::filesystem::path() : cache_dir / "fashion_classifier.safetensors", d.train,
+      d.test, o, gen);
+  std::printf("%s: evaluation classifier: test accuracy %.2f%%%s\n", program.c_str(),
+              100 * c.report.test_accuracy, c.report.loaded ? " (cached)" : "");
+  return c;
+}
+
+/// The fixed parts of an evaluation: the classifier's evaluator, the feature statistics of the
+/// first n_real test images, the floor (Fréchet distance of min(n_eval, M/2) other test images —
+/// the last ones — to that reference: the estimator's bias at the generated sample size), and the
+/// labels of the grid (8 per class, row-major by class) and of the metric samples (class i % K).
+class Evaluation {
+ public:
+  /// `classifier` must outlive the evaluation.
+  Evaluation(const metrics::TrainedClassifier<float>& classifier, const data::ImageDataset& test,
+             index_t per_class, index_t n_real)
+      : evaluator_(classifier.net, classifier.params, 200),
+        k_(test.num_classes),
+        n_eval_(per_class * test.num_classes),
+        n_ref_(std::min<index_t>(test.size(), n_real)),
+        n_floor_(std::min<index_t>(n_eval_, test.size() / 2)),
+        grid_y_(Shape{8 * test.num_classes}),
+        eval_y_(Shape{n_eval_}) {
+    require<config_error>(per_class >= 2 && n_real >= 2,
+                          "Evaluation: need >= 2 images per class and >= 2 real images, got ",
+                          per_class, " and ", n_real);
+    real_ = evaluator_.feature_statistics(View<const float>(test.images.view().rows(0, n_ref_)));
+    floor_ = evaluator_.frechet_to(
+        View<const float>(test.images.view().rows(test.size() - n_floor_, test.size())), real_);
+    for (index_t i = 0; i < grid_y_.numel(); ++i) grid_y_[i] = static_cast<label_t>(i / 8);
+    for (index_t i = 0; i < n_eval_; ++i) eval_y_[i] = static_cast<label_t>(i % k_);
+  }
+
+  index_t grid_size() const { return grid_y_.numel(); }
+  index_t eval_size() const { return n_eval_; }
+  index_t reference_size() const { return n_ref_; }
+  index_t floor_size() const { return n_floor_; }
+  double floor() const { return floor_; }
+  const Tensor<label_t>& grid_labels() const { return grid_y_; }
+  const Tensor<label_t>& eval_labels() const { return eval_y_; }
+
+  /// Agreement with the labels of the metric samples and Fréchet distance to the reference.
+  std::pair<double, double> score(View<const float> images) {
+    const double a = evaluator_.agreement(images, eval_y_.view()).rate();
+    return {a, evaluator_.frechet_to(images, real_)};
+  }
+
+ private:
+  metrics::ClassifierEvaluator<float> evaluator_;
+  index_t k_, n_eval_, n_ref_, n_floor_;
+  Tensor<label_t> grid_y_, eval_y_;
+  metrics::FeatureStatistics real_;
+  double floor_ = 0;
+};
+
+/// The starting noise of the grid and of the metric samples, drawn once from `seed` so that every
+/// w (and method) starts from the same points. sample: the shape of one sample ([1, 28, 28] for
+/// pixels, the latent shape for a latent model).
+struct SampleNoise {
+  Tensor<float> grid, eval;
+  SampleNoise(const Evaluation& e, const Shape& sample, std::uint64_t seed) {
+    Generator gen(seed);
+    Shape g{e.grid_size()}, v{e.eval_size()};
+    for (int i = 0; i < sample.rank(); ++i) {
+      g.push_back(sample[i]);
+      v.push_back(sample[i]);
+    }
+    grid = randn<float>(g, gen);
+    eval = randn<float>(v, gen);
+  }
+};
+
+/// One row of the metrics table.
+struct WResult {
+  std::string method;  ///< empty for single-method examples
+  float w = 1;
+  double agreement = 0, frechet = 0, seconds = 0;
+};
+
+/// The images of a batch of samples, unchanged: pixel-space models.
+struct PixelImages {
+  Tensor<float> operator()(const Tensor<float>& x) const { return x.clone(); }
+};
+
+/// Samples `field` (a conditional field with set_condition: cfg(...), classifier_guidance(...))
+/// with Heun over `tgrid` from the grid noise (written as an 8-column grid to `picture`) and from
+/// the metric noise (scored), after `to_images` (a latent model's decoder; PixelImages for pixel
+/// models). Prints one line "<program>: <label>w = ...: agreement ..., Frechet distance ..." and
+/// returns the row; its seconds cover both samplings and the decoding.
+template <class Field, class ToImages = PixelImages>
+WResult sample_and_score(const std::string& program, const std::string& method, float w,
+                         Field& field, const SampleNoise& noise, Evaluation& eval,
+                         const std::vector<float>& tgrid, const std::filesystem::path& picture,
+                         ToImages to_images = {}) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto x = noise.grid.clone();
+  field.set_condition(eval.grid_labels());
+  integrate(Heun{}, field, x, tgrid);
+  check_finite(program + ": samples", x);
+  io::write_png_grid<float>(picture, to_images(x), 8);
+  auto xe = noise.eval.clone();
+  field.set_condition(eval.eval_labels());
+  integrate(Heun{}, field, xe, tgrid);
+  check_finite(program + ": samples", xe);
+  const Tensor<float> images = to_images(xe);
+  WResult r{method, w, 0, 0, seconds_since(t0)};
+  std::tie(r.agreement, r.frechet) = eval.score(images.view());
+  std::printf("%s: %s%sw = %g: agreement %.1f%%, Frechet distance %.3f (%.1f s)\n", program.c_str(),
+              method.c_str(), method.empty() ? "" : " ", w, 100 * r.agreement, r.frechet,
+              r.seconds);
+  std::fflush(stdout);
+  return r;
+}
+
+/// The table on stdout (a `method` column when the rows have one), with the real-vs-real floor.
+inline void print_metrics(const std::vector<WResult>& rows, double floor) {
+  const bool methods = !rows.empty() && !rows.front().method.empty();
+  std::printf("\n");
+  if (methods) std::printf("%-7s ", "method");
+  std::printf("%-6s %-12s %-18s %-10s\n", "w", "agreement", "Frechet distance", "seconds");
+  for (const auto& r : rows) {
+    if (methods) std::printf("%-7s ", r.method.c_str());
+    std::printf("%-6g %-12.3f %-18.3f %-10.1f\n", r.w, r.agreement, r.frechet, r.seconds);
+  }
+  if (methods) std::printf("%-7s ", "real");
+  std::printf("%-6s %-12s %-18.3f %-10s\n", methods ? "-" : "real", "-", floor, "-");
+}
+
+/// metrics.csv: [method,]w,agreement,frechet_distance,sampling_seconds, then the `extra` columns
+/// (the same value on every row: training steps and times, ...), then real_frechet_floor.
+inline void write_metrics_csv(const std::string& program, const std::filesystem::path& file,
+                              const std::vector<WResult>& rows,
+                              const std::vector<std::pair<std::string, std::string>>& extra,
+                              double floor) {
+  const bool methods = !rows.empty() && !rows.front().method.empty();
+  std::ofstream f(file);
+  if (methods) f << "method,";
+  f << "w,agreement,frechet_distance,sampling_seconds";
+  for (const auto& [name, value] : extra) f << ',' << name;
+  f << ",real_frechet_floor\n";
+  for (const auto& r : rows) {
+    if (methods) f << r.method << ',';
+    f << r.w << ',' << r.agreement << ',' << r.frechet << ',' << r.seconds;
+    for (const auto& [name, value] : extra) f << ',' << value;
+    f << ',' << floor << '\n';
+  }
+  require<io_error>(f.good(), program, ": cannot write ", file.string());
+}
+
+/// The training of a class-conditional velocity field by CFM on the linear path with CFG label
+/// dropout eta, as every Fashion-MNIST example runs it: AdamW at `lr` with min(200, steps / 10)
+/// warmup steps and cosine decay to lr / 20, clipping at 1, EMA 0.999, checkpoints every 500
+/// steps to out/checkpoint.safetensors (a rerun resumes, or goes straight to sampling), the loss
+/// per step in out/loss.csv and its curve in out/loss.png, the EMA weights in out/<weights>.
+struct CfmTraining {
+  long steps = 1600, batch = 64;
+  double lr = 2e-3, eta = 0.1;
+  std::uint64_t seed = 0;
+  std::filesystem::path out;
+  std::string weights = "model_ema.safetensors";
+};
+
+/// Trains `model` (parameters `ps`, initialised) on `source` as CfmTraining says, prints the
+/// speed, writes the files, and leaves the EMA weights in `ps` (what the examples sample).
+template <class M, class Source>
+train::TrainResult train_cfm(const std::string& program, const M& model, nn::Parameters<float>& ps,
+                             Source& source, const CfmTraining& s) {
+  const GaussianPath path(schedules::Linear{});
+  train::Trainer trainer(model, ps, train::flow_matching<float>(path, s.eta), train::AdamW<float>(),
+                         {.steps = s.steps,
+                          .batch = s.batch,
+                          .lr = s.lr,
+                          .warmup_steps = std::min<long>(200, s.steps / 10),
+                          .min_lr = s.lr / 20,
+                          .ema_decay = 0.999,
+                          .seed = s.seed,
+                          .checkpoint = s.out / "checkpoint.safetensors",
+                          .checkpoint_every = 500,
+                          .loss_csv = s.out / "loss.csv",
+                          .log_every = std::max<long>(1, std::min<long>(100, s.steps / 10))});
+  std::printf("%s: training %ld steps of %ld (CFM, CFG dropout eta = %.2f)\n", program.c_str(),
+              s.steps, s.batch, s.eta);
+  std::fflush(stdout);
+  const auto result = trainer.fit(source);
+  std::printf("%s: trained to step %ld: %.2f steps/s, %.1f samples/s, %.1f s%s\n", program.c_str(),
+              static_cast<long>(result.last_step), result.steps_per_second,
+              result.steps_per_second * static_cast<double>(s.batch), result.seconds,
+              result.resumed ? " (resumed)" : "");
+  if (!trainer.losses().empty())
+    io::write_png(s.out / "loss.png", io::loss_curve_plot(trainer.losses(), program + ": CFM loss",
+                                                          {.log_y = true, .smoothing = 0.98}));
+  trainer.save_weights(s.out / s.weights);
+  if (trainer.ema() != nullptr) trainer.ema()->copy_to(ps);  // sample with the EMA weights
+  return result;
+}
+
+/// A number as the CSV writes it.
+template <class V>
+std::string csv_value(V v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+}  // namespace flowdiff::examples
