@@ -620,6 +620,84 @@ void gemm() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The GEMM mapping on the host: the column-major call gemm_strided_batched hands to cuBLAS, run
+// through a reference column-major BLAS, must give the row-major product.
+// ---------------------------------------------------------------------------------------------
+
+/// BLAS semantics, column-major, in double: C = alpha op(A) op(B) + beta C for each batch.
+template <class T>
+void reference_cublas(const fd::cuda::ColumnMajorGemm<T>& g, double alpha, double beta) {
+  for (int bi = 0; bi < g.batch; ++bi) {
+    const T* a = g.a + bi * g.stride_a;
+    const T* b = g.b + bi * g.stride_b;
+    T* c = g.c + bi * g.stride_c;
+    for (int i = 0; i < g.m; ++i)
+      for (int j = 0; j < g.n; ++j) {
+        double s = 0;
+        for (int p = 0; p < g.k; ++p) {
+          const double av = g.transa == CUBLAS_OP_N ? a[i + p * g.lda] : a[p + i * g.lda];
+          const double bv = g.transb == CUBLAS_OP_N ? b[p + j * g.ldb] : b[j + p * g.ldb];
+          s += av * bv;
+        }
+        T& cij = c[i + j * g.ldc];
+        cij = static_cast<T>(alpha * s + (beta == 0 ? 0.0 : beta * static_cast<double>(cij)));
+      }
+  }
+}
+
+void host_gemm_mapping() {
+  section("GEMM row-major mapping (host)", [] {
+    fd::Generator gen{31};
+    for (const fd::Trans ta : {fd::Trans::no, fd::Trans::yes})
+      for (const fd::Trans tb : {fd::Trans::no, fd::Trans::yes}) {
+        const index_t batch = 3, m = 7, n = 5, k = 4;
+        const index_t a_rows = ta == fd::Trans::no ? m : k, a_cols = ta == fd::Trans::no ? k : m;
+        const index_t b_rows = tb == fd::Trans::no ? k : n, b_cols = tb == fd::Trans::no ? n : k;
+        const index_t lda = a_cols + 2, ldb = b_cols + 1, ldc = n + 3;
+        const index_t sa = a_rows * lda + 5, sb = b_rows * ldb, sc = m * ldc + 1;
+        fd::Tensor<double> a({batch * sa}), b({batch * sb}), c({batch * sc});
+        fd::fill_uniform(a, gen, -1.0, 1.0);
+        fd::fill_uniform(b, gen, -1.0, 1.0);
+        fd::fill_uniform(c, gen, -1.0, 1.0);
+        std::vector<double> ref;
+        for (index_t i = 0; i < batch; ++i) {
+          const auto r = gemm_reference(ta, tb, m, n, k, 0.5, a.data() + i * sa, lda,
+                                        b.data() + i * sb, ldb, 2.0, c.data() + i * sc, ldc);
+          ref.insert(ref.end(), r.begin(), r.end());
+        }
+        const auto g = fd::cuda::column_major_form<double>(ta, tb, m, n, k, a.data(), lda, sa,
+                                                           b.data(), ldb, sb, c.data(), ldc, sc,
+                                                           batch);
+        reference_cublas(g, 0.5, 2.0);
+        std::vector<double> got;
+        for (index_t i = 0; i < batch; ++i)
+          for (index_t r = 0; r < m; ++r)
+            for (index_t j = 0; j < n; ++j) got.push_back(c[i * sc + r * ldc + j]);
+        expect_close(std::string("row-major ") + trans_name(ta) + trans_name(tb) +
+                         " through the column-major call",
+                     got, ref);
+      }
+    std::string m;
+    expect(throws_with<fd::config_error>(
+               [] {
+                 (void)fd::cuda::column_major_form<float>(fd::Trans::no, fd::Trans::no, 4, 5, 6,
+                                                          nullptr, 5, 0, nullptr, 5, 0, nullptr,
+                                                          5, 0, 1);
+               },
+               {"lda = 5", "needs >= 6"}, &m),
+           "a too small leading dimension is named; got: " + m);
+    expect(throws_with<fd::config_error>(
+               [] {
+                 (void)fd::cuda::column_major_form<float>(fd::Trans::no, fd::Trans::no, 4, 5, 6,
+                                                          nullptr, 6, 24, nullptr, 5, 30,
+                                                          nullptr, 5, 10, 2);
+               },
+               {"stride_c = 10"}, &m),
+           "overlapping batched outputs are rejected; got: " + m);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fused sampler updates against the CPU's Cfg + Euler / EulerMaruyama, with one conditional field
 // written once for both backends.
 // ---------------------------------------------------------------------------------------------
@@ -655,114 +733,119 @@ struct AffineClassField {
   }
 };
 
-template <class B>
-AffineClassField<B> make_field(const fd::Tensor<float>& a, const fd::Tensor<float>& b,
-                               index_t classes) {
+template <class B, class T>
+fd::Tensor<T, B> on(const fd::Tensor<T>& h) {
   if constexpr (std::is_same_v<B, Cuda>) {
-    return {fd::to_device(a), fd::to_device(b), classes};
+    return fd::to_device(h);
   } else {
-    return {a.clone(), b.clone(), classes};
+    return h.clone();
+  }
+}
+template <class T, class B>
+std::vector<T> to_vector(const fd::Tensor<T, B>& t) {
+  if constexpr (std::is_same_v<B, Cuda>) {
+    return host_vector(t);
+  } else {
+    return t.to_vector();
   }
 }
 
-/// The fused GPU sampling loop: per step one 2N evaluation of the conditional field and one fused
-/// kernel (sigma = 0: CFG + Euler; sigma > 0: CFG + Euler–Maruyama with in-kernel noise).
-void fused_sample(AffineClassField<Cuda>& field, fd::Tensor<float, Cuda>& x,
-                  const fd::Tensor<fd::label_t, Cuda>& labels2, double w, double sigma,
-                  const std::vector<float>& grid, fd::Generator& gen, index_t max_steps) {
+/// Host data of the fused tests: a labelled batch (∅ included as a condition) and the field.
+struct FusedSetup {
+  static constexpr index_t n = 64, classes = 4;
+  fd::Shape shape{n, 3, 5, 7};  // 105 features: not a multiple of the Philox block
+  fd::Tensor<float> a, b, x0;
+  fd::Tensor<fd::label_t> labels, labels2;  // [N] and [2N]: y, then ∅
+  std::vector<float> grid = fd::uniform_grid<float>(8);
+
+  FusedSetup() : a({classes + 1}), b({classes + 1, 105}), labels({n}), labels2({2 * n}) {
+    fd::Generator gen{8};
+    fd::fill_uniform(a, gen, -1.5f, 0.5f);
+    fd::fill_normal(b, gen);
+    x0 = fd::randn<float>(shape, gen);
+    for (index_t i = 0; i < n; ++i) {
+      labels[i] = static_cast<fd::label_t>(i % (classes + 1));
+      labels2[i] = labels[i];
+      labels2[n + i] = static_cast<fd::label_t>(classes);
+    }
+  }
+  std::vector<float> sub_grid(index_t steps) const {
+    return {grid.begin(), grid.begin() + steps + 1};
+  }
+};
+
+/// The fused sampling loop on backend B: per step one 2N evaluation of the conditional field and
+/// one fused pass (sigma = 0: CFG + Euler; sigma > 0: CFG + Euler–Maruyama with in-pass noise).
+template <class B>
+std::vector<float> fused_run(const FusedSetup& s, double w, double sigma, index_t steps,
+                             fd::Generator& gen) {
+  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
+  const auto labels2 = on<B>(s.labels2);
+  auto x = on<B>(s.x0);
   const index_t n = x.rows();
-  fd::Tensor<float, Cuda> x2(x.shape().with_rows(2 * n)), u2(x.shape().with_rows(2 * n));
-  for (std::size_t s = 0; s + 1 < grid.size() && static_cast<index_t>(s) < max_steps; ++s) {
-    const float t = grid[s], h = grid[s + 1] - grid[s];
-    Cuda::copy(x2.data(), x.data(), x.numel());
-    Cuda::copy(x2.data() + x.numel(), x.data(), x.numel());
+  fd::Tensor<float, B> x2(x.shape().with_rows(2 * n)), u2(x.shape().with_rows(2 * n));
+  const auto grid = s.sub_grid(steps);
+  for (std::size_t k = 0; k + 1 < grid.size(); ++k) {
+    const float t = grid[k], h = grid[k + 1] - grid[k];
+    B::copy(x2.data(), x.data(), x.numel());
+    B::copy(x2.data() + x.numel(), x.data(), x.numel());
     field(x2.view(), u2.view(), t, labels2.view());
-    const fd::View<const float, Cuda> cond = u2.view().rows(0, n), uncond = u2.view().rows(n, 2 * n);
+    const fd::View<const float, B> cond = u2.view().rows(0, n), uncond = u2.view().rows(n, 2 * n);
     if (sigma == 0)
       fd::cuda::cfg_euler_step(x.view(), cond, uncond, w, h);
     else
       fd::cuda::cfg_euler_maruyama_step(x.view(), cond, uncond, w, fd::schedules::Linear{}, sigma,
                                         t, h, gen);
   }
+  return to_vector(x);
 }
 
-void fused_updates() {
-  section("fused CFG + Euler / Euler-Maruyama", [] {
-    const index_t n = 64, classes = 4;
-    const fd::Shape shape{n, 3, 5, 7};  // 105 features: not a multiple of the Philox block
-    const index_t d = shape.numel() / n;
-    fd::Generator gen{8};
-    fd::Tensor<float> a({classes + 1}), b({classes + 1, d});
-    fd::fill_uniform(a, gen, -1.5f, 0.5f);
-    fd::fill_normal(b, gen);
-    auto field_cpu = make_field<Cpu>(a, b, classes);
-    auto field_gpu = make_field<Cuda>(a, b, classes);
-    fd::Tensor<fd::label_t> labels({n}), labels2({2 * n});
-    for (index_t i = 0; i < n; ++i) {
-      labels[i] = static_cast<fd::label_t>(i % (classes + 1));  // ∅ included as a condition
-      labels2[i] = labels[i];
-      labels2[n + i] = static_cast<fd::label_t>(classes);
-    }
-    const auto labels_d = fd::to_device(labels);
-    const auto labels2_d = fd::to_device(labels2);
-    const auto x0 = fd::randn<float>(shape, gen);
-    const index_t steps = 8;
-    const auto grid = fd::uniform_grid<float>(steps);
+/// The library's own path on backend B: the Cfg adapter and the Euler / EulerMaruyama stepper
+/// through integrate() (unfused: a combination pass, fill_normal, an update pass).
+template <class B>
+std::vector<float> library_run(const FusedSetup& s, double w, double sigma, index_t steps,
+                               fd::Generator& gen) {
+  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
+  const auto labels = on<B>(s.labels);
+  auto x = on<B>(s.x0);
+  auto g = fd::cfg(field, w);
+  g.set_condition(labels.view());
+  if (sigma == 0)
+    fd::integrate(fd::Euler{}, g, x, s.sub_grid(steps));
+  else
+    fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gen), g, x,
+                  s.sub_grid(steps));
+  return to_vector(x);
+}
 
-    for (const double w : {1.0, 3.0, 0.0}) {
-      for (const double sigma : {0.0, 0.8}) {
-        const std::string what = "w = " + str(w) + ", sigma = " + str(sigma);
-        // The CPU library: Cfg adapter + Euler / EulerMaruyama stepper through integrate().
-        fd::Generator g_gen{2026}, g_fused{2026}, g_one{2026};
-        auto run_cpu = [&](index_t nsteps) {
-          auto g = fd::cfg(field_cpu, w);
-          g.set_condition(labels.view());
-          auto x = x0.clone();
-          const std::vector<float> sub(grid.begin(), grid.begin() + nsteps + 1);
-          fd::Generator gc{2026};
-          if (sigma == 0)
-            fd::integrate(fd::Euler{}, g, x, sub);
-          else
-            fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gc), g, x, sub);
-          return x;
-        };
-        // The same generic library code on the GPU (unfused: Cfg's combination, the stepper's
-        // transform, fill_normal, each a kernel).
-        auto xg = fd::to_device(x0);
-        {
-          auto g = fd::cfg(field_gpu, w);
-          g.set_condition(labels_d.view());
-          if (sigma == 0)
-            fd::integrate(fd::Euler{}, g, xg, grid);
-          else
-            fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, g_gen), g, xg, grid);
-        }
-        // The fused kernels, one step and all steps.
-        auto x1 = fd::to_device(x0);
-        fused_sample(field_gpu, x1, labels2_d, w, sigma, grid, g_one, 1);
-        auto xf = fd::to_device(x0);
-        fused_sample(field_gpu, xf, labels2_d, w, sigma, grid, g_fused, steps);
+/// Runs `compare(what, w, sigma)` over the guidance scales and noise levels tested.
+template <class F>
+void for_each_case(F&& compare) {
+  for (const double w : {1.0, 3.0, 0.0})
+    for (const double sigma : {0.0, 0.8}) compare("w = " + str(w) + ", sigma = " + str(sigma), w, sigma);
+}
 
-        const auto cpu1 = run_cpu(1), cpu = run_cpu(steps);
-        expect_close("fused, one step vs CPU (" + what + ")", host_vector(x1), cpu1.to_vector());
-        // Eight steps: each within the element-wise rule, compounded through the field.
-        expect_close("fused, " + str(steps) + " steps vs CPU (" + what + ")", host_vector(xf),
-                     cpu.to_vector(), 1e-5, 1e-4);
-        expect_close("generic GPU path, " + str(steps) + " steps vs CPU (" + what + ")",
-                     host_vector(xg), cpu.to_vector(), 1e-5, 1e-4);
-        const auto fv = host_vector(xf), gv = host_vector(xg);
-        expect_close("fused vs generic GPU path (" + what + ")", fv, gv);
-        index_t same = 0;
-        for (std::size_t i = 0; i < fv.size(); ++i) same += fv[i] == gv[i];
-        std::printf("  %s: fused and generic GPU paths bit-equal on %lld of %lld elements\n",
-                    what.c_str(), static_cast<long long>(same), static_cast<long long>(fv.size()));
-        const std::uint64_t expected_offset = sigma == 0 ? 0 : static_cast<std::uint64_t>(steps);
-        expect(g_fused.offset() == expected_offset && g_gen.offset() == expected_offset,
-               "the fused step consumes the generator as EulerMaruyama does (" + what + ")");
-      }
-    }
-    // Argument checks name what is wrong.
-    fd::Tensor<float, Cuda> x({4, 3}), c({4, 3}), u({4, 2});
+void report_bit_equal(const std::string& what, const std::vector<float>& a,
+                      const std::vector<float>& b) {
+  std::size_t same = 0;
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) same += a[i] == b[i];
+  std::printf("  %s: bit-equal on %zu of %zu elements\n", what.c_str(), same, a.size());
+}
+
+void host_fused() {
+  section("fused update functors (host)", [] {
+    const FusedSetup s;
+    const index_t steps = static_cast<index_t>(s.grid.size()) - 1;
+    for_each_case([&](const std::string& what, double w, double sigma) {
+      fd::Generator g1{2026}, g2{2026};
+      const auto fused = fused_run<Cpu>(s, w, sigma, steps, g1);
+      const auto lib = library_run<Cpu>(s, w, sigma, steps, g2);
+      expect_close("fused functors on the host vs Cfg + stepper (" + what + ")", fused, lib);
+      report_bit_equal("host fused vs library, " + what, fused, lib);
+      expect(g1.offset() == g2.offset(),
+             "the fused step consumes the generator as EulerMaruyama does (" + what + ")");
+    });
+    fd::Tensor<float> x({4, 3}), c({4, 3}), u({4, 2});
     expect(throws_with<fd::shape_error>(
                [&] { fd::cuda::cfg_euler_step(x.view(), c.view(), u.view(), 2.0, 0.1f); },
                {"cfg_euler_step", "uncond", "[4, 2]"}),
@@ -775,6 +858,38 @@ void fused_updates() {
                },
                {"forward in time"}),
            "cfg_euler_maruyama_step rejects a backward stochastic step");
+    expect(throws_with<fd::config_error>(
+               [&] {
+                 fd::cuda::cfg_euler_step(x.view(), c.view(), c.view(),
+                                          std::numeric_limits<double>::infinity(), 0.1f);
+               },
+               {"w must be finite"}),
+           "cfg_euler_step rejects a non-finite w");
+  });
+}
+
+void fused_updates() {
+  section("fused CFG + Euler / Euler-Maruyama", [] {
+    const FusedSetup s;
+    const index_t steps = static_cast<index_t>(s.grid.size()) - 1;
+    for_each_case([&](const std::string& what, double w, double sigma) {
+      fd::Generator g_cpu1{2026}, g_gpu1{2026}, g_cpu{2026}, g_fused{2026}, g_lib{2026};
+      const auto cpu1 = library_run<Cpu>(s, w, sigma, 1, g_cpu1);
+      const auto gpu1 = fused_run<Cuda>(s, w, sigma, 1, g_gpu1);
+      expect_close("fused kernel, one step vs CPU (" + what + ")", gpu1, cpu1);
+      const auto cpu = library_run<Cpu>(s, w, sigma, steps, g_cpu);
+      const auto fused = fused_run<Cuda>(s, w, sigma, steps, g_fused);
+      const auto lib = library_run<Cuda>(s, w, sigma, steps, g_lib);
+      // Eight steps: each within the element-wise rule, compounded through the field.
+      expect_close("fused kernel, " + str(steps) + " steps vs CPU (" + what + ")", fused, cpu, 1e-5,
+                   1e-4);
+      expect_close("generic library on the GPU, " + str(steps) + " steps vs CPU (" + what + ")",
+                   lib, cpu, 1e-5, 1e-4);
+      expect_close("fused kernel vs generic library on the GPU (" + what + ")", fused, lib);
+      report_bit_equal("GPU fused vs GPU library, " + what, fused, lib);
+      expect(g_fused.offset() == g_cpu.offset() && g_lib.offset() == g_cpu.offset(),
+             "the GPU paths consume the generator as the CPU does (" + what + ")");
+    });
   });
 }
 
@@ -783,6 +898,8 @@ void fused_updates() {
 int main() {
   std::printf("flowdiff CUDA backend tests\n");
   host_checks();
+  host_gemm_mapping();
+  host_fused();
   std::string why;
   const int devices = fd::cuda::device_count(&why);
   if (devices == 0) {

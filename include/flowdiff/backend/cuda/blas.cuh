@@ -81,11 +81,70 @@ inline int to_int(const char* who, const char* what, index_t v) {
 }
 }  // namespace detail
 
+/// The column-major cuBLAS call that computes a row-major product (the operands swapped, (n, m)
+/// for (m, n)), with every argument in cuBLAS's types. A separate step so that the mapping can be
+/// checked on the host against a reference BLAS.
+template <class T>
+struct ColumnMajorGemm {
+  cublasOperation_t transa, transb;
+  int m, n, k;
+  const T* a;
+  int lda;
+  long long stride_a;
+  const T* b;
+  int ldb;
+  long long stride_b;
+  T* c;
+  int ldc;
+  long long stride_c;
+  int batch;
+};
+
+/// Checks a row-major strided-batched product (see gemm_strided_batched) and returns its
+/// column-major form: C^T [n, m] = op(B)^T [n, k] op(A)^T [k, m], where a row-major matrix with
+/// leading dimension ld is, as stored, the column-major transpose with the same ld.
+template <class T>
+ColumnMajorGemm<T> column_major_form(Trans ta, Trans tb, index_t m, index_t n, index_t k,
+                                     const T* a, index_t lda, index_t stride_a, const T* b,
+                                     index_t ldb, index_t stride_b, T* c, index_t ldc,
+                                     index_t stride_c, index_t batch) {
+  const char* who = "cuda::gemm";
+  require<config_error>(m >= 0 && n >= 0 && k >= 0 && batch >= 0, who,
+                        ": m, n, k and batch must be >= 0, got ", m, ", ", n, ", ", k, ", ",
+                        batch);
+  const index_t a_cols = ta == Trans::no ? k : m, b_cols = tb == Trans::no ? n : k;
+  require<config_error>(lda >= a_cols && ldb >= b_cols && ldc >= n, who,
+                        ": leading dimensions too small: lda = ", lda, " (needs >= ", a_cols,
+                        "), ldb = ", ldb, " (needs >= ", b_cols, "), ldc = ", ldc, " (needs >= ",
+                        n, ")");
+  const index_t c_extent = m > 0 ? (m - 1) * ldc + n : 0;  // elements one C_b spans
+  require<config_error>(
+      batch <= 1 || (stride_a >= 0 && stride_b >= 0 && stride_c >= c_extent), who,
+      ": batch strides must be >= 0 and C's must keep the products apart (stride_c >= ", c_extent,
+      "), got stride_a = ", stride_a, ", stride_b = ", stride_b, ", stride_c = ", stride_c);
+  // cuBLAS rejects leading dimensions below 1 even where nothing is read (k == 0).
+  return {detail::op(tb),
+          detail::op(ta),
+          detail::to_int(who, "n", n),
+          detail::to_int(who, "m", m),
+          detail::to_int(who, "k", k),
+          b,
+          detail::to_int(who, "ldb", ldb > 0 ? ldb : 1),
+          static_cast<long long>(stride_b),
+          a,
+          detail::to_int(who, "lda", lda > 0 ? lda : 1),
+          static_cast<long long>(stride_a),
+          c,
+          detail::to_int(who, "ldc", ldc > 0 ? ldc : 1),
+          static_cast<long long>(stride_c),
+          detail::to_int(who, "batch", batch)};
+}
+
 /// The raw row-major strided-batched product on device pointers: for b < batch,
 ///   C + b*stride_c [m, n] = alpha op(A + b*stride_a) op(B + b*stride_b) + beta C + b*stride_c,
 /// where A is stored row-major with leading dimension lda (elements between rows; op(A) is [m, k]),
 /// likewise B (op(B) is [k, n]) and C (ldc >= n). batch == 1 is a plain gemm. beta == 0 overwrites
-/// C without reading it.
+/// C without reading it; k == 0 gives C = beta C.
 template <class T>
 void gemm_strided_batched(Blas& blas, Trans ta, Trans tb, index_t m, index_t n, index_t k, T alpha,
                           const T* a, index_t lda, index_t stride_a, const T* b, index_t ldb,
@@ -93,39 +152,27 @@ void gemm_strided_batched(Blas& blas, Trans ta, Trans tb, index_t m, index_t n, 
                           index_t batch) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "cuda gemm: float or double only");
-  const char* who = "cuda::gemm";
-  const index_t a_cols = ta == Trans::no ? k : m, b_cols = tb == Trans::no ? n : k;
-  require<config_error>(lda >= a_cols && ldb >= b_cols && ldc >= n, who,
-                        ": leading dimensions too small: lda = ", lda, " (needs >= ", a_cols,
-                        "), ldb = ", ldb, " (needs >= ", b_cols, "), ldc = ", ldc, " (needs >= ",
-                        n, ")");
-  require<config_error>(batch >= 0, who, ": batch must be >= 0, got ", batch);
+  const ColumnMajorGemm<T> g = column_major_form(ta, tb, m, n, k, a, lda, stride_a, b, ldb,
+                                                 stride_b, c, ldc, stride_c, batch);
   if (m == 0 || n == 0 || batch == 0) return;
-  const int im = detail::to_int(who, "m", m), in = detail::to_int(who, "n", n);
-  const int ik = detail::to_int(who, "k", k), ib = detail::to_int(who, "batch", batch);
-  // With lda >= 1 cuBLAS accepts k == 0 (C = beta C); it rejects ld < 1.
-  const int ilda = detail::to_int(who, "lda", lda > 0 ? lda : 1);
-  const int ildb = detail::to_int(who, "ldb", ldb > 0 ? ldb : 1);
-  const int ildc = detail::to_int(who, "ldc", ldc);
-  // Column-major C^T [n, m] = op(B)^T [n, k] * op(A)^T [k, m].
   if (batch == 1) {
     if constexpr (std::is_same_v<T, float>) {
-      FLOWDIFF_CUDA_CHECK(cublasSgemm(blas.handle(), detail::op(tb), detail::op(ta), in, im, ik,
-                                      &alpha, b, ildb, a, ilda, &beta, c, ildc));
+      FLOWDIFF_CUDA_CHECK(cublasSgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha,
+                                      g.a, g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
     } else {
-      FLOWDIFF_CUDA_CHECK(cublasDgemm(blas.handle(), detail::op(tb), detail::op(ta), in, im, ik,
-                                      &alpha, b, ildb, a, ilda, &beta, c, ildc));
+      FLOWDIFF_CUDA_CHECK(cublasDgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha,
+                                      g.a, g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
     }
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    FLOWDIFF_CUDA_CHECK(cublasSgemmStridedBatched(blas.handle(), detail::op(tb), detail::op(ta),
-                                                  in, im, ik, &alpha, b, ildb, stride_b, a, ilda,
-                                                  stride_a, &beta, c, ildc, stride_c, ib));
+    FLOWDIFF_CUDA_CHECK(cublasSgemmStridedBatched(
+        blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha, g.a, g.lda, g.stride_a, g.b,
+        g.ldb, g.stride_b, &beta, g.c, g.ldc, g.stride_c, g.batch));
   } else {
-    FLOWDIFF_CUDA_CHECK(cublasDgemmStridedBatched(blas.handle(), detail::op(tb), detail::op(ta),
-                                                  in, im, ik, &alpha, b, ildb, stride_b, a, ilda,
-                                                  stride_a, &beta, c, ildc, stride_c, ib));
+    FLOWDIFF_CUDA_CHECK(cublasDgemmStridedBatched(
+        blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha, g.a, g.lda, g.stride_a, g.b,
+        g.ldb, g.stride_b, &beta, g.c, g.ldc, g.stride_c, g.batch));
   }
 }
 

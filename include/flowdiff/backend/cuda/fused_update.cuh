@@ -10,8 +10,11 @@
 // is written in the order of the CPU path it replaces — Cfg's combination (guidance/cfg.hpp), then
 // Euler's or EulerMaruyama's update (samplers/ode.hpp, sde.hpp) — and the generator advances as
 // there (one stream per stochastic step, none for sigma = 0), so the GPU reproduces the CPU
-// samples to rounding. Not fused here: CFG rescale (a per-sample reduction first) and separate
-// score fields.
+// samples to rounding. The per-element work is a FLOWDIFF_HOST_DEVICE functor and the functions are
+// templates on the backend: with B = Cuda they launch one kernel on the per-thread default stream;
+// with B = Cpu the same functors run on the host, which is how the kernels' arithmetic and counter
+// mapping are tested without a GPU. Not fused here: CFG rescale (a per-sample reduction first) and
+// separate score fields.
 #pragma once
 
 #include <cmath>
@@ -85,11 +88,11 @@ struct CfgEulerMaruyama {
 }  // namespace kernels
 
 namespace detail {
-template <class T>
-void check_fused_operands(const char* who, View<T, Cuda> x, View<const T, Cuda> cond,
-                          View<const T, Cuda> uncond, double w) {
-  check_same_shape(who, "x", View<const T, Cuda>(x), "cond", cond);
-  check_same_shape(who, "x", View<const T, Cuda>(x), "uncond", uncond);
+template <class T, class B>
+void check_fused_operands(const char* who, View<T, B> x, View<const T, B> cond,
+                          View<const T, B> uncond, double w) {
+  check_same_shape(who, "x", View<const T, B>(x), "cond", cond);
+  check_same_shape(who, "x", View<const T, B>(x), "uncond", uncond);
   require<config_error>(std::isfinite(w), who, ": the guidance scale w must be finite, got ", w);
 }
 }  // namespace detail
@@ -97,15 +100,14 @@ void check_fused_operands(const char* who, View<T, Cuda> x, View<const T, Cuda> 
 /// One classifier-free guided Euler step in one kernel:
 ///   x <- x + h ((1 - w) uncond + w cond).
 /// x, cond = u(x|y), uncond = u(x|∅): [N, ...] (e.g. the two halves of a 2N field evaluation)
-template <class T>
-void cfg_euler_step(View<T, Cuda> x, std::type_identity_t<View<const T, Cuda>> cond,
-                    std::type_identity_t<View<const T, Cuda>> uncond, double w,
-                    std::type_identity_t<T> h, cudaStream_t stream = cudaStreamPerThread) {
+template <class T, Backend B>
+void cfg_euler_step(View<T, B> x, std::type_identity_t<View<const T, B>> cond,
+                    std::type_identity_t<View<const T, B>> uncond, double w,
+                    std::type_identity_t<T> h) {
   static_assert(std::is_floating_point_v<T>, "cfg_euler_step: floating-point tensors only");
-  detail::check_fused_operands("cfg_euler_step", x, cond, uncond, w);
+  detail::check_fused_operands<T, B>("cfg_euler_step", x, cond, uncond, w);
   const T wc = static_cast<T>(w), wu = static_cast<T>(1.0 - w);
-  Cuda::parallel_for(stream, x.numel(),
-                     kernels::CfgEuler<T>{x.data(), cond.data(), uncond.data(), wc, wu, h});
+  B::parallel_for(x.numel(), kernels::CfgEuler<T>{x.data(), cond.data(), uncond.data(), wc, wu, h});
 }
 
 /// The coefficients of an Euler–Maruyama step of the marginal-preserving SDE with the score taken
@@ -138,18 +140,17 @@ FusedStep<T> euler_maruyama_coefficients(const S& schedule, double w, double sig
 /// consuming one stream of `gen` exactly as fill_normal(xi, gen) would; sigma == 0 is the Euler
 /// step, bit for bit, and consumes nothing (as EulerMaruyama does).
 /// x, cond, uncond: [N, ...]
-template <class T, Schedule S>
-void cfg_euler_maruyama_step(View<T, Cuda> x, std::type_identity_t<View<const T, Cuda>> cond,
-                             std::type_identity_t<View<const T, Cuda>> uncond, double w,
+template <class T, Backend B, Schedule S>
+void cfg_euler_maruyama_step(View<T, B> x, std::type_identity_t<View<const T, B>> cond,
+                             std::type_identity_t<View<const T, B>> uncond, double w,
                              const S& schedule, double sigma, std::type_identity_t<T> t,
-                             std::type_identity_t<T> h, Generator& gen,
-                             cudaStream_t stream = cudaStreamPerThread) {
+                             std::type_identity_t<T> h, Generator& gen) {
   static_assert(std::is_floating_point_v<T>, "cfg_euler_maruyama_step: floating-point only");
   const char* who = "cfg_euler_maruyama_step";
-  detail::check_fused_operands(who, x, cond, uncond, w);
+  detail::check_fused_operands<T, B>(who, x, cond, uncond, w);
   const FusedStep<T> c = euler_maruyama_coefficients<T>(schedule, w, sigma, t, h);
   if (sigma == 0) {
-    cfg_euler_step(x, cond, uncond, w, h, stream);
+    cfg_euler_step<T, B>(x, cond, uncond, w, h);
     return;
   }
   const index_t rows = x.rows(), d = x.row_size();
@@ -157,9 +158,10 @@ void cfg_euler_maruyama_step(View<T, Cuda> x, std::type_identity_t<View<const T,
   require<config_error>(rows <= index_t(0xFFFFFFFF) && d / pb < index_t(0xFFFFFFFF), who,
                         ": tensor of shape ", x.shape(), " is too large for one noise stream");
   const index_t nb = (d + pb - 1) / pb;
-  Cuda::parallel_for(stream, rows * nb,
-                     kernels::CfgEulerMaruyama<T>{x.data(), cond.data(), uncond.data(), c,
-                                                  gen.next_stream(), d, nb});
+  B::parallel_for(rows * nb,
+                  kernels::CfgEulerMaruyama<T>{x.data(), cond.data(), uncond.data(), c,
+                                               gen.next_stream(), d, nb},
+                  16);
 }
 
 }  // namespace flowdiff::cuda
