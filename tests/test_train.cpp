@@ -602,6 +602,49 @@ TEST_CASE("Trainer: a non-finite loss stops the run and keeps the last good chec
   CHECK(r.last_step == 30);
 }
 
+TEST_CASE("Trainer: a checkpoint that does not fit leaves the trainer as it was",
+          "[train][trainer][errors]") {
+  TempDir dir("misfit");
+  const nn::MLPConfig cfg{.dim = 2, .width = 8, .depth = 1, .time_dim = 4, .num_classes = 2};
+  auto obj = [] { return tr::flow_matching<float>(fd::GaussianPath(fd::schedules::Linear{})); };
+  const fs::path ckpt = dir.path / "run.safetensors";
+  {
+    nn::Parameters<float> ps;
+    nn::MLP<float> mlp(ps, cfg);
+    ps.allocate();
+    fd::Generator init(1);
+    mlp.init(ps, init);
+    auto src = make_shuffled(200);
+    tr::Trainer trainer(mlp, ps, obj(), tr::AdamW<float>(),
+                        {.steps = 12, .batch = 16, .ema_decay = 0.9, .checkpoint = ckpt,
+                         .progress = tr::ProgressMode::quiet});
+    trainer.fit(src);
+  }
+  // Resuming the AdamW run with SGD + momentum: the parameters and the EMA in the file fit, the
+  // optimizer state does not (no momentum buffers). The load fails after the parameters were
+  // read; parameters, EMA, data position and step must be what they were before.
+  nn::Parameters<float> ps;
+  nn::MLP<float> mlp(ps, cfg);
+  ps.allocate();
+  fd::Generator init(7);
+  mlp.init(ps, init);
+  const std::vector<float> before(ps.flat_params().data(),
+                                  ps.flat_params().data() + ps.flat_size());
+  auto src = make_shuffled(200);
+  const auto src_state = src.state();
+  tr::Trainer trainer(mlp, ps, obj(), tr::Sgd<float>({.momentum = 0.9}),
+                      {.steps = 12, .batch = 16, .ema_decay = 0.9, .checkpoint = ckpt,
+                       .progress = tr::ProgressMode::quiet});
+  CHECK_THROWS_WITH(trainer.fit(src), Contains("optimizer.momentum_buffer"));
+  const std::vector<float> after(ps.flat_params().data(),
+                                 ps.flat_params().data() + ps.flat_size());
+  CHECK(after == before);
+  CHECK(src.state() == src_state);
+  CHECK(trainer.step() == 0);
+  REQUIRE(trainer.ema() != nullptr);
+  for (fd::index_t i = 0; i < ps.flat_size(); ++i) REQUIRE(trainer.ema()->flat()[i] == before[i]);
+}
+
 TEST_CASE("Trainer: progress lines, the loss CSV and option errors", "[train][trainer]") {
   TempDir dir("log");
   const nn::MLPConfig cfg{.dim = 2, .width = 8, .depth = 1, .time_dim = 4};

@@ -319,24 +319,44 @@ class Trainer {
                           "; resume with the same seed");
     require<io_error>(step[0] >= 0 && step[0] <= o_.steps, path.string(), ": checkpoint step ",
                       step[0], " is outside [0, steps = ", o_.steps, "]");
-    // Parameters first: load_parameters validates every name, shape and dtype before it writes
-    // any. The EMA is staged in a temporary; the optimizer's load_state changes nothing when it
-    // fails. A failure after the parameters loaded leaves the trainer unusable (it throws; build
-    // a new one).
-    nn::load_parameters(*ps_, f, nn::LoadOptions{.strict = true, .prefix = "model."});
+    // All or nothing: what can be staged is staged (the EMA, the data position), the parameters
+    // are backed up before load_parameters (which validates every name, shape and dtype before it
+    // writes any) and restored if a later part fails, and the optimizer goes last (its load_state
+    // changes nothing when it fails). A checkpoint that does not fit leaves the trainer as it was.
+    std::optional<Ema<T>> staged_ema;
     if (ema_) {
-      Ema<T> ema(*ps_, EmaOptions{o_.ema_decay, o_.ema_warmup});
-      ema.load_state(f, *ps_, "ema.");
-      ema_ = std::move(ema);
+      staged_ema.emplace(*ps_, EmaOptions{o_.ema_decay, o_.ema_warmup});
+      staged_ema->load_state(f, *ps_, "ema.");
     }
-    opt_.load_state(f, *ps_, "optimizer.");
+    std::optional<std::vector<std::int64_t>> data_state;
     if constexpr (StatefulSource<D>) {
       if (f.contains("trainer.data_state")) {
         const Shape ds = f.shape("trainer.data_state");
         const auto t = nn::load_checked<std::int64_t>(f, "trainer.data_state", ds);
-        data.set_state(std::vector<std::int64_t>(t.data(), t.data() + t.numel()));
+        data_state.emplace(t.data(), t.data() + t.numel());
       }
     }
+    Tensor<T> backup(ps_->flat_params().shape());
+    copy(backup.view(), View<const T>(ps_->flat_params()));
+    nn::load_parameters(*ps_, f, nn::LoadOptions{.strict = true, .prefix = "model."});
+    try {
+      if constexpr (StatefulSource<D>) {
+        const std::vector<std::int64_t> old_state = data.state();
+        if (data_state) data.set_state(*data_state);
+        try {
+          opt_.load_state(f, *ps_, "optimizer.");
+        } catch (...) {
+          data.set_state(old_state);
+          throw;
+        }
+      } else {
+        opt_.load_state(f, *ps_, "optimizer.");
+      }
+    } catch (...) {
+      copy(ps_->flat_params(), View<const T>(backup.view()));
+      throw;
+    }
+    if (staged_ema) ema_ = std::move(staged_ema);
     step_ = step[0];
     gen_.set_offset(static_cast<std::uint64_t>(rng[1]));
   }
