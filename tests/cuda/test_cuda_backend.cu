@@ -514,12 +514,10 @@ void gemm_for(fd::cuda::Blas& blas) {
         auto bd = fd::to_device(b);
         auto cd = fd::to_device(c);
         fd::gemm(blas, ta, tb, alpha, ad, bd, beta, cd);
-        fd::gemm(ta, tb, alpha, a, b, beta, c);  // the CPU backend, same call
         const std::string what = std::string("gemm<") + tn + "> " + trans_name(ta) +
                                  trans_name(tb) + " [" + str(m) + "x" + str(n) + "x" + str(k) + "]";
-        const double e_gpu = nmse(host_vector(cd), ref), e_cpu = nmse(c.to_vector(), ref);
-        expect(e_gpu <= nmse_bound<T>(), what + ": cuBLAS NMSE " + str(e_gpu));
-        expect(e_cpu <= nmse_bound<T>(), what + ": CPU NMSE " + str(e_cpu));
+        const double e = nmse(host_vector(cd), ref);
+        expect(e <= nmse_bound<T>(), what + ": cuBLAS NMSE " + str(e));
       }
   }
   // beta = 0 must not read C (NaN there stays out of the result); k = 0 gives C = beta C.
@@ -885,7 +883,8 @@ void fused_updates() {
                    1e-4);
       expect_close("generic library on the GPU, " + str(steps) + " steps vs CPU (" + what + ")",
                    lib, cpu, 1e-5, 1e-4);
-      expect_close("fused kernel vs generic library on the GPU (" + what + ")", fused, lib);
+      expect_close("fused kernel vs generic library on the GPU (" + what + ")", fused, lib, 1e-5,
+                   1e-4);
       report_bit_equal("GPU fused vs GPU library, " + what, fused, lib);
       expect(g_fused.offset() == g_cpu.offset() && g_lib.offset() == g_cpu.offset(),
              "the GPU paths consume the generator as the CPU does (" + what + ")");
