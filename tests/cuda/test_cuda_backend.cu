@@ -816,6 +816,19 @@ std::vector<float> library_run(const FusedSetup& s, double w, double sigma, inde
   return to_vector(x);
 }
 
+/// Heun through integrate() on backend B, guided (Cfg with w = 2): a two-stage stepper, three
+/// inputs per transform.
+template <class B>
+std::vector<float> heun_run(const FusedSetup& s) {
+  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
+  const auto labels = on<B>(s.labels);
+  auto x = on<B>(s.x0);
+  auto g = fd::cfg(field, 2.0);
+  g.set_condition(labels.view());
+  fd::integrate(fd::Heun{}, g, x, s.grid);
+  return to_vector(x);
+}
+
 /// Runs `compare(what, w, sigma)` over the guidance scales and noise levels tested.
 template <class F>
 void for_each_case(F&& compare) {
@@ -889,6 +902,8 @@ void fused_updates() {
       expect(g_fused.offset() == g_cpu.offset() && g_lib.offset() == g_cpu.offset(),
              "the GPU paths consume the generator as the CPU does (" + what + ")");
     });
+    expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),
+                 heun_run<Cpu>(s), 1e-5, 1e-4);
   });
 }
 
