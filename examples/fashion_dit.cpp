@@ -43,11 +43,11 @@ int main(int argc, char** argv) try {
   auto& out_dir = cli.option<std::string>("out", "out/fashion_dit", "output folder");
   auto& cache_dir =
       cli.option<std::string>("cache", "out/cache", "folder of the cached evaluation classifier");
-  auto& train_steps = cli.option<long>("train-steps", 1500, "optimizer steps");
+  auto& train_steps = cli.option<long>("train-steps", 2000, "optimizer steps");
   auto& batch = cli.option<long>("batch", 64, "training batch size");
   auto& lr = cli.option<double>("lr", 1e-3, "peak learning rate (AdamW, warmup + cosine)");
   auto& patch = cli.option<long>("patch", 4, "patch size p (28 / p tokens a side)");
-  auto& hidden = cli.option<long>("hidden", 128, "token width D (a multiple of 4 and of heads)");
+  auto& hidden = cli.option<long>("hidden", 96, "token width D (a multiple of 4 and of heads)");
   auto& depth = cli.option<long>("depth", 4, "transformer blocks");
   auto& heads = cli.option<long>("heads", 4, "attention heads");
   auto& mlp_ratio = cli.option<double>("mlp-ratio", 4.0, "MLP width / D");

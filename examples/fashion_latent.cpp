@@ -50,7 +50,7 @@ int main(int argc, char** argv) try {
   auto& out_dir = cli.option<std::string>("out", "out/fashion_latent", "output folder");
   auto& cache_dir = cli.option<std::string>("cache", "out/cache",
                                             "folder of the cached evaluation classifier and VAE");
-  auto& vae_steps = cli.option<long>("vae-steps", 1500, "VAE training steps");
+  auto& vae_steps = cli.option<long>("vae-steps", 1000, "VAE training steps");
   auto& vae_batch = cli.option<long>("vae-batch", 64, "VAE training batch size");
   auto& vae_lr = cli.option<double>("vae-lr", 2e-3, "VAE peak learning rate");
   auto& vae_channels_text =
@@ -58,11 +58,11 @@ int main(int argc, char** argv) try {
   auto& vae_base = cli.option<long>("vae-base", 32, "VAE full-resolution width");
   auto& latent_channels = cli.option<long>("latent-channels", 4, "latent channels z");
   auto& vae_beta = cli.option<double>("vae-beta", 1e-3, "KL weight of the VAE loss");
-  auto& train_steps = cli.option<long>("train-steps", 1500, "optimizer steps of the latent DiT");
+  auto& train_steps = cli.option<long>("train-steps", 1200, "optimizer steps of the latent DiT");
   auto& batch = cli.option<long>("batch", 64, "latent DiT training batch size");
   auto& lr = cli.option<double>("lr", 1e-3, "peak learning rate (AdamW, warmup + cosine)");
   auto& patch = cli.option<long>("patch", 1, "DiT patch size on the latent (1 or its side)");
-  auto& hidden = cli.option<long>("hidden", 128, "token width D (a multiple of 4 and of heads)");
+  auto& hidden = cli.option<long>("hidden", 96, "token width D (a multiple of 4 and of heads)");
   auto& depth = cli.option<long>("depth", 4, "transformer blocks");
   auto& heads = cli.option<long>("heads", 4, "attention heads");
   auto& mlp_ratio = cli.option<double>("mlp-ratio", 4.0, "MLP width / D");

@@ -197,6 +197,15 @@ TEST_CASE("latent: VAE training lowers the reconstruction error; the checkpoint 
   CHECK(fd::io::SafetensorsFile::read(file).metadata().at("flowdiff.vae").find("beta=0.5") !=
         std::string::npos);
 
+  // Another training recipe (steps): a different VAE, so the cache is replaced as well.
+  log.str("");
+  tr::VAETrainOptions o4 = o3;
+  o4.steps = 6;
+  o4.log = &log;
+  const auto rep5 = tr::load_or_train_vae(file, vae3, ps3, train.view(), test.view(), o4, gen3);
+  CHECK_FALSE(rep5.loaded);
+  CHECK_THAT(log.str(), Contains("trained=6x32"));
+
   // A corrupt file: replaced as well.
   { std::ofstream(file, std::ios::trunc) << "not a safetensors file"; }
   log.str("");

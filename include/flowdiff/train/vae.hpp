@@ -67,13 +67,15 @@ inline void say(const VAETrainOptions& o, const std::string& line) {
   if (o.log != nullptr) *o.log << line << std::endl;
 }
 
-/// The string a checkpoint's metadata must match to be reused.
-inline std::string describe(const nn::VAEConfig& c) {
+/// The string a checkpoint's metadata must match to be reused: the architecture, beta and the
+/// training recipe (steps, batch, lr), so asking for another training gives another VAE.
+inline std::string describe(const nn::VAEConfig& c, const VAETrainOptions& o) {
   std::ostringstream os;
   os << "VAE in_channels=" << c.in_channels << " image_size=" << c.image_size << " channels=";
   for (std::size_t i = 0; i < c.channels.size(); ++i) os << (i ? "," : "") << c.channels[i];
   os << " base_channels=" << c.base_channels << " latent_channels=" << c.latent_channels
-     << " groups=" << c.groups << " beta=" << c.beta;
+     << " groups=" << c.groups << " beta=" << c.beta << " trained=" << o.steps << "x" << o.batch
+     << " lr=" << o.lr;
   return os.str();
 }
 
@@ -177,18 +179,19 @@ VAETrainReport train_vae(const nn::VAE<T>& vae, nn::Parameters<T>& ps, View<cons
   return rep;
 }
 
-/// Loads the VAE at `cache_path` when its metadata describes exactly this configuration and its
-/// parameters load strictly (a stale or corrupt file is reported on options.log and replaced);
-/// otherwise initialises from `gen`, trains on train_images and writes the checkpoint with its
-/// latent scale and test MSE. Either way the test MSE is measured on test_images and the latent
-/// scale is the checkpoint's (it was measured when the VAE was trained). An empty cache_path
-/// trains and writes nothing. train_images, test_images: [N, C, S, S].
+/// Loads the VAE at `cache_path` when its metadata describes exactly this configuration and
+/// training recipe (vae_detail::describe) and its parameters load strictly (a stale or corrupt file
+/// is reported on options.log and replaced); otherwise initialises from `gen`, trains on
+/// train_images and writes the checkpoint with its latent scale and test MSE. Either way the test
+/// MSE is measured on test_images and the latent scale is the checkpoint's (it was measured when
+/// the VAE was trained). An empty cache_path trains and writes nothing. train_images, test_images:
+/// [N, C, S, S].
 template <class T>
 VAETrainReport load_or_train_vae(const std::filesystem::path& cache_path, const nn::VAE<T>& vae,
                                  nn::Parameters<T>& ps, View<const T> train_images,
                                  View<const T> test_images, const VAETrainOptions& o,
                                  Generator& gen) {
-  const std::string desc = vae_detail::describe(vae.config());
+  const std::string desc = vae_detail::describe(vae.config(), o);
   if (!cache_path.empty() && std::filesystem::exists(cache_path)) {
     try {
       const auto file = io::SafetensorsFile::read(cache_path);
