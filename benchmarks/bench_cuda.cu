@@ -10,9 +10,8 @@
 // the program prints that it skipped and exits 0.
 #include <benchmark/benchmark.h>
 
-#include <flowdiff/backend/cuda/all.cuh>
-
 #include <cstdio>
+#include <flowdiff/backend/cuda/all.cuh>
 #include <string>
 #include <vector>
 
@@ -79,12 +78,17 @@ enum class Kind { copy, fused_ode, fused_sde, unfused_ode, unfused_sde, sum };
 
 double bytes_per_element(Kind k) {
   switch (k) {
-    case Kind::copy: return 8;
+    case Kind::copy:
+      return 8;
     case Kind::fused_ode:
-    case Kind::fused_sde: return 16;
-    case Kind::unfused_ode: return 28;  // u~ = combine(cond, uncond): 12; x += h u~: 16
-    case Kind::unfused_sde: return 36;  // + fill_normal xi: 4; the update reads xi: 4
-    case Kind::sum: return 4;
+    case Kind::fused_sde:
+      return 16;
+    case Kind::unfused_ode:
+      return 28;  // u~ = combine(cond, uncond): 12; x += h u~: 16
+    case Kind::unfused_sde:
+      return 36;  // + fill_normal xi: 4; the update reads xi: 4
+    case Kind::sum:
+      return 4;
   }
   return 0;
 }
@@ -143,9 +147,9 @@ void bench_update(benchmark::State& state, Kind kind, const std::vector<double>&
   // The copy bandwidth measured for this size (sizes are registered in the same order).
   const std::size_t slot = static_cast<std::size_t>(state.range(1));
   if (kind != Kind::copy && kind != Kind::sum && slot < copy_bw.size())
-    state.counters["of_copy"] = benchmark::Counter(
-        bytes * static_cast<double>(state.iterations()) / copy_bw[slot],
-        benchmark::Counter::kIsRate);
+    state.counters["of_copy"] =
+        benchmark::Counter(bytes * static_cast<double>(state.iterations()) / copy_bw[slot],
+                           benchmark::Counter::kIsRate);
 }
 
 void bench_gemm(benchmark::State& state, fd::cuda::Blas& blas) {
@@ -176,15 +180,16 @@ int main(int argc, char** argv) {
   for (std::size_t i = 0; i < sizes.size(); ++i)
     benchmark::AddCustomContext("copy_GB/s_n=" + std::to_string(sizes[i]),
                                 std::to_string(copy_bw[i] * 1e-9));
-  const std::pair<const char*, Kind> kinds[] = {
-      {"BM_copy", Kind::copy},           {"BM_fused_cfg_euler", Kind::fused_ode},
-      {"BM_fused_cfg_em", Kind::fused_sde}, {"BM_unfused_cfg_euler", Kind::unfused_ode},
-      {"BM_unfused_cfg_em", Kind::unfused_sde}, {"BM_sum", Kind::sum}};
+  const std::pair<const char*, Kind> kinds[] = {{"BM_copy", Kind::copy},
+                                                {"BM_fused_cfg_euler", Kind::fused_ode},
+                                                {"BM_fused_cfg_em", Kind::fused_sde},
+                                                {"BM_unfused_cfg_euler", Kind::unfused_ode},
+                                                {"BM_unfused_cfg_em", Kind::unfused_sde},
+                                                {"BM_sum", Kind::sum}};
   for (const auto& [name, kind] : kinds) {
     auto* b = benchmark::RegisterBenchmark(
         name, [kind = kind, &copy_bw](benchmark::State& s) { bench_update(s, kind, copy_bw); });
-    for (std::size_t i = 0; i < sizes.size(); ++i)
-      b->Args({sizes[i], static_cast<int64_t>(i)});
+    for (std::size_t i = 0; i < sizes.size(); ++i) b->Args({sizes[i], static_cast<int64_t>(i)});
     b->UseManualTime()->Unit(benchmark::kMicrosecond);
   }
   fd::cuda::Blas blas;

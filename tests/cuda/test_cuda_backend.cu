@@ -7,13 +7,6 @@
 // The checks that need no GPU (error messages, the device query) always run. Without a device the
 // program then prints "SKIPPED" and exits with 77, which ctest reports as skipped; 0: all passed,
 // 1: a check failed (each failure is printed with what was compared and by how much).
-#include <flowdiff/backend/cuda/all.cuh>
-#include <flowdiff/guidance/cfg.hpp>
-#include <flowdiff/samplers/grid.hpp>
-#include <flowdiff/samplers/integrate.hpp>
-#include <flowdiff/samplers/ode.hpp>
-#include <flowdiff/samplers/sde.hpp>
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -22,6 +15,12 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <flowdiff/backend/cuda/all.cuh>
+#include <flowdiff/guidance/cfg.hpp>
+#include <flowdiff/samplers/grid.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/samplers/sde.hpp>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -179,15 +178,13 @@ void host_checks() {
     expect(m.find("/some/dir") == std::string::npos, "the file is named without its directory");
     expect(throws_with<fd::error>(
                [] { FLOWDIFF_CUDA_CHECK(returns_invalid_device()); },
-               {"returns_invalid_device()", "test_cuda_backend.cu:", "cudaErrorInvalidDevice"},
-               &m),
+               {"returns_invalid_device()", "test_cuda_backend.cu:", "cudaErrorInvalidDevice"}, &m),
            "FLOWDIFF_CUDA_CHECK stringises the call and records this file; got: " + m);
-    expect(throws_with<fd::cuda_error>(
-               [] {
-                 FLOWDIFF_CUDA_CHECK(static_cast<cublasStatus_t>(CUBLAS_STATUS_NOT_INITIALIZED));
-               },
-               {"CUBLAS_STATUS_NOT_INITIALIZED", "test_cuda_backend.cu:"}, &m),
-           "cuBLAS statuses become cuda_error with the status name; got: " + m);
+    expect(
+        throws_with<fd::cuda_error>(
+            [] { FLOWDIFF_CUDA_CHECK(static_cast<cublasStatus_t>(CUBLAS_STATUS_NOT_INITIALIZED)); },
+            {"CUBLAS_STATUS_NOT_INITIALIZED", "test_cuda_backend.cu:"}, &m),
+        "cuBLAS statuses become cuda_error with the status name; got: " + m);
     bool threw = false;
     try {
       FLOWDIFF_CUDA_CHECK(cudaSuccess);
@@ -279,9 +276,10 @@ void parallel_loops() {
     expect_close("transform(a x + b) on the device vs the CPU", got, y.to_vector());
     index_t same = 0;
     for (index_t i = 0; i < n; ++i) same += got[static_cast<std::size_t>(i)] == y[i];
-    std::printf("  transform: %lld of %lld elements bit-equal to the CPU (FMA contraction may "
-                "differ)\n",
-                static_cast<long long>(same), static_cast<long long>(n));
+    std::printf(
+        "  transform: %lld of %lld elements bit-equal to the CPU (FMA contraction may "
+        "differ)\n",
+        static_cast<long long>(same), static_cast<long long>(n));
 
     // Generic ops from core/ops.hpp on device tensors: axpy, scale, fill, copy, row_sum.
     fd::Tensor<double> a({40, 33}), b({40, 33});
@@ -307,16 +305,19 @@ void parallel_loops() {
     // A FLOWDIFF_LAMBDA through the Backend interface, on the default and an explicit stream.
     fd::Tensor<index_t, Cuda> idx({100000});
     index_t* pi = idx.data();
-    Cuda::parallel_for(idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] = 3 * i + 1; });
+    Cuda::parallel_for(
+        idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] = 3 * i + 1; });
     cudaStream_t s = nullptr;
     FLOWDIFF_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     Cuda::synchronize();  // idx was written on the per-thread stream
-    Cuda::parallel_for(s, idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] += 1; });
+    Cuda::parallel_for(
+        s, idx.numel(), FLOWDIFF_LAMBDA(index_t i) { pi[i] += 1; });
     Cuda::synchronize(s);
     FLOWDIFF_CUDA_CHECK(cudaStreamDestroy(s));
     const auto iv = host_vector(idx);
     bool ok = true;
-    for (index_t i = 0; i < idx.numel(); ++i) ok = ok && iv[static_cast<std::size_t>(i)] == 3 * i + 2;
+    for (index_t i = 0; i < idx.numel(); ++i)
+      ok = ok && iv[static_cast<std::size_t>(i)] == 3 * i + 2;
     expect(ok, "FLOWDIFF_LAMBDA loops on the per-thread and an explicit stream");
   });
 }
@@ -325,8 +326,13 @@ void reductions() {
   section("deterministic sum", [] {
     fd::Generator gen{5};
     // One pass, block edges, two passes, and three passes (more than reduce_block^2 elements).
-    const index_t sizes[] = {1,    7,        Cuda::reduce_block - 1, Cuda::reduce_block,
-                             8193, 1000003, Cuda::reduce_block * Cuda::reduce_block + 101};
+    const index_t sizes[] = {1,
+                             7,
+                             Cuda::reduce_block - 1,
+                             Cuda::reduce_block,
+                             8193,
+                             1000003,
+                             Cuda::reduce_block * Cuda::reduce_block + 101};
     for (const index_t n : sizes) {
       fd::Tensor<float, Cuda> xd({n});
       fd::fill_uniform(xd, gen, -1.0f, 2.0f);
@@ -337,12 +343,11 @@ void reductions() {
       double abs_sum = 0;
       for (index_t i = 0; i < n; ++i) abs_sum += std::abs(static_cast<double>(x[i]));
       // Both accumulate in double (in different orders) and round once: at most 1 float ulp apart.
-      expect(ulp_distance(cpu, gpu) <= 1, "sum of " + str(n) + " floats: gpu " + str(gpu) +
-                                              ", cpu " + str(cpu));
+      expect(ulp_distance(cpu, gpu) <= 1,
+             "sum of " + str(n) + " floats: gpu " + str(gpu) + ", cpu " + str(cpu));
       expect(std::memcmp(&gpu, &again, sizeof(float)) == 0,
              "sum of " + str(n) + " floats is the same bits when repeated");
-      const double gd =
-          Cuda::reduce_sum(n, fd::cuda::kernels::Load<float>{xd.data()});
+      const double gd = Cuda::reduce_sum(n, fd::cuda::kernels::Load<float>{xd.data()});
       const double cd = Cpu::reduce_sum(n, [&](index_t i) { return static_cast<double>(x[i]); });
       expect(std::abs(gd - cd) <= 1e-12 * abs_sum,
              "double sum of " + str(n) + " elements: gpu " + str(gd) + ", cpu " + str(cd));
@@ -360,7 +365,8 @@ void reductions() {
     FLOWDIFF_CUDA_CHECK(cudaStreamCreate(&s));
     const double d2 = Cuda::reduce_sum(n, prod, s);
     FLOWDIFF_CUDA_CHECK(cudaStreamDestroy(s));
-    expect(std::memcmp(&d1, &d2, sizeof(double)) == 0, "reduce_sum is the same bits on two streams");
+    expect(std::memcmp(&d1, &d2, sizeof(double)) == 0,
+           "reduce_sum is the same bits on two streams");
     const auto a = fd::to_host(ad);
     const auto b = fd::to_host(bd);
     const double cpu = fd::dot(a, b);
@@ -396,8 +402,7 @@ void philox_fills_for() {
          std::string("fill_uniform<") + tn + "> on [0, 1) is bit-equal to the CPU");
   fd::fill_uniform(u, g_cpu, T(-2), T(3));
   fd::fill_uniform(ud, g_gpu, T(-2), T(3));
-  expect_close(std::string("fill_uniform<") + tn + "> on [-2, 3)", host_vector(ud),
-               u.to_vector());
+  expect_close(std::string("fill_uniform<") + tn + "> on [-2, 3)", host_vector(ud), u.to_vector());
   fd::Tensor<T> z(shape);
   fd::Tensor<T, Cuda> zd(shape);
   fd::fill_normal(z, g_cpu);
@@ -434,11 +439,12 @@ void philox() {
     const auto w = host_vector(words);
     index_t bad = 0;
     for (index_t k = 0; k < rows * nb; ++k) {
-      const auto b = s.block(static_cast<std::uint32_t>(k % nb), static_cast<std::uint32_t>(k / nb));
+      const auto b =
+          s.block(static_cast<std::uint32_t>(k % nb), static_cast<std::uint32_t>(k / nb));
       for (int l = 0; l < 4; ++l) bad += w[static_cast<std::size_t>(4 * k + l)] != b.v[l];
     }
-    expect(bad == 0, "Philox4x32-10 words on the device equal the host's (" + str(bad) +
-                         " of " + str(rows * nb * 4) + " differ)");
+    expect(bad == 0, "Philox4x32-10 words on the device equal the host's (" + str(bad) + " of " +
+                         str(rows * nb * 4) + " differ)");
     const auto kat = fd::Philox4x32::hash(0, 0, 0, 0, 0, 0);
     expect(kat.v[0] == 0x6627e8d5u, "Random123 known answer on the host");
     philox_fills_for<float>();
@@ -575,9 +581,9 @@ void gemm_for(fd::cuda::Blas& blas) {
     auto ad = fd::to_device(a);
     auto bd = fd::to_device(b);
     auto cd = fd::to_device(c);
-    fd::cuda::gemm_strided_batched<T>(blas, fd::Trans::no, fd::Trans::no, m, n, k, T(1),
-                                      ad.data(), lda, sa, bd.data(), ldb, sb, T(-1), cd.data(),
-                                      ldc, sc, batch);
+    fd::cuda::gemm_strided_batched<T>(blas, fd::Trans::no, fd::Trans::no, m, n, k, T(1), ad.data(),
+                                      lda, sa, bd.data(), ldb, sb, T(-1), cd.data(), ldc, sc,
+                                      batch);
     const auto got = host_vector(cd);
     bool untouched = true;
     double e = 0;
@@ -595,10 +601,10 @@ void gemm_for(fd::cuda::Blas& blas) {
         }
       e = std::max(e, nmse(g, r));
     }
-    expect(e <= nmse_bound<T>(), std::string("gemm_strided_batched<") + tn +
-                                     "> with padding: NMSE " + str(e));
-    expect(untouched, std::string("gemm_strided_batched<") + tn +
-                          "> leaves the padding of C untouched");
+    expect(e <= nmse_bound<T>(),
+           std::string("gemm_strided_batched<") + tn + "> with padding: NMSE " + str(e));
+    expect(untouched,
+           std::string("gemm_strided_batched<") + tn + "> leaves the padding of C untouched");
   }
 }
 
@@ -663,9 +669,8 @@ void host_gemm_mapping() {
                                         b.data() + i * sb, ldb, 2.0, c.data() + i * sc, ldc);
           ref.insert(ref.end(), r.begin(), r.end());
         }
-        const auto g = fd::cuda::column_major_form<double>(ta, tb, m, n, k, a.data(), lda, sa,
-                                                           b.data(), ldb, sb, c.data(), ldc, sc,
-                                                           batch);
+        const auto g = fd::cuda::column_major_form<double>(
+            ta, tb, m, n, k, a.data(), lda, sa, b.data(), ldb, sb, c.data(), ldc, sc, batch);
         reference_cublas(g, 0.5, 2.0);
         std::vector<double> got;
         for (index_t i = 0; i < batch; ++i)
@@ -679,16 +684,16 @@ void host_gemm_mapping() {
     expect(throws_with<fd::config_error>(
                [] {
                  (void)fd::cuda::column_major_form<float>(fd::Trans::no, fd::Trans::no, 4, 5, 6,
-                                                          nullptr, 5, 0, nullptr, 5, 0, nullptr,
-                                                          5, 0, 1);
+                                                          nullptr, 5, 0, nullptr, 5, 0, nullptr, 5,
+                                                          0, 1);
                },
                {"lda = 5", "needs >= 6"}, &m),
            "a too small leading dimension is named; got: " + m);
     expect(throws_with<fd::config_error>(
                [] {
                  (void)fd::cuda::column_major_form<float>(fd::Trans::no, fd::Trans::no, 4, 5, 6,
-                                                          nullptr, 6, 24, nullptr, 5, 30,
-                                                          nullptr, 5, 10, 2);
+                                                          nullptr, 6, 24, nullptr, 5, 30, nullptr,
+                                                          5, 10, 2);
                },
                {"stride_c = 10"}, &m),
            "overlapping batched outputs are rejected; got: " + m);
@@ -726,8 +731,8 @@ struct AffineClassField {
   index_t num_classes() const { return classes; }
   void operator()(fd::View<const float, B> x, fd::View<float, B> out, float t,
                   fd::View<const fd::label_t, B> y) {
-    B::parallel_for(x.numel(), AffineClassKernel{out.data(), x.data(), y.data(), a.data(),
-                                                 b.data(), x.row_size(), t});
+    B::parallel_for(x.numel(), AffineClassKernel{out.data(), x.data(), y.data(), a.data(), b.data(),
+                                                 x.row_size(), t});
   }
 };
 
@@ -811,8 +816,7 @@ std::vector<float> library_run(const FusedSetup& s, double w, double sigma, inde
   if (sigma == 0)
     fd::integrate(fd::Euler{}, g, x, s.sub_grid(steps));
   else
-    fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gen), g, x,
-                  s.sub_grid(steps));
+    fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gen), g, x, s.sub_grid(steps));
   return to_vector(x);
 }
 
@@ -833,7 +837,8 @@ std::vector<float> heun_run(const FusedSetup& s) {
 template <class F>
 void for_each_case(F&& compare) {
   for (const double w : {1.0, 3.0, 0.0})
-    for (const double sigma : {0.0, 0.8}) compare("w = " + str(w) + ", sigma = " + str(sigma), w, sigma);
+    for (const double sigma : {0.0, 0.8})
+      compare("w = " + str(w) + ", sigma = " + str(sigma), w, sigma);
 }
 
 void report_bit_equal(const std::string& what, const std::vector<float>& a,
@@ -926,9 +931,10 @@ int main() {
       std::printf("%d of %d host checks FAILED\n", failures, checks);
       return 1;
     }
-    std::printf("host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not "
-                "run\n",
-                checks, why.c_str());
+    std::printf(
+        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not "
+        "run\n",
+        checks, why.c_str());
     return 77;
   }
   const auto info = fd::cuda::device_info();

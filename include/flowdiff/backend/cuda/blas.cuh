@@ -49,8 +49,7 @@ class Blas {
   }
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
-  Blas(Blas&& o) noexcept
-      : handle_(std::exchange(o.handle_, nullptr)), stream_(o.stream_) {}
+  Blas(Blas&& o) noexcept : handle_(std::exchange(o.handle_, nullptr)), stream_(o.stream_) {}
   Blas& operator=(Blas&& o) noexcept {
     if (this != &o) {
       if (handle_ != nullptr) cublasDestroy(handle_);
@@ -110,13 +109,12 @@ ColumnMajorGemm<T> column_major_form(Trans ta, Trans tb, index_t m, index_t n, i
                                      index_t stride_c, index_t batch) {
   const char* who = "cuda::gemm";
   require<config_error>(m >= 0 && n >= 0 && k >= 0 && batch >= 0, who,
-                        ": m, n, k and batch must be >= 0, got ", m, ", ", n, ", ", k, ", ",
-                        batch);
+                        ": m, n, k and batch must be >= 0, got ", m, ", ", n, ", ", k, ", ", batch);
   const index_t a_cols = ta == Trans::no ? k : m, b_cols = tb == Trans::no ? n : k;
   require<config_error>(lda >= a_cols && ldb >= b_cols && ldc >= n, who,
                         ": leading dimensions too small: lda = ", lda, " (needs >= ", a_cols,
-                        "), ldb = ", ldb, " (needs >= ", b_cols, "), ldc = ", ldc, " (needs >= ",
-                        n, ")");
+                        "), ldb = ", ldb, " (needs >= ", b_cols, "), ldc = ", ldc, " (needs >= ", n,
+                        ")");
   const index_t c_extent = m > 0 ? (m - 1) * ldc + n : 0;  // elements one C_b spans
   require<config_error>(
       batch <= 1 || (stride_a >= 0 && stride_b >= 0 && stride_c >= c_extent), who,
@@ -157,11 +155,11 @@ void gemm_strided_batched(Blas& blas, Trans ta, Trans tb, index_t m, index_t n, 
   if (m == 0 || n == 0 || batch == 0) return;
   if (batch == 1) {
     if constexpr (std::is_same_v<T, float>) {
-      FLOWDIFF_CUDA_CHECK(cublasSgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha,
-                                      g.a, g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
+      FLOWDIFF_CUDA_CHECK(cublasSgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha, g.a,
+                                      g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
     } else {
-      FLOWDIFF_CUDA_CHECK(cublasDgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha,
-                                      g.a, g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
+      FLOWDIFF_CUDA_CHECK(cublasDgemm(blas.handle(), g.transa, g.transb, g.m, g.n, g.k, &alpha, g.a,
+                                      g.lda, g.b, g.ldb, &beta, g.c, g.ldc));
     }
     return;
   }
@@ -201,7 +199,7 @@ void gemm(cuda::Blas& blas, Trans ta, Trans tb, T alpha, View<const T, Cuda> a,
 
 /// Tensor-friendly overload: gemm(blas, Trans::no, Trans::yes, 1.f, x, w, 0.f, y).
 template <class T, class A, class Bm, class C>
-  requires TensorLike<A> && TensorLike<Bm> && TensorLike<C>
+requires TensorLike<A> && TensorLike<Bm> && TensorLike<C>
 void gemm(cuda::Blas& blas, Trans ta, Trans tb, T alpha, const A& a, const Bm& b, T beta, C&& c) {
   gemm<T>(blas, ta, tb, alpha, View<const T, Cuda>(view_of(a)), View<const T, Cuda>(view_of(b)),
           beta, View<T, Cuda>(view_of(c)));
@@ -228,9 +226,9 @@ void gemm_batched(cuda::Blas& blas, Trans ta, Trans tb, T alpha, View<const T, C
                        ka, "], op(B) is [", kb, ", ", n, "]");
   require<shape_error>(c.dim(1) == m && c.dim(2) == n, "cuda gemm_batched: C must be [", batch,
                        ", ", m, ", ", n, "], got ", c.shape());
-  cuda::gemm_strided_batched(blas, ta, tb, m, n, ka, alpha, a.data(), a.dim(2),
-                             a.dim(1) * a.dim(2), b.data(), b.dim(2), b.dim(1) * b.dim(2), beta,
-                             c.data(), n, m * n, batch);
+  cuda::gemm_strided_batched(blas, ta, tb, m, n, ka, alpha, a.data(), a.dim(2), a.dim(1) * a.dim(2),
+                             b.data(), b.dim(2), b.dim(1) * b.dim(2), beta, c.data(), n, m * n,
+                             batch);
 }
 
 }  // namespace flowdiff

@@ -91,10 +91,9 @@ struct Cuda {
   template <class T>
   static T* allocate(index_t n, cudaStream_t stream = cudaStreamPerThread) {
     if (n <= 0) return nullptr;
-    require<config_error>(static_cast<std::size_t>(n) <= std::numeric_limits<std::size_t>::max() /
-                                                             sizeof(T),
-                          "Cuda::allocate: ", n, " elements of ", sizeof(T),
-                          " bytes overflow size_t");
+    require<config_error>(
+        static_cast<std::size_t>(n) <= std::numeric_limits<std::size_t>::max() / sizeof(T),
+        "Cuda::allocate: ", n, " elements of ", sizeof(T), " bytes overflow size_t");
     void* p = nullptr;
     const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
     const cudaError_t e = cudaMallocAsync(&p, bytes, stream);
@@ -161,9 +160,9 @@ struct Cuda {
       total += m;
     }
     if (total == 0) total = 1;  // n == 1: one pass writing one partial
-    require<config_error>((n + reduce_block - 1) / reduce_block <=
-                              index_t{std::numeric_limits<int>::max()},
-                          "Cuda::reduce_sum: ", n, " elements need too many blocks");
+    require<config_error>(
+        (n + reduce_block - 1) / reduce_block <= index_t{std::numeric_limits<int>::max()},
+        "Cuda::reduce_sum: ", n, " elements need too many blocks");
     double* buf = allocate<double>(total, stream);
     struct Free {
       double* p;

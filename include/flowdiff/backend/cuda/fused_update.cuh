@@ -4,7 +4,8 @@
 // and the step that uses it, in one kernel that reads x, u(x|y), u(x|∅) once and writes x once:
 //   Euler:           x <- x + h u~
 //   Euler–Maruyama:  x <- x + h (u~ + sigma^2/2 s) + sigma sqrt(h) xi,
-//                    s = cx x + cu u~ (the score from the velocity, paths/convert.hpp), xi ~ N(0, I)
+//                    s = cx x + cu u~ (the score from the velocity: paths/convert.hpp),
+//                    xi ~ N(0, I)
 // with xi drawn inside the kernel from the generator's next stream with fill_normal's counter
 // mapping (element j of sample i from Philox block (j / per_block, i)). Each element's arithmetic
 // is written in the order of the CPU path it replaces — Cfg's combination (guidance/cfg.hpp), then
@@ -36,10 +37,10 @@ namespace flowdiff::cuda {
 /// u~ = wu u_null + wc u_cond.
 template <class T>
 struct FusedStep {
-  T wc = 1, wu = 0;          ///< CFG weights w and 1 - w
-  T h = 0;                   ///< step size
+  T wc = 1, wu = 0;               ///< CFG weights w and 1 - w
+  T h = 0;                        ///< step size
   T half_s2 = 0, cx = 0, cu = 0;  ///< sigma^2 / 2 and the velocity -> score coefficients
-  T noise = 0;               ///< sigma sqrt(h)
+  T noise = 0;                    ///< sigma sqrt(h)
 };
 
 namespace kernels {
@@ -53,7 +54,7 @@ struct CfgEuler {
   T wc, wu, h;
   FLOWDIFF_HOST_DEVICE void operator()(index_t i) const {
     const T u = wu * uncond[i] + wc * cond[i];  // Cfg: (1 - w) u(x|∅) + w u(x|y)
-    x[i] = x[i] + h * u;                         // Euler
+    x[i] = x[i] + h * u;                        // Euler
   }
 };
 
@@ -126,8 +127,8 @@ FusedStep<T> euler_maruyama_coefficients(const S& schedule, double w, double sig
   if (sigma == 0) return c;
   require<config_error>(h > 0, who, ": stochastic steps must go forward in time (h = ", h,
                         "); integrate the ODE (sigma = 0) to invert");
-  const auto conv = conversion_at<T>(schedule, Parametrization::velocity, Parametrization::score,
-                                     t, "cuda euler_maruyama: score from velocity");
+  const auto conv = conversion_at<T>(schedule, Parametrization::velocity, Parametrization::score, t,
+                                     "cuda euler_maruyama: score from velocity");
   c.half_s2 = static_cast<T>(sigma * sigma / 2);
   c.cx = conv.cx;
   c.cu = conv.cin;
