@@ -193,6 +193,22 @@ void host_checks() {
       threw = true;
     }
     expect(!threw, "success statuses do not throw");
+    // The reduction functors (device code, callable on the host).
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const double inf = std::numeric_limits<double>::infinity();
+    const fd::cuda::kernels::Max mx;
+    const fd::cuda::kernels::Min mn;
+    expect(mx(1, 2) == 2 && mx(2, 1) == 2 && mn(1, 2) == 1 && mn(-inf, 3) == -inf,
+           "Max / Min combine as expected");
+    expect(std::isnan(mx(nan, 1)) && std::isnan(mx(1, nan)) && std::isnan(mn(nan, 1)) &&
+               std::isnan(mn(1, nan)),
+           "Max / Min never lose a NaN, whichever side it is on");
+    const float vals[] = {1.0f, std::numeric_limits<float>::infinity(), -2.0f,
+                          std::numeric_limits<float>::quiet_NaN()};
+    const fd::cuda::kernels::NonFiniteIndex<float> nf{vals, 4};
+    const fd::cuda::kernels::Abs<float> ab{vals};
+    expect(nf(0) == 4 && nf(1) == 1 && nf(2) == 4 && nf(3) == 3 && ab(2) == 2 && std::isnan(ab(3)),
+           "NonFiniteIndex flags inf and NaN only; Abs keeps NaN");
     fd::Tensor<float, Cuda> empty;  // no allocation, no CUDA call, with or without a device
     expect(empty.numel() == 0 && empty.data() == nullptr, "an empty device tensor owns nothing");
   });
@@ -375,6 +391,36 @@ void reductions() {
     expect(std::abs(d1 - cpu) <= 1e-12 * scale,
            "dot via reduce_sum: gpu " + str(d1) + ", cpu " + str(cpu));
     expect(Cuda::sum(static_cast<const float*>(nullptr), 0) == 0.0f, "the empty sum is 0");
+
+    // The device forms of dot, sum_squares, max_abs, all_finite and check_finite.
+    const double gdot = fd::dot(ad, bd);
+    expect(std::abs(gdot - cpu) <= 1e-12 * scale,
+           "dot(device, device): gpu " + str(gdot) + ", cpu " + str(cpu));
+    const double gss = fd::sum_squares(ad), css = fd::sum_squares(a);
+    expect(std::abs(gss - css) <= 1e-12 * css,
+           "sum_squares on the device: gpu " + str(gss) + ", cpu " + str(css));
+    expect(fd::max_abs(ad) == fd::max_abs(a), "max_abs on the device equals the CPU's exactly");
+    expect(fd::all_finite(ad), "all_finite on a finite device tensor");
+    bool threw = false;
+    try {
+      fd::check_finite("clean", ad);
+    } catch (...) {
+      threw = true;
+    }
+    expect(!threw, "check_finite passes a finite device tensor");
+    auto bad = a.clone();
+    bad[2000003] = std::numeric_limits<double>::quiet_NaN();
+    bad[777] = -std::numeric_limits<double>::infinity();
+    const auto bad_d = fd::to_device(bad);
+    expect(!fd::all_finite(bad_d), "all_finite finds a NaN and an inf on the device");
+    expect(std::isnan(fd::max_abs(bad_d)), "max_abs on the device propagates NaN");
+    std::string m;
+    expect(throws_with<fd::numeric_error>(
+               [&] { fd::check_finite("grads", bad_d); },
+               {"grads: element 777 of a tensor of shape [3000017]", "-inf"}, &m),
+           "check_finite names the first non-finite device element; got: " + m);
+    fd::Tensor<float, Cuda> none({0});
+    expect(fd::max_abs(none) == 0.0f && fd::all_finite(none), "max_abs / all_finite of nothing");
   });
 }
 

@@ -7,7 +7,8 @@
 // until one value is left. No atomics, so the bits depend on the input and the block size only,
 // never on the scheduling or the GPU. Everything runs on the per-thread default stream
 // (cudaStreamPerThread) unless a stream is passed explicitly. Also: host <-> device copies of
-// tensors (to_device / to_host) and the device availability query.
+// tensors (to_device / to_host), the device availability query, and device forms of core/ops.hpp's
+// host-only helpers (dot, max_abs, all_finite, check_finite) under the same names.
 //
 // Stream semantics: every operation is ordered on its stream; a Tensor<T, Cuda> frees its memory
 // on the per-thread default stream of the thread that destroys it. A tensor used on another
@@ -21,6 +22,7 @@
 #include <cstddef>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -42,26 +44,43 @@ __global__ void for_each(index_t n, F f) {
     f(i);
 }
 
-/// partial[b] = sum of g(i) over block b = [b * chunk, min(n, (b + 1) * chunk)), in double: thread
-/// k adds i = lo + k, lo + k + Threads, ... in that order, then the Threads values are combined
-/// pairwise in a fixed tree. The order of every addition is fixed by (n, chunk, Threads) alone.
-template <int Threads, class G>
+/// partial[b] = the combination (op) of g(i) over block b = [b * chunk, min(n, (b + 1) * chunk)),
+/// in double: thread k combines i = lo + k, lo + k + Threads, ... in that order, starting from
+/// `identity`, then the Threads values are combined pairwise in a fixed tree. The order of every
+/// operation is fixed by (n, chunk, Threads) alone.
+template <int Threads, class G, class Op>
 __global__ void __launch_bounds__(Threads)
-    reduce_blocks(index_t n, index_t chunk, G g, double* partial) {
+    reduce_blocks(index_t n, index_t chunk, G g, Op op, double identity, double* partial) {
   static_assert((Threads & (Threads - 1)) == 0, "reduce_blocks: Threads must be a power of two");
   __shared__ double s[Threads];
   const index_t lo = static_cast<index_t>(blockIdx.x) * chunk;
   const index_t hi = lo + chunk < n ? lo + chunk : n;
-  double acc = 0;
-  for (index_t i = lo + threadIdx.x; i < hi; i += Threads) acc += static_cast<double>(g(i));
+  double acc = identity;
+  for (index_t i = lo + threadIdx.x; i < hi; i += Threads) acc = op(acc, static_cast<double>(g(i)));
   s[threadIdx.x] = acc;
   __syncthreads();
   for (int w = Threads / 2; w > 0; w /= 2) {
-    if (static_cast<int>(threadIdx.x) < w) s[threadIdx.x] += s[threadIdx.x + w];
+    if (static_cast<int>(threadIdx.x) < w) s[threadIdx.x] = op(s[threadIdx.x], s[threadIdx.x + w]);
     __syncthreads();
   }
   if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
 }
+
+/// The combinations reduce() offers: a + b; the larger / smaller, NaN winning (so a NaN anywhere
+/// is never lost, as max_abs promises).
+struct Plus {
+  FLOWDIFF_HOST_DEVICE double operator()(double a, double b) const { return a + b; }
+};
+struct Max {
+  FLOWDIFF_HOST_DEVICE double operator()(double a, double b) const {
+    return a != a ? a : (b != b ? b : (a < b ? b : a));
+  }
+};
+struct Min {
+  FLOWDIFF_HOST_DEVICE double operator()(double a, double b) const {
+    return a != a ? a : (b != b ? b : (b < a ? b : a));
+  }
+};
 
 /// p[i] as a double: the element accessor of sum() and of the later reduction passes.
 template <class T>
@@ -148,11 +167,13 @@ struct Cuda {
     FLOWDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
-  /// Deterministic sum of g(i) for i in [0, n), accumulated in double; g is a device functor.
-  /// Synchronises `stream` (the result is returned to the host).
-  template <class G>
-  static double reduce_sum(index_t n, G g, cudaStream_t stream = cudaStreamPerThread) {
-    if (n <= 0) return 0.0;
+  /// Deterministic reduction of g(i) for i in [0, n) with `op` (cuda::kernels::Plus, Max, Min or
+  /// any associative device functor double(double, double)) in double, `identity` for n == 0.
+  /// g is a device functor. Synchronises `stream` (the result is returned to the host).
+  template <class G, class Op>
+  static double reduce(index_t n, G g, Op op, double identity,
+                       cudaStream_t stream = cudaStreamPerThread) {
+    if (n <= 0) return identity;
     // Passes: n -> nb[0] partials -> nb[1] -> ... -> 1, each pass one launch of reduce_blocks.
     index_t total = 0;
     for (index_t m = n; m > 1;) {
@@ -162,7 +183,7 @@ struct Cuda {
     if (total == 0) total = 1;  // n == 1: one pass writing one partial
     require<config_error>(
         (n + reduce_block - 1) / reduce_block <= index_t{std::numeric_limits<int>::max()},
-        "Cuda::reduce_sum: ", n, " elements need too many blocks");
+        "Cuda::reduce: ", n, " elements need too many blocks");
     double* buf = allocate<double>(total, stream);
     struct Free {
       double* p;
@@ -173,7 +194,8 @@ struct Cuda {
     index_t m = (n + reduce_block - 1) / reduce_block;
     double* out = buf;
     cuda::kernels::reduce_blocks<reduce_threads>
-        <<<static_cast<unsigned>(m), reduce_threads, 0, stream>>>(n, reduce_block, g, out);
+        <<<static_cast<unsigned>(m), reduce_threads, 0, stream>>>(n, reduce_block, g, op, identity,
+                                                                  out);
     FLOWDIFF_CUDA_CHECK_LAUNCH("flowdiff::cuda::kernels::reduce_blocks", stream);
     while (m > 1) {
       const index_t next = (m + reduce_block - 1) / reduce_block;
@@ -181,7 +203,7 @@ struct Cuda {
       out = in + m;
       cuda::kernels::reduce_blocks<reduce_threads>
           <<<static_cast<unsigned>(next), reduce_threads, 0, stream>>>(
-              m, reduce_block, cuda::kernels::Load<double>{in}, out);
+              m, reduce_block, cuda::kernels::Load<double>{in}, op, identity, out);
       FLOWDIFF_CUDA_CHECK_LAUNCH("flowdiff::cuda::kernels::reduce_blocks", stream);
       m = next;
     }
@@ -190,6 +212,13 @@ struct Cuda {
         cudaMemcpyAsync(&result, out, sizeof(double), cudaMemcpyDeviceToHost, stream));
     FLOWDIFF_CUDA_CHECK(cudaStreamSynchronize(stream));
     return result;
+  }
+
+  /// Deterministic sum of g(i) for i in [0, n), accumulated in double; g is a device functor.
+  /// Synchronises `stream` (the result is returned to the host).
+  template <class G>
+  static double reduce_sum(index_t n, G g, cudaStream_t stream = cudaStreamPerThread) {
+    return reduce(n, g, cuda::kernels::Plus{}, 0.0, stream);
   }
 
   /// Deterministic sum of p[0..n) (accumulated in double, rounded to T once at the end).
@@ -266,9 +295,101 @@ void copy_to_host(View<T, Cpu> dst, std::type_identity_t<View<const T, Cuda>> sr
 
 }  // namespace cuda
 
-/// A device copy of a host tensor or view (same shape): `auto xd = to_device(x);`
+/// A tensor or view on the CUDA backend / on the CPU backend.
 template <class X>
-  requires(TensorLike<X> && std::is_same_v<backend_of<X>, Cpu>)
+concept CudaTensor = TensorLike<X> && std::is_same_v<backend_of<X>, Cuda>;
+template <class X>
+concept HostTensor = TensorLike<X> && std::is_same_v<backend_of<X>, Cpu>;
+
+namespace cuda::kernels {
+template <class T, class U>
+struct Product {
+  const T* a;
+  const U* b;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    return static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  }
+};
+/// |p[i]| (NaN stays NaN).
+template <class T>
+struct Abs {
+  const T* p;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    const double v = static_cast<double>(p[i]);
+    return v < 0 ? -v : v;
+  }
+};
+/// i where p[i] is not finite, else n (so the minimum is the first non-finite index, or n).
+/// v - v is 0 exactly for finite v and NaN for inf and NaN.
+template <class T>
+struct NonFiniteIndex {
+  const T* p;
+  index_t n;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    const double v = static_cast<double>(p[i]);
+    return static_cast<double>(v - v == 0 ? n : i);
+  }
+};
+}  // namespace cuda::kernels
+
+// The host-only helpers of core/ops.hpp for device tensors, under the same names, so generic code
+// calling them compiles for Tensor<T, Cuda> too. Deterministic reductions; each synchronises.
+
+/// Sum of a[i] * b[i], accumulated in double (as on the CPU).
+template <CudaTensor A, CudaTensor Bt>
+value_type_of<A> dot(const A& a, const Bt& b) {
+  const auto va = view_of(a);
+  const auto vb = view_of(b);
+  require<shape_error>(va.numel() == vb.numel(), "dot: operands have ", va.numel(), " and ",
+                       vb.numel(), " elements");
+  using T = value_type_of<A>;
+  using U = value_type_of<Bt>;
+  return static_cast<T>(
+      Cuda::reduce_sum(va.numel(), cuda::kernels::Product<T, U>{va.data(), vb.data()}));
+}
+
+/// Largest |x[i]| (0 for an empty tensor; NaN if any element is NaN).
+template <CudaTensor X>
+value_type_of<X> max_abs(const X& x) {
+  const auto v = view_of(x);
+  using T = value_type_of<X>;
+  return static_cast<T>(
+      Cuda::reduce(v.numel(), cuda::kernels::Abs<T>{v.data()}, cuda::kernels::Max{}, 0.0));
+}
+
+namespace cuda {
+/// The index of the first element of x that is not finite, or x.numel() if all are.
+template <class T>
+index_t first_nonfinite(View<const T, Cuda> x) {
+  const index_t n = x.numel();
+  return static_cast<index_t>(Cuda::reduce(n, kernels::NonFiniteIndex<T>{x.data(), n},
+                                           kernels::Min{}, static_cast<double>(n)));
+}
+}  // namespace cuda
+
+template <CudaTensor X>
+bool all_finite(const X& x) {
+  const View<const value_type_of<X>, Cuda> v = view_of(x);
+  return cuda::first_nonfinite(v) == v.numel();
+}
+
+/// Throws numeric_error naming the first non-finite element of x (as the CPU's check_finite).
+template <CudaTensor X>
+void check_finite(std::string_view what, const X& x) {
+  using T = value_type_of<X>;
+  const View<const T, Cuda> v = view_of(x);
+  const index_t i = cuda::first_nonfinite(v);
+  if (i == v.numel()) return;
+  T value{};
+  FLOWDIFF_CUDA_CHECK(cudaMemcpyAsync(&value, v.data() + i, sizeof(T), cudaMemcpyDeviceToHost,
+                                      cudaStreamPerThread));
+  FLOWDIFF_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+  fail<numeric_error>(what, ": element ", i, " of a tensor of shape ", v.shape(),
+                      " is not finite (", value, ")");
+}
+
+/// A device copy of a host tensor or view (same shape): `auto xd = to_device(x);`
+template <HostTensor X>
 Tensor<value_type_of<X>, Cuda> to_device(const X& x, cudaStream_t stream = cudaStreamPerThread) {
   using T = value_type_of<X>;
   const View<const T, Cpu> v = view_of(x);
@@ -279,8 +400,7 @@ Tensor<value_type_of<X>, Cuda> to_device(const X& x, cudaStream_t stream = cudaS
 }
 
 /// A host copy of a device tensor or view (same shape): `auto x = to_host(xd);`
-template <class X>
-  requires(TensorLike<X> && std::is_same_v<backend_of<X>, Cuda>)
+template <CudaTensor X>
 Tensor<value_type_of<X>, Cpu> to_host(const X& x, cudaStream_t stream = cudaStreamPerThread) {
   using T = value_type_of<X>;
   const View<const T, Cuda> v = view_of(x);
