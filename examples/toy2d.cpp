@@ -1,14 +1,15 @@
 // toy2d — flow matching and score matching on labelled 2D distributions, end to end. For each of
 // gaussians, moons, circles, checkerboard and spirals (data/toy2d.hpp) the program
-//   1. trains a class-conditional MLP velocity field by conditional flow matching with
-//      classifier-free label dropout (eta = 0.1): one network gives u(x|∅) and u(x|y);
-//   2. samples it unconditionally with Euler and Heun (ODE) and with the marginal-preserving SDE
+//   1. trains an unconditional MLP velocity field by conditional flow matching and samples it
+//      with Euler and Heun (ODE) and with the marginal-preserving SDE
 //      dX = [u + sigma^2/2 s] dt + sigma dW (score derived from the velocity);
-//   3. trains an unconditional MLP score network by denoising score matching (weight beta^2) and
+//   2. trains an unconditional MLP score network by denoising score matching (weight beta^2) and
 //      samples it with the same SDE (velocity derived from the score: u = a_t x + b_t s);
-//   4. samples with classifier-free guidance u~ = (1 - w) u(x|∅) + w u(x|y) at w = 1 and 3,
-//      measuring how many samples a 10-nearest-neighbour classifier on held-out data assigns to
-//      their conditioning class;
+//   3. trains a class-conditional MLP by flow matching with classifier-free label dropout
+//      (eta = 0.1): one network gives u(x|∅) and u(x|y); samples its null-label field and
+//      classifier-free guidance u~ = (1 - w) u(x|∅) + w u(x|y) at w = 1 and 3, measuring how many
+//      samples a 10-nearest-neighbour classifier on held-out data assigns to their conditioning
+//      class;
 // and reports energy distance, MMD and sliced Wasserstein-2 to held-out data (with the
 // data-vs-data value as the noise floor), writing one picture per distribution, loss curves and a
 // CSV of every figure.
@@ -167,32 +168,41 @@ int main(int argc, char** argv) try {
     };
     add_row("data (noise floor)", held_out2.x, 0);
 
-    // 1. CFM with CFG dropout: a conditional velocity MLP.
-    nn::Parameters<float> ups;
-    nn::MLP<float> vnet(
-        ups, {.dim = 2, .width = width, .depth = depth, .time_dim = 32, .num_classes = k});
-    ups.allocate();
-    vnet.init(ups, gen);
-    tr::Trainer cfm(vnet, ups, tr::flow_matching<float>(path, 0.1), tr::AdamW<float>(),
-                    {.steps = train_steps,
-                     .batch = batch,
-                     .lr = lr,
-                     .warmup_steps = std::min<long>(100, train_steps / 10),
-                     .ema_decay = ema,
-                     .seed = gen.fork().seed(),
-                     .loss_csv = out / (name + "_cfm_loss.csv"),
-                     .log_every = std::max<long>(1, train_steps / 5)});
-    std::printf("  training the velocity MLP (CFM, eta = 0.1): %ld steps of %ld\n", train_steps,
-                batch);
-    const auto cfm_result = cfm.fit(source);
-    if (cfm.ema() != nullptr) cfm.ema()->copy_to(ups);  // sample with the EMA weights
-
-    // 2. Unconditional samples (the null label): Euler, Heun, SDE.
-    auto field = nn::as_field(vnet, ups);
+    // Trainer options shared by the three models (AdamW, warmup + cosine, EMA of the weights).
+    auto options = [&](const std::string& csv_name) {
+      return tr::TrainerOptions{.steps = train_steps,
+                                .batch = batch,
+                                .lr = lr,
+                                .warmup_steps = std::min<long>(100, train_steps / 10),
+                                .ema_decay = ema,
+                                .seed = gen.fork().seed(),
+                                .loss_csv = out / (name + "_" + csv_name + "_loss.csv"),
+                                .log_every = std::max<long>(1, train_steps / 5)};
+    };
     std::vector<fd::io::Image> panels;
     panels.push_back(
         scatter_panel(held_out.x, name + ": data", "held-out samples", 3.0, held_out.labels));
+    auto add_panel = [&](fd::View<const float> x, const std::string& title,
+                         fd::View<const fd::label_t> labels = {}) {
+      char cap[96];
+      if (rows.back().agreement >= 0)
+        std::snprintf(cap, sizeof cap, "class agreement %.1f%%", 100 * rows.back().agreement);
+      else
+        std::snprintf(cap, sizeof cap, "energy dist %.4f", rows.back().d.energy);
+      panels.push_back(scatter_panel(x, title, cap, 3.0, labels));
+    };
     const auto grid = fd::uniform_grid<float>(steps);
+
+    // 1. CFM: an unconditional velocity MLP, sampled with Euler, Heun and the SDE.
+    nn::Parameters<float> ups;
+    nn::MLP<float> vnet(ups, {.dim = 2, .width = width, .depth = depth, .time_dim = 32});
+    ups.allocate();
+    vnet.init(ups, gen);
+    tr::Trainer cfm(vnet, ups, tr::flow_matching<float>(path), tr::AdamW<float>(), options("cfm"));
+    std::printf("  training the velocity MLP (CFM): %ld steps of %ld\n", train_steps, batch);
+    const auto cfm_result = cfm.fit(source);
+    if (cfm.ema() != nullptr) cfm.ema()->copy_to(ups);  // sample with the EMA weights
+    auto field = nn::as_field(vnet, ups);
     for (int method = 0; method < 3; ++method) {
       auto x = fd::randn<float>({n, 2}, gen);
       const auto t0 = Clock::now();
@@ -213,25 +223,16 @@ int main(int argc, char** argv) try {
       const double secs = seconds_since(t0);
       fd::check_finite("toy2d: samples", x);
       add_row("CFM " + label, x, secs);
-      char cap[96];
-      std::snprintf(cap, sizeof cap, "energy dist %.4f", rows.back().d.energy);
-      panels.push_back(scatter_panel(x, "CFM, " + label, cap, 3.0));
+      add_panel(x, "CFM, " + label);
     }
 
-    // 3. DSM: an unconditional score MLP, sampled with the SDE (velocity from the score).
+    // 2. DSM: an unconditional score MLP, sampled with the SDE (velocity from the score).
     nn::Parameters<float> sps;
     nn::MLP<float> snet(sps, {.dim = 2, .width = width, .depth = depth, .time_dim = 32});
     sps.allocate();
     snet.init(sps, gen);
     tr::Trainer dsm(snet, sps, tr::score_matching<float>(path, 0.0, 0.995), tr::AdamW<float>(),
-                    {.steps = train_steps,
-                     .batch = batch,
-                     .lr = lr,
-                     .warmup_steps = std::min<long>(100, train_steps / 10),
-                     .ema_decay = ema,
-                     .seed = gen.fork().seed(),
-                     .loss_csv = out / (name + "_dsm_loss.csv"),
-                     .log_every = std::max<long>(1, train_steps / 5)});
+                    options("dsm"));
     std::printf("  training the score MLP (DSM, weight beta^2): %ld steps of %ld\n", train_steps,
                 batch);
     const auto dsm_result = dsm.fit(source);
@@ -253,16 +254,39 @@ int main(int argc, char** argv) try {
       std::snprintf(label, sizeof label, "DSM SDE sigma %.2g, %ld", std::max(sigma, 0.5),
                     4 * steps);
       add_row(label, x, secs);
-      char cap[96];
-      std::snprintf(cap, sizeof cap, "energy dist %.4f", rows.back().d.energy);
-      panels.push_back(scatter_panel(x, label, cap, 3.0));
+      add_panel(x, label);
     }
 
-    // 4. Classifier-free guidance: labels spread evenly over the classes.
+    // 3. CFM with CFG dropout: a class-conditional velocity MLP whose null label gives u(x|∅).
+    nn::Parameters<float> cps;
+    nn::MLP<float> cnet(
+        cps, {.dim = 2, .width = width, .depth = depth, .time_dim = 32, .num_classes = k});
+    cps.allocate();
+    cnet.init(cps, gen);
+    tr::Trainer cond(cnet, cps, tr::flow_matching<float>(path, 0.1), tr::AdamW<float>(),
+                     options("cfg"));
+    std::printf("  training the conditional velocity MLP (CFM, eta = 0.1): %ld steps of %ld\n",
+                train_steps, batch);
+    const auto cond_result = cond.fit(source);
+    if (cond.ema() != nullptr) cond.ema()->copy_to(cps);
+    {
+      // The null-label field alone: the unconditional model trained on a tenth of the batch.
+      auto null_field = nn::as_field(cnet, cps);
+      auto x = fd::randn<float>({n, 2}, gen);
+      const auto t0 = Clock::now();
+      fd::integrate(fd::Heun{}, null_field, x, grid);
+      const double secs = seconds_since(t0);
+      fd::check_finite("toy2d: null-label samples", x);
+      char label[64];
+      std::snprintf(label, sizeof label, "null label (Heun %ld)", steps);
+      add_row(label, x, secs);
+      add_panel(x, "u(x|null), Heun " + std::to_string(steps));
+    }
+    // Classifier-free guidance: labels spread evenly over the classes.
     fd::Tensor<fd::label_t> y(fd::Shape{n});
     for (fd::index_t i = 0; i < n; ++i) y[i] = static_cast<fd::label_t>(i % k);
     for (float w : {1.0f, 3.0f}) {
-      auto guided = fd::cfg(nn::as_field(vnet, ups), w);
+      auto guided = fd::cfg(nn::as_field(cnet, cps), w);
       guided.set_condition(y);
       auto x = fd::randn<float>({n, 2}, gen);
       const auto t0 = Clock::now();
@@ -270,27 +294,29 @@ int main(int argc, char** argv) try {
       const double secs = seconds_since(t0);
       fd::check_finite("toy2d: CFG samples", x);
       const double agree = knn_agreement(x, y, held_out.x, held_out.labels, k);
-      char label[64], cap[96];
+      char label[64];
       std::snprintf(label, sizeof label, "CFG w = %.0f (Heun %ld)", w, steps);
       add_row(label, x, secs, agree);
-      std::snprintf(cap, sizeof cap, "class agreement %.1f%%", 100 * agree);
-      panels.push_back(scatter_panel(x, label, cap, 3.0, y));
+      add_panel(x, label, y);
     }
     const auto picture = out / (name + ".png");
     fd::io::write_png(picture, fd::io::hstack(panels));
     pictures.push_back(picture.string());
 
-    // Loss curves of both models.
+    // Loss curves of the three models.
     std::vector<fd::io::Image> curves;
     curves.push_back(fd::io::loss_curve_plot(cfm.losses(), name + ": CFM loss",
                                              {.log_y = true, .smoothing = 0.98}));
     curves.push_back(fd::io::loss_curve_plot(dsm.losses(), name + ": DSM loss",
                                              {.log_y = true, .smoothing = 0.98}));
+    curves.push_back(fd::io::loss_curve_plot(cond.losses(), name + ": CFM + CFG dropout loss",
+                                             {.log_y = true, .smoothing = 0.98}));
     const auto curve_file = out / (name + "_loss.png");
     fd::io::write_png(curve_file, fd::io::hstack(curves));
     pictures.push_back(curve_file.string());
-    std::printf("  training: CFM %.1f steps/s, DSM %.1f steps/s\n", cfm_result.steps_per_second,
-                dsm_result.steps_per_second);
+    std::printf("  training: CFM %.1f steps/s, DSM %.1f steps/s, conditional CFM %.1f steps/s\n",
+                cfm_result.steps_per_second, dsm_result.steps_per_second,
+                cond_result.steps_per_second);
   }
 
   const auto csv = out / "metrics.csv";
