@@ -5,13 +5,15 @@
 // peak; Conv2d forward/backward GFLOP/s at the U-Net's shapes; MLP (4 x 256, SiLU, d = 2) and U-Net
 // (6.S184 config: channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10
 // classes) training steps/s (forward + MSE gradient + backward + AdamW); forward latency at batch
-// 1, 4, 16. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a convolution's forward
+// 1, 4, 16; a small DiT (1 x 32 x 32, patch 4 or 2, width 128, depth 6, 4 heads) training step
+// and forward (sampling) throughput at batch 1..64, and multi-head self-attention forward and
+// backward at the DiT's shapes. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a convolution's forward
 // 2 N O (C k k) (Ho Wo), its backward twice that (dW and dx). The model benchmarks also report the
 // CPU time of the whole process (all threads): on a shared machine it says what the work costs,
 // while the wall time also says how much of the cores the scheduler gave us.
 //
 // Driver mode for peak-memory measurements (/usr/bin/time -v):
-//   bench_nn --train=unet --batch=250 --steps=5     (or --train=mlp)
+//   bench_nn --train=unet --batch=250 --steps=5     (or --train=mlp, --train=dit: patch 4)
 // runs that many training steps and exits without running the benchmarks.
 #include <benchmark/benchmark.h>
 #include <immintrin.h>
@@ -21,6 +23,8 @@
 #include <cstdio>
 #include <cstring>
 #include <flowdiff/backend/cpu/linalg.hpp>
+#include <flowdiff/nn/layers/attention.hpp>
+#include <flowdiff/nn/models/dit.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/unet.hpp>
 #include <flowdiff/train/optimizer.hpp>
@@ -268,7 +272,8 @@ struct Model {
   }
 
   fd::View<const fd::label_t> labels() {
-    if constexpr (std::is_same_v<Net, nn::UNet<float>>) return y.view();
+    if constexpr (std::is_same_v<Net, nn::UNet<float>> || std::is_same_v<Net, nn::DiT<float>>)
+      return y.view();
     return {};
   }
 
@@ -295,6 +300,13 @@ nn::UNetConfig unet_config() {
   c.t_embed_dim = 40;
   c.y_embed_dim = 40;
   c.num_classes = 10;
+  return c;
+}
+/// A small Fashion DiT: 1 x 32 x 32, patch 4 (64 tokens) or 2 (256 tokens), width 128, depth 6,
+/// 4 heads, MLP ratio 4, 10 classes (DiTConfig's defaults), 1.2 M parameters.
+nn::DiTConfig dit_config(fd::index_t patch = 4) {
+  nn::DiTConfig c;
+  c.patch_size = patch;
   return c;
 }
 
@@ -355,7 +367,94 @@ BENCHMARK(BM_unet_forward)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);
 
-// --train=mlp|unet --batch=N --steps=S: the peak-memory driver.
+// DiT (dit_config) training step and forward. Arguments: patch size, batch.
+void BM_dit_train(benchmark::State& state) {
+  Model<nn::DiT<float>> m(dit_config(state.range(0)), {state.range(1), 1, 32, 32});
+  m.train_step();
+  for (auto _ : state) m.train_step();
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_dit_train)
+    ->ArgNames({"p", "N"})
+    ->Args({4, 64})
+    ->Args({2, 64})
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Sampling throughput: items/s are images/s of one field evaluation.
+void BM_dit_forward(benchmark::State& state) {
+  Model<nn::DiT<float>> m(dit_config(state.range(0)), {state.range(1), 1, 32, 32});
+  m.forward();
+  for (auto _ : state) {
+    m.forward();
+    benchmark::DoNotOptimize(m.out.data());
+  }
+  state.SetItemsProcessed(state.iterations() * state.range(1));
+}
+BENCHMARK(BM_dit_forward)
+    ->ArgNames({"p", "N"})
+    ->Args({4, 1})
+    ->Args({4, 4})
+    ->Args({4, 16})
+    ->Args({4, 64})
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Multi-head self-attention alone (qkv and output projections included). Arguments: N, L, D,
+// heads. Flops: projections 8 N L D^2, scores and P v 4 N L^2 D (forward; backward twice that).
+struct AttentionData {
+  nn::Parameters<float> ps;
+  std::vector<nn::MultiheadSelfAttention<float>> attn;
+  nn::MultiheadSelfAttention<float>::Cache cache;
+  fd::Tensor<float> x, y, dy, dx;
+  double flops = 0;
+  AttentionData(const benchmark::State& s) {
+    const fd::index_t n = s.range(0), L = s.range(1), d = s.range(2), h = s.range(3);
+    attn.emplace_back(ps, "attn", d, h);
+    ps.allocate();
+    fd::Generator gen{5};
+    attn[0].init(ps, gen);
+    x = fd::randn<float>({n, L, d}, gen);
+    y = fd::Tensor<float>({n, L, d});
+    dy = fd::randn<float>({n, L, d}, gen);
+    dx = fd::Tensor<float>({n, L, d});
+    flops = 8.0 * n * L * d * d + 4.0 * n * L * L * d;
+  }
+};
+
+void BM_attention_forward(benchmark::State& state) {
+  AttentionData d(state);
+  d.attn[0].forward(d.ps, d.x, d.y, d.cache);
+  for (auto _ : state) {
+    d.attn[0].forward(d.ps, d.x, d.y, d.cache);
+    benchmark::DoNotOptimize(d.y.data());
+  }
+  set_gemm_counters(state, d.flops);
+}
+
+void BM_attention_backward(benchmark::State& state) {
+  AttentionData d(state);
+  d.attn[0].forward(d.ps, d.x, d.y, d.cache);
+  for (auto _ : state) {
+    d.ps.zero_grad();
+    d.attn[0].backward(d.ps, d.x, d.dy, d.dx, d.cache);
+    benchmark::DoNotOptimize(d.dx.data());
+  }
+  set_gemm_counters(state, 2 * d.flops);
+}
+
+void attention_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "L", "D", "h"});
+  b->Args({64, 64, 128, 4});   // the DiT's blocks at patch 4
+  b->Args({64, 256, 128, 4});  // at patch 2
+  b->UseRealTime()->MeasureProcessCPUTime()->Unit(benchmark::kMillisecond);
+}
+BENCHMARK(BM_attention_forward)->Apply(attention_shapes);
+BENCHMARK(BM_attention_backward)->Apply(attention_shapes);
+
+// --train=mlp|unet|dit --batch=N --steps=S: the peak-memory driver.
 bool flag(const char* arg, const char* name, std::string& value) {
   const std::size_t len = std::strlen(name);
   if (std::strncmp(arg, name, len) != 0 || arg[len] != '=') return false;
@@ -368,11 +467,14 @@ int driver(const std::string& which, long batch, long steps) {
   if (which == "unet") {
     Model<nn::UNet<float>> m(unet_config(), {batch, 1, 32, 32});
     for (long i = 0; i < steps; ++i) m.train_step();
+  } else if (which == "dit") {
+    Model<nn::DiT<float>> m(dit_config(), {batch, 1, 32, 32});
+    for (long i = 0; i < steps; ++i) m.train_step();
   } else if (which == "mlp") {
     Model<nn::MLP<float>> m(mlp_config(), {batch, 2});
     for (long i = 0; i < steps; ++i) m.train_step();
   } else {
-    std::fprintf(stderr, "bench_nn: --train must be mlp or unet, got '%s'\n", which.c_str());
+    std::fprintf(stderr, "bench_nn: --train must be mlp, unet or dit, got '%s'\n", which.c_str());
     return 2;
   }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

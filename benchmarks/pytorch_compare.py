@@ -1,7 +1,9 @@
 #!/usr/bin/python3
-"""flowdiff vs PyTorch on the same CPU: the MLP (4 x 256, SiLU, d = 2) and the 6.S184-style U-Net
-(channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10 classes), the same
-architectures as tools/fixtures/mlp.py and tools/fixtures/unet.py (imported from there).
+"""flowdiff vs PyTorch on the same CPU: the MLP (4 x 256, SiLU, d = 2), the 6.S184-style U-Net
+(channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10 classes), a small DiT
+(1 x 32 x 32, patch 4 or 2, width 128, depth 6, 4 heads, MLP ratio 4, 10 classes) and its
+multi-head self-attention layer (timm's Attention: qkv and output projections), the same
+architectures as tools/fixtures/mlp.py, unet.py and dit.py (imported from there).
 
 It alternates, round by round, PyTorch (torch.set_num_threads(threads)) and the C++ benchmark
 binary (bench_nn, --benchmark_format=json, OMP_NUM_THREADS=threads), and prints the median of
@@ -13,8 +15,13 @@ forward, MSE loss gradient, backward, AdamW (lr 1e-4, weight decay 1e-2) in both
 forward latency is measured under torch.no_grad() (its best case); flowdiff's forward always
 fills the cache for backward.
 
-With --memory it also runs N U-Net training steps at batch 250 in each under /usr/bin/time -v and
-prints the maximum resident set sizes (bench_nn --train=unet; this script's --train-driver).
+Attention backward in PyTorch is timed as repeated backward passes through one retained graph
+(loss = sum(dy * y)), i.e. without the forward; attention forward, like every forward, runs
+under torch.no_grad().
+
+With --memory it also runs N U-Net training steps at batch 250 and N DiT (patch 4) training
+steps at batch 64 and 256 in each under /usr/bin/time -v and prints the maximum resident set
+sizes (bench_nn --train=unet|dit; this script's --train-driver).
 
 Usage (from the repository root, after building bench_nn in Release):
   /usr/bin/python3 benchmarks/pytorch_compare.py --bench build/release/benchmarks/bench_nn \\
@@ -39,6 +46,7 @@ import torch  # noqa: E402
 
 from mlp import MLP  # noqa: E402
 from unet import UNet  # noqa: E402
+from dit import DiT, Attention  # noqa: E402
 
 
 def make_mlp():
@@ -49,20 +57,35 @@ def make_unet():
     return UNet(1, [32, 64, 128], 2, 40, 40, 10, False, 4, 8)
 
 
+def make_dit(patch=4):
+    return DiT(size=32, p=patch, c=1, hidden=128, depth=6, heads=4, mlp_ratio=4.0, num_classes=10,
+               freq_dim=256, learned_pos=False)
+
+
+def make(kind):
+    if kind == "mlp":
+        return make_mlp()
+    if kind == "unet":
+        return make_unet()
+    if kind.startswith("dit"):  # "dit4", "dit2": the patch size
+        return make_dit(int(kind[3:]))
+    raise ValueError(kind)
+
+
 def data(kind, batch):
     g = torch.Generator().manual_seed(11)
     shape = (batch, 2) if kind == "mlp" else (batch, 1, 32, 32)
     x = torch.randn(shape, generator=g)
     target = torch.randn(shape, generator=g)
     t = torch.rand(batch, generator=g)
-    y = (torch.arange(batch) % 10).int() if kind == "unet" else None
+    y = (torch.arange(batch) % 10).int() if kind != "mlp" else None
     return x, t, y, target
 
 
 class Trainer:
     def __init__(self, kind, batch):
         torch.manual_seed(0)
-        self.model = make_mlp() if kind == "mlp" else make_unet()
+        self.model = make(kind)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=1e-2)
         self.x, self.t, self.y, self.target = data(kind, batch)
 
@@ -86,24 +109,63 @@ def timed(fn, min_time, min_iters=3):
             return el / n, (time.process_time() - c0) / n
 
 
-def torch_figures(min_time):
+ATTENTION_SHAPES = ((64, 64, 128, 4), (64, 256, 128, 4))  # N, L, D, heads (the DiT's blocks)
+
+
+def attention_figures(f, min_time):
+    for n, L, d, h in ATTENTION_SHAPES:
+        torch.manual_seed(0)
+        attn = Attention(d, h)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(n, L, d, generator=g, requires_grad=True)
+        dy = torch.randn(n, L, d, generator=g)
+        key = f"{n}/{L}/{d}/{h}"
+        with torch.no_grad():
+            f[f"attention_forward/{key}"] = timed(lambda: attn(x), min_time)
+        y = attn(x)
+        f[f"attention_backward/{key}"] = timed(lambda: y.backward(dy, retain_graph=True),
+                                               min_time)
+
+
+def torch_figures(min_time, groups):
     f = {}
-    for batch in (1024,):
-        tr = Trainer("mlp", batch)
-        f[f"mlp_train/{batch}"] = timed(tr.step, min_time)
-    for batch in (64, 250):
-        tr = Trainer("unet", batch)
-        f[f"unet_train/{batch}"] = timed(tr.step, min_time)
+    if "mlp" in groups:
+        for batch in (1024,):
+            tr = Trainer("mlp", batch)
+            f[f"mlp_train/{batch}"] = timed(tr.step, min_time)
+    if "unet" in groups:
+        for batch in (64, 250):
+            tr = Trainer("unet", batch)
+            f[f"unet_train/{batch}"] = timed(tr.step, min_time)
+    if "dit" in groups:
+        for patch in (4, 2):
+            tr = Trainer(f"dit{patch}", 64)
+            f[f"dit_train/p{patch}/64"] = timed(tr.step, min_time)
     with torch.no_grad():
-        for kind in ("mlp", "unet"):
-            model = make_mlp() if kind == "mlp" else make_unet()
-            for batch in (1, 4, 16):
+        for kind, batches in (("mlp", (1, 4, 16)), ("unet", (1, 4, 16)), ("dit4", (1, 4, 16, 64))):
+            if kind.rstrip("0123456789") not in groups:
+                continue
+            model = make(kind)
+            for batch in batches:
                 x, t, y, _ = data(kind, batch)
-                f[f"{kind}_forward/{batch}"] = timed(lambda: model(x, t, y), min_time)
+                name = "dit_forward/p4" if kind == "dit4" else f"{kind}_forward"
+                f[f"{name}/{batch}"] = timed(lambda: model(x, t, y), min_time)
+    if "dit" in groups:
+        attention_figures(f, min_time)
     return f
 
 
 CPP_NAMES = {
+    "BM_dit_train/p:4/N:64": "dit_train/p4/64",
+    "BM_dit_train/p:2/N:64": "dit_train/p2/64",
+    "BM_dit_forward/p:4/N:1": "dit_forward/p4/1",
+    "BM_dit_forward/p:4/N:4": "dit_forward/p4/4",
+    "BM_dit_forward/p:4/N:16": "dit_forward/p4/16",
+    "BM_dit_forward/p:4/N:64": "dit_forward/p4/64",
+    "BM_attention_forward/N:64/L:64/D:128/h:4": "attention_forward/64/64/128/4",
+    "BM_attention_forward/N:64/L:256/D:128/h:4": "attention_forward/64/256/128/4",
+    "BM_attention_backward/N:64/L:64/D:128/h:4": "attention_backward/64/64/128/4",
+    "BM_attention_backward/N:64/L:256/D:128/h:4": "attention_backward/64/256/128/4",
     "BM_mlp_train/1024": "mlp_train/1024",
     "BM_unet_train/64": "unet_train/64",
     "BM_unet_train/250": "unet_train/250",
@@ -117,10 +179,11 @@ CPP_NAMES = {
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def cpp_figures(bench, min_time, threads):
+def cpp_figures(bench, min_time, threads, groups):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    pattern = "|".join(g + "_" if g != "dit" else "dit_|attention_" for g in groups)
     out = subprocess.run(
-        [bench, "--benchmark_filter=BM_(mlp|unet)_", "--benchmark_format=json",
+        [bench, f"--benchmark_filter=BM_({pattern})", "--benchmark_format=json",
          f"--benchmark_min_time={min_time}"],
         env=env, check=True, capture_output=True, text=True).stdout
     f = {}
@@ -151,6 +214,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--models", default="mlp,unet,dit",
+                    help="comma-separated subset of mlp, unet, dit (dit includes attention)")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--train-driver", nargs=3, metavar=("KIND", "BATCH", "STEPS"),
@@ -164,11 +229,12 @@ def main():
             tr.step()
         return
 
+    groups = [g for g in a.models.split(",") if g]
     print(f"torch {torch.__version__}, {a.threads} threads, bench {a.bench}; load before: {load()}")
     runs_t, runs_c = [], []
     for r in range(a.rounds):
-        runs_t.append(torch_figures(a.min_time))
-        runs_c.append(cpp_figures(a.bench, a.min_time, a.threads))
+        runs_t.append(torch_figures(a.min_time, groups))
+        runs_c.append(cpp_figures(a.bench, a.min_time, a.threads, groups))
         print(f"round {r + 1}/{a.rounds} done, load {load()}", flush=True)
     def med(runs, k, i):
         return statistics.median(run[k][i] for run in runs)
@@ -184,19 +250,26 @@ def main():
             continue
         tw, tc = med(runs_t, k, 0), med(runs_t, k, 1)
         cw, cc = med(runs_c, k, 0), med(runs_c, k, 1)
-        unit, sc = ("ms", 1e3) if "train" in k or "unet" in k else ("us", 1e6)
+        unit, sc = ("us", 1e6) if k.startswith("mlp_forward") else ("ms", 1e3)
         print(f"| {k} | {tw * sc:.1f} {unit} | {cw * sc:.1f} {unit} | {tw / cw:.2f} "
               f"| {tc * sc:.1f} {unit} | {cc * sc:.1f} {unit} | {tc / cc:.2f} |")
     print(f"\nload after: {load()}")
 
     if a.memory:
         n = str(a.memory_steps)
-        cpp = max_rss_kib([a.bench, "--train=unet", "--batch=250", f"--steps={n}"], a.threads)
-        py = max_rss_kib([sys.executable, os.path.abspath(__file__), "--threads",
-                          str(a.threads), "--train-driver", "unet", "250", n], a.threads)
-        print(f"\nU-Net training, batch 250, {n} steps, maximum resident set size "
-              f"(/usr/bin/time -v): flowdiff {cpp / 1024:.0f} MiB, PyTorch {py / 1024:.0f} MiB, "
-              f"flowdiff / PyTorch = {cpp / py:.2f}")
+        cases = []
+        if "unet" in groups:
+            cases.append(("unet", "unet", "250", "U-Net"))
+        if "dit" in groups:
+            cases += [("dit", "dit4", "64", "DiT (patch 4)"), ("dit", "dit4", "256", "DiT (patch 4)")]
+        for cpp_kind, py_kind, batch, label in cases:
+            cpp = max_rss_kib([a.bench, f"--train={cpp_kind}", f"--batch={batch}", f"--steps={n}"],
+                              a.threads)
+            py = max_rss_kib([sys.executable, os.path.abspath(__file__), "--threads",
+                              str(a.threads), "--train-driver", py_kind, batch, n], a.threads)
+            print(f"\n{label} training, batch {batch}, {n} steps, maximum resident set size "
+                  f"(/usr/bin/time -v): flowdiff {cpp / 1024:.0f} MiB, PyTorch {py / 1024:.0f} "
+                  f"MiB, flowdiff / PyTorch = {cpp / py:.2f}")
 
 
 if __name__ == "__main__":

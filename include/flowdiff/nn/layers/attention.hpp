@@ -10,7 +10,9 @@
 //             dq_h = dS k_h, dk_h = dS^T q_h, dWqkv += dqkv^T x, dbqkv += sum dqkv, dx = dqkv Wqkv
 // The per-(sample, head) products read q, k, v in place inside the [N L, 3D] qkv matrix through
 // strided Eigen maps (no head split/merge copies) and run in parallel over (sample, head); the
-// projections are one GEMM each over all N L tokens. The softmax subtracts the row maximum.
+// projections are one GEMM each over all N L tokens. The softmax subtracts the row maximum and
+// takes its exponentials with fast_exp (core/fast_math.hpp; vectorised in float). The backward
+// temporaries (dqkv, dP, do) live in a Scratch that the layers of one model may share.
 // Parameter names: prefix.qkv.weight [3D, D], prefix.qkv.bias [3D], prefix.proj.weight [D, D],
 // prefix.proj.bias [D].
 #pragma once
@@ -23,6 +25,7 @@
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
@@ -84,13 +87,18 @@ class MultiheadSelfAttention {
     fill_uniform(ps.param(bproj_), gen, -bound, bound);
   }
 
-  struct Cache {
-    Tensor<T> qkv;   // [N L, 3D]  (backward: dqkv reuses dqkv below)
-    Tensor<T> p;     // [N, heads, L, L] attention probabilities
-    Tensor<T> o;     // [N L, D] attention output before the projection
+  /// Backward temporaries: a model with several attention layers shares one set between them.
+  struct Scratch {
     Tensor<T> dqkv;  // [N L, 3D]
     Tensor<T> dp;    // [N, heads, L, L]
     Tensor<T> dout;  // [N L, D]
+  };
+
+  struct Cache {
+    Tensor<T> qkv;    // [N L, 3D]
+    Tensor<T> p;      // [N, heads, L, L] attention probabilities
+    Tensor<T> o;      // [N L, D] attention output before the projection
+    Scratch scratch;  // used by the backward overload without a Scratch argument
   };
 
   Shape output_shape(const Shape& s) const {
@@ -120,6 +128,11 @@ class MultiheadSelfAttention {
   // x: [N, L, D], dy: [N, L, D], dx: [N, L, D] or empty. Uses the cache of the matching forward.
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
                 Cache& cache) const {
+    backward(ps, x, dy, dx, cache, cache.scratch);
+  }
+
+  void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx, Cache& cache,
+                Scratch& scratch) const {
     using namespace spatial_detail;
     check_input(x.shape());
     check_exact(prefix_, "MultiheadSelfAttention", "dy", dy, x.shape());
@@ -130,17 +143,17 @@ class MultiheadSelfAttention {
         cache.qkv.numel() >= rows * 3 * D && cache.p.numel() >= n * heads_ * L * L, prefix_,
         " (MultiheadSelfAttention): backward needs the cache of the "
         "matching forward call");
-    grow(cache.dqkv, rows * 3 * D);
-    grow(cache.dp, n * heads_ * L * L);
-    grow(cache.dout, rows * D);
+    grow(scratch.dqkv, rows * 3 * D);
+    grow(scratch.dp, n * heads_ * L * L);
+    grow(scratch.dout, rows * D);
     const auto dy2 = dy.reshape({rows, D});
     const auto o = mat(static_cast<const T*>(cache.o.data()), rows, D);
     gemm(Trans::yes, Trans::no, T(1), dy2, o, T(1), ps.grad(wproj_));
     accumulate_column_sums(dy.data(), rows, D, ps.grad(bproj_).data());
-    T* dout = cache.dout.data();
+    T* dout = scratch.dout.data();
     gemm(Trans::no, Trans::no, T(1), dy2, ps.param(wproj_), T(0), mat(dout, rows, D));
-    T* dqkv = cache.dqkv.data();
-    attend_backward(cache.qkv.data(), cache.p.data(), dout, cache.dp.data(), dqkv, n, L);
+    T* dqkv = scratch.dqkv.data();
+    attend_backward(cache.qkv.data(), cache.p.data(), dout, scratch.dp.data(), dqkv, n, L);
     const auto dqkv2 = mat(static_cast<const T*>(dqkv), rows, 3 * D);
     gemm(Trans::yes, Trans::no, T(1), dqkv2, x.reshape({rows, D}), T(1), ps.grad(wqkv_));
     if (qkv_bias_)
@@ -164,6 +177,22 @@ class MultiheadSelfAttention {
     if (t.numel() < n) t.resize(Shape{n});
   }
 
+  // row[0..L) <- softmax(row): the row maximum subtracted, exponentials by fast_exp (vectorised
+  // in float), the sum in a fixed-order vector reduction (the same whatever the thread count).
+  static void softmax_row(T* row, index_t L) {
+    T mx = row[0];
+    FLOWDIFF_SIMD_REDUCE_MAX(mx)
+    for (index_t c = 1; c < L; ++c) mx = row[c] > mx ? row[c] : mx;
+    FLOWDIFF_SIMD
+    for (index_t c = 0; c < L; ++c) row[c] = fast_exp(row[c] - mx);
+    T s = T(0);
+    FLOWDIFF_SIMD_REDUCE_SUM(s)
+    for (index_t c = 0; c < L; ++c) s += row[c];
+    const T inv = T(1) / s;
+    FLOWDIFF_SIMD
+    for (index_t c = 0; c < L; ++c) row[c] *= inv;
+  }
+
   // qkv: [N L, 3D] -> p: [N, heads, L, L], o: [N L, D]
   void attend(const T* qkv, T* p, T* o, index_t n, index_t L) const {
     const index_t D = d_, H = heads_, dh = d_ / heads_;
@@ -179,17 +208,7 @@ class MultiheadSelfAttention {
           T* pp = p + nh * L * L;
           MMap P(pp, L, L, Eigen::OuterStride<>(L));
           P.noalias() = scale * (q * k.transpose());
-          for (index_t r = 0; r < L; ++r) {  // stable softmax: subtract the row maximum
-            T* row = pp + r * L;
-            const T mx = *std::max_element(row, row + L);
-            T s = T(0);
-            for (index_t c = 0; c < L; ++c) {
-              row[c] = std::exp(row[c] - mx);
-              s += row[c];
-            }
-            const T inv = T(1) / s;
-            for (index_t c = 0; c < L; ++c) row[c] *= inv;
-          }
+          for (index_t r = 0; r < L; ++r) softmax_row(pp + r * L, L);
           MMap out(o + i * L * D + h * dh, L, dh, Eigen::OuterStride<>(D));
           out.noalias() = P * v;
         },
@@ -223,7 +242,9 @@ class MultiheadSelfAttention {
             T* row = dpp + r * L;
             const T* pr = pp + r * L;
             T s = T(0);
+            FLOWDIFF_SIMD_REDUCE_SUM(s)
             for (index_t c = 0; c < L; ++c) s += row[c] * pr[c];
+            FLOWDIFF_SIMD
             for (index_t c = 0; c < L; ++c) row[c] = scale * pr[c] * (row[c] - s);
           }
           dq.noalias() = dP * k;

@@ -65,6 +65,20 @@ class Linear {
     }
   }
 
+  // x: [..., in] -> y: [..., out] = x W^T without the bias, for a caller that fuses the bias into
+  // the next element-wise pass (e.g. gelu_bias_forward with bias_view()).
+  void forward_product(const Parameters<T>& ps, View<const T> x, View<T> y) const {
+    const index_t m = check(x, "x", in_);
+    check_out(x, y, "y", out_);
+    gemm(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
+         y.reshape({m, out_}));
+  }
+  /// The bias [out]; the layer must have one.
+  View<const T> bias_view(const Parameters<T>& ps) const {
+    require<config_error>(bias_, prefix_, " (Linear): bias_view() on a layer without bias");
+    return ps.param(b_);
+  }
+
   // x: [..., in], dy: [..., out], dx: [..., in] or empty. Parameter gradients accumulate.
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx) const {
     const index_t m = check(x, "x", in_);

@@ -15,6 +15,7 @@
 
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/tensor.hpp"
 
@@ -54,13 +55,29 @@ void modulate_forward(std::type_identity_t<View<const T>> x,
   const T* pb = shift.data();
   T* py = y.data();
   const bool first = axis == ChannelAxis::first;
+  // Row by row over the contiguous axis (positions for channels-first, channels for -last), so
+  // the inner loops vectorise and no index is divided per element.
   Cpu::parallel_for(
       x.dim(0),
       [=](index_t n) {
         const index_t o = n * c * s;
-        for (index_t i = 0; i < c * s; ++i) {
-          const index_t ch = first ? i / s : i % c;
-          py[o + i] = px[o + i] * (T(1) + ps[n * c + ch]) + pb[n * c + ch];
+        const T* sc = ps + n * c;
+        const T* sh = pb + n * c;
+        if (first) {
+          for (index_t ch = 0; ch < c; ++ch) {
+            const T a = T(1) + sc[ch], b = sh[ch];
+            const T* xr = px + o + ch * s;
+            T* yr = py + o + ch * s;
+            FLOWDIFF_SIMD
+            for (index_t j = 0; j < s; ++j) yr[j] = xr[j] * a + b;
+          }
+        } else {
+          for (index_t p = 0; p < s; ++p) {
+            const T* xr = px + o + p * c;
+            T* yr = py + o + p * c;
+            FLOWDIFF_SIMD
+            for (index_t j = 0; j < c; ++j) yr[j] = xr[j] * (T(1) + sc[j]) + sh[j];
+          }
         }
       },
       2 * c * s);
@@ -89,16 +106,49 @@ void modulate_backward(std::type_identity_t<View<const T>> x,
       x.dim(0),
       [=](index_t n) {
         const index_t o = n * c * s;
-        if (pds)
-          for (index_t ch = 0; ch < c; ++ch) pds[n * c + ch] = T(0);
-        if (pdb)
-          for (index_t ch = 0; ch < c; ++ch) pdb[n * c + ch] = T(0);
-        for (index_t i = 0; i < c * s; ++i) {
-          const index_t ch = first ? i / s : i % c;
-          const T g = pg[o + i];
-          if (pdx) pdx[o + i] = g * (T(1) + ps[n * c + ch]);
-          if (pds) pds[n * c + ch] += g * px[o + i];
-          if (pdb) pdb[n * c + ch] += g;
+        const T* sc = ps + n * c;
+        T* dsr = pds ? pds + n * c : nullptr;
+        T* dbr = pdb ? pdb + n * c : nullptr;
+        if (first) {
+          for (index_t ch = 0; ch < c; ++ch) {
+            const T a = T(1) + sc[ch];
+            const T* xr = px + o + ch * s;
+            const T* gr = pg + o + ch * s;
+            T sg = T(0), sb = T(0);
+            for (index_t j = 0; j < s; ++j) {
+              sg += gr[j] * xr[j];
+              sb += gr[j];
+            }
+            if (dsr) dsr[ch] = sg;
+            if (dbr) dbr[ch] = sb;
+            if (pdx) {  // after the sums: dx may alias dy
+              T* dxr = pdx + o + ch * s;
+              FLOWDIFF_SIMD
+              for (index_t j = 0; j < s; ++j) dxr[j] = gr[j] * a;
+            }
+          }
+        } else {
+          if (dsr)
+            for (index_t ch = 0; ch < c; ++ch) dsr[ch] = T(0);
+          if (dbr)
+            for (index_t ch = 0; ch < c; ++ch) dbr[ch] = T(0);
+          for (index_t p = 0; p < s; ++p) {
+            const T* xr = px + o + p * c;
+            const T* gr = pg + o + p * c;
+            if (dsr) {
+              FLOWDIFF_SIMD
+              for (index_t j = 0; j < c; ++j) dsr[j] += gr[j] * xr[j];
+            }
+            if (dbr) {
+              FLOWDIFF_SIMD
+              for (index_t j = 0; j < c; ++j) dbr[j] += gr[j];
+            }
+            if (pdx) {  // after the sums: dx may alias dy
+              T* dxr = pdx + o + p * c;
+              FLOWDIFF_SIMD
+              for (index_t j = 0; j < c; ++j) dxr[j] = gr[j] * (T(1) + sc[j]);
+            }
+          }
         }
       },
       3 * c * s);

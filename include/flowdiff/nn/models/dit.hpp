@@ -28,6 +28,7 @@
 
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
@@ -134,6 +135,50 @@ void gate_backward(View<const T> f, View<const T> g, View<const T> dy, View<T> d
       3 * L * D);
 }
 
+/// LayerNorm without affine (statistics per token) fused with the adaLN modulation of its output:
+///   xn = (x - mu) rstd,  m = xn (1 + scale[n]) + shift[n]      x, xn, m: [N, L, D]; scale, shift: [N, D]
+/// With `fresh`, mu and rstd are computed into `stats` (as LayerNorm::forward does, so
+/// LayerNorm::backward can use them); otherwise the stored ones are used, which recomputes exactly
+/// the forward's values (the same arithmetic) for backward instead of keeping them. xn may be null.
+template <class T>
+void ln_modulate(View<const T> x, T eps, detail::NormCache<T>& stats, bool fresh,
+                 View<const T> scale, View<const T> shift, T* xn, T* m) {
+  const index_t n = x.dim(0), L = x.dim(1), D = x.dim(2), rows = n * L;
+  if (fresh) stats.ensure(rows);
+  const T* px = x.data();
+  const T* ps = scale.data();
+  const T* pb = shift.data();
+  T* mean = stats.mean.data();
+  T* rstd = stats.rstd.data();
+  Cpu::parallel_for(
+      rows,
+      [=](index_t r) {
+        const T* xr = px + r * D;
+        if (fresh) detail::moments(xr, D, eps, mean[r], rstd[r]);
+        const T mu = mean[r], rs = rstd[r];
+        const T* sc = ps + (r / L) * D;
+        const T* sh = pb + (r / L) * D;
+        T* mr = m + r * D;
+        FLOWDIFF_SIMD
+        for (index_t j = 0; j < D; ++j) mr[j] = (xr[j] - mu) * rs * (T(1) + sc[j]) + sh[j];
+        if (xn) {
+          T* xnr = xn + r * D;
+          FLOWDIFF_SIMD
+          for (index_t j = 0; j < D; ++j) xnr[j] = (xr[j] - mu) * rs;
+        }
+      },
+      6 * D);
+}
+
+// y = a + b element-wise (a, b, y: same size; y may alias a).
+template <class T>
+void add_into(const T* a, const T* b, T* y, index_t n) {
+  Cpu::parallel_chunks(n, [=](index_t lo, index_t hi) {
+    FLOWDIFF_SIMD
+    for (index_t i = lo; i < hi; ++i) y[i] = a[i] + b[i];
+  });
+}
+
 /// adaLN modulation: SiLU -> Linear(D, K D) ("<prefix>.adaLN_modulation.1"), its output split into
 /// K chunks [N, D] in the order of torch.chunk(K, dim=1).
 template <class T, int K>
@@ -224,45 +269,53 @@ class DiTBlock {
       fill(ps.param(id), T(0));
   }
 
-  /// Backward temporaries; a model shares one set between all its blocks.
+  /// Temporaries of forward and backward; a model shares one set between all its blocks. The
+  /// modulated LayerNorm outputs and the GELU output are kept here only while they are used and
+  /// recomputed in backward (from the stored LayerNorm statistics and fc1's output), so a block's
+  /// Cache holds only what cannot be recomputed cheaply.
   struct Scratch {
-    Tensor<T> dmid, dh, dm, dxn;  // [N, L, D]
-    Tensor<T> dbig;               // [N, L, mlp_hidden]
+    Tensor<T> dmid, dh, dm, dxn, xn, m;  // [N, L, D]
+    Tensor<T> dbig, big;                 // [N, L, mlp_hidden]
+    typename MultiheadSelfAttention<T>::Scratch at;
   };
 
   struct Cache {
     typename dit_detail::AdaLN<T, 6>::Cache ada;
     typename LayerNorm<T>::Cache n1, n2;
     typename MultiheadSelfAttention<T>::Cache at;
-    // LN1(x), its modulation, attention out, x + g1 attn, LN2, its modulation: [N, L, D]; fc1 out
-    // and GELU: [N, L, mlp_hidden]; fc2 out: [N, L, D].
-    Tensor<T> xn1, m1, a, xmid, xn2, m2, h1, g1, h2;
-    Scratch scratch;  // used by the backward overload without a Scratch argument
+    // attention out, x + g1 attn, fc2 out: [N, L, D]; fc1 out (bias included): [N, L, mlp_hidden]
+    Tensor<T> a, xmid, h1, h2;
+    Scratch scratch;  // used by the overloads without a Scratch argument
     Shape shape;      // x of the last forward
   };
 
   // x: [N, L, D], c: [N, D] -> out: [N, L, D] (must not alias x)
   void forward(const Parameters<T>& ps, View<const T> x, View<const T> c, View<T> out,
                Cache& k) const {
+    forward(ps, x, c, out, k, k.scratch);
+  }
+
+  void forward(const Parameters<T>& ps, View<const T> x, View<const T> c, View<T> out, Cache& k,
+               Scratch& s) const {
     check_inputs(x, c);
     check_shape("out", View<const T>(out), x.shape());
     using dit_detail::resize_if;
-    const Shape s = x.shape(), sb{s[0], s[1], dm_};
-    for (Tensor<T>* t : {&k.xn1, &k.m1, &k.a, &k.xmid, &k.xn2, &k.m2, &k.h2}) resize_if(*t, s);
-    for (Tensor<T>* t : {&k.h1, &k.g1}) resize_if(*t, sb);
-    k.shape = s;
+    const Shape sh = x.shape(), sb{sh[0], sh[1], dm_};
+    for (Tensor<T>* t : {&k.a, &k.xmid, &k.h2, &s.m}) resize_if(*t, sh);
+    for (Tensor<T>* t : {&k.h1, &s.big}) resize_if(*t, sb);
+    k.shape = sh;
     ada_.forward(ps, c, k.ada);
     // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
     const auto& ch = k.ada.chunk;
-    norm1_.forward(ps, x, k.xn1.view(), k.n1);
-    modulate_forward<T>(k.xn1.view(), ch[1].view(), ch[0].view(), k.m1.view(), ChannelAxis::last);
-    attn_.forward(ps, k.m1.view(), k.a.view(), k.at);
+    dit_detail::ln_modulate<T>(x, norm1_.eps(), k.n1, true, ch[1].view(), ch[0].view(), nullptr,
+                               s.m.data());
+    attn_.forward(ps, s.m.view(), k.a.view(), k.at);
     dit_detail::gated_add<T>(x, ch[2].view(), k.a.view(), k.xmid.view());
-    norm2_.forward(ps, k.xmid.view(), k.xn2.view(), k.n2);
-    modulate_forward<T>(k.xn2.view(), ch[4].view(), ch[3].view(), k.m2.view(), ChannelAxis::last);
-    fc1_.forward(ps, k.m2.view(), k.h1.view());
-    gelu_forward<T>(k.h1.view(), k.g1.view(), GeluApprox::tanh);
-    fc2_.forward(ps, k.g1.view(), k.h2.view());
+    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, true, ch[4].view(),
+                               ch[3].view(), nullptr, s.m.data());
+    fc1_.forward_product(ps, s.m.view(), k.h1.view());
+    gelu_bias_forward<T>(k.h1.view(), fc1_.bias_view(ps), s.big.view(), GeluApprox::tanh);
+    fc2_.forward(ps, s.big.view(), k.h2.view());
     dit_detail::gated_add<T>(k.xmid.view(), ch[5].view(), k.h2.view(), out);
   }
 
@@ -283,29 +336,33 @@ class DiTBlock {
     if (!dc.empty()) check_shape("dc", View<const T>(dc), c.shape());
     using dit_detail::resize_if;
     const Shape sh = x.shape(), sb{sh[0], sh[1], dm_};
-    for (Tensor<T>* t : {&s.dmid, &s.dh, &s.dm, &s.dxn}) resize_if(*t, sh);
-    resize_if(s.dbig, sb);
+    for (Tensor<T>* t : {&s.dmid, &s.dh, &s.dm, &s.dxn, &s.xn, &s.m}) resize_if(*t, sh);
+    for (Tensor<T>* t : {&s.dbig, &s.big}) resize_if(*t, sb);
     const auto& ch = k.ada.chunk;
     auto& dch = k.ada.dchunk;
-    // MLP branch: out = xmid + g2 * h2.
+    // MLP branch: out = xmid + g2 * h2, h2 = fc2(GELU(h1)), h1 = fc1(m2).
     dit_detail::gate_backward<T>(k.h2.view(), ch[5].view(), dout, s.dh.view(), dch[5].view());
-    copy(s.dmid.view(), dout);
-    fc2_.backward(ps, k.g1.view(), s.dh.view(), s.dbig.view());
+    gelu_forward<T>(k.h1.view(), s.big.view(), GeluApprox::tanh);  // recomputed GELU(h1)
+    fc2_.backward(ps, s.big.view(), s.dh.view(), s.dbig.view());
     gelu_backward<T>(k.h1.view(), s.dbig.view(), s.dbig.view(), GeluApprox::tanh);
-    fc1_.backward(ps, k.m2.view(), s.dbig.view(), s.dm.view());
-    modulate_backward<T>(k.xn2.view(), ch[4].view(), s.dm.view(), s.dxn.view(), dch[4].view(),
+    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, false, ch[4].view(),
+                               ch[3].view(), s.xn.data(), s.m.data());  // recomputed xn2, m2
+    fc1_.backward(ps, s.m.view(), s.dbig.view(), s.dm.view());
+    modulate_backward<T>(s.xn.view(), ch[4].view(), s.dm.view(), s.dxn.view(), dch[4].view(),
                          dch[3].view(), ChannelAxis::last);
     norm2_.backward(ps, k.xmid.view(), s.dxn.view(), s.dh.view(), k.n2);
-    accumulate<T>(s.dmid.view(), s.dh.view());
-    // Attention branch: xmid = x + g1 * a.
+    dit_detail::add_into(dout.data(), s.dh.data(), s.dmid.data(), dout.numel());
+    // Attention branch: xmid = x + g1 * a, a = Attn(m1).
     dit_detail::gate_backward<T>(k.a.view(), ch[2].view(), s.dmid.view(), s.dh.view(),
                                  dch[2].view());
-    attn_.backward(ps, k.m1.view(), s.dh.view(), s.dm.view(), k.at);
-    modulate_backward<T>(k.xn1.view(), ch[1].view(), s.dm.view(), s.dxn.view(), dch[1].view(),
+    dit_detail::ln_modulate<T>(x, norm1_.eps(), k.n1, false, ch[1].view(), ch[0].view(),
+                               s.xn.data(), s.m.data());  // recomputed xn1, m1
+    attn_.backward(ps, s.m.view(), s.dh.view(), s.dm.view(), k.at, s.at);
+    modulate_backward<T>(s.xn.view(), ch[1].view(), s.dm.view(), s.dxn.view(), dch[1].view(),
                          dch[0].view(), ChannelAxis::last);
     if (!dx.empty()) {
       norm1_.backward(ps, x, s.dxn.view(), dx, k.n1);
-      accumulate<T>(dx, s.dmid.view());
+      dit_detail::add_into(dx.data(), s.dmid.data(), dx.data(), dx.numel());
     }
     ada_.backward(ps, c, dc, k.ada);
   }
@@ -363,7 +420,7 @@ class DiT {
     Tensor<T> h0;                           // tokens + pos [N, L, D]
     std::vector<Tensor<T>> hb;              // block outputs [N, L, D]
     std::vector<typename Block::Cache> bc;  // per block
-    typename Block::Scratch scratch;        // shared by the blocks' backward
+    typename Block::Scratch scratch;        // shared by the blocks' forward and backward
     typename PatchEmbed<T>::Cache pe;
     typename Final::Cache fada;  // final adaLN
     typename LayerNorm<T>::Cache fnorm;
@@ -447,7 +504,7 @@ class DiT {
     add_pos(ps, c.h0.view());
     View<const T> h = c.h0.view();
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      blocks_[i].forward(ps, h, c.c.view(), c.hb[i].view(), c.bc[i]);
+      blocks_[i].forward(ps, h, c.c.view(), c.hb[i].view(), c.bc[i], c.scratch);
       h = c.hb[i].view();
     }
     // Final layer and unpatchify.
