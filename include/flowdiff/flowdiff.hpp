@@ -8,6 +8,7 @@
 // core: configuration, errors, shapes, tensors and views, RNG, element-wise ops, fields
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
@@ -79,6 +80,7 @@
 #include "flowdiff/nn/models/unet.hpp"
 #include "flowdiff/nn/models/vae.hpp"
 #include "flowdiff/nn/as_field.hpp"
+#include "flowdiff/nn/latent.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"
@@ -96,6 +98,7 @@
 #include "flowdiff/train/schedule.hpp"
 #include "flowdiff/train/time_sampler.hpp"
 #include "flowdiff/train/trainer.hpp"
+#include "flowdiff/train/vae.hpp"
 
 // data: toy 2D distributions, image data sets, the IDX reader and Fashion-MNIST (the loaders link
 // flowdiff::io), mini-batches
