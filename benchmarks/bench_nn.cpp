@@ -7,10 +7,11 @@
 // classes) training steps/s (forward + MSE gradient + backward + AdamW); forward latency at batch
 // 1, 4, 16; a small DiT (1 x 32 x 32, patch 4 or 2, width 128, depth 6, 4 heads) training step
 // and forward (sampling) throughput at batch 1..64, and multi-head self-attention forward and
-// backward at the DiT's shapes. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a convolution's forward
-// 2 N O (C k k) (Ho Wo), its backward twice that (dW and dx). The model benchmarks also report the
-// CPU time of the whole process (all threads): on a shared machine it says what the work costs,
-// while the wall time also says how much of the cores the scheduler gave us.
+// backward at the DiT's shapes. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a
+// convolution's forward 2 N O (C k k) (Ho Wo), its backward twice that (dW and dx). The model
+// benchmarks also report the CPU time of the whole process (all threads): on a shared machine it
+// says what the work costs, while the wall time also says how much of the cores the scheduler gave
+// us.
 //
 // Driver mode for peak-memory measurements (/usr/bin/time -v):
 //   bench_nn --train=unet --batch=250 --steps=5     (or --train=mlp, --train=dit: patch 4)

@@ -28,8 +28,9 @@ namespace fast_math_test {
 double ulp_error(float got, double ref) {
   const float r = static_cast<float>(ref);
   const float a = std::fabs(r);
-  const double ulp = static_cast<double>(std::nextafter(a, std::numeric_limits<float>::infinity())) -
-                     static_cast<double>(a);
+  const double ulp =
+      static_cast<double>(std::nextafter(a, std::numeric_limits<float>::infinity())) -
+      static_cast<double>(a);
   return std::fabs(static_cast<double>(got) - ref) / ulp;
 }
 

@@ -32,7 +32,7 @@ enum class GeluApprox { none, tanh };
 
 namespace detail {
 template <class T>
-inline constexpr T gelu_k = T(std::numbers::sqrt2 * std::numbers::inv_sqrtpi);  // sqrt(2/pi)
+inline constexpr T gelu_k = T(std::numbers::sqrt2* std::numbers::inv_sqrtpi);  // sqrt(2/pi)
 template <class T>
 inline constexpr T gelu_c = T(0.044715);
 
@@ -59,9 +59,7 @@ FLOWDIFF_ALWAYS_INLINE T gelu_tanh_bwd(T x, T g) {
 }
 template <class T>
 struct GeluErfFwd {
-  T operator()(T x) const {
-    return T(0.5) * x * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
-  }
+  T operator()(T x) const { return T(0.5) * x * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2))); }
 };
 template <class T>
 struct GeluErfBwd {
@@ -94,7 +92,8 @@ void map2(index_t n, T* out, const T* x, const T* g, F f) {
 template <class T>
 void silu_forward(std::type_identity_t<View<const T>> x, View<T> y) {
   check_same_shape("silu_forward", "x", x, "y", y);
-  detail::map1(y.numel(), y.data(), x.data(), [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::silu_fwd(v); });
+  detail::map1(y.numel(), y.data(), x.data(),
+               [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::silu_fwd(v); });
 }
 
 // x, dy, dx: same shape
@@ -116,7 +115,8 @@ void gelu_forward(std::type_identity_t<View<const T>> x, View<T> y,
     transform(y, detail::GeluErfFwd<T>{}, x);
     return;
   }
-  detail::map1(y.numel(), y.data(), x.data(), [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::gelu_tanh_fwd(v); });
+  detail::map1(y.numel(), y.data(), x.data(),
+               [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::gelu_tanh_fwd(v); });
 }
 
 // x, dy, dx: same shape
@@ -140,8 +140,9 @@ void gelu_bias_forward(View<T> h, std::type_identity_t<View<const T>> bias, View
                        GeluApprox approx = GeluApprox::none) {
   check_same_shape("gelu_bias_forward", "h", View<const T>(h), "y", View<const T>(y));
   require<shape_error>(bias.rank() == 1 && h.rank() >= 1 && h.dim(h.rank() - 1) == bias.dim(0),
-                       "gelu_bias_forward: bias: expected shape [", h.rank() ? h.dim(h.rank() - 1) : 0,
-                       "] (the last axis of h ", h.shape(), "), got ", bias.shape());
+                       "gelu_bias_forward: bias: expected shape [",
+                       h.rank() ? h.dim(h.rank() - 1) : 0, "] (the last axis of h ", h.shape(),
+                       "), got ", bias.shape());
   const index_t c = bias.dim(0), rows = h.numel() / std::max<index_t>(c, 1);
   T* ph = h.data();
   T* py = y.data();

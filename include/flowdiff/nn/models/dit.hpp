@@ -136,7 +136,8 @@ void gate_backward(View<const T> f, View<const T> g, View<const T> dy, View<T> d
 }
 
 /// LayerNorm without affine (statistics per token) fused with the adaLN modulation of its output:
-///   xn = (x - mu) rstd,  m = xn (1 + scale[n]) + shift[n]      x, xn, m: [N, L, D]; scale, shift: [N, D]
+///   xn = (x - mu) rstd,  m = xn (1 + scale[n]) + shift[n]
+/// x, xn, m: [N, L, D]; scale, shift: [N, D].
 /// With `fresh`, mu and rstd are computed into `stats` (as LayerNorm::forward does, so
 /// LayerNorm::backward can use them); otherwise the stored ones are used, which recomputes exactly
 /// the forward's values (the same arithmetic) for backward instead of keeping them. xn may be null.
@@ -311,8 +312,8 @@ class DiTBlock {
                                s.m.data());
     attn_.forward(ps, s.m.view(), k.a.view(), k.at);
     dit_detail::gated_add<T>(x, ch[2].view(), k.a.view(), k.xmid.view());
-    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, true, ch[4].view(),
-                               ch[3].view(), nullptr, s.m.data());
+    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, true, ch[4].view(), ch[3].view(),
+                               nullptr, s.m.data());
     fc1_.forward_product(ps, s.m.view(), k.h1.view());
     gelu_bias_forward<T>(k.h1.view(), fc1_.bias_view(ps), s.big.view(), GeluApprox::tanh);
     fc2_.forward(ps, s.big.view(), k.h2.view());
@@ -345,8 +346,8 @@ class DiTBlock {
     gelu_forward<T>(k.h1.view(), s.big.view(), GeluApprox::tanh);  // recomputed GELU(h1)
     fc2_.backward(ps, s.big.view(), s.dh.view(), s.dbig.view());
     gelu_backward<T>(k.h1.view(), s.dbig.view(), s.dbig.view(), GeluApprox::tanh);
-    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, false, ch[4].view(),
-                               ch[3].view(), s.xn.data(), s.m.data());  // recomputed xn2, m2
+    dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, false, ch[4].view(), ch[3].view(),
+                               s.xn.data(), s.m.data());  // recomputed xn2, m2
     fc1_.backward(ps, s.m.view(), s.dbig.view(), s.dm.view());
     modulate_backward<T>(s.xn.view(), ch[4].view(), s.dm.view(), s.dxn.view(), dch[4].view(),
                          dch[3].view(), ChannelAxis::last);
