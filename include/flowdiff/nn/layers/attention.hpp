@@ -94,11 +94,12 @@ class MultiheadSelfAttention {
     Tensor<T> dout;  // [N L, D]
   };
 
-  struct Cache {
-    Tensor<T> qkv;    // [N L, 3D]
-    Tensor<T> p;      // [N, heads, L, L] attention probabilities
-    Tensor<T> o;      // [N L, D] attention output before the projection
-    Scratch scratch;  // used by the backward overload without a Scratch argument
+  /// The forward's activations; its Scratch base holds the backward temporaries of the overload
+  /// without a Scratch argument (empty when a shared Scratch is passed instead).
+  struct Cache : Scratch {
+    Tensor<T> qkv;  // [N L, 3D]
+    Tensor<T> p;    // [N, heads, L, L] attention probabilities
+    Tensor<T> o;    // [N L, D] attention output before the projection
   };
 
   Shape output_shape(const Shape& s) const {
@@ -128,7 +129,7 @@ class MultiheadSelfAttention {
   // x: [N, L, D], dy: [N, L, D], dx: [N, L, D] or empty. Uses the cache of the matching forward.
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
                 Cache& cache) const {
-    backward(ps, x, dy, dx, cache, cache.scratch);
+    backward(ps, x, dy, dx, cache, static_cast<Scratch&>(cache));
   }
 
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx, Cache& cache,
