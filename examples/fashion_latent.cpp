@@ -23,10 +23,6 @@
 #include <string>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 #include "common/cli.hpp"
 #include "common/fashion.hpp"
 
@@ -43,13 +39,15 @@ int main(int argc, char** argv) try {
       "4x7x7 latents scaled to unit variance, a class-conditional DiT is trained on them with "
       "CFG dropout, and its guided samples are decoded; sample grids per guidance scale, the "
       "VAE's reconstruction error and a metrics table (classifier agreement, Frechet distance).");
-  auto& data_dir =
-      cli.option<std::string>("data-dir", "",
-                              "Fashion-MNIST folder (default: $FLOWDIFF_FASHION_MNIST or "
-                              "/usr/share/datasets/fashion-mnist)");
-  auto& out_dir = cli.option<std::string>("out", "out/fashion_latent", "output folder");
-  auto& cache_dir = cli.option<std::string>("cache", "out/cache",
-                                            "folder of the cached evaluation classifier and VAE");
+  auto flags = fd::examples::add_fashion_flags(
+      cli, {.out = "out/fashion_latent",
+            .train_steps = 1200,
+            .lr = 1e-3,
+            .cache_help = "folder of the cached evaluation classifier and VAE",
+            .train_steps_help = "optimizer steps of the latent DiT",
+            .batch_help = "latent DiT training batch size",
+            .quick_help = "1: tiny smoke run (classifier and VAE not cached, no 90% bar)"});
+  cli.place_before("train-steps");  // the VAE's flags are listed after --cache
   auto& vae_steps = cli.option<long>("vae-steps", 1000, "VAE training steps");
   auto& vae_batch = cli.option<long>("vae-batch", 64, "VAE training batch size");
   auto& vae_lr = cli.option<double>("vae-lr", 2e-3, "VAE peak learning rate");
@@ -58,53 +56,28 @@ int main(int argc, char** argv) try {
   auto& vae_base = cli.option<long>("vae-base", 32, "VAE full-resolution width");
   auto& latent_channels = cli.option<long>("latent-channels", 4, "latent channels z");
   auto& vae_beta = cli.option<double>("vae-beta", 1e-3, "KL weight of the VAE loss");
-  auto& train_steps = cli.option<long>("train-steps", 1200, "optimizer steps of the latent DiT");
-  auto& batch = cli.option<long>("batch", 64, "latent DiT training batch size");
-  auto& lr = cli.option<double>("lr", 1e-3, "peak learning rate (AdamW, warmup + cosine)");
+  cli.place_before("eta");  // the DiT's flags are listed after --lr
   auto& patch = cli.option<long>("patch", 1, "DiT patch size on the latent (1 or its side)");
   auto& hidden = cli.option<long>("hidden", 96, "token width D (a multiple of 4 and of heads)");
   auto& depth = cli.option<long>("depth", 4, "transformer blocks");
   auto& heads = cli.option<long>("heads", 4, "attention heads");
   auto& mlp_ratio = cli.option<double>("mlp-ratio", 4.0, "MLP width / D");
-  auto& eta = cli.option<double>("eta", 0.1, "CFG label-dropout probability");
-  auto& ws_text = cli.option<std::string>("w", "1,3,5", "guidance scales to sample");
-  auto& sample_steps = cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1");
-  auto& per_class =
-      cli.option<long>("eval-per-class", 30, "generated images per class for the metrics");
-  auto& limit = cli.option<long>("limit", 0, "use only the first N training images (0: all)");
-  auto& n_real = cli.option<long>("eval-real", 5000,
-                                  "real test images behind the Frechet reference statistics");
-  auto& classifier_epochs =
-      cli.option<long>("classifier-epochs", 2, "epochs of the evaluation classifier's training");
-  auto& quick =
-      cli.option<int>("quick", 0, "1: tiny smoke run (classifier and VAE not cached, no 90% bar)");
-  auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
-  auto& seed = cli.option<unsigned long>("seed", 0, "random seed");
   if (!cli.parse(argc, argv)) return 0;
-  const auto ws = parse_list<float>("w", ws_text);
+  flags.validate();
   const auto vae_channels = parse_list<fd::index_t>("vae-channels", vae_channels_text);
   fd::require<fd::config_error>(vae_steps >= 1 && vae_batch >= 1,
                                 "--vae-steps and --vae-batch must be >= 1, got ", vae_steps,
                                 " and ", vae_batch);
-  fd::require<fd::config_error>(train_steps >= 1, "--train-steps must be >= 1, got ", train_steps);
-  fd::require<fd::config_error>(batch >= 1, "--batch must be >= 1, got ", batch);
-  fd::require<fd::config_error>(sample_steps >= 1, "--sample-steps must be >= 1, got ",
-                                sample_steps);
-  fd::require<fd::config_error>(per_class >= 2, "--eval-per-class must be >= 2, got ", per_class);
-  fd::require<fd::config_error>(limit >= 0, "--limit must be >= 0, got ", limit);
-  fd::require<fd::config_error>(n_real >= 2, "--eval-real must be >= 2, got ", n_real);
-  fd::require<fd::config_error>(threads >= 0, "--threads must be >= 0, got ", threads);
-#if defined(_OPENMP)
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-#endif
   const auto t_start = std::chrono::steady_clock::now();
-  const std::filesystem::path out(out_dir), cache(cache_dir);
+  const std::filesystem::path out(flags.out), cache(flags.cache);
   std::filesystem::create_directories(out);
 
-  const auto data = fd::examples::load_fashion("fashion_latent", data_dir, limit, quick != 0);
+  const bool quick = flags.quick != 0;
+  const auto data =
+      fd::examples::load_fashion("fashion_latent", flags.data_dir, flags.limit, quick);
   const fd::index_t k = data.num_classes();
   const auto classifier = fd::examples::evaluation_classifier(
-      "fashion_latent", cache, data, classifier_epochs, quick != 0, 20, seed + 17);
+      "fashion_latent", cache, data, flags.classifier_epochs, quick, 20, flags.seed + 17);
 
   // The VAE: loaded from the cache when it holds this configuration, else trained and cached
   // with its latent scale.
@@ -121,7 +94,7 @@ int main(int argc, char** argv) try {
               vae_channels_text.c_str(), vae_base, static_cast<long>(latent[0]),
               static_cast<long>(latent[1]), static_cast<long>(latent[2]),
               static_cast<long>(vps.numel()));
-  fd::Generator vgen(seed + 7);
+  fd::Generator vgen(flags.seed + 7);
   const auto vae_report = tr::load_or_train_vae<float>(
       quick ? std::filesystem::path() : cache / "fashion_vae.safetensors", vae, vps,
       data.train.images, data.test.images,
@@ -190,63 +163,39 @@ int main(int argc, char** argv) try {
                           .mlp_ratio = mlp_ratio,
                           .num_classes = k});
   ps.allocate();
-  fd::Generator gen(seed);
+  fd::Generator gen(flags.seed);
   dit.init(ps, gen);
   std::printf(
       "fashion_latent: latent DiT p = %ld (%ld tokens), D = %ld, depth %ld, %ld heads, "
       "%ld parameters\n",
       patch, static_cast<long>((latent[1] / patch) * (latent[1] / patch)), hidden, depth, heads,
       static_cast<long>(ps.numel()));
-  fd::data::Batcher batcher(latents, seed + 1);
+  fd::data::Batcher batcher(latents, flags.seed + 1);
   tr::BatcherSource source(batcher, latent, k);
-  const auto result = fd::examples::train_cfm("fashion_latent", dit, ps, source,
-                                              {.steps = train_steps,
-                                               .batch = batch,
-                                               .lr = lr,
-                                               .eta = eta,
-                                               .seed = seed + 2,
-                                               .out = out,
-                                               .weights = "dit_ema.safetensors"});
+  const auto training = flags.training("dit_ema.safetensors");
+  const auto result = fd::examples::train_cfm("fashion_latent", dit, ps, source, training);
 
-  // Sampling in latent space, decoded to images for the grid and the metrics.
-  fd::examples::Evaluation eval(classifier, data.test, per_class, n_real);
-  const fd::examples::SampleNoise noise(eval, latent, seed + 3);
-  const auto tgrid = fd::uniform_grid<float>(sample_steps);
+  // Sampling in latent space, decoded to images for the grid and the metrics; the table (with
+  // the VAE's figures), metrics.csv (with the VAE's columns) and the files written.
   const auto decode = [&](const fd::Tensor<float>& z) { return codec.decode(z.view()); };
-  std::vector<fd::examples::WResult> results;
-  std::vector<std::string> pictures;
-  for (const float w : ws) {
-    auto field = fd::cfg(nn::as_field(dit, ps), w);
-    char name[64];
-    std::snprintf(name, sizeof name, "samples_w%g.png", w);
-    results.push_back(fd::examples::sample_and_score("fashion_latent", "", w, field, noise, eval,
-                                                     tgrid, out / name, decode));
-    pictures.push_back((out / name).string());
-  }
-
-  fd::examples::print_metrics(results, eval.floor());
-  std::printf(
-      "(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch in latent space, then "
-      "decoded; Frechet distance to %ld real test images; 'real': %ld other test images)\n"
-      "VAE test reconstruction MSE %.5f per pixel; latent scale %.4f\n",
-      static_cast<long>(eval.eval_size()), sample_steps, 2 * sample_steps,
-      static_cast<long>(eval.reference_size()), static_cast<long>(eval.floor_size()),
-      vae_report.test_mse, vae_report.latent_scale);
+  char vae_line[128];
+  std::snprintf(vae_line, sizeof vae_line,
+                "VAE test reconstruction MSE %.5f per pixel; latent scale %.4f\n",
+                vae_report.test_mse, vae_report.latent_scale);
   using fd::examples::csv_value;
-  fd::examples::write_metrics_csv("fashion_latent", out / "metrics.csv", results,
-                                  {{"train_steps", csv_value(result.last_step)},
-                                   {"train_seconds", csv_value(result.seconds)},
-                                   {"vae_steps", csv_value(vae_report.steps)},
-                                   {"vae_seconds", csv_value(vae_report.seconds)},
-                                   {"vae_test_mse", csv_value(vae_report.test_mse)},
-                                   {"latent_scale", csv_value(vae_report.latent_scale)}},
-                                  eval.floor());
-  std::printf("\nfashion_latent: done in %.1f s\n", seconds_since(t_start));
-  for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());
-  std::printf("wrote %s, %s, %s, %s and %s\n", (out / "reconstruction.png").string().c_str(),
-              (out / "metrics.csv").string().c_str(), (out / "loss.png").string().c_str(),
-              (out / "dit_ema.safetensors").string().c_str(),
-              (out / "checkpoint.safetensors").string().c_str());
+  fd::examples::sample_cfg_and_report(
+      {.program = "fashion_latent",
+       .started = t_start,
+       .training = result,
+       .weights = training.weights,
+       .sampled_where = " in latent space, then decoded",
+       .note = vae_line,
+       .csv = {{"vae_steps", csv_value(vae_report.steps)},
+               {"vae_seconds", csv_value(vae_report.seconds)},
+               {"vae_test_mse", csv_value(vae_report.test_mse)},
+               {"latent_scale", csv_value(vae_report.latent_scale)}},
+       .files = {out / "reconstruction.png"}},
+      flags, dit, ps, classifier, data.test, latent, decode);
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "fashion_latent: error: " << e.what() << '\n';

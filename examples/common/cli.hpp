@@ -3,6 +3,7 @@
 // flowdiff::config_error naming the flag for an unknown flag or a value that does not parse.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <flowdiff/core/error.hpp>
@@ -38,9 +39,20 @@ class Cli {
                           }
                           slot->value = v;
                         }});
+    if (!before_.empty()) {  // list it just before --before_
+      const auto at = std::find_if(entries_.begin(), entries_.end(),
+                                   [&](const Entry& e) { return e.name == before_; });
+      require<config_error>(at != entries_.end(), program_, ": place_before: no flag --", before_);
+      std::rotate(at, entries_.end() - 1, entries_.end());
+    }
     holders_.push_back(slot);
     return slot->value;
   }
+
+  /// The flags declared from now on are listed in --help just before --name (in the order they
+  /// are declared), so that flags declared by a shared helper and by the program itself can
+  /// interleave; an empty name lists them at the end again (the default).
+  void place_before(std::string name) { before_ = std::move(name); }
 
   /// Parses argv; returns false if --help was printed (the caller should exit 0).
   bool parse(int argc, char** argv) {
@@ -95,7 +107,7 @@ class Cli {
     std::string name, help, def;
     std::function<void(const std::string&)> set;
   };
-  std::string program_, summary_;
+  std::string program_, summary_, before_;
   std::vector<Entry> entries_;
   std::vector<std::shared_ptr<HolderBase>> holders_;
 };

@@ -5,7 +5,9 @@
 // size, the fixed labels and noise of the sample grids (10 classes x 8, one row per class) and of
 // the metric samples, sampling one guided field per w (a grid picture, then the metric samples:
 // agreement = share the classifier assigns to the conditioning class, and the Fréchet distance
-// in its penultimate features), and the metrics table printed and written as CSV.
+// in its penultimate features), and the metrics table printed and written as CSV; and for the
+// three CFG examples (fashion_cfg, fashion_dit, fashion_latent) their common flags (FashionFlags)
+// and the whole report after training (sample_cfg_and_report).
 #pragma once
 
 #include <algorithm>
@@ -16,12 +18,15 @@
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/core/tensor.hpp>
 #include <flowdiff/data/fashion_mnist.hpp>
+#include <flowdiff/guidance/cfg.hpp>
 #include <flowdiff/io/image.hpp>
 #include <flowdiff/io/plot.hpp>
 #include <flowdiff/metrics/classifier_metrics.hpp>
+#include <flowdiff/nn/as_field.hpp>
 #include <flowdiff/nn/parameters.hpp>
 #include <flowdiff/paths/gaussian_path.hpp>
 #include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
 #include <flowdiff/train/trainer.hpp>
@@ -31,6 +36,10 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "common/cli.hpp"
 
@@ -276,6 +285,163 @@ std::string csv_value(V v) {
   std::ostringstream os;
   os << v;
   return os.str();
+}
+
+/// What the shared flags of the CFG examples differ in: the defaults and help lines each sets.
+struct FashionFlagDefaults {
+  std::string out;   ///< --out, e.g. "out/fashion_cfg"
+  long train_steps;  ///< --train-steps
+  double lr;         ///< --lr
+  std::string cache_help = "folder of the cached evaluation classifier";
+  std::string train_steps_help = "optimizer steps";
+  std::string batch_help = "training batch size";
+  std::string quick_help = "1: tiny smoke run (classifier not cached, no 90% bar)";
+};
+
+/// The flags fashion_cfg, fashion_dit and fashion_latent share: data, output and cache folders,
+/// the CFM training, the guided sampling and its metrics, threads and seed. The members refer to
+/// the values held by the Cli they were declared on (add_fashion_flags), so they hold the parsed
+/// values once Cli::parse has run; the Cli must outlive them.
+struct FashionFlags {
+  std::string& data_dir;
+  std::string& out;
+  std::string& cache;
+  long& train_steps;
+  long& batch;
+  double& lr;
+  double& eta;
+  std::string& w;
+  long& sample_steps;
+  long& eval_per_class;
+  long& limit;
+  long& eval_real;
+  long& classifier_epochs;
+  int& quick;
+  long& threads;
+  unsigned long& seed;
+  std::vector<float> ws{};  ///< --w as a list, set by validate()
+
+  /// Checks the values (config_error naming the flag), parses --w into ws and sets the OpenMP
+  /// thread count when --threads is given.
+  void validate() {
+    ws = parse_list<float>("w", w);
+    require<config_error>(train_steps >= 1, "--train-steps must be >= 1, got ", train_steps);
+    require<config_error>(batch >= 1, "--batch must be >= 1, got ", batch);
+    require<config_error>(sample_steps >= 1, "--sample-steps must be >= 1, got ", sample_steps);
+    require<config_error>(eval_per_class >= 2, "--eval-per-class must be >= 2, got ",
+                          eval_per_class);
+    require<config_error>(limit >= 0, "--limit must be >= 0, got ", limit);
+    require<config_error>(eval_real >= 2, "--eval-real must be >= 2, got ", eval_real);
+    require<config_error>(threads >= 0, "--threads must be >= 0, got ", threads);
+#if defined(_OPENMP)
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+#endif
+  }
+
+  /// The CFM training these flags ask for (train_cfm), its EMA weights written to out/`weights`;
+  /// the trainer's seed is seed + 2.
+  CfmTraining training(std::string weights) const {
+    return {.steps = train_steps,
+            .batch = batch,
+            .lr = lr,
+            .eta = eta,
+            .seed = seed + 2,
+            .out = out,
+            .weights = std::move(weights)};
+  }
+};
+
+/// Declares the shared flags on `cli`. In --help they come in this order: --data-dir, --out,
+/// --cache, then --train-steps, --batch, --lr, then --eta, --w, --sample-steps, --eval-per-class,
+/// --limit, --eval-real, --classifier-epochs, --quick, --threads, --seed; an example lists its
+/// own flags among them with cli.place_before("train-steps") or cli.place_before("eta").
+inline FashionFlags add_fashion_flags(Cli& cli, const FashionFlagDefaults& d) {
+  // Braced initialisation runs in order, so the flags are declared in the order of the members.
+  return FashionFlags{
+      cli.option<std::string>("data-dir", "",
+                              "Fashion-MNIST folder (default: $FLOWDIFF_FASHION_MNIST or "
+                              "/usr/share/datasets/fashion-mnist)"),
+      cli.option<std::string>("out", d.out, "output folder"),
+      cli.option<std::string>("cache", "out/cache", d.cache_help),
+      cli.option<long>("train-steps", d.train_steps, d.train_steps_help),
+      cli.option<long>("batch", 64, d.batch_help),
+      cli.option<double>("lr", d.lr, "peak learning rate (AdamW, warmup + cosine)"),
+      cli.option<double>("eta", 0.1, "CFG label-dropout probability"),
+      cli.option<std::string>("w", "1,3,5", "guidance scales to sample"),
+      cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1"),
+      cli.option<long>("eval-per-class", 30, "generated images per class for the metrics"),
+      cli.option<long>("limit", 0, "use only the first N training images (0: all)"),
+      cli.option<long>("eval-real", 5000,
+                       "real test images behind the Frechet reference statistics"),
+      cli.option<long>("classifier-epochs", 2, "epochs of the evaluation classifier's training"),
+      cli.option<int>("quick", 0, d.quick_help),
+      cli.option<long>("threads", 0, "OpenMP threads (0: the default)"),
+      cli.option<unsigned long>("seed", 0, "random seed"),
+  };
+}
+
+/// What an example adds to the report of sample_cfg_and_report.
+struct CfgReport {
+  std::string program;
+  std::chrono::steady_clock::time_point started;  ///< the start of the run ("done in")
+  train::TrainResult training;                    ///< its steps and seconds go to the CSV
+  std::string weights;  ///< the EMA weights file train_cfm wrote to out/ (listed at the end)
+  std::string sampled_where = "";  ///< after "NFE of a 2N batch" in the table's footnote
+  std::string note = "";           ///< more lines printed after the footnote
+  std::vector<std::pair<std::string, std::string>> csv = {};  ///< after train_seconds
+  std::vector<std::filesystem::path> files = {};              ///< more files written, listed first
+};
+
+/// The report after training of the CFG examples: for each w of flags.ws, cfg(model, w) sampled
+/// and scored by sample_and_score (flags.eval_per_class images per class against flags.eval_real
+/// test images, Heun with flags.sample_steps steps from the noise of seed + 3, `sample` the shape
+/// of one sample, `to_images` the decoder) into out/samples_w<w>.png; then the metrics table with
+/// its footnote and r.note, out/metrics.csv (train_steps, train_seconds, r.csv), "done in" and the
+/// files written.
+template <class M, class ToImages = PixelImages>
+void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const M& model,
+                           const nn::Parameters<float>& ps,
+                           const metrics::TrainedClassifier<float>& classifier,
+                           const data::ImageDataset& test, const Shape& sample,
+                           ToImages to_images = {}) {
+  const std::filesystem::path out(flags.out);
+  Evaluation eval(classifier, test, flags.eval_per_class, flags.eval_real);
+  const SampleNoise noise(eval, sample, flags.seed + 3);
+  const auto tgrid = uniform_grid<float>(flags.sample_steps);
+  std::vector<WResult> results;
+  std::vector<std::string> pictures;
+  for (const float w : flags.ws) {
+    auto field = cfg(nn::as_field(model, ps), w);
+    char name[64];
+    std::snprintf(name, sizeof name, "samples_w%g.png", w);
+    results.push_back(
+        sample_and_score(r.program, "", w, field, noise, eval, tgrid, out / name, to_images));
+    pictures.push_back((out / name).string());
+  }
+
+  print_metrics(results, eval.floor());
+  std::printf(
+      "(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch%s; Frechet "
+      "distance to %ld real test images; 'real': %ld other test images)\n%s",
+      static_cast<long>(eval.eval_size()), flags.sample_steps, 2 * flags.sample_steps,
+      r.sampled_where.c_str(), static_cast<long>(eval.reference_size()),
+      static_cast<long>(eval.floor_size()), r.note.c_str());
+  std::vector<std::pair<std::string, std::string>> csv{
+      {"train_steps", csv_value(r.training.last_step)},
+      {"train_seconds", csv_value(r.training.seconds)}};
+  csv.insert(csv.end(), r.csv.begin(), r.csv.end());
+  write_metrics_csv(r.program, out / "metrics.csv", results, csv, eval.floor());
+
+  std::printf("\n%s: done in %.1f s\n", r.program.c_str(), seconds_since(r.started));
+  for (const auto& p : pictures) std::printf("wrote %s\n", p.c_str());
+  std::vector<std::filesystem::path> files = r.files;
+  for (const char* f : {"metrics.csv", "loss.png"}) files.push_back(out / f);
+  files.push_back(out / r.weights);
+  files.push_back(out / "checkpoint.safetensors");
+  std::string list;
+  for (std::size_t i = 0; i < files.size(); ++i)
+    list += (i == 0 ? "" : i + 1 == files.size() ? " and " : ", ") + files[i].string();
+  std::printf("wrote %s\n", list.c_str());
 }
 
 }  // namespace flowdiff::examples
