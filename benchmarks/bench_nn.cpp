@@ -146,6 +146,24 @@ void BM_gemm_flowdiff(benchmark::State& state) {
   set_gemm_counters(state, 2.0 * state.range(0) * state.range(1) * state.range(2));
 }
 
+// flowdiff's AVX2 kernel forced (the one laptops without AVX-512 run), when this CPU has AVX2.
+void BM_gemm_avx2(benchmark::State& state) {
+  GemmData d(state);
+  if (fd::sgemm::best_isa() == fd::sgemm::Isa::none) {
+    state.SkipWithError("no AVX2 kernel (FLOWDIFF_NO_SGEMM or not x86 / no AVX2)");
+    return;
+  }
+  const fd::index_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const bool ta = state.range(3) != 0, tb = state.range(4) != 0;
+  const fd::sgemm::Problem p{ta, tb, m, n, k, 1.f, d.a.data(), ta ? m : k, d.b.data(),
+                             tb ? k : n, 0.f, d.c.data(), n};
+  for (auto _ : state) {
+    fd::sgemm::gemm(fd::sgemm::Isa::avx2, p);
+    benchmark::DoNotOptimize(d.c.data());
+  }
+  set_gemm_counters(state, 2.0 * m * n * k);
+}
+
 #if defined(FLOWDIFF_BENCH_CBLAS)
 void BM_gemm_cblas(benchmark::State& state) {
   GemmData d(state);
@@ -180,6 +198,7 @@ void gemm_shapes(benchmark::internal::Benchmark* b) {
   b->UseRealTime()->Unit(benchmark::kMicrosecond);
 }
 BENCHMARK(BM_gemm_flowdiff)->Apply(gemm_shapes);
+BENCHMARK(BM_gemm_avx2)->Apply(gemm_shapes);
 #if defined(FLOWDIFF_BENCH_CBLAS)
 BENCHMARK(BM_gemm_cblas)->Apply(gemm_shapes);
 #endif
@@ -507,10 +526,13 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("fma_peak_gflops_avx512", std::to_string(avx512));
   benchmark::AddCustomContext("threads", std::to_string(fd::Cpu::max_threads()));
 #if defined(EIGEN_USE_BLAS)
-  benchmark::AddCustomContext("flowdiff_gemm", "Eigen + EIGEN_USE_BLAS (OpenBLAS)");
+  const std::string eigen_gemm = "Eigen + EIGEN_USE_BLAS (OpenBLAS)";
 #else
-  benchmark::AddCustomContext("flowdiff_gemm", "Eigen's own kernel");
+  const std::string eigen_gemm = "Eigen's own kernel";
 #endif
+  const std::string kernel = fd::float_gemm_kernel();
+  benchmark::AddCustomContext("flowdiff_gemm", kernel == "eigen" ? eigen_gemm
+                                                                 : "flowdiff sgemm, " + kernel);
 #if defined(__AVX2__) && defined(__FMA__)
   benchmark::AddCustomContext("eigen_simd", "AVX2+FMA");
 #elif defined(__AVX__)

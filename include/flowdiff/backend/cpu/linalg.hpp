@@ -1,8 +1,11 @@
-// flowdiff/backend/cpu/linalg.hpp — dense linear algebra of the CPU backend through Eigen:
-// C = alpha * op(A) * op(B) + beta * C on row-major views, op = identity or transpose. Eigen runs
-// its own kernel, or an external BLAS when EIGEN_USE_BLAS is defined before the first Eigen include
-// (CMake option FLOWDIFF_USE_BLAS, on by default with the OpenMP OpenBLAS: docs/building.md).
-// Threads: C is cut into row (or column) panels whose number depends on the shape only, and each
+// flowdiff/backend/cpu/linalg.hpp — dense linear algebra of the CPU backend:
+// C = alpha * op(A) * op(B) + beta * C on row-major views, op = identity or transpose.
+// float on x86-64 with AVX2+FMA or AVX-512F: flowdiff's own packed GEMM (backend/cpu/sgemm.hpp,
+// kernel chosen at run time; define FLOWDIFF_NO_SGEMM to turn it off). Otherwise (double, other
+// CPUs) through Eigen, which runs its own kernel, or an external BLAS when EIGEN_USE_BLAS is
+// defined before the first Eigen include (CMake option FLOWDIFF_USE_BLAS, on by default with the
+// OpenMP OpenBLAS: docs/building.md).
+// Threads (Eigen path; sgemm.hpp says how its own kernel threads): C is cut into row (or column) panels whose number depends on the shape only, and each
 // panel is one single-threaded product; the panels are shared out dynamically over the OpenMP
 // threads (one parallel region per call, for products of at least 2^23 flops), or run in turn
 // inside an enclosing parallel region, on one thread, or for smaller products. Every element of C
@@ -18,7 +21,9 @@
 
 #include <Eigen/Core>
 #include <string_view>
+#include <type_traits>
 
+#include "flowdiff/backend/cpu/sgemm.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/tensor.hpp"
@@ -101,6 +106,11 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
                        "], op(B) is [", kb, ", ", n, "]");
   require<shape_error>(c.dim(0) == m && c.dim(1) == n, "gemm: C must be [", m, ", ", n, "], got ",
                        c.shape());
+  if constexpr (std::is_same_v<T, float>) {
+    const sgemm::Problem p{ta == Trans::yes, tb == Trans::yes, m, n, ka, alpha, a.data(),
+                           a.dim(1), b.data(), b.dim(1), beta, c.data(), n};
+    if (sgemm::gemm(sgemm::best_isa(), p)) return;
+  }
   auto A = as_matrix(a);
   auto B = as_matrix(b);
   auto C = as_matrix(c);
@@ -151,6 +161,39 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   }
 #endif
   for (index_t p = 0; p < count; ++p) run(p);
+}
+
+/// The same product on raw row-major storage with leading dimensions (elements between rows of
+/// the stored A, B, C), for sub-matrices such as one attention head inside a [L, 3D] matrix.
+/// Runs on the calling thread (it is meant for loops that are themselves parallel).
+template <class T>
+void gemm_strided(Trans ta, Trans tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                  index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    const sgemm::Problem p{ta == Trans::yes, tb == Trans::yes, m, n, k, alpha, a, lda, b, ldb,
+                           beta, c, ldc};
+    if (sgemm::gemm(sgemm::best_isa(), p, /*allow_threads=*/false)) return;
+  }
+  using M = detail::RowMatrix<T>;
+  using Stride = Eigen::OuterStride<>;
+  const index_t ar = ta == Trans::no ? m : k, ac = ta == Trans::no ? k : m;
+  const index_t br = tb == Trans::no ? k : n, bc = tb == Trans::no ? n : k;
+  Eigen::Map<const M, 0, Stride> A(a, ar, ac, Stride(lda));
+  Eigen::Map<const M, 0, Stride> B(b, br, bc, Stride(ldb));
+  Eigen::Map<M, 0, Stride> C(c, m, n, Stride(ldc));
+  if (beta == T(0)) {
+    C.setZero();
+  } else if (beta != T(1)) {
+    C *= beta;
+  }
+  if (k == 0 || m == 0 || n == 0) return;
+  detail::gemm_panel(ta, tb, alpha, A, B, C);
+}
+
+/// Name of the kernel behind float products on this CPU: "avx512", "avx2" or "eigen".
+inline const char* float_gemm_kernel() {
+  const auto isa = sgemm::best_isa();
+  return isa == sgemm::Isa::none ? "eigen" : sgemm::isa_name(isa);
 }
 
 /// Tensor-friendly overload: gemm(Trans::no, Trans::yes, 1.f, x, w, 0.f, y).

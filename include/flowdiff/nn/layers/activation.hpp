@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/ops.hpp"
@@ -70,20 +71,29 @@ struct GeluErfBwd {
   }
 };
 
-/// out[i] = f(x[i]) for i < n, in parallel chunks of plain vectorised loops (out may alias x).
+/// out[i] = f(x[i]) for i < n, in parallel chunks of vectorised loops compiled for the CPU's
+/// best instruction set (backend/cpu/isa.hpp; out may alias x).
 template <class T, class F>
 void map1(index_t n, T* out, const T* x, F f) {
   Cpu::parallel_chunks(n, [=](index_t b, index_t e) {
-    FLOWDIFF_SIMD
-    for (index_t i = b; i < e; ++i) out[i] = f(x[i]);
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          FLOWDIFF_SIMD
+          for (index_t i = lo; i < hi; ++i) out[i] = f(x[i]);
+        },
+        b, e);
   });
 }
 /// out[i] = f(x[i], g[i]) (out may alias x or g).
 template <class T, class F>
 void map2(index_t n, T* out, const T* x, const T* g, F f) {
   Cpu::parallel_chunks(n, [=](index_t b, index_t e) {
-    FLOWDIFF_SIMD
-    for (index_t i = b; i < e; ++i) out[i] = f(x[i], g[i]);
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          FLOWDIFF_SIMD
+          for (index_t i = lo; i < hi; ++i) out[i] = f(x[i], g[i]);
+        },
+        b, e);
   });
 }
 }  // namespace detail
@@ -153,13 +163,17 @@ void gelu_bias_forward(View<T> h, std::type_identity_t<View<const T>> bias, View
       [=](index_t r) {
         T* hr = ph + r * c;
         T* yr = py + r * c;
-        if (tanh_form) {
-          FLOWDIFF_SIMD
-          for (index_t j = 0; j < c; ++j) {
-            const T v = hr[j] + pb[j];
-            hr[j] = v;
-            yr[j] = detail::gelu_tanh_fwd(v);
-          }
+        if (tanh_form) {  // the same instruction set as gelu_forward (the DiT recomputes it)
+          simd::vector_loop(
+              [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+                FLOWDIFF_SIMD
+                for (index_t j = lo; j < hi; ++j) {
+                  const T v = hr[j] + pb[j];
+                  hr[j] = v;
+                  yr[j] = detail::gelu_tanh_fwd(v);
+                }
+              },
+              0, c);
         } else {
           for (index_t j = 0; j < c; ++j) {
             const T v = hr[j] + pb[j];

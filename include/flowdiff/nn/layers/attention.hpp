@@ -9,7 +9,7 @@
 //             dP = do_h v_h^T, dv_h = P^T do_h, dS = P .* (dP - rowsum(dP .* P)) / sqrt(d),
 //             dq_h = dS k_h, dk_h = dS^T q_h, dWqkv += dqkv^T x, dbqkv += sum dqkv, dx = dqkv Wqkv
 // The per-(sample, head) products read q, k, v in place inside the [N L, 3D] qkv matrix through
-// strided Eigen maps (no head split/merge copies) and run in parallel over (sample, head); the
+// strided products (gemm_strided, no head split/merge copies) and run in parallel over (sample, head); the
 // projections are one GEMM each over all N L tokens. The softmax subtracts the row maximum and
 // takes its exponentials with fast_exp (core/fast_math.hpp; vectorised in float). The backward
 // temporaries (dqkv, dP, do) live in a Scratch that the layers of one model may share.
@@ -17,7 +17,7 @@
 // prefix.proj.bias [D].
 #pragma once
 
-#include <Eigen/Core>
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -164,10 +164,6 @@ class MultiheadSelfAttention {
   }
 
  private:
-  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
-  using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
-
   void check_input(const Shape& s) const {
     if (s.rank() != 3 || s[2] != d_ || s[1] < 1)
       fail<shape_error>(prefix_, " (MultiheadSelfAttention): x: expected shape [N, L, ", d_,
@@ -202,16 +198,13 @@ class MultiheadSelfAttention {
         n * H,
         [=](index_t nh) {
           const index_t i = nh / H, h = nh % H;
-          const T* base = qkv + i * L * 3 * D + h * dh;
-          const CMap q(base, L, dh, Eigen::OuterStride<>(3 * D));
-          const CMap k(base + D, L, dh, Eigen::OuterStride<>(3 * D));
-          const CMap v(base + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
+          const T* base = qkv + i * L * 3 * D + h * dh;  // q; k at + D, v at + 2 D
           T* pp = p + nh * L * L;
-          MMap P(pp, L, L, Eigen::OuterStride<>(L));
-          P.noalias() = scale * (q * k.transpose());
+          gemm_strided(Trans::no, Trans::yes, L, L, dh, scale, base, 3 * D, base + D, 3 * D, T(0),
+                       pp, L);
           for (index_t r = 0; r < L; ++r) softmax_row(pp + r * L, L);
-          MMap out(o + i * L * D + h * dh, L, dh, Eigen::OuterStride<>(D));
-          out.noalias() = P * v;
+          gemm_strided(Trans::no, Trans::no, L, dh, L, T(1), static_cast<const T*>(pp), L,
+                       base + 2 * D, 3 * D, T(0), o + i * L * D + h * dh, D);
         },
         2 * L * L * dh);
   }
@@ -226,19 +219,14 @@ class MultiheadSelfAttention {
         [=](index_t nh) {
           const index_t i = nh / H, h = nh % H;
           const index_t off = i * L * 3 * D + h * dh;
-          const CMap q(qkv + off, L, dh, Eigen::OuterStride<>(3 * D));
-          const CMap k(qkv + off + D, L, dh, Eigen::OuterStride<>(3 * D));
-          const CMap v(qkv + off + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
-          const CMap P(p + nh * L * L, L, L, Eigen::OuterStride<>(L));
-          const CMap dO(dout + i * L * D + h * dh, L, dh, Eigen::OuterStride<>(D));
-          MMap dq(dqkv + off, L, dh, Eigen::OuterStride<>(3 * D));
-          MMap dk(dqkv + off + D, L, dh, Eigen::OuterStride<>(3 * D));
-          MMap dv(dqkv + off + 2 * D, L, dh, Eigen::OuterStride<>(3 * D));
-          T* dpp = dp + nh * L * L;
-          MMap dP(dpp, L, L, Eigen::OuterStride<>(L));
-          dP.noalias() = dO * v.transpose();
-          dv.noalias() = P.transpose() * dO;
+          const T* q = qkv + off;  // k at + D, v at + 2 D; likewise in dqkv
+          const T* dO = dout + i * L * D + h * dh;
           const T* pp = p + nh * L * L;
+          T* dpp = dp + nh * L * L;
+          gemm_strided(Trans::no, Trans::yes, L, L, dh, T(1), dO, D, q + 2 * D, 3 * D, T(0), dpp,
+                       L);  // dP = dO v^T
+          gemm_strided(Trans::yes, Trans::no, L, dh, L, T(1), pp, L, dO, D, T(0),
+                       dqkv + off + 2 * D, 3 * D);  // dv = P^T dO
           for (index_t r = 0; r < L; ++r) {  // softmax backward, row by row: dS = P (dP - <dP, P>)
             T* row = dpp + r * L;
             const T* pr = pp + r * L;
@@ -248,8 +236,11 @@ class MultiheadSelfAttention {
             FLOWDIFF_SIMD
             for (index_t c = 0; c < L; ++c) row[c] = scale * pr[c] * (row[c] - s);
           }
-          dq.noalias() = dP * k;
-          dk.noalias() = dP.transpose() * q;
+          const T* dS = dpp;
+          gemm_strided(Trans::no, Trans::no, L, dh, L, T(1), dS, L, q + D, 3 * D, T(0), dqkv + off,
+                       3 * D);  // dq = dS k
+          gemm_strided(Trans::yes, Trans::no, L, dh, L, T(1), dS, L, q, 3 * D, T(0),
+                       dqkv + off + D, 3 * D);  // dk = dS^T q
         },
         4 * L * L * dh);
   }

@@ -1,0 +1,654 @@
+// flowdiff/backend/cpu/sgemm.hpp — flowdiff's own single-precision GEMM for x86-64:
+// C[m, n] = alpha op(A) op(B) + beta C on row-major matrices with leading dimensions, by the
+// Goto/BLIS scheme: op(B) is packed once per [KC, NC] block into NR-column micro-panels that all
+// threads share, op(A) per [MC, KC] block into MR-row micro-panels, and an MR x NR register-tile
+// micro-kernel (FMA) runs over them. Two kernels, chosen at run time from the CPU's features
+// (the library is compiled without -march, so they are compiled with GCC/Clang target attributes):
+//   AVX-512F: 8 x 32 (16 zmm accumulators), AVX2 + FMA: 6 x 16 (12 ymm accumulators).
+// Products with at most 4 rows or columns skip the packing (batch-1 inference: matrix-vector
+// products through dot products or row updates). Determinism: the blocking (KC, MC, NC, MR, NR)
+// is a constant of the kernel, every element of C is summed over k in the same order whatever the
+// thread count, and threads only change which thread computes which tiles, so the result is
+// bit-identical for 1, 2 or more threads (not between the two kernels, nor against other BLAS).
+// Threads: one OpenMP region per product of at least `parallel_flops`, outside any enclosing
+// parallel region; inside one (e.g. per-sample convolution groups) the product runs serially.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <new>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "flowdiff/backend/cpu/isa.hpp"
+#include "flowdiff/core/config.hpp"
+
+#if FLOWDIFF_X86_DISPATCH
+#define FLOWDIFF_SGEMM_X86 1
+#include <immintrin.h>
+#else
+#define FLOWDIFF_SGEMM_X86 0
+#endif
+
+namespace flowdiff::sgemm {
+
+using simd::best_isa;
+using simd::Isa;
+using simd::isa_name;
+
+/// One product C = alpha op(A) op(B) + beta C; op(A) is [m, k], op(B) [k, n], C [m, n], all
+/// row-major with leading dimensions lda, ldb, ldc (elements between rows of the stored matrix).
+struct Problem {
+  bool ta = false, tb = false;
+  index_t m = 0, n = 0, k = 0;
+  float alpha = 1.f;
+  const float* a = nullptr;
+  index_t lda = 0;
+  const float* b = nullptr;
+  index_t ldb = 0;
+  float beta = 0.f;
+  float* c = nullptr;
+  index_t ldc = 0;
+
+  float A(index_t i, index_t p) const { return ta ? a[p * lda + i] : a[i * lda + p]; }
+  float B(index_t p, index_t j) const { return tb ? b[j * ldb + p] : b[p * ldb + j]; }
+};
+
+/// Products of at least this many flops (2 m n k) use all OpenMP threads.
+inline constexpr double parallel_flops = double(1 << 22);
+
+namespace detail {
+
+/// 64-byte aligned scratch, owned by one call (n = 0: none).
+struct Scratch {
+  float* p = nullptr;
+  explicit Scratch(index_t n) {
+    if (n <= 0) return;
+    const std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+/// dst[p W + r] = src[r ld + p] for r < rows, p < kc; rows [rows, W) zero. The transposing pack
+/// (rows of the stored matrix become the interleaved lanes of a micro-panel), by 4 x 4 SSE
+/// transposes where the block is whole.
+template <index_t W>
+inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t kc, float* dst) {
+  index_t r = 0;
+#if FLOWDIFF_SGEMM_X86
+  for (; r + 4 <= rows; r += 4) {
+    const float* s0 = src + r * ld;
+    const float* s1 = s0 + ld;
+    const float* s2 = s1 + ld;
+    const float* s3 = s2 + ld;
+    index_t p = 0;
+    for (; p + 4 <= kc; p += 4) {
+      __m128 x0 = _mm_loadu_ps(s0 + p), x1 = _mm_loadu_ps(s1 + p), x2 = _mm_loadu_ps(s2 + p),
+             x3 = _mm_loadu_ps(s3 + p);
+      _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+      _mm_storeu_ps(dst + p * W + r, x0);
+      _mm_storeu_ps(dst + (p + 1) * W + r, x1);
+      _mm_storeu_ps(dst + (p + 2) * W + r, x2);
+      _mm_storeu_ps(dst + (p + 3) * W + r, x3);
+    }
+    for (; p < kc; ++p) {
+      float* d = dst + p * W + r;
+      d[0] = s0[p];
+      d[1] = s1[p];
+      d[2] = s2[p];
+      d[3] = s3[p];
+    }
+  }
+#endif
+  for (; r < rows; ++r) {
+    const float* sr = src + r * ld;
+    for (index_t p = 0; p < kc; ++p) dst[p * W + r] = sr[p];
+  }
+  if (rows < W)
+    for (index_t p = 0; p < kc; ++p)
+      for (index_t q = rows; q < W; ++q) dst[p * W + q] = 0.f;
+}
+
+/// dst[p W + c] = src[p ld + c] for c < cols, p < kc; columns [cols, W) zero (the copying pack).
+template <index_t W>
+inline void pack_copied(const float* src, index_t ld, index_t cols, index_t kc, float* dst) {
+  for (index_t p = 0; p < kc; ++p) {
+    float* d = dst + p * W;
+    const float* sp = src + p * ld;
+    if (cols == W) {
+      for (index_t c = 0; c < W; ++c) d[c] = sp[c];
+    } else {
+      for (index_t c = 0; c < cols; ++c) d[c] = sp[c];
+      for (index_t c = cols; c < W; ++c) d[c] = 0.f;
+    }
+  }
+}
+
+/// op(A)[i0 : i0 + mr, p0 : p0 + kc] into one micro-panel: dst[p MR + r], rows >= mr zero.
+template <index_t MR>
+inline void pack_a(const Problem& o, index_t i0, index_t mr, index_t p0, index_t kc, float* dst) {
+  if (o.ta)  // rows of op(A) are columns of the stored A: contiguous along r
+    pack_copied<MR>(o.a + p0 * o.lda + i0, o.lda, mr, kc, dst);
+  else
+    pack_transposed<MR>(o.a + i0 * o.lda + p0, o.lda, mr, kc, dst);
+}
+
+/// op(B)[p0 : p0 + kc, j0 : j0 + nr] into one micro-panel: dst[p NR + c], columns >= nr zero.
+template <index_t NR>
+inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t nr, float* dst) {
+  if (!o.tb)  // rows of op(B) contiguous along c
+    pack_copied<NR>(o.b + p0 * o.ldb + j0, o.ldb, nr, kc, dst);
+  else  // op(B)(p, j) = B[j, p]: each column of the panel is a contiguous row of B
+    pack_transposed<NR>(o.b + j0 * o.ldb + p0, o.ldb, nr, kc, dst);
+}
+
+/// The sub-product of columns [j0, j1) or rows [i0, i1) of C.
+inline Problem columns_of(const Problem& o, index_t j0, index_t j1) {
+  Problem s = o;
+  s.n = j1 - j0;
+  s.b = o.tb ? o.b + j0 * o.ldb : o.b + j0;
+  s.c = o.c + j0;
+  return s;
+}
+inline Problem rows_of(const Problem& o, index_t i0, index_t i1) {
+  Problem s = o;
+  s.m = i1 - i0;
+  s.a = o.ta ? o.a + i0 : o.a + i0 * o.lda;
+  s.c = o.c + i0 * o.ldc;
+  return s;
+}
+
+/// Calls f(sub-problem) for T parts of C cut along its longer side at multiples of `unit_n`
+/// columns or `unit_m` rows (so every element keeps its tile and its summation), one per OpenMP
+/// thread; or f(o) once on the calling thread.
+template <class F>
+inline void split_over_threads(const Problem& o, bool parallel, index_t unit_m, index_t unit_n,
+                               F&& f) {
+#if defined(_OPENMP)
+  if (parallel) {
+    const bool by_cols = o.n >= o.m;
+    const index_t len = by_cols ? o.n : o.m, unit = by_cols ? unit_n : unit_m;
+    const index_t units = (len + unit - 1) / unit;
+    const int team = static_cast<int>(std::min<index_t>(omp_get_max_threads(), units));
+    if (team > 1) {
+      std::exception_ptr error;  // an exception (bad_alloc) must not leave the region
+#pragma omp parallel num_threads(team)
+      {
+        const index_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const index_t lo = std::min(len, units * t / T * unit);
+        const index_t hi = std::min(len, units * (t + 1) / T * unit);
+        try {
+          if (hi > lo) f(by_cols ? columns_of(o, lo, hi) : rows_of(o, lo, hi));
+        } catch (...) {
+#pragma omp critical(flowdiff_sgemm_error)
+          if (!error) error = std::current_exception();
+        }
+      }
+      if (error) std::rethrow_exception(error);
+      return;
+    }
+  }
+#else
+  (void)parallel;
+  (void)unit_m;
+  (void)unit_n;
+#endif
+  f(o);
+}
+
+#if FLOWDIFF_SGEMM_X86
+
+// ---- micro-kernels: acc = A_panel * B_panel over kc; C = alpha acc (+ C unless overwrite) ----
+
+__attribute__((target("avx512f"))) inline void store_avx512(float* row, __m512 x0, __m512 x1,
+                                                            __m512 al, bool overwrite) {
+  if (overwrite) {
+    _mm512_storeu_ps(row, _mm512_mul_ps(al, x0));
+    _mm512_storeu_ps(row + 16, _mm512_mul_ps(al, x1));
+  } else {
+    _mm512_storeu_ps(row, _mm512_fmadd_ps(al, x0, _mm512_loadu_ps(row)));
+    _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(al, x1, _mm512_loadu_ps(row + 16)));
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void store_avx2(float* row, __m256 x0, __m256 x1,
+                                                           __m256 al, bool overwrite) {
+  if (overwrite) {
+    _mm256_storeu_ps(row, _mm256_mul_ps(al, x0));
+    _mm256_storeu_ps(row + 8, _mm256_mul_ps(al, x1));
+  } else {
+    _mm256_storeu_ps(row, _mm256_fmadd_ps(al, x0, _mm256_loadu_ps(row)));
+    _mm256_storeu_ps(row + 8, _mm256_fmadd_ps(al, x1, _mm256_loadu_ps(row + 8)));
+  }
+}
+
+__attribute__((target("avx512f"))) inline void micro_avx512(index_t kc, const float* ap,
+                                                            const float* bp, float* c, index_t ldc,
+                                                            float alpha, bool overwrite) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00,
+         c70 = c00, c71 = c00;
+  for (index_t p = 0; p < kc; ++p) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+    __m512 a = _mm512_set1_ps(ap[0]);
+    c00 = _mm512_fmadd_ps(a, b0, c00);
+    c01 = _mm512_fmadd_ps(a, b1, c01);
+    a = _mm512_set1_ps(ap[1]);
+    c10 = _mm512_fmadd_ps(a, b0, c10);
+    c11 = _mm512_fmadd_ps(a, b1, c11);
+    a = _mm512_set1_ps(ap[2]);
+    c20 = _mm512_fmadd_ps(a, b0, c20);
+    c21 = _mm512_fmadd_ps(a, b1, c21);
+    a = _mm512_set1_ps(ap[3]);
+    c30 = _mm512_fmadd_ps(a, b0, c30);
+    c31 = _mm512_fmadd_ps(a, b1, c31);
+    a = _mm512_set1_ps(ap[4]);
+    c40 = _mm512_fmadd_ps(a, b0, c40);
+    c41 = _mm512_fmadd_ps(a, b1, c41);
+    a = _mm512_set1_ps(ap[5]);
+    c50 = _mm512_fmadd_ps(a, b0, c50);
+    c51 = _mm512_fmadd_ps(a, b1, c51);
+    a = _mm512_set1_ps(ap[6]);
+    c60 = _mm512_fmadd_ps(a, b0, c60);
+    c61 = _mm512_fmadd_ps(a, b1, c61);
+    a = _mm512_set1_ps(ap[7]);
+    c70 = _mm512_fmadd_ps(a, b0, c70);
+    c71 = _mm512_fmadd_ps(a, b1, c71);
+    ap += 8;
+    bp += 32;
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  store_avx512(c, c00, c01, al, overwrite);
+  store_avx512(c + ldc, c10, c11, al, overwrite);
+  store_avx512(c + 2 * ldc, c20, c21, al, overwrite);
+  store_avx512(c + 3 * ldc, c30, c31, al, overwrite);
+  store_avx512(c + 4 * ldc, c40, c41, al, overwrite);
+  store_avx512(c + 5 * ldc, c50, c51, al, overwrite);
+  store_avx512(c + 6 * ldc, c60, c61, al, overwrite);
+  store_avx512(c + 7 * ldc, c70, c71, al, overwrite);
+}
+
+__attribute__((target("avx2,fma"))) inline void micro_avx2(index_t kc, const float* ap,
+                                                           const float* bp, float* c, index_t ldc,
+                                                           float alpha, bool overwrite) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (index_t p = 0; p < kc; ++p) {
+    const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+    __m256 a = _mm256_broadcast_ss(ap);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(ap + 1);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(ap + 2);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(ap + 3);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(ap + 4);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(ap + 5);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+    ap += 6;
+    bp += 16;
+  }
+  const __m256 al = _mm256_set1_ps(alpha);
+  store_avx2(c, c00, c01, al, overwrite);
+  store_avx2(c + ldc, c10, c11, al, overwrite);
+  store_avx2(c + 2 * ldc, c20, c21, al, overwrite);
+  store_avx2(c + 3 * ldc, c30, c31, al, overwrite);
+  store_avx2(c + 4 * ldc, c40, c41, al, overwrite);
+  store_avx2(c + 5 * ldc, c50, c51, al, overwrite);
+}
+
+struct Avx512 {
+  static constexpr index_t MR = 8, NR = 32, KC = 256, MC = 128, NC = 2048;
+  static void micro(index_t kc, const float* ap, const float* bp, float* c, index_t ldc,
+                    float alpha, bool overwrite) {
+    micro_avx512(kc, ap, bp, c, ldc, alpha, overwrite);
+  }
+};
+
+struct Avx2 {
+  static constexpr index_t MR = 6, NR = 16, KC = 256, MC = 144, NC = 1024;
+  static void micro(index_t kc, const float* ap, const float* bp, float* c, index_t ldc,
+                    float alpha, bool overwrite) {
+    micro_avx2(kc, ap, bp, c, ldc, alpha, overwrite);
+  }
+};
+
+/// One MR x NR tile of C (rows i, columns j; mr x nr of it valid) from packed panels.
+template <class K>
+inline void tile(const Problem& o, index_t kc, const float* ap, const float* bp, index_t i,
+                 index_t j, index_t mr, index_t nr, bool overwrite) {
+  float* c = o.c + i * o.ldc + j;
+  if (mr == K::MR && nr == K::NR) {
+    K::micro(kc, ap, bp, c, o.ldc, o.alpha, overwrite);
+    return;
+  }
+  alignas(64) float t[K::MR * K::NR];
+  K::micro(kc, ap, bp, t, K::NR, o.alpha, true);
+  for (index_t r = 0; r < mr; ++r) {
+    float* cr = c + r * o.ldc;
+    const float* tr = t + r * K::NR;
+    if (overwrite) {
+      for (index_t q = 0; q < nr; ++q) cr[q] = tr[q];
+    } else {
+      for (index_t q = 0; q < nr; ++q) cr[q] += tr[q];
+    }
+  }
+}
+
+/// The packed product on the calling thread.
+template <class K>
+void packed_serial(const Problem& o) {
+  constexpr index_t MR = K::MR, NR = K::NR, MC = K::MC, NC = K::NC, KC = K::KC;
+  const index_t kcb = std::min(KC, o.k);
+  Scratch bbuf(kcb * std::min(NC, (o.n + NR - 1) / NR * NR));
+  Scratch abuf(kcb * std::min(MC, (o.m + MR - 1) / MR * MR));
+  for (index_t jc = 0; jc < o.n; jc += NC) {
+    const index_t nc = std::min(NC, o.n - jc);
+    for (index_t pc = 0; pc < o.k; pc += KC) {
+      const index_t kc = std::min(KC, o.k - pc);
+      const bool overwrite = o.beta == 0.f && pc == 0;
+      for (index_t jr = 0; jr < nc; jr += NR)
+        pack_b<NR>(o, pc, kc, jc + jr, std::min(NR, nc - jr), bbuf.p + jr * kc);
+      for (index_t ic = 0; ic < o.m; ic += MC) {
+        const index_t mc = std::min(MC, o.m - ic);
+        for (index_t ir = 0; ir < mc; ir += MR)
+          pack_a<MR>(o, ic + ir, std::min(MR, mc - ir), pc, kc, abuf.p + ir * kc);
+        for (index_t jr = 0; jr < nc; jr += NR) {
+          const float* bp = bbuf.p + jr * kc;
+          const index_t nr = std::min(NR, nc - jr);
+          for (index_t ir = 0; ir < mc; ir += MR)
+            tile<K>(o, kc, abuf.p + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
+                    overwrite);
+        }
+      }
+    }
+  }
+}
+
+/// The packed product, cut over the OpenMP threads when `parallel` (no shared buffers and no
+/// barriers: each thread packs and multiplies its own part of C).
+template <class K>
+void packed(const Problem& o, bool parallel) {
+  split_over_threads(o, parallel, K::MR, K::NR, [](const Problem& s) { packed_serial<K>(s); });
+}
+
+// ---- unpacked products for m <= 4 or n <= 4 (matrix-vector shapes) ----
+
+/// out[q] = <x, w[q]> over k for q < 8: eight independent accumulators share the loads of x.
+__attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const float* const* w,
+                                                           index_t k, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  index_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + p);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w[0] + p), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w[1] + p), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w[2] + p), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w[3] + p), xv, a3);
+    a4 = _mm512_fmadd_ps(_mm512_loadu_ps(w[4] + p), xv, a4);
+    a5 = _mm512_fmadd_ps(_mm512_loadu_ps(w[5] + p), xv, a5);
+    a6 = _mm512_fmadd_ps(_mm512_loadu_ps(w[6] + p), xv, a6);
+    a7 = _mm512_fmadd_ps(_mm512_loadu_ps(w[7] + p), xv, a7);
+  }
+  if (p < k) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (k - p)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + p);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[0] + p), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[1] + p), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[2] + p), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[3] + p), xv, a3);
+    a4 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[4] + p), xv, a4);
+    a5 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[5] + p), xv, a5);
+    a6 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[6] + p), xv, a6);
+    a7 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w[7] + p), xv, a7);
+  }
+  // 16 -> 8 lanes through memory (g++ 12's zmm narrowing casts trip -Wuninitialized in its own
+  // headers), then the usual 8 x 8 horizontal-add reduction in ymm.
+  alignas(64) float t[8 * 16];
+  _mm512_store_ps(t, a0);
+  _mm512_store_ps(t + 16, a1);
+  _mm512_store_ps(t + 32, a2);
+  _mm512_store_ps(t + 48, a3);
+  _mm512_store_ps(t + 64, a4);
+  _mm512_store_ps(t + 80, a5);
+  _mm512_store_ps(t + 96, a6);
+  _mm512_store_ps(t + 112, a7);
+  __m256 v[8];
+  for (int q = 0; q < 8; ++q)
+    v[q] = _mm256_add_ps(_mm256_load_ps(t + 16 * q), _mm256_load_ps(t + 16 * q + 8));
+  const __m256 s0123 =
+      _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 =
+      _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+}
+
+__attribute__((target("avx2,fma"))) inline void dot8_avx2(const float* x, const float* const* w,
+                                                          index_t k, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  index_t p = 0;
+  for (; p + 8 <= k; p += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + p);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w[0] + p), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w[1] + p), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w[2] + p), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w[3] + p), xv, a3);
+    a4 = _mm256_fmadd_ps(_mm256_loadu_ps(w[4] + p), xv, a4);
+    a5 = _mm256_fmadd_ps(_mm256_loadu_ps(w[5] + p), xv, a5);
+    a6 = _mm256_fmadd_ps(_mm256_loadu_ps(w[6] + p), xv, a6);
+    a7 = _mm256_fmadd_ps(_mm256_loadu_ps(w[7] + p), xv, a7);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  for (; p < k; ++p)
+    for (int q = 0; q < 8; ++q) out[q] += w[q][p] * x[p];
+}
+
+/// acc[0:n] = sum_p a[p * as] * B[p, 0:n] (B rows ldb apart), 64 columns at a time in registers.
+__attribute__((target("avx512f"))) inline void rows_avx512(const float* a, index_t as,
+                                                           const float* b, index_t ldb, index_t k,
+                                                           index_t n, float* acc) {
+  index_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (index_t p = 0; p < k; ++p) {
+      const __m512 av = _mm512_set1_ps(a[p * as]);
+      const float* bp = b + p * ldb + j;
+      c0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp), c0);
+      c1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp + 16), c1);
+      c2 = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp + 32), c2);
+      c3 = _mm512_fmadd_ps(av, _mm512_loadu_ps(bp + 48), c3);
+    }
+    _mm512_storeu_ps(acc + j, c0);
+    _mm512_storeu_ps(acc + j + 16, c1);
+    _mm512_storeu_ps(acc + j + 32, c2);
+    _mm512_storeu_ps(acc + j + 48, c3);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 mk =
+        n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    __m512 c0 = _mm512_setzero_ps();
+    for (index_t p = 0; p < k; ++p)
+      c0 = _mm512_fmadd_ps(_mm512_set1_ps(a[p * as]), _mm512_maskz_loadu_ps(mk, b + p * ldb + j),
+                           c0);
+    _mm512_mask_storeu_ps(acc + j, mk, c0);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void rows_avx2(const float* a, index_t as,
+                                                          const float* b, index_t ldb, index_t k,
+                                                          index_t n, float* acc) {
+  index_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (index_t p = 0; p < k; ++p) {
+      const __m256 av = _mm256_set1_ps(a[p * as]);
+      const float* bp = b + p * ldb + j;
+      c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp), c0);
+      c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp + 8), c1);
+      c2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp + 16), c2);
+      c3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp + 24), c3);
+    }
+    _mm256_storeu_ps(acc + j, c0);
+    _mm256_storeu_ps(acc + j + 8, c1);
+    _mm256_storeu_ps(acc + j + 16, c2);
+    _mm256_storeu_ps(acc + j + 24, c3);
+  }
+  for (; j < n; ++j) {
+    float c = 0.f;
+    for (index_t p = 0; p < k; ++p) c += a[p * as] * b[p * ldb + j];
+    acc[j] = c;
+  }
+}
+
+/// C = alpha op(A) op(B) + beta C for m <= 4 or n <= 4, without packing.
+template <Isa I>
+void thin(const Problem& o, bool parallel) {
+  auto finish = [&o](float* c, float v) {
+    *c = o.beta == 0.f ? o.alpha * v : o.alpha * v + *c;  // beta is 0 or 1 here
+  };
+  const bool small_m = o.m <= 4;
+  if (small_m && !o.tb) {
+    // Row updates: C[i, :] = alpha sum_p A(i, p) B[p, :] (+ C[i, :]), columns in registers.
+    Scratch acc(o.n);
+    for (index_t i = 0; i < o.m; ++i) {
+      const float* ai = o.ta ? o.a + i : o.a + i * o.lda;
+      const index_t as = o.ta ? o.lda : 1;
+      if constexpr (I == Isa::avx512)
+        rows_avx512(ai, as, o.b, o.ldb, o.k, o.n, acc.p);
+      else
+        rows_avx2(ai, as, o.b, o.ldb, o.k, o.n, acc.p);
+      float* ci = o.c + i * o.ldc;
+      for (index_t j = 0; j < o.n; ++j) finish(ci + j, acc.p[j]);
+    }
+    return;
+  }
+  // Dot products of contiguous rows of op(A) with contiguous columns of op(B), eight at a time
+  // along the long side; the thin side is gathered when it is not contiguous.
+  const bool gather_a = o.ta, gather_b = !o.tb;
+  Scratch ga(gather_a ? o.m * o.k : 0), gb(gather_b ? o.n * o.k : 0);
+  if (gather_a)
+    for (index_t i = 0; i < o.m; ++i)
+      for (index_t p = 0; p < o.k; ++p) ga.p[i * o.k + p] = o.A(i, p);
+  if (gather_b)
+    for (index_t j = 0; j < o.n; ++j)
+      for (index_t p = 0; p < o.k; ++p) gb.p[j * o.k + p] = o.B(p, j);
+  const float* abase = gather_a ? ga.p : o.a;
+  const float* bbase = gather_b ? gb.p : o.b;
+  const index_t astride = gather_a ? o.k : o.lda, bstride = gather_b ? o.k : o.ldb;
+  // Vector v (a row of A or a column of B) against rows [q0, q1) of the other side.
+  auto sweep = [&](const float* v, const float* base, index_t stride, index_t q0, index_t q1,
+                   float* c, index_t cstride) {
+    for (index_t q = q0; q < q1; q += 8) {
+      const index_t cnt = std::min<index_t>(8, q1 - q);
+      const float* w[8];
+      for (index_t r = 0; r < 8; ++r) w[r] = base + (q + (r < cnt ? r : 0)) * stride;
+      float out[8];
+      if constexpr (I == Isa::avx512)
+        dot8_avx512(v, w, o.k, out);
+      else
+        dot8_avx2(v, w, o.k, out);
+      for (index_t r = 0; r < cnt; ++r) finish(c + (q + r) * cstride, out[r]);
+    }
+  };
+  auto part = [&](index_t lo, index_t hi) {
+    if (small_m) {  // each row of A against columns [lo, hi) of B
+      for (index_t i = 0; i < o.m; ++i)
+        sweep(abase + i * astride, bbase, bstride, lo, hi, o.c + i * o.ldc, 1);
+    } else {  // each column of B against rows [lo, hi) of A
+      for (index_t j = 0; j < o.n; ++j) sweep(bbase + j * bstride, abase, astride, lo, hi, o.c + j, o.ldc);
+    }
+  };
+  const index_t len = small_m ? o.n : o.m;
+#if defined(_OPENMP)
+  if (parallel) {
+#pragma omp parallel
+    {
+      const index_t t = omp_get_thread_num(), T = omp_get_num_threads();
+      const index_t units = (len + 7) / 8;
+      part(std::min(len, units * t / T * 8), std::min(len, units * (t + 1) / T * 8));
+    }
+    return;
+  }
+#else
+  (void)parallel;
+#endif
+  part(0, len);
+}
+
+#endif  // FLOWDIFF_SGEMM_X86
+
+}  // namespace detail
+
+/// C = alpha op(A) op(B) + beta C with the given kernel (Isa::none: returns false, nothing done).
+/// beta == 0 overwrites C without reading it. Shapes are the caller's to check.
+/// allow_threads = false keeps the product on the calling thread.
+inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
+#if FLOWDIFF_SGEMM_X86
+  if (isa == Isa::none) return false;
+  if (o.m == 0 || o.n == 0) return true;
+  if (o.k == 0 || o.alpha == 0.f) {
+    for (index_t i = 0; i < o.m; ++i)
+      for (index_t j = 0; j < o.n; ++j) {
+        float& c = o.c[i * o.ldc + j];
+        c = o.beta == 0.f ? 0.f : o.beta * c;
+      }
+    return true;
+  }
+  if (o.beta != 0.f && o.beta != 1.f) {  // scale once; the kernels then accumulate
+    for (index_t i = 0; i < o.m; ++i)
+      for (index_t j = 0; j < o.n; ++j) o.c[i * o.ldc + j] *= o.beta;
+  }
+  Problem p = o;
+  if (p.beta != 0.f) p.beta = 1.f;
+  bool parallel = false;
+#if defined(_OPENMP)
+  const double flops = 2.0 * double(o.m) * double(o.n) * double(o.k);
+  parallel = allow_threads && flops >= parallel_flops && omp_get_max_threads() > 1 &&
+             !omp_in_parallel();
+#else
+  (void)allow_threads;
+#endif
+  const bool thin = o.m <= 4 || o.n <= 4;
+  if (isa == Isa::avx512) {
+    if (thin)
+      detail::thin<Isa::avx512>(p, parallel);
+    else
+      detail::packed<detail::Avx512>(p, parallel);
+  } else {
+    if (thin)
+      detail::thin<Isa::avx2>(p, parallel);
+    else
+      detail::packed<detail::Avx2>(p, parallel);
+  }
+  return true;
+#else
+  (void)isa;
+  (void)o;
+  (void)allow_threads;
+  return false;
+#endif
+}
+
+}  // namespace flowdiff::sgemm

@@ -1,0 +1,189 @@
+// flowdiff's own float GEMM (backend/cpu/sgemm.hpp): every kernel this CPU can run against a
+// double reference over random shapes (packed and unpacked paths, transposes, leading
+// dimensions, alpha, beta), the beta == 0 contract (C not read), and bit-identical results on 1
+// and 2 threads.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "flowdiff/flowdiff.hpp"
+
+namespace fd = flowdiff;
+
+namespace {
+
+std::vector<fd::sgemm::Isa> sgemm_kernels_here() {
+  std::vector<fd::sgemm::Isa> out;
+  const auto best = fd::sgemm::best_isa();
+  if (best == fd::sgemm::Isa::avx2 || best == fd::sgemm::Isa::avx512)
+    out.push_back(fd::sgemm::Isa::avx2);
+  if (best == fd::sgemm::Isa::avx512) out.push_back(fd::sgemm::Isa::avx512);
+  return out;
+}
+
+struct SgemmCase {
+  bool ta, tb;
+  fd::index_t m, n, k, lda, ldb, ldc;
+  float alpha, beta;
+  std::vector<float> a, b, c;
+};
+
+SgemmCase make_sgemm_case(std::mt19937& g, fd::index_t m, fd::index_t n, fd::index_t k, bool ta,
+                          bool tb, float alpha, float beta) {
+  SgemmCase s{ta, tb, m, n, k, 0, 0, 0, alpha, beta, {}, {}, {}};
+  s.lda = (ta ? m : k) + static_cast<fd::index_t>(g() % 3);
+  s.ldb = (tb ? k : n) + static_cast<fd::index_t>(g() % 3);
+  s.ldc = n + static_cast<fd::index_t>(g() % 3);
+  std::normal_distribution<float> nd;
+  s.a.resize(static_cast<std::size_t>((ta ? k : m) * s.lda + 1));
+  s.b.resize(static_cast<std::size_t>((tb ? n : k) * s.ldb + 1));
+  s.c.resize(static_cast<std::size_t>(m * s.ldc));
+  for (auto& x : s.a) x = nd(g);
+  for (auto& x : s.b) x = nd(g);
+  for (auto& x : s.c) x = nd(g);
+  return s;
+}
+
+fd::sgemm::Problem sgemm_problem(const SgemmCase& s, float* c) {
+  return {s.ta, s.tb, s.m, s.n, s.k, s.alpha, s.a.data(), s.lda, s.b.data(), s.ldb, s.beta, c,
+          s.ldc};
+}
+
+// Largest error relative to sum |alpha a b| + |beta c| per element, over the m x n block; also
+// fails (returns 1) if the padding columns of C were touched.
+double sgemm_error(const SgemmCase& s, const std::vector<float>& got) {
+  const auto p = sgemm_problem(s, nullptr);
+  double worst = 0;
+  for (fd::index_t i = 0; i < s.m; ++i) {
+    for (fd::index_t j = 0; j < s.n; ++j) {
+      double sum = 0, mag = 0;
+      for (fd::index_t q = 0; q < s.k; ++q) {
+        const double v = double(p.A(i, q)) * double(p.B(q, j));
+        sum += v;
+        mag += std::fabs(v);
+      }
+      const double c0 = s.c[static_cast<std::size_t>(i * s.ldc + j)];
+      const double ref = s.alpha * sum + (s.beta == 0.f ? 0.0 : s.beta * c0);
+      const double scale = std::fabs(s.alpha) * mag + std::fabs(s.beta * c0) + 1e-30;
+      const double e = std::fabs(got[static_cast<std::size_t>(i * s.ldc + j)] - ref) / scale;
+      worst = std::isnan(e) ? 1.0 : std::max(worst, e);
+    }
+    for (fd::index_t j = s.n; j < s.ldc; ++j)
+      if (got[static_cast<std::size_t>(i * s.ldc + j)] != s.c[static_cast<std::size_t>(i * s.ldc + j)])
+        return 1.0;
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][gemm][sgemm]") {
+  const auto kernels = sgemm_kernels_here();
+  if (kernels.empty()) {
+    WARN("no AVX2/AVX-512 kernel on this CPU: float products go through Eigen (tested elsewhere)");
+    return;
+  }
+  std::mt19937 g(7);
+  int cases = 0;
+  for (int trial = 0; trial < 120; ++trial) {
+    fd::index_t m = 1 + g() % 70, n = 1 + g() % 90, k = g() % 300;
+    if (trial % 7 == 0) m = 1 + g() % 4;   // unpacked: few rows
+    if (trial % 11 == 0) n = 1 + g() % 4;  // unpacked: few columns
+    if (trial % 17 == 0) {                 // several MC, KC and NC blocks, threaded
+      m = 150 + g() % 150;
+      n = 1100 + g() % 1200;
+      k = 260 + g() % 300;
+    }
+    const bool ta = g() % 2, tb = g() % 2;
+    const float alpha = trial % 5 == 0 ? -0.5f : 1.f;
+    const float beta = trial % 3 == 0 ? 0.f : (trial % 3 == 1 ? 1.f : 0.25f);
+    const auto s = make_sgemm_case(g, m, n, k, ta, tb, alpha, beta);
+    for (auto isa : kernels) {
+      auto c = s.c;
+      if (beta == 0.f)  // must not be read
+        for (fd::index_t i = 0; i < m; ++i)
+          for (fd::index_t j = 0; j < n; ++j)
+            c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
+      REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
+      INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
+                     << " ta " << ta << " tb " << tb << " alpha " << alpha << " beta " << beta);
+      CHECK(sgemm_error(s, c) < 1e-5);
+      ++cases;
+    }
+  }
+  CHECK(cases >= 120);
+}
+
+TEST_CASE("sgemm: k = 0 and alpha = 0 scale C by beta", "[core][gemm][sgemm]") {
+  for (auto isa : sgemm_kernels_here()) {
+    std::vector<float> c(12, 2.f), a(1, 1.f), b(1, 1.f);
+    fd::sgemm::Problem p{false, false, 3, 4, 0, 1.f, a.data(), 1, b.data(), 4, 0.5f, c.data(), 4};
+    REQUIRE(fd::sgemm::gemm(isa, p));
+    for (float v : c) CHECK(v == 1.f);
+    p.beta = 0.f;
+    REQUIRE(fd::sgemm::gemm(isa, p));
+    for (float v : c) CHECK(v == 0.f);
+  }
+}
+
+TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][threads]") {
+#if defined(_OPENMP)
+  const auto kernels = sgemm_kernels_here();
+  if (kernels.empty()) return;
+  std::mt19937 g(11);
+  // Packed shapes of the models (MLP, U-Net convolutions, DiT projections) and unpacked ones.
+  const fd::index_t shapes[][5] = {{1024, 256, 256, 0, 1}, {256, 256, 1024, 1, 0},
+                                   {32, 1024, 288, 0, 0},  {288, 1024, 32, 1, 0},
+                                   {300, 2500, 600, 0, 1}, {3, 3000, 700, 0, 1},
+                                   {2000, 2, 900, 1, 0},   {4, 2048, 1500, 1, 0}};
+  const int threads = omp_get_max_threads();
+  for (const auto& sh : shapes) {
+    const auto s = make_sgemm_case(g, sh[0], sh[1], sh[2], sh[3] != 0, sh[4] != 0, 1.f, 0.f);
+    for (auto isa : kernels) {
+      auto c1 = s.c, c2 = s.c;
+      omp_set_num_threads(1);
+      fd::sgemm::gemm(isa, sgemm_problem(s, c1.data()));
+      omp_set_num_threads(2);
+      fd::sgemm::gemm(isa, sgemm_problem(s, c2.data()));
+      omp_set_num_threads(threads);
+      INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << sh[0] << " n " << sh[1] << " k "
+                     << sh[2]);
+      CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
+      CHECK(sgemm_error(s, c2) < 1e-5);
+    }
+  }
+#endif
+}
+
+TEST_CASE("gemm_strided multiplies sub-matrices in place", "[core][gemm]") {
+  // One "head": columns [8, 16) of a [20, 48] matrix times the transpose of columns [24, 32).
+  fd::Generator gen{5};
+  auto x = fd::randn<float>({20, 48}, gen);
+  auto xd = fd::randn<double>({20, 48}, gen);
+  fd::Tensor<float> c(fd::Shape{20, 20});
+  fd::Tensor<double> cd(fd::Shape{20, 20});
+  fd::gemm_strided(fd::Trans::no, fd::Trans::yes, 20, 20, 8, 0.5f, x.data() + 8, 48,
+                   x.data() + 24, 48, 0.f, c.data(), 20);
+  fd::gemm_strided(fd::Trans::no, fd::Trans::yes, 20, 20, 8, 0.5, xd.data() + 8, 48,
+                   xd.data() + 24, 48, 0.0, cd.data(), 20);
+  for (fd::index_t i = 0; i < 20; ++i)
+    for (fd::index_t j = 0; j < 20; ++j) {
+      double s = 0, sd = 0;
+      for (fd::index_t p = 0; p < 8; ++p) {
+        s += double(x(i, 8 + p)) * x(j, 24 + p);
+        sd += xd(i, 8 + p) * xd(j, 24 + p);
+      }
+      CHECK(c(i, j) == Approx(0.5 * s).margin(1e-5));
+      CHECK(cd(i, j) == Approx(0.5 * sd).margin(1e-12));
+    }
+  const std::string kernel = fd::float_gemm_kernel();
+  CHECK((kernel == "avx512" || kernel == "avx2" || kernel == "eigen"));
+}
