@@ -97,10 +97,10 @@ TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][g
     fd::index_t m = 1 + g() % 70, n = 1 + g() % 90, k = g() % 300;
     if (trial % 7 == 0) m = 1 + g() % 4;   // unpacked: few rows
     if (trial % 11 == 0) n = 1 + g() % 4;  // unpacked: few columns
-    if (trial % 17 == 0) {                 // several MC, KC and NC blocks, threaded
-      m = 150 + g() % 150;
-      n = 1100 + g() % 1200;
-      k = 260 + g() % 300;
+    if (trial % 40 == 0) {  // two MC, KC and NC blocks of either kernel, threaded
+      m = 130 + g() % 20;
+      n = 2050 + g() % 100;
+      k = 257 + g() % 50;
     }
     const bool ta = g() % 2, tb = g() % 2;
     const float alpha = trial % 5 == 0 ? -0.5f : 1.f;
@@ -139,11 +139,12 @@ TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][thre
   const auto kernels = sgemm_kernels_here();
   if (kernels.empty()) return;
   std::mt19937 g(11);
-  // Packed shapes of the models (MLP, U-Net convolutions, DiT projections) and unpacked ones.
+  // Packed shapes of the models (MLP, DiT projections; all above sgemm::parallel_flops, so they
+  // are threaded), a U-Net convolution below it, and threaded unpacked (thin) ones.
   const fd::index_t shapes[][5] = {{1024, 256, 256, 0, 1}, {256, 256, 1024, 1, 0},
-                                   {32, 1024, 288, 0, 0},  {288, 1024, 32, 1, 0},
-                                   {300, 2500, 600, 0, 1}, {3, 3000, 700, 0, 1},
-                                   {2000, 2, 900, 1, 0},   {4, 2048, 1500, 1, 0}};
+                                   {32, 1024, 288, 0, 0},  {4096, 384, 96, 0, 1},
+                                   {300, 2500, 600, 0, 1}, {3, 6000, 2000, 0, 1},
+                                   {6000, 2, 3000, 1, 0},  {4, 4096, 2100, 1, 0}};
   const int threads = omp_get_max_threads();
   for (const auto& sh : shapes) {
     const auto s = make_sgemm_case(g, sh[0], sh[1], sh[2], sh[3] != 0, sh[4] != 0, 1.f, 0.f);
@@ -157,7 +158,7 @@ TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][thre
       INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << sh[0] << " n " << sh[1] << " k "
                      << sh[2]);
       CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
-      CHECK(sgemm_error(s, c2) < 1e-5);
+      if (sh[0] * sh[1] * sh[2] <= 40'000'000) CHECK(sgemm_error(s, c2) < 1e-5);
     }
   }
 #endif

@@ -61,7 +61,7 @@ struct Problem {
 };
 
 /// Products of at least this many flops (2 m n k) use all OpenMP threads.
-inline constexpr double parallel_flops = double(1 << 22);
+inline constexpr double parallel_flops = double(1 << 25);
 
 namespace detail {
 
@@ -119,37 +119,48 @@ inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t 
       for (index_t q = rows; q < W; ++q) dst[p * W + q] = 0.f;
 }
 
-/// dst[p W + c] = src[p ld + c] for c < cols, p < kc; columns [cols, W) zero (the copying pack).
+/// Row-wise copy into consecutive micro-panels: for p < kc, src[p ld + x] for x < len goes to
+/// panel x / W (each W kc long), lane x % W; lanes beyond len zero. Reads every source row once,
+/// front to back (the friendly order for caches and prefetchers when rows are far apart).
 template <index_t W>
-inline void pack_copied(const float* src, index_t ld, index_t cols, index_t kc, float* dst) {
+inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, float* dst) {
+  const index_t whole = len / W * W;
   for (index_t p = 0; p < kc; ++p) {
-    float* d = dst + p * W;
     const float* sp = src + p * ld;
-    if (cols == W) {
-      for (index_t c = 0; c < W; ++c) d[c] = sp[c];
-    } else {
-      for (index_t c = 0; c < cols; ++c) d[c] = sp[c];
-      for (index_t c = cols; c < W; ++c) d[c] = 0.f;
+    float* d = dst + p * W;
+    index_t x = 0;
+    for (; x < whole; x += W, d += W * kc)
+      for (index_t c = 0; c < W; ++c) d[c] = sp[x + c];
+    if (x < len) {
+      index_t c = 0;
+      for (; x + c < len; ++c) d[c] = sp[x + c];
+      for (; c < W; ++c) d[c] = 0.f;
     }
   }
 }
 
-/// op(A)[i0 : i0 + mr, p0 : p0 + kc] into one micro-panel: dst[p MR + r], rows >= mr zero.
+/// op(A)[i0 : i0 + mc, p0 : p0 + kc] into its MR-row micro-panels (panel r at dst + r kc).
 template <index_t MR>
-inline void pack_a(const Problem& o, index_t i0, index_t mr, index_t p0, index_t kc, float* dst) {
-  if (o.ta)  // rows of op(A) are columns of the stored A: contiguous along r
-    pack_copied<MR>(o.a + p0 * o.lda + i0, o.lda, mr, kc, dst);
-  else
-    pack_transposed<MR>(o.a + i0 * o.lda + p0, o.lda, mr, kc, dst);
+inline void pack_a(const Problem& o, index_t i0, index_t mc, index_t p0, index_t kc, float* dst) {
+  if (o.ta) {  // rows of op(A) are columns of the stored A: contiguous along i
+    pack_rows<MR>(o.a + p0 * o.lda + i0, o.lda, mc, kc, dst);
+  } else {
+    for (index_t ir = 0; ir < mc; ir += MR)
+      pack_transposed<MR>(o.a + (i0 + ir) * o.lda + p0, o.lda, std::min(MR, mc - ir), kc,
+                          dst + ir * kc);
+  }
 }
 
-/// op(B)[p0 : p0 + kc, j0 : j0 + nr] into one micro-panel: dst[p NR + c], columns >= nr zero.
+/// op(B)[p0 : p0 + kc, j0 : j0 + nc] into its NR-column micro-panels (panel c at dst + c kc).
 template <index_t NR>
-inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t nr, float* dst) {
-  if (!o.tb)  // rows of op(B) contiguous along c
-    pack_copied<NR>(o.b + p0 * o.ldb + j0, o.ldb, nr, kc, dst);
-  else  // op(B)(p, j) = B[j, p]: each column of the panel is a contiguous row of B
-    pack_transposed<NR>(o.b + j0 * o.ldb + p0, o.ldb, nr, kc, dst);
+inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t nc, float* dst) {
+  if (!o.tb) {  // rows of op(B) contiguous along j
+    pack_rows<NR>(o.b + p0 * o.ldb + j0, o.ldb, nc, kc, dst);
+  } else {  // op(B)(p, j) = B[j, p]: each column of a panel is a contiguous row of B
+    for (index_t jr = 0; jr < nc; jr += NR)
+      pack_transposed<NR>(o.b + (j0 + jr) * o.ldb + p0, o.ldb, std::min(NR, nc - jr), kc,
+                          dst + jr * kc);
+  }
 }
 
 /// The sub-product of columns [j0, j1) or rows [i0, i1) of C.
@@ -365,12 +376,10 @@ void packed_serial(const Problem& o) {
     for (index_t pc = 0; pc < o.k; pc += KC) {
       const index_t kc = std::min(KC, o.k - pc);
       const bool overwrite = o.beta == 0.f && pc == 0;
-      for (index_t jr = 0; jr < nc; jr += NR)
-        pack_b<NR>(o, pc, kc, jc + jr, std::min(NR, nc - jr), bbuf.p + jr * kc);
+      pack_b<NR>(o, pc, kc, jc, nc, bbuf.p);
       for (index_t ic = 0; ic < o.m; ic += MC) {
         const index_t mc = std::min(MC, o.m - ic);
-        for (index_t ir = 0; ir < mc; ir += MR)
-          pack_a<MR>(o, ic + ir, std::min(MR, mc - ir), pc, kc, abuf.p + ir * kc);
+        pack_a<MR>(o, ic, mc, pc, kc, abuf.p);
         for (index_t jr = 0; jr < nc; jr += NR) {
           const float* bp = bbuf.p + jr * kc;
           const index_t nr = std::min(NR, nc - jr);
