@@ -39,9 +39,28 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools", "fixtures"))
 
-# Both sides run with passive OpenMP waiters: on a shared machine libgomp's default spinning makes
-# every parallel region of either library many times slower (DESIGN.md §7, docs/architecture.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _early_wait_policy():
+    """--wait-policy, read before torch is imported (libgomp reads OMP_WAIT_POLICY at load)."""
+    for i, a in enumerate(sys.argv):
+        if a.startswith("--wait-policy="):
+            return a.split("=", 1)[1]
+        if a == "--wait-policy" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return "passive"
+
+
+# Both sides run with the same OpenMP wait policy. passive (the default) suits a shared machine,
+# where libgomp's spinning makes every parallel region of either library many times slower
+# (DESIGN.md §7, docs/architecture.md); default leaves OMP_WAIT_POLICY unset (libgomp spins for a
+# while, then sleeps), which is what a user alone on the machine gets and costs far less per
+# parallel region. Not ACTIVE: the Python process stays alive while bench_nn runs, and its torch
+# threads would spin on one of the cores all the time.
+WAIT_POLICY = _early_wait_policy()
+if WAIT_POLICY == "passive":
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+else:
+    os.environ.pop("OMP_WAIT_POLICY", None)
 import torch  # noqa: E402
 
 from mlp import MLP  # noqa: E402
@@ -180,7 +199,7 @@ UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def cpp_figures(bench, min_time, threads, groups):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     pattern = "|".join(g + "_" if g != "dit" else "dit_|attention_" for g in groups)
     out = subprocess.run(
         [bench, f"--benchmark_filter=BM_({pattern})", "--benchmark_format=json",
@@ -196,7 +215,7 @@ def cpp_figures(bench, min_time, threads, groups):
 
 
 def max_rss_kib(cmd, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     r = subprocess.run(["/usr/bin/time", "-v"] + cmd, env=env, check=True, capture_output=True,
                        text=True)
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
@@ -214,6 +233,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--wait-policy", choices=["passive", "default"], default="passive",
+                    help="OpenMP waiting of both sides: passive (OMP_WAIT_POLICY=PASSIVE, for "
+                    "shared machines) or default (unset: libgomp spins, then sleeps)")
     ap.add_argument("--models", default="mlp,unet,dit",
                     help="comma-separated subset of mlp, unet, dit (dit includes attention)")
     ap.add_argument("--memory", action="store_true")
@@ -230,7 +252,8 @@ def main():
         return
 
     groups = [g for g in a.models.split(",") if g]
-    print(f"torch {torch.__version__}, {a.threads} threads, bench {a.bench}; load before: {load()}")
+    print(f"torch {torch.__version__}, {a.threads} threads, wait policy {WAIT_POLICY}, "
+          f"bench {a.bench}; load before: {load()}")
     runs_t, runs_c = [], []
     for r in range(a.rounds):
         runs_t.append(torch_figures(a.min_time, groups))

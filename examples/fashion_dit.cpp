@@ -31,7 +31,7 @@ int main(int argc, char** argv) try {
       "guidance; sample grids per guidance scale and a metrics table (classifier agreement, "
       "Frechet distance in classifier features).");
   auto flags = fd::examples::add_fashion_flags(
-      cli, {.out = "out/fashion_dit", .train_steps = 2000, .lr = 1e-3});
+      cli, {.out = "out/fashion_dit", .train_steps = 6000, .lr = 1e-3});
   cli.place_before("eta");  // the DiT's flags are listed after --lr
   auto& patch = cli.option<long>("patch", 4, "patch size p (28 / p tokens a side)");
   auto& hidden = cli.option<long>("hidden", 96, "token width D (a multiple of 4 and of heads)");

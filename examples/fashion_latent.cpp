@@ -41,14 +41,14 @@ int main(int argc, char** argv) try {
       "VAE's reconstruction error and a metrics table (classifier agreement, Frechet distance).");
   auto flags = fd::examples::add_fashion_flags(
       cli, {.out = "out/fashion_latent",
-            .train_steps = 1200,
+            .train_steps = 6000,
             .lr = 1e-3,
             .cache_help = "folder of the cached evaluation classifier and VAE",
             .train_steps_help = "optimizer steps of the latent DiT",
             .batch_help = "latent DiT training batch size",
             .quick_help = "1: tiny smoke run (classifier and VAE not cached, no 90% bar)"});
   cli.place_before("train-steps");  // the VAE's flags are listed after --cache
-  auto& vae_steps = cli.option<long>("vae-steps", 1000, "VAE training steps");
+  auto& vae_steps = cli.option<long>("vae-steps", 2000, "VAE training steps");
   auto& vae_batch = cli.option<long>("vae-batch", 64, "VAE training batch size");
   auto& vae_lr = cli.option<double>("vae-lr", 2e-3, "VAE peak learning rate");
   auto& vae_channels_text =
