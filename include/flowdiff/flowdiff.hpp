@@ -15,10 +15,12 @@
 #include "flowdiff/core/shape.hpp"
 #include "flowdiff/core/tensor.hpp"
 
-// backend: the Backend concept and the CPU backend (Eigen, OpenMP)
+// backend: the Backend concept and the CPU backend (OpenMP, own AVX2/AVX-512 float GEMM, Eigen)
 #include "flowdiff/backend/backend.hpp"
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
+#include "flowdiff/backend/cpu/sgemm.hpp"
 
 // paths: schedules, Gaussian paths, parametrisation converters
 #include "flowdiff/paths/check_schedule.hpp"
