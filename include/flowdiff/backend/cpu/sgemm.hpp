@@ -1,7 +1,7 @@
 // flowdiff/backend/cpu/sgemm.hpp — flowdiff's own single-precision GEMM for x86-64:
 // C[m, n] = alpha op(A) op(B) + beta C on row-major matrices with leading dimensions, by the
-// Goto/BLIS scheme: op(B) is packed once per [KC, NC] block into NR-column micro-panels that all
-// threads share, op(A) per [MC, KC] block into MR-row micro-panels, and an MR x NR register-tile
+// Goto/BLIS scheme: op(B) is packed once per [KC, NC] block into NR-column micro-panels,
+// op(A) per [MC, KC] block into MR-row micro-panels, and an MR x NR register-tile
 // micro-kernel (FMA) runs over them. Two kernels, chosen at run time from the CPU's features
 // (the library is compiled without -march, so they are compiled with GCC/Clang target attributes):
 //   AVX-512F: 8 x 32 (16 zmm accumulators), AVX2 + FMA: 6 x 16 (12 ymm accumulators).
@@ -11,7 +11,9 @@
 // thread count, and threads only change which thread computes which tiles, so the result is
 // bit-identical for 1, 2 or more threads (not between the two kernels, nor against other BLAS).
 // Threads: one OpenMP region per product of at least `parallel_flops`, outside any enclosing
-// parallel region; inside one (e.g. per-sample convolution groups) the product runs serially.
+// parallel region, cutting C along its longer side at tile multiples into one part per thread;
+// each thread packs its own operands (no shared buffers, no barriers). Inside a parallel region
+// (e.g. per-sample convolution groups, attention heads) the product runs serially.
 #pragma once
 
 #include <algorithm>
