@@ -21,6 +21,7 @@
 #include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/backend/cpu/sgemm.hpp"
+#include "flowdiff/backend/dispatch.hpp"
 
 // paths: schedules, Gaussian paths, parametrisation converters
 #include "flowdiff/paths/check_schedule.hpp"
@@ -69,6 +70,7 @@
 #include "flowdiff/nn/layers/cross_entropy.hpp"
 #include "flowdiff/nn/layers/dropout.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
+#include "flowdiff/nn/layers/kernels.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/layers/linear.hpp"
 #include "flowdiff/nn/layers/modulation.hpp"
@@ -79,10 +81,12 @@
 #include "flowdiff/nn/models/classifier.hpp"
 #include "flowdiff/nn/models/dit.hpp"
 #include "flowdiff/nn/models/mlp.hpp"
+#include "flowdiff/nn/models/mlp_backend.hpp"
 #include "flowdiff/nn/models/unet.hpp"
 #include "flowdiff/nn/models/vae.hpp"
 #include "flowdiff/nn/as_field.hpp"
 #include "flowdiff/nn/latent.hpp"
+#include "flowdiff/nn/transfer.hpp"
 
 // io: files, images and plots (PNG encoding links flowdiff::io)
 #include "flowdiff/io/file.hpp"
@@ -92,6 +96,7 @@
 
 // train: objectives (CFM, CFG-CFM, DSM), time samplers, the trainer, optimizers, learning-rate
 // schedules, EMA, gradient clipping
+#include "flowdiff/train/backend_trainer.hpp"
 #include "flowdiff/train/clip.hpp"
 #include "flowdiff/train/ema.hpp"
 #include "flowdiff/train/objective.hpp"

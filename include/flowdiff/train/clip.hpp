@@ -6,30 +6,40 @@
 // an error (numeric_error) unless error_if_nonfinite is false: a NaN gradient should stop training
 // loudly, never be written into the parameters silently. Only trainable tensors count: buffers
 // (Parameters::add_buffer) lie after the trainable prefix of the flat gradient buffer and are skipped.
+// Backend-generic: the sum of squares is B::reduce_sum of a named functor (on the GPU, the CUDA
+// backend's fixed-order reduction) and the scaling one transform pass.
 #pragma once
 
 #include <cmath>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
 namespace flowdiff::train {
 
+namespace detail {
+/// g[i]^2 in double: the terms of the squared global norm.
+template <class T>
+struct SquareTerm {
+  const T* g;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    const double x = static_cast<double>(g[i]);
+    return x * x;
+  }
+};
+}  // namespace detail
+
 /// Scales all gradients of `ps` so that their global L2 norm is at most max_norm; returns the
 /// norm before clipping.
 template <class T, Backend B>
-  requires(B::host_accessible)
 T clip_grad_norm(nn::Parameters<T, B>& ps, double max_norm, bool error_if_nonfinite = true) {
   require<config_error>(std::isfinite(max_norm) && max_norm > 0,
                         "clip_grad_norm: max_norm must be finite and > 0, got ", max_norm);
   auto g = ps.flat_grads().rows(0, ps.trainable_size());
-  const T* p = g.data();
-  const double sq = Cpu::reduce_sum(g.numel(), [p](index_t i) {
-    const double x = static_cast<double>(p[i]);
-    return x * x;
-  });
+  const double sq = B::reduce_sum(g.numel(), detail::SquareTerm<T>{g.data()});
   const T norm = static_cast<T>(std::sqrt(sq));
   if (error_if_nonfinite)
     require<numeric_error>(std::isfinite(norm), "clip_grad_norm: the total gradient norm is ", norm,

@@ -1,0 +1,329 @@
+// tests/support/backend_mlp_checks.hpp — the bodies of the backend-generic MLP checks, written once
+// and templated on the backend B: tests/test_nn_backend.cpp runs them with B = Cpu (Catch2, bit
+// equality with nn::MLP and train::Trainer), tests/cuda/test_cuda_mlp.cu with B = Cuda (against
+// the same CPU references, DESIGN.md §4 tolerances). No Catch2 and no CUDA here: each function
+// returns host copies of what it computed and the caller compares.
+//   mlp_reference / mlp_on_backend      forward (u), backward (dx, parameter gradients) of one batch
+//   train_reference / train_on_backend  a few CFM / CFG-CFM / DSM training steps (losses, gradient
+//                                       norms, parameters, EMA, generator offset)
+//   optim_on_backend                    clip_grad_norm, Sgd, Adam, AdamW and Ema on a flat store
+#pragma once
+
+#include <cstdint>
+#include <flowdiff/backend/dispatch.hpp>
+#include <flowdiff/core/random.hpp>
+#include <flowdiff/core/tensor.hpp>
+#include <flowdiff/data/toy2d.hpp>
+#include <flowdiff/nn/models/mlp.hpp>
+#include <flowdiff/nn/models/mlp_backend.hpp>
+#include <flowdiff/nn/parameters.hpp>
+#include <flowdiff/nn/transfer.hpp>
+#include <flowdiff/paths/gaussian_path.hpp>
+#include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/train/backend_trainer.hpp>
+#include <flowdiff/train/clip.hpp>
+#include <flowdiff/train/ema.hpp>
+#include <flowdiff/train/objective.hpp>
+#include <flowdiff/train/optimizer.hpp>
+#include <flowdiff/train/trainer.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace flowdiff::test {
+
+template <class T, Backend B>
+std::vector<T> host_copy(View<const T, B> v) {
+  Tensor<T> h(v.shape());
+  BackendOps<B>::template download<T>(h.view(), v);
+  return h.to_vector();
+}
+
+template <class T, Backend B>
+Tensor<T, B> device_copy(View<const T> v) {
+  Tensor<T, B> d(v.shape());
+  BackendOps<B>::template upload<T>(d.view(), v);
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward / backward of one batch.
+// ---------------------------------------------------------------------------------------------
+
+struct MlpCase {
+  std::string name;
+  nn::MLPConfig cfg;
+  index_t n = 37;
+  bool labels = false;  // pass labels (else a conditional model uses the null label)
+  bool dx = true;       // ask for the input gradient
+  std::uint64_t seed = 1;
+};
+
+inline std::vector<MlpCase> mlp_cases() {
+  return {
+      {"unconditional", {.dim = 3, .width = 24, .depth = 2, .time_dim = 8}, 37, false, true, 1},
+      {"conditional, labels",
+       {.dim = 2, .width = 16, .depth = 3, .time_dim = 6, .num_classes = 4},
+       29, true, true, 2},
+      {"conditional, null label, no dx",
+       {.dim = 2, .width = 16, .depth = 1, .time_dim = 6, .num_classes = 3},
+       19, false, false, 3},
+      {"odd time_dim", {.dim = 2, .width = 8, .depth = 2, .time_dim = 7, .num_classes = 2},
+       11, true, true, 4},
+      // N * width above the CPU's parallel threshold: threaded loops and gemm.
+      {"large batch", {.dim = 2, .width = 32, .depth = 2, .time_dim = 16, .num_classes = 5},
+       1100, true, true, 5},
+  };
+}
+
+template <class T>
+struct MlpResult {
+  std::vector<T> out, dx, grads, params;
+};
+
+/// The inputs of a case on the host (x ~ N(0, 1), t ~ U[0, 1), y cycling over [0, K]) and an
+/// initialised nn::MLP's parameters.
+template <class T>
+struct MlpInputs {
+  nn::Parameters<T> ps;
+  Tensor<T> x, t, dout;
+  Tensor<label_t> y;
+  explicit MlpInputs(const MlpCase& c) : x(Shape{c.n, c.cfg.dim}), t(Shape{c.n}), dout(x.shape()) {
+    Generator gen(c.seed);
+    nn::MLP<T> mlp(ps, c.cfg);
+    ps.allocate();
+    mlp.init(ps, gen);
+    fill_normal(x, gen);
+    fill_uniform(t, gen);
+    fill_normal(dout, gen);
+    y = Tensor<label_t>(Shape{c.labels ? c.n : 0});
+    for (index_t i = 0; i < y.numel(); ++i)
+      y[i] = static_cast<label_t>(i % (c.cfg.num_classes + 1));
+  }
+};
+
+template <class T>
+MlpResult<T> mlp_reference(const MlpCase& c) {
+  MlpInputs<T> in(c);
+  nn::Parameters<T> ps;
+  nn::MLP<T> mlp(ps, c.cfg);
+  ps.allocate();
+  copy(ps.flat_params(), View<const T>(in.ps.flat_params()));
+  typename nn::MLP<T>::Cache cache;
+  Tensor<T> out(in.x.shape()), dx(in.x.shape());
+  mlp.forward(ps, in.x.view(), in.t.view(), in.y.view(), out.view(), cache);
+  mlp.backward(ps, in.dout.view(), c.dx ? dx.view() : View<T>{}, cache);
+  return {out.to_vector(), c.dx ? dx.to_vector() : std::vector<T>{},
+          host_copy<T, Cpu>(ps.flat_grads()), host_copy<T, Cpu>(ps.flat_params())};
+}
+
+template <class T, Backend B>
+MlpResult<T> mlp_on_backend(const MlpCase& c) {
+  MlpInputs<T> in(c);
+  nn::Parameters<T, B> ps;
+  nn::BackendMLP<T, B> mlp(ps, c.cfg);
+  ps.allocate();
+  nn::upload_parameters(ps, in.ps);
+  const auto x = device_copy<T, B>(in.x.view());
+  const auto t = device_copy<T, B>(in.t.view());
+  const auto dout = device_copy<T, B>(in.dout.view());
+  const auto y = device_copy<label_t, B>(in.y.view());
+  typename nn::BackendMLP<T, B>::Cache cache;
+  Tensor<T, B> out(in.x.shape()), dx(in.x.shape());
+  mlp.forward(ps, x.view(), t.view(), y.view(), out.view(), cache);
+  mlp.backward(ps, dout.view(), c.dx ? dx.view() : View<T, B>{}, cache);
+  // The round trip of the parameters: download into a fresh host store of nn::MLP's layout.
+  nn::Parameters<T> back;
+  nn::MLP<T> host_model(back, c.cfg);
+  back.allocate();
+  nn::download_parameters(back, ps);
+  return {host_copy<T, B>(out.view()), c.dx ? host_copy<T, B>(dx.view()) : std::vector<T>{},
+          host_copy<T, B>(ps.flat_grads()), host_copy<T, Cpu>(back.flat_params())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training steps.
+// ---------------------------------------------------------------------------------------------
+
+enum class TrainKind { cfm, cfg_cfm, dsm };
+
+struct TrainCase {
+  std::string name;
+  TrainKind kind = TrainKind::cfm;
+  bool adamw = true;        // else Adam with L2 weight decay
+  double grad_clip = 0.05;  // small enough to clip every step; 0: off
+  std::int64_t steps = 5;
+  index_t batch = 64;
+};
+
+inline std::vector<TrainCase> train_cases() {
+  return {{"CFM, AdamW, clipped", TrainKind::cfm, true, 0.05},
+          {"CFG-CFM (eta 0.3), Adam + L2, no clipping", TrainKind::cfg_cfm, false, 0.0},
+          {"DSM (beta^2), AdamW, clipped", TrainKind::dsm, true, 0.05}};
+}
+
+template <class T>
+struct TrainOutcome {
+  std::vector<double> losses, norms;
+  std::vector<T> params, ema;
+  std::uint64_t offset = 0;
+};
+
+inline nn::MLPConfig train_config(const TrainCase& c) {
+  return {.dim = 2, .width = 32, .depth = 2, .time_dim = 16,
+          .num_classes = c.kind == TrainKind::cfg_cfm ? 2 : 0};
+}
+
+inline train::TrainerOptions train_options(const TrainCase& c, std::ostream& log) {
+  return {.steps = c.steps, .batch = c.batch, .lr = 3e-3, .warmup_steps = 2,
+          .grad_clip = c.grad_clip, .ema_decay = 0.9, .seed = 99,
+          .progress = train::ProgressMode::quiet, .log = &log};
+}
+
+template <class T>
+train::PathObjective<T, schedules::Linear> train_objective(const TrainCase& c) {
+  const GaussianPath path{schedules::Linear{}};
+  if (c.kind == TrainKind::dsm) return train::score_matching<T>(path, 0.0, 0.99);
+  return train::flow_matching<T>(path, c.kind == TrainKind::cfg_cfm ? 0.3 : 0.0);
+}
+
+/// nn::MLP trained by train::Trainer (the CPU reference).
+template <class T>
+TrainOutcome<T> train_reference(const TrainCase& c) {
+  std::ostringstream log;
+  const data::Toy2DDistribution<T> dist(data::Toy2D::Moons);
+  train::SampledSource<data::Toy2DDistribution<T>> source(dist, Shape{2}, dist.num_classes());
+  nn::Parameters<T> ps;
+  const nn::MLPConfig cfg = train_config(c);
+  nn::MLP<T> mlp(ps, cfg);
+  ps.allocate();
+  Generator init(7);
+  mlp.init(ps, init);
+  TrainOutcome<T> r;
+  auto run = [&](auto optimizer) {
+    train::Trainer trainer(mlp, ps, train_objective<T>(c), std::move(optimizer),
+                           train_options(c, log));
+    trainer.fit(source);
+    r.norms.push_back(trainer.last_grad_norm());
+    r.losses = trainer.losses();
+    r.params = host_copy<T, Cpu>(ps.flat_params());
+    r.ema = host_copy<T, Cpu>(trainer.ema()->flat());
+    r.offset = trainer.generator().offset();
+  };
+  if (c.adamw)
+    run(train::AdamW<T>(train::AdamWOptions{.weight_decay = 0.05}));
+  else
+    run(train::Adam<T>(train::AdamOptions{.weight_decay = 0.01}));
+  return r;
+}
+
+/// The same run with nn::BackendMLP and train::BackendTrainer on B (parameters initialised on
+/// the host by nn::MLP, then uploaded).
+template <class T, Backend B>
+TrainOutcome<T> train_on_backend(const TrainCase& c) {
+  std::ostringstream log;
+  const data::Toy2DDistribution<T> dist(data::Toy2D::Moons);
+  train::SampledSource<data::Toy2DDistribution<T>> source(dist, Shape{2}, dist.num_classes());
+  const nn::MLPConfig cfg = train_config(c);
+  nn::Parameters<T> host;
+  nn::MLP<T> ref(host, cfg);
+  host.allocate();
+  Generator init(7);
+  ref.init(host, init);
+  nn::Parameters<T, B> ps;
+  nn::BackendMLP<T, B> mlp(ps, cfg);
+  ps.allocate();
+  nn::upload_parameters(ps, host);
+  TrainOutcome<T> r;
+  auto run = [&](auto optimizer) {
+    train::BackendTrainer<T, B, schedules::Linear, train::UniformTime, decltype(optimizer)> trainer(
+        mlp, ps, train_objective<T>(c), std::move(optimizer), train_options(c, log));
+    trainer.fit(source);
+    r.norms.push_back(trainer.last_grad_norm());
+    r.losses = trainer.losses();
+    r.params = host_copy<T, B>(ps.flat_params());
+    r.ema = host_copy<T, B>(trainer.ema()->flat());
+    r.offset = trainer.generator().offset();
+  };
+  if (c.adamw)
+    run(train::AdamW<T, B>(train::AdamWOptions{.weight_decay = 0.05}));
+  else
+    run(train::Adam<T, B>(train::AdamOptions{.weight_decay = 0.01}));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizers, EMA and clipping on a flat store with a buffer.
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+struct OptimOutcome {
+  std::vector<T> sgd, adam, adamw, ema, swapped, clipped;
+  double norm = 0;  // clip_grad_norm's returned norm
+};
+
+/// Parameters {a: [37, 5], b: [3], stats (a buffer): [4]} with host-drawn values and gradients,
+/// then on B: 3 steps of each optimizer (from the same start), EMA updates after each Adam step,
+/// a swap, and one clip to max_norm 0.5.
+template <class T, Backend B>
+OptimOutcome<T> optim_on_backend() {
+  auto make = [](auto& ps) {
+    ps.add("a", Shape{37, 5});
+    ps.add("b", Shape{3});
+    ps.add_buffer("stats", Shape{4});
+    ps.allocate();
+  };
+  nn::Parameters<T> host;
+  make(host);
+  Generator gen(5);
+  const index_t nt = host.trainable_size();
+  fill_normal(host.flat_params().rows(0, nt), gen);
+  fill_normal(host.flat_grads().rows(0, nt), gen);
+  fill(host.param(2), T(3));
+  const Tensor<T> grads = [&] {
+    Tensor<T> g(host.flat_grads().shape());
+    copy(g.view(), View<const T>(host.flat_grads()));
+    return g;
+  }();
+  auto fresh = [&] {
+    nn::Parameters<T, B> ps;
+    make(ps);
+    nn::upload_parameters(ps, host);
+    BackendOps<B>::template upload<T>(ps.flat_grads(), grads.view());
+    return ps;
+  };
+  OptimOutcome<T> r;
+  {
+    auto ps = fresh();
+    train::Sgd<T, B> sgd({.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .nesterov = true});
+    for (int k = 0; k < 3; ++k) sgd.step(ps);
+    r.sgd = host_copy<T, B>(ps.flat_params());
+  }
+  {
+    auto ps = fresh();
+    train::Adam<T, B> adam({.lr = 0.01, .weight_decay = 0.02});
+    train::Ema<T, B> ema(ps, {.decay = 0.99});
+    for (int k = 0; k < 3; ++k) {
+      adam.step(ps);
+      ema.update(ps);
+    }
+    r.adam = host_copy<T, B>(ps.flat_params());
+    r.ema = host_copy<T, B>(ema.flat());
+    ema.swap(ps);
+    r.swapped = host_copy<T, B>(ps.flat_params());
+  }
+  {
+    auto ps = fresh();
+    train::AdamW<T, B> adamw({.lr = 0.01, .weight_decay = 0.1});
+    for (int k = 0; k < 3; ++k) adamw.step(ps);
+    r.adamw = host_copy<T, B>(ps.flat_params());
+  }
+  {
+    auto ps = fresh();
+    r.norm = static_cast<double>(train::clip_grad_norm(ps, 0.5));
+    r.clipped = host_copy<T, B>(ps.flat_grads());
+  }
+  return r;
+}
+
+}  // namespace flowdiff::test
