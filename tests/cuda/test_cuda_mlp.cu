@@ -1,0 +1,266 @@
+// tests/cuda/test_cuda_mlp.cu — the backend-generic MLP field and its training step on the CUDA
+// backend, with the bodies of tests/support/backend_mlp_checks.hpp (shared with the Catch2 test
+// tests/test_nn_backend.cpp, which runs them with B = Cpu):
+//   host part (always): the same bodies with B = Cpu compiled by nvcc's host pass, bit-equal to
+//   nn::MLP and train::Trainer (so the host side of the functors nvcc compiles is the CPU's); the
+//   device-choice fallback; BackendOps<Cuda> / BackendMLP<float, Cuda> construction errors.
+//   device part (with a GPU): nn::BackendMLP<T, Cuda> forward / backward against nn::MLP
+//   (normalised MSE <= 1e-7 in fp32, 1e-24 in fp64: the products are cuBLAS's, DESIGN.md §4),
+//   a few train::BackendTrainer<float, Cuda> steps (CFM, CFG-CFM, DSM) against train::Trainer
+//   (losses and parameters within atol 1e-5 + rtol 1e-4: per-step rounding compounded through
+//   Adam), Sgd / Adam / AdamW / Ema / clip_grad_norm on Parameters<float, Cuda> against the same
+//   code on the CPU (element-wise rule), device label checks.
+// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <flowdiff/backend/cuda/all.cuh>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../support/backend_mlp_checks.hpp"
+
+namespace fd = flowdiff;
+namespace nn = flowdiff::nn;
+using fd::Cpu;
+using fd::Cuda;
+using fd::index_t;
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+void expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+template <class F>
+void section(const char* name, F&& body) {
+  const int before = failures;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    expect(false, std::string(name) + ": unexpected exception: " + e.what());
+  }
+  std::printf("%-44s %s\n", name, failures == before ? "ok" : "FAILED");
+}
+
+template <class T>
+std::string str(T v) {
+  return fd::detail::concat(v);
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+/// sum (a - b)^2 / sum b^2 after checking that both are finite and b is not all zero (inf if not).
+template <class T>
+double nmse(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(static_cast<double>(a[i])) || !std::isfinite(static_cast<double>(b[i])))
+      return std::numeric_limits<double>::infinity();
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    num += d * d;
+    den += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+  }
+  return den > 0 ? num / den : std::numeric_limits<double>::infinity();
+}
+
+template <class T>
+void expect_nmse(const std::string& what, const std::vector<T>& got, const std::vector<T>& ref,
+                 double bound) {
+  const double e = nmse(got, ref);
+  expect(e <= bound, what + ": normalised MSE " + str(e) + " > " + str(bound));
+}
+
+/// |got - ref| <= atol + rtol |ref| everywhere, after the finite / non-zero checks.
+template <class T>
+void expect_close(const std::string& what, const std::vector<T>& got, const std::vector<T>& ref,
+                  double atol, double rtol) {
+  if (got.size() != ref.size()) {
+    expect(false, what + ": sizes differ (" + str(got.size()) + " vs " + str(ref.size()) + ")");
+    return;
+  }
+  double worst = 0, ref_max = 0;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double a = static_cast<double>(got[i]), b = static_cast<double>(ref[i]);
+    if (!std::isfinite(a) || !std::isfinite(b)) {
+      expect(false, what + ": non-finite value at " + str(i));
+      return;
+    }
+    ref_max = std::max(ref_max, std::abs(b));
+    const double r = std::abs(a - b) / (atol + rtol * std::abs(b));
+    if (r > worst) {
+      worst = r;
+      at = i;
+    }
+  }
+  expect(ref_max > 0, what + ": the reference is all zero");
+  expect(worst <= 1, what + ": |got - ref| <= " + str(atol) + " + " + str(rtol) +
+                         " |ref| violated by a factor " + str(worst) + " at " + str(at) +
+                         " (got " + str(static_cast<double>(got[at])) + ", ref " +
+                         str(static_cast<double>(ref[at])) + ")");
+}
+
+template <class T>
+std::size_t count_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  std::size_t n = 0;
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += a[i] == b[i];
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host part.
+// ---------------------------------------------------------------------------------------------
+
+void host_checks() {
+  section("BackendMLP<Cpu> under nvcc == nn::MLP", [] {
+    for (const auto& c : fd::test::mlp_cases()) {
+      const auto ref = fd::test::mlp_reference<float>(c);
+      const auto got = fd::test::mlp_on_backend<float, Cpu>(c);
+      expect(same_bits(got.out, ref.out) && same_bits(got.grads, ref.grads) &&
+                 same_bits(got.dx, ref.dx) && same_bits(got.params, ref.params),
+             c.name + ": the host pass of nvcc's functors gives nn::MLP's bits");
+    }
+  });
+  section("BackendTrainer<Cpu> under nvcc == Trainer", [] {
+    for (const auto& c : fd::test::train_cases()) {
+      const auto ref = fd::test::train_reference<float>(c);
+      const auto got = fd::test::train_on_backend<float, Cpu>(c);
+      expect(got.losses == ref.losses && same_bits(got.params, ref.params) &&
+                 same_bits(got.ema, ref.ema) && got.offset == ref.offset,
+             c.name + ": bit-equal losses, parameters, EMA and generator offset");
+    }
+  });
+  section("device choice (host)", [] {
+    std::ostringstream log;
+    const fd::Device d = fd::cuda::resolve_device(fd::Device::cpu, log);
+    expect(d == fd::Device::cpu && log.str().empty(), "--device cpu never asks the runtime");
+    std::string why;
+    const int n = fd::cuda::device_count(&why);
+    const fd::Device e = fd::cuda::resolve_device(fd::Device::cuda, log);
+    expect((n > 0) == (e == fd::Device::cuda), "cuda is chosen exactly when a device is present");
+    if (n == 0)
+      expect(log.str().find("running on the CPU") != std::string::npos &&
+                 log.str().find(why) != std::string::npos,
+             "the fallback notice names the runtime's reason; got: " + log.str());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device part.
+// ---------------------------------------------------------------------------------------------
+
+void device_mlp() {
+  section("BackendMLP<Cuda> forward / backward", [] {
+    for (const auto& c : fd::test::mlp_cases()) {
+      const auto ref = fd::test::mlp_reference<float>(c);
+      const auto got = fd::test::mlp_on_backend<float, Cuda>(c);
+      expect_nmse(c.name + ": u(x, t, y) on the GPU vs nn::MLP", got.out, ref.out, 1e-7);
+      expect_nmse(c.name + ": parameter gradients", got.grads, ref.grads, 1e-7);
+      if (c.dx) expect_nmse(c.name + ": dx", got.dx, ref.dx, 1e-7);
+      expect(same_bits(got.params, ref.params), c.name + ": host -> device -> host is exact");
+      std::printf("  %s: %zu of %zu outputs bit-equal to the CPU\n", c.name.c_str(),
+                  count_equal(got.out, ref.out), ref.out.size());
+    }
+    const auto c = fd::test::mlp_cases()[1];
+    const auto ref = fd::test::mlp_reference<double>(c);
+    const auto got = fd::test::mlp_on_backend<double, Cuda>(c);
+    expect_nmse("double: u", got.out, ref.out, 1e-24);
+    expect_nmse("double: parameter gradients", got.grads, ref.grads, 1e-24);
+    expect_nmse("double: dx", got.dx, ref.dx, 1e-24);
+  });
+  section("BackendMLP<Cuda> label checks", [] {
+    nn::Parameters<float, Cuda> ps;
+    nn::BackendMLP<float, Cuda> mlp(ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4,
+                                         .num_classes = 3});
+    ps.allocate();
+    typename nn::BackendMLP<float, Cuda>::Cache cache;
+    auto x = fd::Tensor<float, Cuda>::zeros({5, 2});
+    auto t = fd::Tensor<float, Cuda>::zeros({5});
+    fd::Tensor<float, Cuda> out({5, 2});
+    fd::Tensor<fd::label_t> yh(fd::Shape{5});
+    for (index_t i = 0; i < 5; ++i) yh[i] = static_cast<fd::label_t>(2 * i - 1);  // -1 .. 7
+    const auto y = fd::to_device(yh);
+    std::string m;
+    try {
+      mlp.forward(ps, x.view(), t.view(), y.view(), out.view(), cache);
+    } catch (const fd::config_error& e) {
+      m = e.what();
+    }
+    expect(m.find("3 of the 5 labels") != std::string::npos && m.find("[0, 3]") != std::string::npos,
+           "device labels outside [0, K] are counted and reported; got: " + m);
+  });
+}
+
+void device_training() {
+  section("BackendTrainer<Cuda> vs Trainer (CPU)", [] {
+    for (const auto& c : fd::test::train_cases()) {
+      const auto ref = fd::test::train_reference<float>(c);
+      const auto got = fd::test::train_on_backend<float, Cuda>(c);
+      expect_close(c.name + ": losses", got.losses, ref.losses, 1e-5, 1e-4);
+      expect_close(c.name + ": gradient norm of the last step", got.norms, ref.norms, 1e-5, 1e-4);
+      expect_close(c.name + ": parameters after " + str(c.steps) + " steps", got.params,
+                   ref.params, 1e-5, 1e-4);
+      expect_close(c.name + ": EMA", got.ema, ref.ema, 1e-5, 1e-4);
+      expect(got.offset == ref.offset, c.name + ": the generator advanced as on the CPU");
+      std::printf("  %s: %zu of %zu parameters bit-equal to the CPU\n", c.name.c_str(),
+                  count_equal(got.params, ref.params), ref.params.size());
+    }
+  });
+  section("optimizers / EMA / clip on Cuda vs Cpu", [] {
+    const auto cpu = fd::test::optim_on_backend<float, Cpu>();
+    const auto gpu = fd::test::optim_on_backend<float, Cuda>();
+    expect_close("Sgd (momentum 0.9, Nesterov, wd), 3 steps", gpu.sgd, cpu.sgd, 1e-6, 1e-5);
+    expect_close("Adam (L2 wd), 3 steps", gpu.adam, cpu.adam, 1e-6, 1e-5);
+    expect_close("AdamW, 3 steps", gpu.adamw, cpu.adamw, 1e-6, 1e-5);
+    expect_close("Ema after each Adam step", gpu.ema, cpu.ema, 1e-6, 1e-5);
+    expect(same_bits(gpu.swapped, gpu.ema), "Ema::swap puts the average into the parameters");
+    expect(std::abs(gpu.norm - cpu.norm) <= 1e-6 * cpu.norm,
+           "clip_grad_norm's norm: " + str(gpu.norm) + " vs " + str(cpu.norm));
+    expect_close("clipped gradients", gpu.clipped, cpu.clipped, 1e-6, 1e-5);
+  });
+}
+
+}  // namespace
+
+int main() {
+  std::printf("flowdiff CUDA MLP tests\n");
+  host_checks();
+  std::string why;
+  if (fd::cuda::device_count(&why) == 0) {
+    if (failures > 0) {
+      std::printf("%d of %d host checks FAILED\n", failures, checks);
+      return 1;
+    }
+    std::printf(
+        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not run\n",
+        checks, why.c_str());
+    return 77;
+  }
+  const auto info = fd::cuda::device_info();
+  std::printf("device %d: %s, compute capability %d.%d\n", info.index, info.name.c_str(),
+              info.compute_major, info.compute_minor);
+  device_mlp();
+  device_training();
+  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
