@@ -225,3 +225,35 @@ TEST_CASE("device choice: parse, and fall back to the CPU with one line", "[back
   const std::string line = log.str();
   CHECK(std::count(line.begin(), line.end(), '\n') == 1);
 }
+
+TEST_CASE("BackendTrainer / BackendObjective: unsupported options and bad arguments are named",
+          "[nn][backend][train]") {
+  nn::Parameters<float> ps;
+  nn::BackendMLP<float, fd::Cpu> mlp(ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4});
+  ps.allocate();
+  const fd::GaussianPath path{fd::schedules::Linear{}};
+  std::ostringstream log;
+  auto options = [&] {
+    return fd::train::TrainerOptions{.steps = 3, .batch = 4,
+                                     .progress = fd::train::ProgressMode::quiet, .log = &log};
+  };
+  auto with_checkpoint = options();
+  with_checkpoint.checkpoint = "model.safetensors";
+  using Trainer = fd::train::BackendTrainer<float, fd::Cpu, fd::schedules::Linear>;
+  CHECK_THROWS_WITH(Trainer(mlp, ps, fd::train::flow_matching<float>(path),
+                            fd::train::AdamW<float>(), with_checkpoint),
+                    Contains("checkpoints and the loss CSV are not implemented"));
+  // Dropout needs a conditional model; labels need one too.
+  Trainer cfg(mlp, ps, fd::train::flow_matching<float>(path, 0.1), fd::train::AdamW<float>(),
+              options());
+  fd::Tensor<float> z({4, 2});
+  fd::fill(z, 0.25f);
+  CHECK_THROWS_WITH(cfg.step(z.view(), {}), Contains("cfg_dropout = 0.1") &&
+                                                Contains("num_classes = 0"));
+  Trainer plain(mlp, ps, fd::train::flow_matching<float>(path), fd::train::AdamW<float>(),
+                options());
+  const auto y = fd::test::make_labels({0, 1, 0, 1});
+  CHECK_THROWS_WITH(plain.step(z.view(), y.view()), Contains("unconditional"));
+  CHECK(std::isfinite(plain.step(z.view(), {})));
+  CHECK(plain.steps_done() == 1);
+}
