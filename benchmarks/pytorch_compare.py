@@ -61,6 +61,30 @@ if WAIT_POLICY == "passive":
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 else:
     os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def _openblas_core():
+    """The OpenBLAS kernel PyTorch (Debian's, built on OpenBLAS) gets on this CPU. OpenBLAS 0.3.21
+    picks its kernels from the CPUID model and falls back to the generic SSE3 'Prescott' kernel
+    for a model it does not know, which some virtual machines report even on AVX-512 CPUs (e.g.
+    a Sapphire Rapids that shows up as "Intel(R) Xeon(R) Processor"): PyTorch's GEMM then runs
+    at a quarter of its speed (1024^3: 45 instead of 200 GFLOP/s on 2 threads). A fair baseline
+    needs PyTorch's best kernel, so unless OPENBLAS_CORETYPE is set already, it is set from the
+    CPU's flags: SkylakeX with AVX-512F, Haswell with AVX2. Returns the choice ('' if none)."""
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return os.environ["OPENBLAS_CORETYPE"] + " (from the environment)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return ""
+    core = "SkylakeX" if "avx512f" in flags else ("Haswell" if "avx2" in flags else "")
+    if core:
+        os.environ["OPENBLAS_CORETYPE"] = core
+    return core
+
+
+OPENBLAS_CORE = _openblas_core()
 import torch  # noqa: E402
 
 from mlp import MLP  # noqa: E402
@@ -252,7 +276,8 @@ def main():
         return
 
     groups = [g for g in a.models.split(",") if g]
-    print(f"torch {torch.__version__}, {a.threads} threads, wait policy {WAIT_POLICY}, "
+    print(f"torch {torch.__version__}, OpenBLAS core {OPENBLAS_CORE or 'auto'}, "
+          f"{a.threads} threads, wait policy {WAIT_POLICY}, "
           f"bench {a.bench}; load before: {load()}")
     runs_t, runs_c = [], []
     for r in range(a.rounds):

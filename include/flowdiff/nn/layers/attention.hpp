@@ -11,7 +11,8 @@
 // The per-(sample, head) products read q, k, v in place inside the [N L, 3D] qkv matrix through
 // strided products (gemm_strided, no head split/merge copies) and run in parallel over (sample, head); the
 // projections are one GEMM each over all N L tokens. The softmax subtracts the row maximum and
-// takes its exponentials with fast_exp (core/fast_math.hpp; vectorised in float). The backward
+// takes its exponentials with fast_exp (core/fast_math.hpp; vectorised in float, in the widest
+// instruction set of the CPU through simd::vector_loop, as the softmax backward). The backward
 // temporaries (dqkv, dP, do) live in a Scratch that the layers of one model may share.
 // Parameter names: prefix.qkv.weight [3D, D], prefix.qkv.bias [3D], prefix.proj.weight [D, D],
 // prefix.proj.bias [D].
@@ -23,6 +24,7 @@
 #include <string>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/fast_math.hpp"
@@ -176,7 +178,7 @@ class MultiheadSelfAttention {
 
   // row[0..L) <- softmax(row): the row maximum subtracted, exponentials by fast_exp (vectorised
   // in float), the sum in a fixed-order vector reduction (the same whatever the thread count).
-  static void softmax_row(T* row, index_t L) {
+  FLOWDIFF_ALWAYS_INLINE static void softmax_row(T* row, index_t L) {
     T mx = row[0];
     FLOWDIFF_SIMD_REDUCE_MAX(mx)
     for (index_t c = 1; c < L; ++c) mx = row[c] > mx ? row[c] : mx;
@@ -188,6 +190,34 @@ class MultiheadSelfAttention {
     const T inv = T(1) / s;
     FLOWDIFF_SIMD
     for (index_t c = 0; c < L; ++c) row[c] *= inv;
+  }
+
+  // The L x L block p: every row through softmax_row, in the widest vector instruction set of
+  // this CPU (simd::vector_loop; the row sums then add in that set's lane order, the same for
+  // every thread count).
+  static void softmax_rows(T* p, index_t L) {
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          for (index_t r = lo; r < hi; ++r) softmax_row(p + r * L, L);
+        },
+        0, L);
+  }
+
+  // dS = scale P (dP - <dP, P>) row by row, in place of dP (dpp); vector_loop as softmax_rows.
+  static void softmax_backward_rows(const T* pp, T* dpp, index_t L, T scale) {
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          for (index_t r = lo; r < hi; ++r) {
+            T* row = dpp + r * L;
+            const T* pr = pp + r * L;
+            T s = T(0);
+            FLOWDIFF_SIMD_REDUCE_SUM(s)
+            for (index_t c = 0; c < L; ++c) s += row[c] * pr[c];
+            FLOWDIFF_SIMD
+            for (index_t c = 0; c < L; ++c) row[c] = scale * pr[c] * (row[c] - s);
+          }
+        },
+        0, L);
   }
 
   // qkv: [N L, 3D] -> p: [N, heads, L, L], o: [N L, D]
@@ -202,7 +232,7 @@ class MultiheadSelfAttention {
           T* pp = p + nh * L * L;
           gemm_strided(Trans::no, Trans::yes, L, L, dh, scale, base, 3 * D, base + D, 3 * D, T(0),
                        pp, L);
-          for (index_t r = 0; r < L; ++r) softmax_row(pp + r * L, L);
+          softmax_rows(pp, L);
           gemm_strided(Trans::no, Trans::no, L, dh, L, T(1), static_cast<const T*>(pp), L,
                        base + 2 * D, 3 * D, T(0), o + i * L * D + h * dh, D);
         },
@@ -227,15 +257,7 @@ class MultiheadSelfAttention {
                        L);  // dP = dO v^T
           gemm_strided(Trans::yes, Trans::no, L, dh, L, T(1), pp, L, dO, D, T(0),
                        dqkv + off + 2 * D, 3 * D);  // dv = P^T dO
-          for (index_t r = 0; r < L; ++r) {  // softmax backward, row by row: dS = P (dP - <dP, P>)
-            T* row = dpp + r * L;
-            const T* pr = pp + r * L;
-            T s = T(0);
-            FLOWDIFF_SIMD_REDUCE_SUM(s)
-            for (index_t c = 0; c < L; ++c) s += row[c] * pr[c];
-            FLOWDIFF_SIMD
-            for (index_t c = 0; c < L; ++c) row[c] = scale * pr[c] * (row[c] - s);
-          }
+          softmax_backward_rows(pp, dpp, L, scale);  // dS = P (dP - <dP, P>) scaled
           const T* dS = dpp;
           gemm_strided(Trans::no, Trans::no, L, dh, L, T(1), dS, L, q + D, 3 * D, T(0), dqkv + off,
                        3 * D);  // dq = dS k

@@ -16,6 +16,8 @@
 #include <string>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
@@ -27,16 +29,82 @@ namespace flowdiff::nn {
 
 namespace detail {
 
-/// Mean and 1/sqrt(biased variance + eps) of x[0..k), two-pass (no cancellation of sum x^2).
+/// Number of independent partial sums in lane_sums: one AVX-512 register of floats.
+inline constexpr int sum_lanes = 16;
+
+/// (sum_i f(i), sum_i g(i)) over i in [0, k) in a fixed order that does not depend on the
+/// instruction set: element i goes to lane i % 16 (each lane adds its elements in order), then
+/// the 16 lanes are combined pairwise (lane l += lane l + w for w = 8, 4, 2, 1). The lanes are
+/// independent, so the compiler keeps them in vector registers (one zmm, two ymm or four xmm)
+/// with the same bits in every case; a single running sum would be one serial chain of adds
+/// (4 cycles each). Inline into the caller, which vector_loop may compile for AVX2 / AVX-512.
+template <class T, class F, class G>
+FLOWDIFF_ALWAYS_INLINE void lane_sums(index_t k, F f, G g, T& sum_f, T& sum_g) {
+  constexpr int W = sum_lanes;
+  T af[W], ag[W];
+  for (int l = 0; l < W; ++l) af[l] = ag[l] = T(0);
+  index_t i = 0;
+  for (; i + W <= k; i += W)
+    for (int l = 0; l < W; ++l) {
+      af[l] += f(i + l);
+      ag[l] += g(i + l);
+    }
+  for (int l = 0; i + l < k; ++l) {
+    af[l] += f(i + l);
+    ag[l] += g(i + l);
+  }
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) {
+      af[l] += af[l + w];
+      ag[l] += ag[l + w];
+    }
+  sum_f = af[0];
+  sum_g = ag[0];
+}
+
+/// sum_i f(i) over [0, k) in lane_sums' fixed order.
+template <class T, class F>
+FLOWDIFF_ALWAYS_INLINE T lane_sum(index_t k, F f) {
+  constexpr int W = sum_lanes;
+  T a[W];
+  for (int l = 0; l < W; ++l) a[l] = T(0);
+  index_t i = 0;
+  for (; i + W <= k; i += W)
+    for (int l = 0; l < W; ++l) a[l] += f(i + l);
+  for (int l = 0; i + l < k; ++l) a[l] += f(i + l);
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  return a[0];
+}
+
+/// Mean and 1/sqrt(biased variance + eps) of x[0..k), two-pass (no cancellation of sum x^2),
+/// each sum in lane_sum's fixed order.
 template <class T>
-void moments(const T* x, index_t k, T eps, T& mean, T& rstd) {
-  T s = 0;
-  for (index_t i = 0; i < k; ++i) s += x[i];
+FLOWDIFF_ALWAYS_INLINE void moments(const T* x, index_t k, T eps, T& mean, T& rstd) {
+  const T s = lane_sum<T>(k, [x](index_t i) FLOWDIFF_LAMBDA_INLINE { return x[i]; });
   const T mu = s / static_cast<T>(k);
-  T v = 0;
-  for (index_t i = 0; i < k; ++i) v += (x[i] - mu) * (x[i] - mu);
+  const T v = lane_sum<T>(k, [x, mu](index_t i) FLOWDIFF_LAMBDA_INLINE {
+    return (x[i] - mu) * (x[i] - mu);
+  });
   mean = mu;
   rstd = T(1) / std::sqrt(v / static_cast<T>(k) + eps);
+}
+
+/// f(r) for r in [0, m) over the threads (Cpu::parallel_for with `work` per item), each call
+/// compiled for the widest vector instruction set of the CPU (simd::vector_loop); f must be
+/// marked FLOWDIFF_LAMBDA_INLINE.
+template <class F>
+void vector_rows(index_t m, index_t work, F f) {
+  Cpu::parallel_for(
+      m,
+      [=](index_t r) {
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              for (index_t i = lo; i < hi; ++i) f(i);
+            },
+            r, r + 1);
+      },
+      work);
 }
 
 /// Statistics a normalisation layer keeps between forward and backward.
@@ -96,9 +164,9 @@ class LayerNorm {
     const T* b = affine_ ? ps.param(b_).data() : nullptr;
     const index_t c = c_;
     const T eps = eps_;
-    Cpu::parallel_for(
-        m,
-        [=](index_t r) {
+    detail::vector_rows(
+        m, 4 * c,
+        [=](index_t r) FLOWDIFF_LAMBDA_INLINE {
           const T* xr = px + r * c;
           T* yr = py + r * c;
           detail::moments(xr, c, eps, mean[r], rstd[r]);
@@ -108,8 +176,7 @@ class LayerNorm {
           } else {
             for (index_t j = 0; j < c; ++j) yr[j] = (xr[j] - mu) * rs;
           }
-        },
-        4 * c);
+        });
   }
 
   // x, dy: [..., C]; dx: same shape or empty. Parameter gradients accumulate.
@@ -142,27 +209,28 @@ class LayerNorm {
     if (dx.empty()) return;
     detail::check_arg(prefix_, "LayerNorm", "dx", dx, x.shape());
     T* pdx = dx.data();
-    Cpu::parallel_for(
-        m,
-        [=](index_t r) {
+    detail::vector_rows(
+        m, 6 * c,
+        [=](index_t r) FLOWDIFF_LAMBDA_INLINE {
           const T* xr = px + r * c;
           const T* gr = pdy + r * c;
           T* dxr = pdx + r * c;
           const T mu = mean[r], rs = rstd[r];
-          T a = 0, bsum = 0;
-          for (index_t j = 0; j < c; ++j) {
-            const T gh = g ? gr[j] * g[j] : gr[j];
-            a += gh;
-            bsum += gh * (xr[j] - mu) * rs;
-          }
+          T a, bsum;
+          detail::lane_sums<T>(
+              c,
+              [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return g ? gr[j] * g[j] : gr[j]; },
+              [=](index_t j) FLOWDIFF_LAMBDA_INLINE {
+                return (g ? gr[j] * g[j] : gr[j]) * (xr[j] - mu) * rs;
+              },
+              a, bsum);
           a /= static_cast<T>(c);
           bsum /= static_cast<T>(c);
           for (index_t j = 0; j < c; ++j) {
             const T gh = g ? gr[j] * g[j] : gr[j];
             dxr[j] = rs * (gh - a - (xr[j] - mu) * rs * bsum);
           }
-        },
-        6 * c);
+        });
   }
 
  private:
@@ -229,9 +297,9 @@ class GroupNorm {
     const index_t groups = g_;
     const T eps = eps_;
     // Sets (n, g) are contiguous blocks of k = (C/G) * spatial elements.
-    Cpu::parallel_for(
-        n * groups,
-        [=](index_t ng) {
+    detail::vector_rows(
+        n * groups, 4 * k,
+        [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
           const T* xb = px + ng * k;
           T* yb = py + ng * k;
           detail::moments(xb, k, eps, mean[ng], rstd[ng]);
@@ -242,8 +310,7 @@ class GroupNorm {
             const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
             for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
           }
-        },
-        4 * k);
+        });
   }
 
   // x, dy: [N, C, ...]; dx: same shape or empty. Parameter gradients accumulate.
@@ -264,43 +331,49 @@ class GroupNorm {
       T* dg = ps.grad(w_).data();
       T* db = ps.grad(b_).data();
       // One channel per task: every task owns its two accumulators, so no reduction races.
-      Cpu::parallel_for(
-          c,
-          [=](index_t ch) {
+      detail::vector_rows(
+          c, 4 * n * s,
+          [=](index_t ch) FLOWDIFF_LAMBDA_INLINE {
             T sg = 0, sb = 0;
             const index_t grp = ch / cg;
-            for (index_t i = 0; i < n; ++i) {
-              const index_t off = (i * c + ch) * s;
+            for (index_t i = 0; i < n; ++i) {  // per sample in lane order, then in sample order
+              const T* dyi = pdy + (i * c + ch) * s;
+              const T* xi = px + (i * c + ch) * s;
               const T mu = mean[i * groups + grp], rs = rstd[i * groups + grp];
-              for (index_t j = 0; j < s; ++j) {
-                sg += pdy[off + j] * (px[off + j] - mu) * rs;
-                sb += pdy[off + j];
-              }
+              T pg, pb;
+              detail::lane_sums<T>(
+                  s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return dyi[j] * (xi[j] - mu) * rs; },
+                  [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return dyi[j]; }, pg, pb);
+              sg += pg;
+              sb += pb;
             }
             dg[ch] += sg;
             db[ch] += sb;
-          },
-          4 * n * s);
+          });
     }
     if (dx.empty()) return;
     detail::check_arg(prefix_, "GroupNorm", "dx", dx, x.shape());
     T* pdx = dx.data();
-    Cpu::parallel_for(
-        n * groups,
-        [=](index_t ng) {
+    detail::vector_rows(
+        n * groups, 6 * k,
+        [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
           const T* xb = px + ng * k;
           const T* gb = pdy + ng * k;
           T* dxb = pdx + ng * k;
           const T mu = mean[ng], rs = rstd[ng];
           const index_t c0 = (ng % groups) * cg;
           T a = 0, bsum = 0;
-          for (index_t ci = 0; ci < cg; ++ci) {
+          for (index_t ci = 0; ci < cg; ++ci) {  // per channel in lane order, then channel order
             const T gm = gam ? gam[c0 + ci] : T(1);
-            for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
-              const T gh = gb[j] * gm;
-              a += gh;
-              bsum += gh * (xb[j] - mu) * rs;
-            }
+            const T* gc = gb + ci * s;
+            const T* xc = xb + ci * s;
+            T pa, pb;
+            detail::lane_sums<T>(
+                s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j] * gm; },
+                [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j] * gm * (xc[j] - mu) * rs; },
+                pa, pb);
+            a += pa;
+            bsum += pb;
           }
           a /= static_cast<T>(k);
           bsum /= static_cast<T>(k);
@@ -309,8 +382,7 @@ class GroupNorm {
             for (index_t j = ci * s; j < (ci + 1) * s; ++j)
               dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum);
           }
-        },
-        6 * k);
+        });
   }
 
  private:

@@ -151,9 +151,9 @@ void ln_modulate(View<const T> x, T eps, detail::NormCache<T>& stats, bool fresh
   const T* pb = shift.data();
   T* mean = stats.mean.data();
   T* rstd = stats.rstd.data();
-  Cpu::parallel_for(
-      rows,
-      [=](index_t r) {
+  detail::vector_rows(
+      rows, 6 * D,
+      [=](index_t r) FLOWDIFF_LAMBDA_INLINE {
         const T* xr = px + r * D;
         if (fresh) detail::moments(xr, D, eps, mean[r], rstd[r]);
         const T mu = mean[r], rs = rstd[r];
@@ -167,8 +167,7 @@ void ln_modulate(View<const T> x, T eps, detail::NormCache<T>& stats, bool fresh
           FLOWDIFF_SIMD
           for (index_t j = 0; j < D; ++j) xnr[j] = (xr[j] - mu) * rs;
         }
-      },
-      6 * D);
+      });
 }
 
 // y = a + b element-wise (a, b, y: same size; y may alias a).
