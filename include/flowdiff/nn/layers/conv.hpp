@@ -25,8 +25,10 @@
 #include <vector>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/parameters.hpp"
@@ -80,9 +82,9 @@ template <class T>
 void im2col(const T* x, const ConvGeometry& g, T* col, index_t ld) {
   const index_t k = g.kernel, s = g.stride, p = g.padding, H = g.height, W = g.width;
   const index_t oh_n = g.out_h, ow_n = g.out_w;
-  Cpu::parallel_for(
-      g.rows(),
-      [=](index_t r) {
+  // Each row in the widest vector instruction set (simd::vector_loop): pure copies, the same
+  // bits in any set.
+  auto row = [=](index_t r) FLOWDIFF_LAMBDA_INLINE {
         const index_t c = r / (k * k), i = (r / k) % k, j = r % k;
         index_t lo, hi;
         valid_range(j, s, p, W, ow_n, lo, hi);
@@ -102,6 +104,15 @@ void im2col(const T* x, const ConvGeometry& g, T* col, index_t ld) {
           }
           for (index_t ow = hi; ow < ow_n; ++ow) dst[ow] = T(0);
         }
+      };
+  Cpu::parallel_for(
+      g.rows(),
+      [=](index_t r) {
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              for (index_t q = lo; q < hi; ++q) row(q);
+            },
+            r, r + 1);
       },
       g.cols());
 }
@@ -112,9 +123,9 @@ template <class T>
 void col2im(const T* col, index_t ld, const ConvGeometry& g, T* x) {
   const index_t k = g.kernel, s = g.stride, p = g.padding, H = g.height, W = g.width;
   const index_t oh_n = g.out_h, ow_n = g.out_w;
-  Cpu::parallel_for(
-      g.channels,
-      [=](index_t c) {
+  // Each channel in the widest vector instruction set (simd::vector_loop); the sums onto a pixel
+  // keep their (i, j, oh) order, so the bits are those of the baseline build.
+  auto channel = [=](index_t c) FLOWDIFF_LAMBDA_INLINE {
         T* xc = x + c * H * W;
         std::fill(xc, xc + H * W, T(0));
         for (index_t i = 0; i < k; ++i)
@@ -133,6 +144,15 @@ void col2im(const T* col, index_t ld, const ConvGeometry& g, T* x) {
               }
             }
           }
+      };
+  Cpu::parallel_for(
+      g.channels,
+      [=](index_t c) {
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              for (index_t q = lo; q < hi; ++q) channel(q);
+            },
+            c, c + 1);
       },
       k * k * g.cols());
 }
