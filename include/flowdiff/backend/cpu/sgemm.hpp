@@ -161,9 +161,21 @@ inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t 
 /// copies (vector moves; the element loop does not vectorise because src and dst may alias).
 template <index_t W>
 inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, float* dst) {
-  const index_t whole = len / W * W;
+  // Panels go in pairs when two of them make one 64-byte line (W = 8), so every source line is
+  // fetched once; the rows are far apart, so the next ones are prefetched.
+  constexpr index_t G = W * sizeof(float) < 64 ? 64 / (W * sizeof(float)) : 1;
+  constexpr index_t ahead = 8;  // rows of prefetch distance
+  const index_t whole = len / (G * W) * (G * W);
   index_t x = 0;
-  for (; x < whole; x += W, dst += W * kc) {
+  for (; x < whole; x += G * W, dst += G * W * kc) {
+    const float* sp = src + x;
+    for (index_t p = 0; p < kc; ++p, sp += ld) {
+      if (p + ahead < kc) __builtin_prefetch(sp + ahead * ld);
+      for (index_t g = 0; g < G; ++g)
+        std::memcpy(dst + g * W * kc + p * W, sp + g * W, W * sizeof(float));
+    }
+  }
+  for (; x + W <= len; x += W, dst += W * kc) {
     const float* sp = src + x;
     for (index_t p = 0; p < kc; ++p, sp += ld) std::memcpy(dst + p * W, sp, W * sizeof(float));
   }
