@@ -190,19 +190,8 @@ class BackendObjective {
 
   // PathObjective::draw_labels: one uniform per sample, always drawn.
   void draw_labels(View<const label_t> y, bool has_labels, index_t k, Generator& gen) {
-    const index_t n = labels_host_.numel();
-    const auto null = static_cast<label_t>(k);
-    fill_uniform(u_host_, gen);
-    const T eta = static_cast<T>(o_.cfg_dropout);
-    for (index_t i = 0; i < n; ++i) {
-      label_t l = null;
-      if (has_labels) {
-        l = y[i];
-        require<config_error>(l >= 0 && l <= null, "BackendObjective: y[", i, "] = ", l,
-                              " is not a label in [0, ", k, "] (", k, " = ∅)");
-      }
-      labels_host_[i] = u_host_[i] < eta ? null : l;
-    }
+    detail::draw_cfg_labels<T>("BackendObjective", y, has_labels, k, o_.cfg_dropout,
+                               u_host_.view(), labels_host_.view(), gen);
   }
 
   // GaussianPath's per-sample checks (the kernels cannot throw), on the host copy of t.
@@ -358,11 +347,7 @@ class BackendTrainer {
   }
 
   /// The learning rate of 0-based step k (Trainer's warmup + cosine schedule).
-  double learning_rate(std::int64_t k) const {
-    if (k < o_.warmup_steps) return linear_warmup(k, o_.lr, o_.warmup_steps);
-    if (!o_.cosine) return o_.lr;
-    return cosine_decay(k - o_.warmup_steps, o_.lr, o_.steps - o_.warmup_steps, o_.min_lr);
-  }
+  double learning_rate(std::int64_t k) const { return scheduled_lr(o_, k); }
 
   std::int64_t steps_done() const { return step_; }
   double last_loss() const { return last_loss_; }

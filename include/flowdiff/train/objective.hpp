@@ -51,6 +51,35 @@ struct ObjectiveOptions {
   std::function<double(double)> weight = {};
 };
 
+namespace detail {
+
+/// The labels of one CFG training batch (per-sample label dropout): out[i] = the null label k
+/// when u[i] < eta, else y[i] (the null label when there are no labels), with u[i] uniform in
+/// [0, 1) from one fill of the generator — always one call, so the stream of later steps does
+/// not depend on eta. A label outside [0, k] is a config_error naming `who` and the sample.
+/// u and out are host views of the batch size.
+template <class T>
+void draw_cfg_labels(const char* who, View<const label_t> y, bool has_labels, index_t k,
+                     double eta, View<T> u, View<label_t> out, Generator& gen) {
+  const index_t n = out.numel();
+  const auto null = static_cast<label_t>(k);
+  fill_uniform(u, gen);
+  const T e = static_cast<T>(eta);
+  const T* pu = u.data();
+  label_t* po = out.data();
+  for (index_t i = 0; i < n; ++i) {
+    label_t l = null;
+    if (has_labels) {
+      l = y[i];
+      require<config_error>(l >= 0 && l <= null, who, ": y[", i, "] = ", l,
+                            " is not a label in [0, ", k, "] (", k, " = ∅)");
+    }
+    po[i] = pu[i] < e ? null : l;
+  }
+}
+
+}  // namespace detail
+
 /// A network trained by an objective: forward(ps, x, t, y, out, cache), backward(ps, dout, dx,
 /// cache) and num_classes() (nn::MLP, nn::UNet, ... all are).
 template <class M>
@@ -187,20 +216,8 @@ class PathObjective {
   }
 
   void draw_labels(View<const label_t> y, bool has_labels, index_t k, Generator& gen) {
-    const index_t n = labels_.numel();
-    const auto null = static_cast<label_t>(k);
-    // Always one generator call, so the stream of later steps does not depend on eta.
-    fill_uniform(u_, gen);
-    const T eta = static_cast<T>(o_.cfg_dropout);
-    for (index_t i = 0; i < n; ++i) {
-      label_t l = null;
-      if (has_labels) {
-        l = y[i];
-        require<config_error>(l >= 0 && l <= null, "PathObjective: y[", i, "] = ", l,
-                              " is not a label in [0, ", k, "] (", k, " = ∅)");
-      }
-      labels_[i] = u_[i] < eta ? null : l;
-    }
+    detail::draw_cfg_labels<T>("PathObjective", y, has_labels, k, o_.cfg_dropout, u_.view(),
+                               labels_.view(), gen);
   }
 
   void compute_weights() {

@@ -136,6 +136,14 @@ struct TrainerOptions {
   std::ostream* log = &std::cerr;  ///< where progress goes
 };
 
+/// The learning rate of 0-based step k under o: linear warmup over o.warmup_steps, then o.lr,
+/// or with o.cosine a cosine decay to o.min_lr at o.steps.
+inline double scheduled_lr(const TrainerOptions& o, std::int64_t k) {
+  if (k < o.warmup_steps) return linear_warmup(k, o.lr, o.warmup_steps);
+  if (!o.cosine) return o.lr;
+  return cosine_decay(k - o.warmup_steps, o.lr, o.steps - o.warmup_steps, o.min_lr);
+}
+
 struct TrainResult {
   std::int64_t first_step = 0;  ///< where this run started (> 0 when resumed)
   std::int64_t last_step = 0;   ///< steps done in all
@@ -258,11 +266,7 @@ class Trainer {
   }
 
   /// The learning rate of 0-based step k.
-  double learning_rate(std::int64_t k) const {
-    if (k < o_.warmup_steps) return linear_warmup(k, o_.lr, o_.warmup_steps);
-    if (!o_.cosine) return o_.lr;
-    return cosine_decay(k - o_.warmup_steps, o_.lr, o_.steps - o_.warmup_steps, o_.min_lr);
-  }
+  double learning_rate(std::int64_t k) const { return scheduled_lr(o_, k); }
 
   std::int64_t step() const { return step_; }
   double last_loss() const { return last_loss_; }
