@@ -209,20 +209,8 @@ class BackendObjective {
 
   // PathObjective::compute_weights.
   void compute_weights() {
-    for (index_t i = 0; i < w_host_.numel(); ++i) {
-      double w = 1;
-      const double ti = static_cast<double>(t_host_[i]);
-      if (o_.weight) {
-        w = o_.weight(ti);
-        require<config_error>(std::isfinite(w) && w >= 0,
-                              "BackendObjective: the weight w(t) at t = ", ti, " is ", w,
-                              "; it must be finite and >= 0");
-      } else if (o_.weighting == Weighting::beta_squared) {
-        const double b = flowdiff::evaluate(path_.schedule(), ti).beta;
-        w = b * b;
-      }
-      w_host_[i] = static_cast<T>(w);
-    }
+    detail::loss_weights<T>("BackendObjective", o_, path_.schedule(), t_host_.view(),
+                            w_host_.view());
   }
 
   GaussianPath<S> path_;

@@ -78,6 +78,29 @@ void draw_cfg_labels(const char* who, View<const label_t> y, bool has_labels, in
   }
 }
 
+
+/// w[i] = the loss weight of sample i at time t[i]: o.weight(t) when set (a config_error naming
+/// `who` unless finite and >= 0), beta_t^2 for Weighting::beta_squared, else 1. Host views.
+template <class T, class S>
+void loss_weights(const char* who, const ObjectiveOptions& o, const S& schedule,
+                  View<const T> t, View<T> w) {
+  const T* pt = t.data();
+  T* pw = w.data();
+  for (index_t i = 0; i < w.numel(); ++i) {
+    double wi = 1;
+    const double ti = static_cast<double>(pt[i]);
+    if (o.weight) {
+      wi = o.weight(ti);
+      require<config_error>(std::isfinite(wi) && wi >= 0, who, ": the weight w(t) at t = ", ti,
+                            " is ", wi, "; it must be finite and >= 0");
+    } else if (o.weighting == Weighting::beta_squared) {
+      const double b = flowdiff::evaluate(schedule, ti).beta;
+      wi = b * b;
+    }
+    pw[i] = static_cast<T>(wi);
+  }
+}
+
 }  // namespace detail
 
 /// A network trained by an objective: forward(ps, x, t, y, out, cache), backward(ps, dout, dx,
@@ -221,21 +244,7 @@ class PathObjective {
   }
 
   void compute_weights() {
-    const index_t n = w_.numel();
-    for (index_t i = 0; i < n; ++i) {
-      double w = 1;
-      const double ti = static_cast<double>(t_[i]);
-      if (o_.weight) {
-        w = o_.weight(ti);
-        require<config_error>(std::isfinite(w) && w >= 0,
-                              "PathObjective: the weight w(t) at t = ", ti, " is ", w,
-                              "; it must be finite and >= 0");
-      } else if (o_.weighting == Weighting::beta_squared) {
-        const double b = flowdiff::evaluate(path_.schedule(), ti).beta;
-        w = b * b;
-      }
-      w_[i] = static_cast<T>(w);
-    }
+    detail::loss_weights<T>("PathObjective", o_, path_.schedule(), t_.view(), w_.view());
   }
 
   GaussianPath<S> path_;
