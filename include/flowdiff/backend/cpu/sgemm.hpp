@@ -49,8 +49,21 @@ using simd::best_isa;
 using simd::Isa;
 using simd::isa_name;
 
+/// An op(B) that is never stored but packs itself (an implicit operand: a convolution's im2col
+/// matrix read straight from the images). pack(ctx, p0, kc, j0, nc, dst) writes
+/// op(B)[p0 : p0 + kc, j0 : j0 + nc] as `panel`-column micro-panels, panel q at dst + panel q kc,
+/// row p of it at + panel p, lanes beyond nc zero: what pack_rows writes for a stored op(B), so
+/// the product has the same bits as with the matrix. Only the AVX-512 kernel (32-column panels)
+/// takes one; gemm() returns false for any other kernel and for thin products.
+struct BPacker {
+  static constexpr index_t panel = 32;
+  void (*pack)(const void* ctx, index_t p0, index_t kc, index_t j0, index_t nc, float* dst);
+  const void* ctx;
+};
+
 /// One product C = alpha op(A) op(B) + beta C; op(A) is [m, k], op(B) [k, n], C [m, n], all
 /// row-major with leading dimensions lda, ldb, ldc (elements between rows of the stored matrix).
+/// With bpack set, op(B) comes from it (columns from bcol0 on) and b, ldb, tb are unused.
 struct Problem {
   bool ta = false, tb = false;
   index_t m = 0, n = 0, k = 0;
@@ -62,6 +75,8 @@ struct Problem {
   float beta = 0.f;
   float* c = nullptr;
   index_t ldc = 0;
+  const BPacker* bpack = nullptr;
+  index_t bcol0 = 0;
 
   float A(index_t i, index_t p) const { return ta ? a[p * lda + i] : a[i * lda + p]; }
   float B(index_t p, index_t j) const { return tb ? b[j * ldb + p] : b[p * ldb + j]; }
@@ -205,6 +220,12 @@ inline void pack_a(const Problem& o, index_t i0, index_t mc, index_t p0, index_t
 /// op(B)[p0 : p0 + kc, j0 : j0 + nc] into its NR-column micro-panels (panel c at dst + c kc).
 template <index_t NR>
 inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t nc, float* dst) {
+  if constexpr (NR == BPacker::panel) {
+    if (o.bpack) {
+      o.bpack->pack(o.bpack->ctx, p0, kc, o.bcol0 + j0, nc, dst);
+      return;
+    }
+  }
   if (!o.tb) {  // rows of op(B) contiguous along j
     pack_rows<NR>(o.b + p0 * o.ldb + j0, o.ldb, nc, kc, dst);
   } else {  // op(B)(p, j) = B[j, p]: each column of a panel is a contiguous row of B
@@ -218,7 +239,10 @@ inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t
 inline Problem columns_of(const Problem& o, index_t j0, index_t j1) {
   Problem s = o;
   s.n = j1 - j0;
-  s.b = o.tb ? o.b + j0 * o.ldb : o.b + j0;
+  if (o.bpack)
+    s.bcol0 = o.bcol0 + j0;
+  else
+    s.b = o.tb ? o.b + j0 * o.ldb : o.b + j0;
   s.c = o.c + j0;
   return s;
 }
@@ -294,50 +318,36 @@ __attribute__((target("avx2,fma"))) inline void store_avx2(float* row, __m256 x0
   }
 }
 
+/// MR x 32 tile: MR broadcasts of A against two vectors of B per k, 2 MR zmm accumulators.
+template <int MR>
 __attribute__((target("avx512f"))) inline void micro_avx512(index_t kc, const float* ap,
                                                             const float* bp, float* c, index_t ldc,
                                                             float alpha, bool overwrite) {
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00,
-         c70 = c00, c71 = c00;
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {  // C's tile arrives while the sums run
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 31), _MM_HINT_T0);
+  }
   for (index_t p = 0; p < kc; ++p) {
     const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
-    __m512 a = _mm512_set1_ps(ap[0]);
-    c00 = _mm512_fmadd_ps(a, b0, c00);
-    c01 = _mm512_fmadd_ps(a, b1, c01);
-    a = _mm512_set1_ps(ap[1]);
-    c10 = _mm512_fmadd_ps(a, b0, c10);
-    c11 = _mm512_fmadd_ps(a, b1, c11);
-    a = _mm512_set1_ps(ap[2]);
-    c20 = _mm512_fmadd_ps(a, b0, c20);
-    c21 = _mm512_fmadd_ps(a, b1, c21);
-    a = _mm512_set1_ps(ap[3]);
-    c30 = _mm512_fmadd_ps(a, b0, c30);
-    c31 = _mm512_fmadd_ps(a, b1, c31);
-    a = _mm512_set1_ps(ap[4]);
-    c40 = _mm512_fmadd_ps(a, b0, c40);
-    c41 = _mm512_fmadd_ps(a, b1, c41);
-    a = _mm512_set1_ps(ap[5]);
-    c50 = _mm512_fmadd_ps(a, b0, c50);
-    c51 = _mm512_fmadd_ps(a, b1, c51);
-    a = _mm512_set1_ps(ap[6]);
-    c60 = _mm512_fmadd_ps(a, b0, c60);
-    c61 = _mm512_fmadd_ps(a, b1, c61);
-    a = _mm512_set1_ps(ap[7]);
-    c70 = _mm512_fmadd_ps(a, b0, c70);
-    c71 = _mm512_fmadd_ps(a, b1, c71);
-    ap += 8;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(ap[r]);
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+    }
+    ap += MR;
     bp += 32;
   }
   const __m512 al = _mm512_set1_ps(alpha);
-  store_avx512(c, c00, c01, al, overwrite);
-  store_avx512(c + ldc, c10, c11, al, overwrite);
-  store_avx512(c + 2 * ldc, c20, c21, al, overwrite);
-  store_avx512(c + 3 * ldc, c30, c31, al, overwrite);
-  store_avx512(c + 4 * ldc, c40, c41, al, overwrite);
-  store_avx512(c + 5 * ldc, c50, c51, al, overwrite);
-  store_avx512(c + 6 * ldc, c60, c61, al, overwrite);
-  store_avx512(c + 7 * ldc, c70, c71, al, overwrite);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) store_avx512(c + r * ldc, acc0[r], acc1[r], al, overwrite);
 }
 
 __attribute__((target("avx2,fma"))) inline void micro_avx2(index_t kc, const float* ap,
@@ -381,7 +391,7 @@ struct Avx512 {
   static constexpr index_t MR = 8, NR = 32, KC = 256, MC = 128, NC = 2048;
   static void micro(index_t kc, const float* ap, const float* bp, float* c, index_t ldc,
                     float alpha, bool overwrite) {
-    micro_avx512(kc, ap, bp, c, ldc, alpha, overwrite);
+    micro_avx512<MR>(kc, ap, bp, c, ldc, alpha, overwrite);
   }
 };
 
@@ -667,6 +677,7 @@ void thin(const Problem& o, bool parallel) {
 inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #if FLOWDIFF_SGEMM_X86
   if (isa == Isa::none) return false;
+  if (o.bpack && (isa != Isa::avx512 || o.m <= 4 || o.n <= 4)) return false;
   if (o.m == 0 || o.n == 0) return true;
   if (o.k == 0 || o.alpha == 0.f) {
     for (index_t i = 0; i < o.m; ++i)

@@ -14,14 +14,20 @@
 // inside; in backward the groups are cut into at most 8 contiguous chunks (by the batch shape
 // only, never the thread count), chunk 0 accumulates into dW and every other chunk into its own
 // partial, and the partials are added to dW in chunk order, so gradients are bit-identical for
-// any thread count. A batch of one group runs serially with threaded GEMMs. This file also holds
-// the im2col / col2im / channel-packing helpers shared with ConvTranspose2d.
+// any thread count. A batch of one group runs serially with threaded GEMMs. Float on an AVX-512
+// CPU skips the column matrix (implicit GEMM: sgemm packs its panels straight from the images,
+// the same values, so the same bits), and dx of a stride-1 convolution is the convolution of dy
+// with the flipped kernel (no col2im). This file also holds the im2col / col2im / channel-packing
+// helpers shared with ConvTranspose2d.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
@@ -157,6 +163,218 @@ void col2im(const T* col, index_t ld, const ConvGeometry& g, T* x) {
       k * k * g.cols());
 }
 
+#if FLOWDIFF_SGEMM_X86
+/// The column matrix of gn samples (columns l = sample L + oh out_w + ow, as im2col lays out a
+/// group) as an implicit GEMM operand: sgemm packs its panels straight from the images.
+struct ImplicitColumns {
+  const float* x = nullptr;  // the group's first sample, [C, H, W] each
+  ConvGeometry g;
+  index_t plane = 0;  // elements per sample
+};
+
+/// BPacker::pack for ImplicitColumns: rows r = (c, i, j) of columns [j0, j0 + nc) into 32-lane
+/// panels. Each 16-lane half of a panel row is one masked load when its lanes are consecutive
+/// pixels of one image row (stride 1, all in one output row), otherwise one masked gather; lanes
+/// outside the image (padding) or beyond nc are zero. The values are im2col's, so the product
+/// has the bits of im2col + GEMM.
+__attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* ctx, index_t p0,
+                                                                    index_t kc, index_t j0,
+                                                                    index_t nc, float* dst) {
+  constexpr index_t NR = sgemm::BPacker::panel;
+  const auto& src = *static_cast<const ImplicitColumns*>(ctx);
+  const ConvGeometry& g = src.g;
+  const index_t k = g.kernel, kk = k * k, L = g.cols(), ow_n = g.out_w, W = g.width;
+  const index_t HW = g.height * W;
+  alignas(64) std::int32_t ih0[NR], iw0[NR], off[NR];
+  const __m512i vh = _mm512_set1_epi32(static_cast<std::int32_t>(g.height));
+  const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
+  for (index_t q = 0; q < nc; q += NR, dst += NR * kc) {
+    const index_t lanes = std::min(NR, nc - q);
+    for (index_t t = 0; t < NR; ++t) {
+      if (t < lanes) {
+        const index_t l = j0 + q + t, gi = l / L, rem = l % L, oh = rem / ow_n, ow = rem % ow_n;
+        const index_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
+        ih0[t] = static_cast<std::int32_t>(h0);
+        iw0[t] = static_cast<std::int32_t>(w0);
+        off[t] = static_cast<std::int32_t>(gi * src.plane + h0 * W + w0);
+      } else {  // never inside the image: (unsigned)(ih0 + i) >= H
+        ih0[t] = std::numeric_limits<std::int32_t>::min() / 2;
+        iw0[t] = 0;
+        off[t] = 0;
+      }
+    }
+    __m512i vih[2], viw[2], voff[2];
+    bool run[2];  // the 16 lanes are consecutive pixels of one row
+    for (int v = 0; v < 2; ++v) {
+      vih[v] = _mm512_load_si512(ih0 + 16 * v);
+      viw[v] = _mm512_load_si512(iw0 + 16 * v);
+      voff[v] = _mm512_load_si512(off + 16 * v);
+      const index_t first = j0 + q + 16 * v;
+      run[v] = g.stride == 1 && lanes >= 16 * (v + 1) && first / ow_n == (first + 15) / ow_n;
+    }
+    index_t c = p0 / kk, i = (p0 % kk) / k, j = p0 % k;
+    for (index_t p = 0; p < kc; ++p) {
+      const index_t delta = c * HW + i * W + j;
+      const __m512i vi = _mm512_set1_epi32(static_cast<std::int32_t>(i));
+      const __m512i vj = _mm512_set1_epi32(static_cast<std::int32_t>(j));
+      const __m512i vd = _mm512_set1_epi32(static_cast<std::int32_t>(delta));
+      for (int v = 0; v < 2; ++v) {
+        const __mmask16 inside =
+            _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
+            _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
+        __m512 val;
+        if (run[v]) {
+          // Masked-off lanes are not read, so the address may lie in the padding.
+          const std::intptr_t at = static_cast<std::intptr_t>(off[16 * v] + delta);
+          val = _mm512_maskz_loadu_ps(inside, reinterpret_cast<const float*>(
+                                                  reinterpret_cast<std::intptr_t>(src.x) +
+                                                  at * std::intptr_t(sizeof(float))));
+        } else {
+          val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
+                                         _mm512_add_epi32(voff[v], vd), src.x, 4);
+        }
+        _mm512_store_ps(dst + p * NR + 16 * v, val);
+      }
+      if (++j == k) {
+        j = 0;
+        if (++i == k) {
+          i = 0;
+          ++c;
+        }
+      }
+    }
+  }
+}
+
+/// BPacker::pack for the transposed column matrix (op(B) = col^T, [gn L, C k k]: dW = dy col^T):
+/// rows p of op(B) are columns l of col, lanes are rows r = (c, i, j); every 16-lane half of a
+/// panel row is one masked gather (the lanes are k-pixel runs of different image rows). The values
+/// are those of im2col, so the product has the bits of im2col + GEMM.
+__attribute__((target("avx512f"))) inline void pack_implicit_t_avx512(const void* ctx, index_t p0,
+                                                                      index_t kc, index_t j0,
+                                                                      index_t nc, float* dst) {
+  constexpr index_t NR = sgemm::BPacker::panel;
+  const auto& src = *static_cast<const ImplicitColumns*>(ctx);
+  const ConvGeometry& g = src.g;
+  const index_t k = g.kernel, kk = k * k, L = g.cols(), ow_n = g.out_w, oh_n = g.out_h;
+  const index_t W = g.width, HW = g.height * W;
+  alignas(64) std::int32_t ti[NR], tj[NR], rel[NR];
+  const __m512i vh = _mm512_set1_epi32(static_cast<std::int32_t>(g.height));
+  const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
+  for (index_t q = 0; q < nc; q += NR, dst += NR * kc) {
+    const index_t lanes = std::min(NR, nc - q);
+    for (index_t t = 0; t < NR; ++t) {
+      if (t < lanes) {
+        const index_t r = j0 + q + t, c = r / kk, i = (r % kk) / k, j = r % k;
+        ti[t] = static_cast<std::int32_t>(i);
+        tj[t] = static_cast<std::int32_t>(j);
+        rel[t] = static_cast<std::int32_t>(c * HW + i * W + j);
+      } else {  // never inside the image
+        ti[t] = std::numeric_limits<std::int32_t>::min() / 2;
+        tj[t] = 0;
+        rel[t] = 0;
+      }
+    }
+    __m512i vi[2], vj[2], vrel[2];
+    for (int v = 0; v < 2; ++v) {
+      vi[v] = _mm512_load_si512(ti + 16 * v);
+      vj[v] = _mm512_load_si512(tj + 16 * v);
+      vrel[v] = _mm512_load_si512(rel + 16 * v);
+    }
+    index_t gi = p0 / L, oh = (p0 % L) / ow_n, ow = p0 % ow_n;
+    for (index_t p = 0; p < kc; ++p) {
+      const index_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
+      const __m512i vh0 = _mm512_set1_epi32(static_cast<std::int32_t>(h0));
+      const __m512i vw0 = _mm512_set1_epi32(static_cast<std::int32_t>(w0));
+      const __m512i vb = _mm512_set1_epi32(static_cast<std::int32_t>(gi * src.plane + h0 * W + w0));
+      for (int v = 0; v < 2; ++v) {
+        const __mmask16 inside = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vi[v], vh0), vh) &
+                                 _mm512_cmplt_epu32_mask(_mm512_add_epi32(vj[v], vw0), vw);
+        _mm512_store_ps(dst + p * NR + 16 * v,
+                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
+                                                 _mm512_add_epi32(vrel[v], vb), src.x, 4));
+      }
+      if (++ow == ow_n) {
+        ow = 0;
+        if (++oh == oh_n) {
+          oh = 0;
+          ++gi;
+        }
+      }
+    }
+  }
+}
+#endif
+
+/// dW-shaped product C[m, C k k] = alpha A[m, gn L] col^T + beta C with the column matrix of
+/// samples x[0 .. gn) packed from the images (bit-identical to im2col + gemm). Same conditions
+/// and return as implicit_gemm.
+template <class T>
+bool implicit_gemm_t(const T* a, index_t m, const T* x, const ConvGeometry& g, index_t plane,
+                     index_t gn, T beta, T* c, index_t ldc) {
+#if FLOWDIFF_SGEMM_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm::best_isa() != sgemm::Isa::avx512 || m <= 4 || g.rows() <= 4) return false;
+    if (gn * plane + g.height * g.width >= (index_t{1} << 30)) return false;
+    const ImplicitColumns cols{x, g, plane};
+    const sgemm::BPacker packer{&pack_implicit_t_avx512, &cols};
+    sgemm::Problem pr;
+    pr.m = m;
+    pr.n = g.rows();
+    pr.k = gn * g.cols();
+    pr.a = a;
+    pr.lda = gn * g.cols();
+    pr.beta = beta;
+    pr.c = c;
+    pr.ldc = ldc;
+    pr.bpack = &packer;
+    return sgemm::gemm(sgemm::Isa::avx512, pr);
+  }
+#endif
+  (void)a, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)beta, (void)c, (void)ldc;
+  return false;
+}
+
+/// Whether implicit_gemm runs for T on this CPU (products with more than 4 rows).
+template <class T>
+bool implicit_available(index_t m) {
+#if FLOWDIFF_SGEMM_X86
+  if constexpr (std::is_same_v<T, float>) return m > 4 && sgemm::best_isa() == sgemm::Isa::avx512;
+#endif
+  (void)m;
+  return false;
+}
+
+/// C[m, gn L] = A[m, K] * (the column matrix of samples x[0 .. gn)) without forming it (implicit
+/// GEMM: sgemm packs the columns from the images), bit-identical to im2col + gemm. Float with the
+/// AVX-512 kernel only, m > 4 and gn L > 4, offsets within 32 bits; returns false otherwise
+/// (nothing done) and the caller takes im2col. Threads as gemm (serial inside a parallel region).
+template <class T>
+bool implicit_gemm(const T* a, index_t m, const T* x, const ConvGeometry& g, index_t plane,
+                   index_t gn, T* c, index_t ldc) {
+#if FLOWDIFF_SGEMM_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm::best_isa() != sgemm::Isa::avx512 || m <= 4 || gn * g.cols() <= 4) return false;
+    const index_t reach = gn * plane + g.height * g.width;
+    if (reach >= (index_t{1} << 30)) return false;
+    const ImplicitColumns cols{x, g, plane};
+    const sgemm::BPacker packer{&pack_implicit_avx512, &cols};
+    sgemm::Problem pr;
+    pr.m = m;
+    pr.n = gn * g.cols();
+    pr.k = g.rows();
+    pr.a = a;
+    pr.lda = g.rows();
+    pr.c = c;
+    pr.ldc = ldc;
+    pr.bpack = &packer;
+    return sgemm::gemm(sgemm::Isa::avx512, pr);
+  }
+#endif
+  (void)a, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)c, (void)ldc;
+  return false;
+}
+
 /// dst[c, g L + l] = src[g, c, l] for g < groups: the samples of a group side by side.
 template <class T>
 void pack_samples(const T* src, index_t groups, index_t channels, index_t len, T* dst) {
@@ -287,6 +505,7 @@ class Conv2d {
     // Threads 1, 2, ...: their own col / out (thread 0 uses the two above).
     std::vector<Tensor<T>> col_t, out_t;
     std::vector<Tensor<T>> dw;  // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
+    Tensor<T> wf;  // [C, O k k] the flipped kernel of dx's implicit GEMM
   };
 
   /// At most this many backward chunks (weight-gradient partials) per call.
@@ -312,6 +531,19 @@ class Conv2d {
       const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
       T* colw = workspace(cache, tid, false);
       T* outw = workspace(cache, tid, true);
+      if (!g.identity()) {  // implicit GEMM where it runs (same bits as im2col + gemm)
+        const index_t plane = in_ * g.height * g.width;
+        const T* xg = x.data() + n0 * plane;
+        T* yn = y.data() + n0 * out_ * L;
+        if (gn == 1 && implicit_gemm(w, out_, xg, g, plane, 1, yn, L)) {
+          if (b) add_channel_bias(yn, out_, out_, L, b);
+          return;
+        }
+        if (gn > 1 && implicit_gemm(w, out_, xg, g, plane, gn, outw, cols)) {
+          unpack_samples(outw, gn, out_, L, yn, b);
+          return;
+        }
+      }
       const T* col = columns(x, g, n0, gn, colw);
       if (gn == 1) {
         T* yn = y.data() + n0 * out_ * L;
@@ -340,6 +572,23 @@ class Conv2d {
     const T* w = ps.param(w_).data();
     T* dw = ps.grad(w_).data();
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
+    // dx of a stride-1 convolution is the convolution of dy with the flipped, transposed kernel
+    // (padding k - 1 - p): one implicit GEMM instead of W^T dy and col2im.
+    const bool flipped = want_dx && s_ == 1 && p_ <= k_ - 1 && !g.identity() &&
+                         implicit_available<T>(in_);
+    ConvGeometry gf;
+    if (flipped) {
+      gf.channels = out_;
+      gf.height = g.out_h;
+      gf.width = g.out_w;
+      gf.kernel = k_;
+      gf.stride = 1;
+      gf.padding = k_ - 1 - p_;
+      gf.out_h = g.height;
+      gf.out_w = g.width;
+      flip_kernel(w, cache.wf);
+    }
+    const T* wf = flipped ? cache.wf.data() : nullptr;
     Cpu::parallel_tasks(chunks, team, [&](index_t c, index_t tid) {
       // Chunk c: groups [c groups / chunks, (c + 1) groups / chunks), into dW or its partial.
       const index_t q0 = c * groups / chunks, q1 = (c + 1) * groups / chunks;
@@ -348,21 +597,34 @@ class Conv2d {
       T* outw = workspace(cache, tid, true);
       for (index_t q = q0; q < q1; ++q) {
         const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
-        const T* col = columns(x, g, n0, gn, colw);
         const T* dyg = dy.data() + n0 * out_ * L;
         if (gn > 1) {
           pack_samples(dyg, gn, out_, L, outw);
           dyg = outw;
         }
         const T beta = c == 0 || q > q0 ? T(1) : T(0);
-        gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
-             mat(dwc, out_, K));
+        const index_t plane = in_ * g.height * g.width;
+        if (g.identity() ||
+            !implicit_gemm_t(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwc, K)) {
+          const T* col = columns(x, g, n0, gn, colw);
+          gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
+               mat(dwc, out_, K));
+        }
         if (!want_dx) continue;
         T* dxn = dx.data() + n0 * in_ * g.height * g.width;
         if (g.identity() && gn == 1) {  // col2im is the identity: write dx directly
           gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
                mat(dxn, K, cols));
           continue;
+        }
+        if (flipped) {  // dx = conv(dy, flipped kernel); the columns' buffer holds a group's dx
+          const index_t hw = g.height * g.width;
+          const T* dyx = dy.data() + n0 * out_ * L;
+          T* dst = gn == 1 ? dxn : colw;
+          if (implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, dst, gn * hw)) {
+            if (gn > 1) unpack_samples(colw, gn, in_, hw, dxn, static_cast<const T*>(nullptr));
+            continue;
+          }
         }
         // The columns are no longer needed: their buffer takes dcol.
         T* dcol = colw;
@@ -422,6 +684,18 @@ class Conv2d {
       cache.dw.resize(static_cast<std::size_t>(partials));
     for (index_t c = 0; c < partials; ++c) grow(cache.dw[static_cast<std::size_t>(c)], out_ * K);
     return team;
+  }
+
+  // wf[c, (o k + i) k + j] = W[o, c, k - 1 - i, k - 1 - j]: dx = conv(dy, wf, padding k - 1 - p).
+  void flip_kernel(const T* w, Tensor<T>& wf) const {
+    if (wf.numel() != in_ * out_ * k_ * k_) wf.resize(Shape{in_, out_ * k_ * k_});
+    T* f = wf.data();
+    for (index_t c = 0; c < in_; ++c)
+      for (index_t o = 0; o < out_; ++o)
+        for (index_t i = 0; i < k_; ++i)
+          for (index_t j = 0; j < k_; ++j)
+            f[((c * out_ + o) * k_ + i) * k_ + j] =
+                w[((o * in_ + c) * k_ + (k_ - 1 - i)) * k_ + (k_ - 1 - j)];
   }
 
   static T* workspace(Cache& cache, index_t tid, bool out) {
