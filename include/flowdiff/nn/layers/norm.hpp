@@ -22,6 +22,7 @@
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/activation.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
@@ -309,6 +310,48 @@ class GroupNorm {
             const T a = gam ? rs * gam[c0 + ci] : rs;
             const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
             for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
+          }
+        });
+  }
+
+  /// forward() again from the statistics it left in `cache` (no reduction): y = GN(x) with
+  /// the same bits, and, when `act` is not empty, act = SiLU(y) in the same pass (as
+  /// silu_forward would give). For recomputing activations in backward instead of keeping them.
+  void recompute(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
+                 const Cache& cache) const {
+    check(x, y, "y");
+    if (!act.empty()) check(x, act, "act");
+    const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
+    detail::check_arg(prefix_, "GroupNorm", "cache.mean (run forward first)", cache.mean.view(),
+                      Shape{n * g_});
+    const T* px = x.data();
+    T* py = y.data();
+    T* pz = act.empty() ? nullptr : act.data();
+    const T* mean = cache.mean.data();
+    const T* rstd = cache.rstd.data();
+    const T* gam = affine_ ? ps.param(w_).data() : nullptr;
+    const T* bet = affine_ ? ps.param(b_).data() : nullptr;
+    const index_t groups = g_;
+    detail::vector_rows(
+        n * groups, 3 * k,
+        [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
+          const T* xb = px + ng * k;
+          T* yb = py + ng * k;
+          const T mu = mean[ng], rs = rstd[ng];
+          const index_t c0 = (ng % groups) * cg;
+          for (index_t ci = 0; ci < cg; ++ci) {
+            const T a = gam ? rs * gam[c0 + ci] : rs;
+            const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
+            if (pz) {
+              T* zb = pz + ng * k;
+              for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
+                const T v = xb[j] * a + b;
+                yb[j] = v;
+                zb[j] = detail::silu_fwd(v);
+              }
+            } else {
+              for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
+            }
           }
         });
   }

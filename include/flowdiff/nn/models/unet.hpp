@@ -49,6 +49,11 @@ struct UNetConfig {
   bool attention = false;                         ///< self-attention at the lowest resolution
   index_t attention_heads = 4;                    ///< heads of that attention
   index_t groups = 8;  ///< GroupNorm groups (must divide every channel count)
+  /// Training memory: recompute each residual block's GroupNorm and SiLU outputs in backward
+  /// from the block input and conv1's output (kept) instead of keeping four activations per
+  /// block; the recomputed values are bit-identical, so are the gradients. false keeps them
+  /// (a few per cent faster, about twice the activation memory).
+  bool recompute = true;
 };
 
 namespace unet_detail {
@@ -145,8 +150,19 @@ struct ResBlock {
     typename GroupNorm<T>::Cache n1, n2;
     typename Conv2d<T>::Cache c1, c2;
     typename Adapter<T>::Cache at, ay;
-    Tensor<T> a1, s1, h1, a2, s2;  // [N, C, H, W] each: GN1 out, SiLU, conv1 + adapters, GN2, SiLU
+    Tensor<T> h1;  // [N, C, H, W]: conv1 + adapters
+    // [N, C, H, W] each: GN1 out, SiLU, GN2 out, SiLU; left empty when the block recomputes
+    // them (the level's shared Recompute buffers hold them while they are needed).
+    Tensor<T> a1, s1, a2, s2;
   };
+
+  /// Where a block's GroupNorm / SiLU outputs live: its own cache, or (recompute) two buffers
+  /// shared by the blocks of a level, refilled in backward.
+  struct Act {
+    View<T> a1, s1, a2, s2;
+  };
+  static Act own(Cache& c) { return {c.a1.view(), c.s1.view(), c.a2.view(), c.s2.view()}; }
+  static Act shared(View<T> a, View<T> s) { return {a, s, a, s}; }
 
   void init(Parameters<T>& ps, Generator& gen) const {
     gn1.init(ps, gen);
@@ -158,24 +174,38 @@ struct ResBlock {
   }
 
   // x, out: [N, C, H, W]; et: [N, td]; ey: [N, yd] (unused when unconditional).
+  // act: own(c) (sized here) or shared buffers of x's shape.
   void forward(const Parameters<T>& ps, View<const T> x, View<const T> et, View<const T> ey,
-               View<T> out, Cache& c) const {
+               View<T> out, Cache& c, bool recompute, Act act) const {
     const Shape s = x.shape();
-    for (Tensor<T>* t : {&c.a1, &c.s1, &c.h1, &c.a2, &c.s2}) resize_if(*t, s);
+    resize_if(c.h1, s);
+    if (!recompute) {
+      for (Tensor<T>* t : {&c.a1, &c.s1, &c.a2, &c.s2}) resize_if(*t, s);
+      act = own(c);
+    }
     const index_t len = s[2] * s[3];
-    gn1.forward(ps, x, c.a1.view(), c.n1);
-    silu_forward<T>(c.a1.view(), c.s1.view());
-    conv1.forward(ps, c.s1.view(), c.h1.view(), c.c1);
+    first_half(ps, x, c, act);
+    conv1.forward(ps, act.s1, c.h1.view(), c.c1);
     t_adapter.forward(ps, et, c.at);
     add_broadcast<T>(c.h1.view(), c.at.out.view(), len);
     if (!y_adapter.empty()) {
       y_adapter[0].forward(ps, ey, c.ay);
       add_broadcast<T>(c.h1.view(), c.ay.out.view(), len);
     }
-    gn2.forward(ps, c.h1.view(), c.a2.view(), c.n2);
-    silu_forward<T>(c.a2.view(), c.s2.view());
-    conv2.forward(ps, c.s2.view(), out, c.c2);
+    second_half(ps, c, act);
+    conv2.forward(ps, act.s2, out, c.c2);
     add_inplace<T>(out, x);
+  }
+
+  // a1 = GN1(x), s1 = SiLU(a1) / a2 = GN2(h1), s2 = SiLU(a2) (backward recomputes them with
+  // GroupNorm::recompute: the same bits).
+  void first_half(const Parameters<T>& ps, View<const T> x, Cache& c, const Act& act) const {
+    gn1.forward(ps, x, act.a1, c.n1);
+    silu_forward<T>(act.a1, act.s1);
+  }
+  void second_half(const Parameters<T>& ps, Cache& c, const Act& act) const {
+    gn2.forward(ps, c.h1.view(), act.a2, c.n2);
+    silu_forward<T>(act.a2, act.s2);
   }
 
   // dout: [N, C, H, W]; dx overwritten (must not alias dout); det, dey accumulated (+=), using
@@ -183,10 +213,15 @@ struct ResBlock {
   // level: only one block runs backward at a time).
   void backward(Parameters<T>& ps, View<const T> x, View<const T> et, View<const T> ey,
                 View<const T> dout, View<T> dx, View<T> det, View<T> dey, View<T> tmp_t,
-                View<T> tmp_y, View<T> g1, View<T> g2, Cache& c) const {
+                View<T> tmp_y, View<T> g1, View<T> g2, Cache& c, bool recompute,
+                Act act) const {
     const index_t len = x.dim(2) * x.dim(3);
-    conv2.backward(ps, c.s2.view(), dout, g1, c.c2);
-    silu_backward<T>(c.a2.view(), g1, g1);
+    if (recompute)  // GN2 from its kept statistics, SiLU in the same pass
+      gn2.recompute(ps, c.h1.view(), act.a2, act.s2, c.n2);
+    else
+      act = own(c);
+    conv2.backward(ps, act.s2, dout, g1, c.c2);
+    silu_backward<T>(act.a2, g1, g1);
     gn2.backward(ps, c.h1.view(), g1, g2, c.n2);  // g2 = dh1
     sum_spatial<T>(g2, c.at.dout.view(), len);
     t_adapter.backward(ps, et, det, tmp_t, c.at);
@@ -194,8 +229,9 @@ struct ResBlock {
       sum_spatial<T>(g2, c.ay.dout.view(), len);
       y_adapter[0].backward(ps, ey, dey, tmp_y, c.ay);
     }
-    conv1.backward(ps, c.s1.view(), g2, g1, c.c1);
-    silu_backward<T>(c.a1.view(), g1, g1);
+    if (recompute) gn1.recompute(ps, x, act.a1, act.s1, c.n1);
+    conv1.backward(ps, act.s1, g2, g1, c.c1);
+    silu_backward<T>(act.a1, g1, g1);
     gn1.backward(ps, x, g1, dx, c.n1);
     add_inplace<T>(dx, dout);  // the identity path
   }
@@ -226,6 +262,8 @@ class UNet {
     std::vector<Tensor<T>> rb_out, rb_grad;
     std::vector<typename Block::Cache> rb;
     std::vector<Tensor<T>> scratch1, scratch2;  // per level: the blocks' backward scratch
+    // Per level, with config().recompute: the blocks' GroupNorm / SiLU outputs while in use.
+    std::vector<Tensor<T>> act_a, act_s;
     // Per encoder level: the downsampled output s_i (also the skip) and its gradient.
     std::vector<Tensor<T>> down, ddown;
     std::vector<typename Conv2d<T>::Cache> down_c;
@@ -326,7 +364,8 @@ class UNet {
     std::size_t b = 0;
     auto run_blocks = [&]() {
       for (index_t r = 0; r < R; ++r, ++b) {
-        blocks_[b].forward(ps, h, c.et.view(), c.ey.view(), c.rb_out[b].view(), c.rb[b]);
+        blocks_[b].forward(ps, h, c.et.view(), c.ey.view(), c.rb_out[b].view(), c.rb[b],
+                           cfg_.recompute, shared_act(c, b));
         h = c.rb_out[b].view();
       }
     };
@@ -382,7 +421,8 @@ class UNet {
         blocks_[b].backward(ps, block_input(b, stage_in), c.et.view(), c.ey.view(), g,
                             c.rb_grad[b].view(), c.det.view(), c.dey.view(), c.tmp_t.view(),
                             c.tmp_y.view(), c.scratch1[level_of_[b]].view(),
-                            c.scratch2[level_of_[b]].view(), c.rb[b]);
+                            c.scratch2[level_of_[b]].view(), c.rb[b], cfg_.recompute,
+                            shared_act(c, b));
         g = c.rb_grad[b].view();  // rb_grad[b] = gradient w.r.t. block b's input
       }
       return g;
@@ -433,6 +473,13 @@ class UNet {
 
  private:
   std::string name() const { return prefix_.empty() ? std::string("UNet") : prefix_ + " (UNet)"; }
+
+  // Block b's GroupNorm / SiLU buffers when recomputing: its level's shared pair (else unused).
+  typename Block::Act shared_act(Cache& c, std::size_t b) const {
+    if (!cfg_.recompute) return {};
+    const auto level = static_cast<std::size_t>(level_of_[b]);
+    return Block::shared(c.act_a[level].view(), c.act_s[level].view());
+  }
 
   void validate() const {
     const auto& ch = cfg_.channels;
@@ -496,6 +543,12 @@ class UNet {
     for (index_t i = 0; i < levels; ++i) {
       c.scratch1[static_cast<std::size_t>(i)].resize(at(i));
       c.scratch2[static_cast<std::size_t>(i)].resize(at(i));
+    }
+    c.act_a.resize(cfg_.recompute ? static_cast<std::size_t>(levels) : 0);
+    c.act_s.resize(cfg_.recompute ? static_cast<std::size_t>(levels) : 0);
+    for (std::size_t i = 0; i < c.act_a.size(); ++i) {
+      c.act_a[i].resize(at(static_cast<index_t>(i)));
+      c.act_s[i].resize(at(static_cast<index_t>(i)));
     }
     std::size_t b = 0;
     const auto stage = [&](index_t level) {
