@@ -259,7 +259,10 @@ class UNet {
     typename Conv2d<T>::Cache conv0;
     typename GroupNorm<T>::Cache norm0;
     // Per residual block (encoders, midcoder, decoders in order): its output and its gradient.
-    std::vector<Tensor<T>> rb_out, rb_grad;
+    std::vector<Tensor<T>> rb_out;
+    // Per level, two gradient buffers the blocks of a stage take in turn (block b writes the
+    // gradient of its input into rb_grad[2 level + b % 2]; its dout is the other one).
+    std::vector<Tensor<T>> rb_grad;
     std::vector<typename Block::Cache> rb;
     std::vector<Tensor<T>> scratch1, scratch2;  // per level: the blocks' backward scratch
     // Per level, with config().recompute: the blocks' GroupNorm / SiLU outputs while in use.
@@ -414,16 +417,16 @@ class UNet {
       return k % static_cast<std::size_t>(R) == 0 ? stage_in : View<const T>(c.rb_out[k - 1]);
     };
     // Runs the R blocks before b backwards, from g (the gradient of the last one's output);
-    // returns the gradient of the stage input, which lands in the first block's rb_grad.
+    // returns the gradient of the stage input, which lands in the first block's grad_of.
     const auto back_blocks = [&](View<const T> stage_in, View<const T> g) -> View<const T> {
       for (index_t r = 0; r < R; ++r) {
         --b;
         blocks_[b].backward(ps, block_input(b, stage_in), c.et.view(), c.ey.view(), g,
-                            c.rb_grad[b].view(), c.det.view(), c.dey.view(), c.tmp_t.view(),
+                            grad_of(c, b), c.det.view(), c.dey.view(), c.tmp_t.view(),
                             c.tmp_y.view(), c.scratch1[level_of_[b]].view(),
                             c.scratch2[level_of_[b]].view(), c.rb[b], cfg_.recompute,
                             shared_act(c, b));
-        g = c.rb_grad[b].view();  // rb_grad[b] = gradient w.r.t. block b's input
+        g = grad_of(c, b);  // the gradient w.r.t. block b's input
       }
       return g;
     };
@@ -463,16 +466,23 @@ class UNet {
       const View<const T> stage_in = i == 0 ? View<const T>(c.a0) : View<const T>(c.down[k - 1]);
       g = back_blocks(stage_in, gin);
     }
-    // Init conv: SiLU, GroupNorm, conv; rb_grad[0] holds the gradient of a0.
+    // Init conv: SiLU, GroupNorm, conv; grad_of(c, 0) (free once g is consumed) holds the
+    // gradient of the norm's input.
     Tensor<T>& ga = c.dupc.empty() ? c.dmid : c.dupc.back();  // [N, c_0, H, W] scratch
     silu_backward<T>(c.g0.view(), g, ga.view());
-    init_norm_[0].backward(ps, c.c0.view(), ga.view(), c.rb_grad[0].view(), c.norm0);
-    init_conv_[0].backward(ps, c.x.view(), c.rb_grad[0].view(), dx, c.conv0);
+    init_norm_[0].backward(ps, c.c0.view(), ga.view(), grad_of(c, 0), c.norm0);
+    init_conv_[0].backward(ps, c.x.view(), grad_of(c, 0), dx, c.conv0);
     if (conditional()) y_emb_[0].backward(ps, c.labels.view(), c.dey.view());
   }
 
  private:
   std::string name() const { return prefix_.empty() ? std::string("UNet") : prefix_ + " (UNet)"; }
+
+  // Where block b's backward writes the gradient of its input: one of its level's two buffers,
+  // never the one holding its dout (the next block's, same stage, same level).
+  View<T> grad_of(Cache& c, std::size_t b) const {
+    return c.rb_grad[2 * static_cast<std::size_t>(level_of_[b]) + b % 2].view();
+  }
 
   // Block b's GroupNorm / SiLU buffers when recomputing: its level's shared pair (else unused).
   typename Block::Act shared_act(Cache& c, std::size_t b) const {
@@ -537,7 +547,9 @@ class UNet {
     for (Tensor<T>* a : {&c.c0, &c.g0, &c.a0}) a->resize(at(0));
     c.rb.resize(blocks_.size());
     c.rb_out.resize(blocks_.size());
-    c.rb_grad.resize(blocks_.size());
+    c.rb_grad.resize(2 * static_cast<std::size_t>(levels));
+    for (std::size_t q = 0; q < c.rb_grad.size(); ++q)
+      c.rb_grad[q].resize(at(static_cast<index_t>(q / 2)));
     c.scratch1.resize(static_cast<std::size_t>(levels));
     c.scratch2.resize(static_cast<std::size_t>(levels));
     for (index_t i = 0; i < levels; ++i) {
@@ -554,7 +566,6 @@ class UNet {
     const auto stage = [&](index_t level) {
       for (index_t r = 0; r < R; ++r, ++b) {
         c.rb_out[b].resize(at(level));
-        c.rb_grad[b].resize(at(level));
       }
     };
     const auto L = static_cast<std::size_t>(levels - 1);
