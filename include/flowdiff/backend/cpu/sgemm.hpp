@@ -43,6 +43,16 @@
 #define FLOWDIFF_SGEMM_X86 0
 #endif
 
+// Full unrolling of the micro-kernel's register-tile loops (the accumulator arrays then live in
+// registers). nvcc's front end rejects the GCC pragma in host code it sees: plain loops there.
+#if defined(__CUDACC__)
+#define FLOWDIFF_SGEMM_UNROLL
+#elif defined(__clang__)
+#define FLOWDIFF_SGEMM_UNROLL _Pragma("unroll")
+#else
+#define FLOWDIFF_SGEMM_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace flowdiff::sgemm {
 
 using simd::best_isa;
@@ -324,19 +334,19 @@ __attribute__((target("avx512f"))) inline void micro_avx512(index_t kc, const fl
                                                             const float* bp, float* c, index_t ldc,
                                                             float alpha, bool overwrite) {
   __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 16
+FLOWDIFF_SGEMM_UNROLL
   for (int r = 0; r < MR; ++r) {
     acc0[r] = _mm512_setzero_ps();
     acc1[r] = _mm512_setzero_ps();
   }
-#pragma GCC unroll 16
+FLOWDIFF_SGEMM_UNROLL
   for (int r = 0; r < MR; ++r) {  // C's tile arrives while the sums run
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 31), _MM_HINT_T0);
   }
   for (index_t p = 0; p < kc; ++p) {
     const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
-#pragma GCC unroll 16
+FLOWDIFF_SGEMM_UNROLL
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(ap[r]);
       acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
@@ -346,7 +356,7 @@ __attribute__((target("avx512f"))) inline void micro_avx512(index_t kc, const fl
     bp += 32;
   }
   const __m512 al = _mm512_set1_ps(alpha);
-#pragma GCC unroll 16
+FLOWDIFF_SGEMM_UNROLL
   for (int r = 0; r < MR; ++r) store_avx512(c + r * ldc, acc0[r], acc1[r], al, overwrite);
 }
 
