@@ -304,13 +304,8 @@ class GroupNorm {
           const T* xb = px + ng * k;
           T* yb = py + ng * k;
           detail::moments(xb, k, eps, mean[ng], rstd[ng]);
-          const T mu = mean[ng], rs = rstd[ng];
-          const index_t c0 = (ng % groups) * cg;
-          for (index_t ci = 0; ci < cg; ++ci) {
-            const T a = gam ? rs * gam[c0 + ci] : rs;
-            const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
-            for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
-          }
+          normalise_set(xb, yb, static_cast<T*>(nullptr), mean[ng], rstd[ng], gam, bet,
+                        (ng % groups) * cg, cg, s);
         });
   }
 
@@ -335,24 +330,8 @@ class GroupNorm {
     detail::vector_rows(
         n * groups, 3 * k,
         [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
-          const T* xb = px + ng * k;
-          T* yb = py + ng * k;
-          const T mu = mean[ng], rs = rstd[ng];
-          const index_t c0 = (ng % groups) * cg;
-          for (index_t ci = 0; ci < cg; ++ci) {
-            const T a = gam ? rs * gam[c0 + ci] : rs;
-            const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
-            if (pz) {
-              T* zb = pz + ng * k;
-              for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
-                const T v = xb[j] * a + b;
-                yb[j] = v;
-                zb[j] = detail::silu_fwd(v);
-              }
-            } else {
-              for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
-            }
-          }
+          normalise_set(px + ng * k, py + ng * k, pz ? pz + ng * k : nullptr, mean[ng],
+                        rstd[ng], gam, bet, (ng % groups) * cg, cg, s);
         });
   }
 
@@ -429,6 +408,27 @@ class GroupNorm {
   }
 
  private:
+  // One set (sample, group) of cg channels of s elements: y = x a + b per channel with
+  // a = rstd gamma, b = beta - mean a; z = SiLU(y) too when z is not null. forward() and
+  // recompute() share it, so their y bits agree by construction.
+  FLOWDIFF_ALWAYS_INLINE static void normalise_set(const T* xb, T* yb, T* zb, T mu, T rs,
+                                                   const T* gam, const T* bet, index_t c0,
+                                                   index_t cg, index_t s) {
+    for (index_t ci = 0; ci < cg; ++ci) {
+      const T a = gam ? rs * gam[c0 + ci] : rs;
+      const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
+      if (zb) {
+        for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
+          const T v = xb[j] * a + b;
+          yb[j] = v;
+          zb[j] = detail::silu_fwd(v);
+        }
+      } else {
+        for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
+      }
+    }
+  }
+
   void check(View<const T> x, View<const T> other, const char* other_name) const {
     detail::check_arg_axis(prefix_, "GroupNorm", "x", x, 2, 1, c_, "[N, C, ...]");
     detail::check_arg(prefix_, "GroupNorm", other_name, other, x.shape());
