@@ -3,6 +3,7 @@
 // (tools/fixtures/layers_dense.py), and error messages for bad shapes.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/io/safetensors.hpp>
@@ -59,6 +60,76 @@ TEST_CASE("Linear: gradients match central differences", "[nn][dense][gradcheck]
   require_ok(nn::gradcheck(
       {{"x", x.view(), dx.view()}}, &ps, {y.view()}, [&] { fc.forward(ps, x, y); },
       [&](const auto& dy) { fc.backward(ps, x, dy[0], dx); }, gen));
+}
+
+TEST_CASE("Linear: fused SiLU / GELU forward and backward give the separate passes' bits",
+          "[nn][dense]") {
+  // Packed and threaded (1024 rows), thin (3 rows; 2 outputs), and a ragged shape; float takes
+  // flowdiff's sgemm (epilogue per finished block), double Eigen (epilogue per panel).
+  const fd::index_t shapes[][3] = {{1024, 256, 256}, {3, 40, 50}, {300, 37, 2}, {77, 2, 45}};
+  fd::Generator gen(3);
+  for (const auto& sh : shapes) {
+    const fd::index_t n = sh[0], in = sh[1], out = sh[2];
+    INFO("rows " << n << " in " << in << " out " << out);
+    nn::Parameters<float> ps;
+    nn::Linear<float> a(ps, "a", in, out), b(ps, "b", out, in);
+    ps.allocate();
+    fd::fill_normal(ps.flat_params(), gen);
+    auto x = fd::randn<float>({n, in}, gen);
+    auto g = fd::randn<float>({n, in}, gen);
+    // forward: pre = a(x), act = silu(pre)
+    fd::Tensor<float> pre1({n, out}), act1({n, out}), pre2({n, out}), act2({n, out});
+    a.forward(ps, x, pre1);
+    nn::silu_forward<float>(pre1, act1);
+    a.forward_silu(ps, x, pre2, act2);
+    CHECK(std::memcmp(pre1.data(), pre2.data(), sizeof(float) * pre1.numel()) == 0);
+    CHECK(std::memcmp(act1.data(), act2.data(), sizeof(float) * act1.numel()) == 0);
+    // backward of b (input act = silu(pre)): dpre = silu'(pre) (g W_b)
+    fd::Tensor<float> d1({n, out}), d2({n, out});
+    ps.zero_grad();
+    b.backward(ps, act1, g, d1);
+    nn::silu_backward<float>(pre1, d1, d1);
+    const auto flat = ps.flat_grads();
+    const std::vector<float> grads1(flat.data(), flat.data() + flat.numel());
+    ps.zero_grad();
+    b.backward_through_silu(ps, act1, g, pre1, d2);
+    CHECK(std::memcmp(d1.data(), d2.data(), sizeof(float) * d1.numel()) == 0);
+    CHECK(std::memcmp(grads1.data(), ps.flat_grads().data(), sizeof(float) * grads1.size()) == 0);
+    // GELU, both forms: forward_gelu = forward + gelu_forward, backward_through_gelu =
+    // backward + gelu_backward.
+    for (auto approx : {nn::GeluApprox::tanh, nn::GeluApprox::none}) {
+      INFO("GELU " << (approx == nn::GeluApprox::tanh ? "tanh" : "erf"));
+      a.forward(ps, x, pre1);
+      nn::gelu_forward<float>(pre1, act1, approx);
+      a.forward_gelu(ps, x, pre2, act2, approx);
+      CHECK(std::memcmp(pre1.data(), pre2.data(), sizeof(float) * pre1.numel()) == 0);
+      CHECK(std::memcmp(act1.data(), act2.data(), sizeof(float) * act1.numel()) == 0);
+      ps.zero_grad();
+      b.backward(ps, act1, g, d1);
+      nn::gelu_backward<float>(pre1, d1, d1, approx);
+      b.backward_through_gelu(ps, act1, g, pre1, d2, approx);
+      CHECK(std::memcmp(d1.data(), d2.data(), sizeof(float) * d1.numel()) == 0);
+    }
+  }
+  // The fused pair in double: fc2(silu(fc1(x))) against central differences.
+  nn::Parameters<double> ps;
+  nn::Linear<double> fc1(ps, "fc1", 5, 7), fc2(ps, "fc2", 7, 3);
+  ps.allocate();
+  randomise(ps, gen);
+  auto x = fd::randn<double>({4, 5}, gen);
+  fd::Tensor<double> pre({4, 7}), act({4, 7}), dpre({4, 7}), y({4, 3}), dx({4, 5});
+  require_ok(nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, &ps, {y.view()},
+      [&] {
+        fc1.forward_silu(ps, x, pre, act);
+        fc2.forward(ps, act, y);
+      },
+      [&](const auto& dy) {
+        fc2.backward_through_silu(ps, act, dy[0], pre, dpre);
+        fc1.backward(ps, x, dpre, dx);
+      },
+      gen));
+  CHECK_THROWS_WITH(fc1.forward_silu(ps, x, pre, pre), Contains("different arrays"));
 }
 
 TEST_CASE("Activations: gradients match central differences", "[nn][dense][gradcheck]") {

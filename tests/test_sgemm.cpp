@@ -4,6 +4,8 @@
 // and 2 threads.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -187,4 +189,63 @@ TEST_CASE("gemm_strided multiplies sub-matrices in place", "[core][gemm]") {
     }
   const std::string kernel = fd::float_gemm_kernel();
   CHECK((kernel == "avx512" || kernel == "avx2" || kernel == "eigen"));
+}
+
+// The epilogue contract of gemm(..., epilogue): every element of C in exactly one block, each
+// block final when it runs (the epilogue sees the finished product), for the packed and thin
+// paths, on 1 and 2 threads, through the sgemm kernels and through Eigen (double).
+template <class T>
+void check_epilogue_shapes() {
+  const fd::index_t shapes[][5] = {{1024, 256, 256, 0, 1}, {256, 256, 1024, 1, 0},
+                                   {300, 2500, 40, 0, 0},  {37, 29, 300, 1, 1},
+                                   {3, 6000, 2000, 0, 1},  {6000, 2, 3000, 1, 0},
+                                   {2, 300, 50, 0, 0},     {9, 5, 0, 0, 0}};
+  fd::Generator gen{21};
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+  const int counts[] = {1, 2};
+#else
+  const int counts[] = {1};
+#endif
+  for (const auto& sh : shapes) {
+    const fd::index_t m = sh[0], n = sh[1], k = sh[2];
+    const bool ta = sh[3] != 0, tb = sh[4] != 0;
+    auto a = fd::randn<T>(ta ? fd::Shape{k, m} : fd::Shape{m, k}, gen);
+    auto b = fd::randn<T>(tb ? fd::Shape{n, k} : fd::Shape{k, n}, gen);
+    fd::Tensor<T> ref(fd::Shape{m, n}), c(fd::Shape{m, n});
+    const auto tra = ta ? fd::Trans::yes : fd::Trans::no, trb = tb ? fd::Trans::yes : fd::Trans::no;
+    fd::gemm(tra, trb, T(1), a, b, T(0), ref);
+    for (int nt : counts) {
+#if defined(_OPENMP)
+      omp_set_num_threads(nt);
+#endif
+      std::vector<int> seen(static_cast<std::size_t>(m * n), 0);
+      std::atomic<int> stale{0};  // elements the epilogue saw before they were final
+      T* pc = c.data();
+      const T* pr = ref.data();
+      auto ep = [&, pc, pr](fd::index_t i0, fd::index_t i1, fd::index_t j0, fd::index_t j1) {
+        for (fd::index_t i = i0; i < i1; ++i)
+          for (fd::index_t j = j0; j < j1; ++j) {
+            seen[static_cast<std::size_t>(i * n + j)] += 1;  // blocks are disjoint: no race
+            if (pc[i * n + j] != pr[i * n + j]) ++stale;
+            pc[i * n + j] = 2 * pc[i * n + j] + 1;
+          }
+      };
+      fd::gemm<T>(tra, trb, T(1), a.view(), b.view(), T(0), c.view(), ep);
+      INFO("m " << m << " n " << n << " k " << k << " threads " << nt);
+      CHECK(std::all_of(seen.begin(), seen.end(), [](int v) { return v == 1; }));
+      CHECK(stale.load() == 0);
+      bool applied = true;
+      for (fd::index_t i = 0; i < m * n; ++i) applied = applied && pc[i] == 2 * pr[i] + 1;
+      CHECK(applied);
+    }
+#if defined(_OPENMP)
+    omp_set_num_threads(threads);
+#endif
+  }
+}
+
+TEST_CASE("gemm epilogue: runs once per element of C, on final values", "[core][gemm][sgemm]") {
+  check_epilogue_shapes<float>();
+  check_epilogue_shapes<double>();
 }

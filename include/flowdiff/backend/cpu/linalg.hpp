@@ -90,11 +90,25 @@ auto as_matrix(View<T, Cpu> v) {
   }
 }
 
+namespace detail {
+/// The epilogue of a product without one.
+struct NoEpilogue {
+  void operator()(index_t, index_t, index_t, index_t) const {}
+};
+}  // namespace detail
+
 /// C[m, n] = alpha * op(A) * op(B) + beta * C, with op(A): [m, k] and op(B): [k, n].
 /// beta == 0 overwrites C without reading it (so uninitialised C is fine).
-template <class T>
+/// epilogue(i0, i1, j0, j1) is element-wise work fused into the product: it runs once for every
+/// finished block of C (rows [i0, i1), columns [j0, j1); the blocks cover C once), on the thread
+/// that computed the block while it is in that core's caches, so a bias, an activation or an
+/// activation's derivative costs no extra pass over memory and no extra parallel region. Blocks
+/// may run concurrently on different threads; the epilogue must not throw and must touch only
+/// its own block's elements (of C or of same-shaped arrays).
+template <class T, class E = detail::NoEpilogue>
 void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> b, T beta,
-          View<T, Cpu> c) {
+          View<T, Cpu> c, const E& epilogue = {}) {
+  constexpr bool has_epilogue = !std::is_same_v<E, detail::NoEpilogue>;
   require<shape_error>(a.rank() == 2 && b.rank() == 2 && c.rank() == 2,
                        "gemm: A, B and C must be rank-2, got ", a.shape(), ", ", b.shape(), ", ",
                        c.shape());
@@ -107,8 +121,13 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   require<shape_error>(c.dim(0) == m && c.dim(1) == n, "gemm: C must be [", m, ", ", n, "], got ",
                        c.shape());
   if constexpr (std::is_same_v<T, float>) {
-    const sgemm::Problem p{ta == Trans::yes, tb == Trans::yes, m, n, ka, alpha, a.data(),
-                           a.dim(1), b.data(), b.dim(1), beta, c.data(), n};
+    sgemm::Problem p{ta == Trans::yes, tb == Trans::yes, m, n, ka, alpha, a.data(),
+                     a.dim(1), b.data(), b.dim(1), beta, c.data(), n};
+    const sgemm::Epilogue ep{[](const void* ctx, index_t i0, index_t i1, index_t j0, index_t j1) {
+                               (*static_cast<const E*>(ctx))(i0, i1, j0, j1);
+                             },
+                             &epilogue};
+    if constexpr (has_epilogue) p.epilogue = &ep;
     if (sgemm::gemm(sgemm::best_isa(), p)) return;
   }
   auto A = as_matrix(a);
@@ -119,7 +138,11 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
   } else if (beta != T(1)) {
     C *= beta;
   }
-  if (ka == 0 || m == 0 || n == 0) return;
+  if (m == 0 || n == 0) return;
+  if (ka == 0) {
+    if constexpr (has_epilogue) epilogue(index_t(0), m, index_t(0), n);
+    return;
+  }
   const index_t panels = detail::gemm_panels(m, n, ka);
   const bool by_rows = m >= n;
   const index_t len = by_rows ? m : n;
@@ -133,12 +156,14 @@ void gemm(Trans ta, Trans tb, T alpha, View<const T, Cpu> a, View<const T, Cpu> 
         detail::gemm_panel(ta, tb, alpha, A.middleRows(lo, sz), B, Cp);
       else
         detail::gemm_panel(ta, tb, alpha, A.middleCols(lo, sz), B, Cp);
+      if constexpr (has_epilogue) epilogue(lo, lo + sz, index_t(0), n);
     } else {
       auto Cp = C.middleCols(lo, sz);
       if (tb == Trans::no)
         detail::gemm_panel(ta, tb, alpha, A, B.middleCols(lo, sz), Cp);
       else
         detail::gemm_panel(ta, tb, alpha, A, B.middleRows(lo, sz), Cp);
+      if constexpr (has_epilogue) epilogue(index_t(0), m, lo, lo + sz);
     }
   };
 #if defined(_OPENMP)
@@ -196,12 +221,13 @@ inline const char* float_gemm_kernel() {
   return isa == sgemm::Isa::none ? "eigen" : sgemm::isa_name(isa);
 }
 
-/// Tensor-friendly overload: gemm(Trans::no, Trans::yes, 1.f, x, w, 0.f, y).
-template <class T, class A, class Bm, class C>
+/// Tensor-friendly overload: gemm(Trans::no, Trans::yes, 1.f, x, w, 0.f, y[, epilogue]).
+template <class T, class A, class Bm, class C, class E = detail::NoEpilogue>
 requires TensorLike<A> && TensorLike<Bm> && TensorLike<C>
-void gemm(Trans ta, Trans tb, T alpha, const A& a, const Bm& b, T beta, C&& c) {
+void gemm(Trans ta, Trans tb, T alpha, const A& a, const Bm& b, T beta, C&& c,
+          const E& epilogue = {}) {
   gemm<T>(ta, tb, alpha, View<const T, Cpu>(view_of(a)), View<const T, Cpu>(view_of(b)), beta,
-          View<T, Cpu>(view_of(c)));
+          View<T, Cpu>(view_of(c)), epilogue);
 }
 
 }  // namespace flowdiff

@@ -71,9 +71,21 @@ struct BPacker {
   const void* ctx;
 };
 
+/// Element-wise work on C fused into the product (a bias, an activation, its derivative):
+/// apply(ctx, i0, i1, j0, j1) runs once for each finished block of C, rows [i0, i1) and columns
+/// [j0, j1) in the product's own indices, on the thread that computed the block and while the
+/// block is still in its caches; the blocks of one product cover C once, with no overlap, and
+/// may run concurrently on different threads. It must not throw.
+struct Epilogue {
+  void (*apply)(const void* ctx, index_t i0, index_t i1, index_t j0, index_t j1);
+  const void* ctx;
+};
+
 /// One product C = alpha op(A) op(B) + beta C; op(A) is [m, k], op(B) [k, n], C [m, n], all
 /// row-major with leading dimensions lda, ldb, ldc (elements between rows of the stored matrix).
 /// With bpack set, op(B) comes from it (columns from bcol0 on) and b, ldb, tb are unused.
+/// With epilogue set, it runs over every block of C once the block is final; row0 and col0 are
+/// the offsets of this (sub-)problem's C in the product the epilogue indexes (0 for a caller).
 struct Problem {
   bool ta = false, tb = false;
   index_t m = 0, n = 0, k = 0;
@@ -87,6 +99,14 @@ struct Problem {
   index_t ldc = 0;
   const BPacker* bpack = nullptr;
   index_t bcol0 = 0;
+  const Epilogue* epilogue = nullptr;
+  index_t row0 = 0, col0 = 0;
+
+  /// The epilogue (if any) over rows [i0, i1) and columns [j0, j1) of this problem's C.
+  void finish(index_t i0, index_t i1, index_t j0, index_t j1) const {
+    if (epilogue != nullptr && i1 > i0 && j1 > j0)
+      epilogue->apply(epilogue->ctx, row0 + i0, row0 + i1, col0 + j0, col0 + j1);
+  }
 
   float A(index_t i, index_t p) const { return ta ? a[p * lda + i] : a[i * lda + p]; }
   float B(index_t p, index_t j) const { return tb ? b[j * ldb + p] : b[p * ldb + j]; }
@@ -254,6 +274,7 @@ inline Problem columns_of(const Problem& o, index_t j0, index_t j1) {
   else
     s.b = o.tb ? o.b + j0 * o.ldb : o.b + j0;
   s.c = o.c + j0;
+  s.col0 = o.col0 + j0;
   return s;
 }
 inline Problem rows_of(const Problem& o, index_t i0, index_t i1) {
@@ -261,6 +282,7 @@ inline Problem rows_of(const Problem& o, index_t i0, index_t i1) {
   s.m = i1 - i0;
   s.a = o.ta ? o.a + i0 : o.a + i0 * o.lda;
   s.c = o.c + i0 * o.ldc;
+  s.row0 = o.row0 + i0;
   return s;
 }
 
@@ -458,6 +480,7 @@ void packed_serial(const Problem& o) {
             tile<K>(o, kc, abuf + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
                     overwrite);
         }
+        if (pc + kc == o.k) o.finish(ic, ic + mc, jc, jc + nc);  // the block is final
       }
     }
   }
@@ -622,6 +645,7 @@ void thin(const Problem& o, bool parallel) {
       float* ci = o.c + i * o.ldc;
       for (index_t j = 0; j < o.n; ++j) finish(ci + j, acc.p[j]);
     }
+    o.finish(0, o.m, 0, o.n);
     return;
   }
   // Dot products of contiguous rows of op(A) with contiguous columns of op(B), eight at a time
@@ -656,8 +680,10 @@ void thin(const Problem& o, bool parallel) {
     if (small_m) {  // each row of A against columns [lo, hi) of B
       for (index_t i = 0; i < o.m; ++i)
         sweep(abase + i * astride, bbase, bstride, lo, hi, o.c + i * o.ldc, 1);
+      o.finish(0, o.m, lo, hi);
     } else {  // each column of B against rows [lo, hi) of A
       for (index_t j = 0; j < o.n; ++j) sweep(bbase + j * bstride, abase, astride, lo, hi, o.c + j, o.ldc);
+      o.finish(lo, hi, 0, o.n);
     }
   };
   const index_t len = small_m ? o.n : o.m;
@@ -695,6 +721,7 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
         float& c = o.c[i * o.ldc + j];
         c = o.beta == 0.f ? 0.f : o.beta * c;
       }
+    o.finish(0, o.m, 0, o.n);
     return true;
   }
   if (o.beta != 0.f && o.beta != 1.f) {  // scale once; the kernels then accumulate

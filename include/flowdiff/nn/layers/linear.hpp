@@ -1,6 +1,9 @@
 // flowdiff/nn/layers/linear.hpp — the fully connected layer, as torch.nn.Linear:
 //   forward   y = x W^T + b                       x: [M, in], W: [out, in], b: [out], y: [M, out]
 //   backward  dW += dy^T x,  db += sum_rows dy,  dx = dy W
+// forward_silu / forward_gelu and backward_through_silu / backward_through_gelu fuse a following /
+// preceding activation into the products' epilogues (the MLP's hidden layers, the DiT's MLP
+// blocks): the same bits as the separate passes, without their passes over memory.
 // where M is the product of all leading dimensions (so [N, in] batches and [N, L, in] token
 // sequences both work). Parameters are registered as prefix + ".weight" [out, in] and
 // prefix + ".bias" [out] (PyTorch state_dict names and layout); both products go to gemm().
@@ -13,6 +16,7 @@
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/activation.hpp"
 #include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
@@ -45,24 +49,45 @@ class Linear {
     if (bias_) fill_uniform(ps.param(b_), gen, -bound, bound);
   }
 
-  // x: [..., in] -> y: [..., out]
+  // x: [..., in] -> y: [..., out]. The bias is added in the product's epilogue (no second pass).
   void forward(const Parameters<T>& ps, View<const T> x, View<T> y) const {
     const index_t m = check(x, "x", in_);
     check_out(x, y, "y", out_);
-    gemm(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
-         y.reshape({m, out_}));
-    if (bias_) {
-      const T* b = ps.param(b_).data();
-      T* py = y.data();
-      const index_t o = out_;
-      Cpu::parallel_for(
-          m,
-          [=](index_t r) {
-            T* row = py + r * o;
-            for (index_t j = 0; j < o; ++j) row[j] += b[j];
-          },
-          o);
-    }
+    const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    T* py = y.data();
+    const index_t o = out_;
+    auto add_bias = [=](index_t i0, index_t i1, index_t j0, index_t j1) {
+      if (b == nullptr) return;
+      for (index_t r = i0; r < i1; ++r) {
+        T* row = py + r * o;
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              FLOWDIFF_SIMD
+              for (index_t j = lo; j < hi; ++j) row[j] += b[j];
+            },
+            j0, j1);
+      }
+    };
+    gemm<T>(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
+            y.reshape({m, out_}), add_bias);
+  }
+
+  // x: [..., in] -> pre: [..., out] = x W^T + b and act = SiLU(pre) (may not alias pre), both in
+  // the product's epilogue: forward() followed by silu_forward(pre, act), bit for bit, without
+  // their two passes over memory (pre is what backward_through_silu of the next layer needs).
+  void forward_silu(const Parameters<T>& ps, View<const T> x, View<T> pre, View<T> act) const {
+    forward_fused(ps, x, pre, act, "forward_silu",
+                  [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::silu_fwd(v); });
+  }
+  // The same with act = GELU(pre) (gelu_forward's two forms, bit for bit).
+  void forward_gelu(const Parameters<T>& ps, View<const T> x, View<T> pre, View<T> act,
+                    GeluApprox approx = GeluApprox::none) const {
+    if (approx == GeluApprox::tanh)
+      forward_fused(ps, x, pre, act, "forward_gelu",
+                    [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::gelu_tanh_fwd(v); });
+    else
+      forward_fused(ps, x, pre, act, "forward_gelu",
+                    [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::GeluErfFwd<T>{}(v); });
   }
 
   // x: [..., in] -> y: [..., out] = x W^T without the bias, for a caller that fuses the bias into
@@ -81,10 +106,101 @@ class Linear {
 
   // x: [..., in], dy: [..., out], dx: [..., in] or empty. Parameter gradients accumulate.
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx) const {
+    const index_t m = param_grads(ps, x, dy);
+    if (!dx.empty()) {
+      check_out(x, dx, "dx", in_);
+      gemm(Trans::no, Trans::no, T(1), dy.reshape({m, out_}), View<const T>(ps.param(w_)), T(0),
+           dx.reshape({m, in_}));
+    }
+  }
+
+  // backward() for a layer whose input is x = SiLU(pre) (pre: [..., in], what forward_silu of
+  // the layer before wrote): parameter gradients as backward(), and dpre = SiLU'(pre) * (dy W),
+  // the gradient w.r.t. pre, with the activation's derivative applied in the product's epilogue
+  // (backward() then silu_backward(pre, dx, dx), bit for bit, less one pass over memory).
+  void backward_through_silu(Parameters<T>& ps, View<const T> x, View<const T> dy,
+                             View<const T> pre, View<T> dpre) const {
+    backward_fused(ps, x, dy, pre, dpre,
+                   [](T v, T g) FLOWDIFF_LAMBDA_INLINE { return detail::silu_bwd(v, g); });
+  }
+  // The same for x = GELU(pre) (gelu_backward's two forms, bit for bit).
+  void backward_through_gelu(Parameters<T>& ps, View<const T> x, View<const T> dy,
+                             View<const T> pre, View<T> dpre,
+                             GeluApprox approx = GeluApprox::none) const {
+    if (approx == GeluApprox::tanh)
+      backward_fused(ps, x, dy, pre, dpre,
+                     [](T v, T g) FLOWDIFF_LAMBDA_INLINE { return detail::gelu_tanh_bwd(v, g); });
+    else
+      backward_fused(ps, x, dy, pre, dpre,
+                     [](T v, T g) FLOWDIFF_LAMBDA_INLINE { return detail::GeluErfBwd<T>{}(v, g); });
+  }
+
+ private:
+  // pre = x W^T + b, act = f(pre), in the product's epilogue.
+  template <class F>
+  void forward_fused(const Parameters<T>& ps, View<const T> x, View<T> pre, View<T> act,
+                     const char* what, F f) const {
+    const index_t m = check(x, "x", in_);
+    check_out(x, pre, "pre", out_);
+    check_out(x, act, "act", out_);
+    require<shape_error>(pre.data() != act.data(), prefix_, " (Linear): ", what,
+                         ": pre and act must be different arrays");
+    const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    T* pp = pre.data();
+    T* pa = act.data();
+    const index_t o = out_;
+    auto epilogue = [=](index_t i0, index_t i1, index_t j0, index_t j1) {
+      for (index_t r = i0; r < i1; ++r) {
+        T* hr = pp + r * o;
+        T* yr = pa + r * o;
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              FLOWDIFF_SIMD
+              for (index_t j = lo; j < hi; ++j) {
+                const T v = b != nullptr ? hr[j] + b[j] : hr[j];
+                hr[j] = v;
+                yr[j] = f(v);
+              }
+            },
+            j0, j1);
+      }
+    };
+    gemm<T>(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
+            pre.reshape({m, out_}), epilogue);
+  }
+
+  // Parameter gradients, and dpre = g(pre, dy W) in the dx product's epilogue.
+  template <class G>
+  void backward_fused(Parameters<T>& ps, View<const T> x, View<const T> dy, View<const T> pre,
+                      View<T> dpre, G g) const {
+    const index_t m = param_grads(ps, x, dy);
+    check_out(x, pre, "pre", in_);
+    check_out(x, dpre, "dpre", in_);
+    const T* pp = pre.data();
+    T* pd = dpre.data();
+    const index_t in = in_;
+    auto epilogue = [=](index_t i0, index_t i1, index_t j0, index_t j1) {
+      for (index_t r = i0; r < i1; ++r) {
+        const T* xr = pp + r * in;
+        T* gr = pd + r * in;
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              FLOWDIFF_SIMD
+              for (index_t j = lo; j < hi; ++j) gr[j] = g(xr[j], gr[j]);
+            },
+            j0, j1);
+      }
+    };
+    gemm<T>(Trans::no, Trans::no, T(1), dy.reshape({m, out_}), View<const T>(ps.param(w_)), T(0),
+            dpre.reshape({m, in_}), epilogue);
+  }
+
+  // dW += dy^T x and db += sum_rows dy; returns M.
+  index_t param_grads(Parameters<T>& ps, View<const T> x, View<const T> dy) const {
     const index_t m = check(x, "x", in_);
     check_out(x, dy, "dy", out_);
-    const auto dy2 = dy.reshape({m, out_});
-    gemm(Trans::yes, Trans::no, T(1), dy2, x.reshape({m, in_}), T(1), ps.grad(w_));
+    gemm(Trans::yes, Trans::no, T(1), dy.reshape({m, out_}), x.reshape({m, in_}), T(1),
+         ps.grad(w_));
     if (bias_) {
       // Column sums of dy, row by row: contiguous, vectorisable, and m is a batch (small).
       T* db = ps.grad(b_).data();
@@ -92,14 +208,9 @@ class Linear {
       for (index_t r = 0; r < m; ++r)
         for (index_t j = 0; j < out_; ++j) db[j] += g[r * out_ + j];
     }
-    if (!dx.empty()) {
-      check_out(x, dx, "dx", in_);
-      gemm(Trans::no, Trans::no, T(1), dy2, View<const T>(ps.param(w_)), T(0),
-           dx.reshape({m, in_}));
-    }
+    return m;
   }
 
- private:
   // Returns the number of rows M of x viewed as [M, features].
   index_t check(View<const T> x, const char* arg, index_t features) const {
     detail::check_arg_axis(prefix_, "Linear", arg, x, 2, -1, features, "[N, ..., in]");

@@ -313,8 +313,7 @@ class DiTBlock {
     dit_detail::gated_add<T>(x, ch[2].view(), k.a.view(), k.xmid.view());
     dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, true, ch[4].view(), ch[3].view(),
                                nullptr, s.m.data());
-    fc1_.forward_product(ps, s.m.view(), k.h1.view());
-    gelu_bias_forward<T>(k.h1.view(), fc1_.bias_view(ps), s.big.view(), GeluApprox::tanh);
+    fc1_.forward_gelu(ps, s.m.view(), k.h1.view(), s.big.view(), GeluApprox::tanh);
     fc2_.forward(ps, s.big.view(), k.h2.view());
     dit_detail::gated_add<T>(k.xmid.view(), ch[5].view(), k.h2.view(), out);
   }
@@ -343,8 +342,8 @@ class DiTBlock {
     // MLP branch: out = xmid + g2 * h2, h2 = fc2(GELU(h1)), h1 = fc1(m2).
     dit_detail::gate_backward<T>(k.h2.view(), ch[5].view(), dout, s.dh.view(), dch[5].view());
     gelu_forward<T>(k.h1.view(), s.big.view(), GeluApprox::tanh);  // recomputed GELU(h1)
-    fc2_.backward(ps, s.big.view(), s.dh.view(), s.dbig.view());
-    gelu_backward<T>(k.h1.view(), s.dbig.view(), s.dbig.view(), GeluApprox::tanh);
+    fc2_.backward_through_gelu(ps, s.big.view(), s.dh.view(), k.h1.view(), s.dbig.view(),
+                               GeluApprox::tanh);
     dit_detail::ln_modulate<T>(k.xmid.view(), norm2_.eps(), k.n2, false, ch[4].view(), ch[3].view(),
                                s.xn.data(), s.m.data());  // recomputed xn2, m2
     fc1_.backward(ps, s.m.view(), s.dbig.view(), s.dm.view());

@@ -116,8 +116,7 @@ class MLP {
     }
     View<const T> h = cache.h0.view();
     for (std::size_t i = 0; i < cache.pre.size(); ++i) {
-      linears_[i].forward(ps, h, cache.pre[i].view());
-      silu_forward<T>(cache.pre[i].view(), cache.act[i].view());
+      linears_[i].forward_silu(ps, h, cache.pre[i].view(), cache.act[i].view());
       h = cache.act[i].view();
     }
     linears_.back().forward(ps, h, out);
@@ -142,8 +141,9 @@ class MLP {
     for (index_t i = depth; i >= 1; --i) {
       const auto k = static_cast<std::size_t>(i);
       View<T> dh = bufs[i % 2]->view();
-      linears_[k].backward(ps, cache.act[k - 1].view(), g, dh);
-      silu_backward<T>(cache.pre[k - 1].view(), dh, dh);  // da = silu'(a) dh, in place
+      // dh = silu'(pre) (g W): the activation's derivative in the product's epilogue
+      linears_[k].backward_through_silu(ps, cache.act[k - 1].view(), g, cache.pre[k - 1].view(),
+                                        dh);
       g = dh;
     }
     // The first layer: its input gradient is needed only for dx or the label embedding.
