@@ -47,20 +47,38 @@ def _early_wait_policy():
             return a.split("=", 1)[1]
         if a == "--wait-policy" and i + 1 < len(sys.argv):
             return sys.argv[i + 1]
-    return "passive"
+    return "best"
 
 
-# Both sides run with the same OpenMP wait policy. passive (the default) suits a shared machine,
-# where libgomp's spinning makes every parallel region of either library many times slower
-# (DESIGN.md §7, docs/architecture.md); default leaves OMP_WAIT_POLICY unset (libgomp spins for a
-# while, then sleeps), which is what a user alone on the machine gets and costs far less per
-# parallel region. Not ACTIVE: the Python process stays alive while bench_nn runs, and its torch
-# threads would spin on one of the cores all the time.
+# OpenMP waiting (libgomp reads OMP_WAIT_POLICY once, at load). PASSIVE: waiting threads sleep at
+# once, so every parallel region pays an OS wake-up (up to a millisecond on a virtual machine);
+# unset ("default"): they spin for a while first, which is faster for back-to-back regions but
+# keeps a core busy after the work. The two libraries differ in which suits them: Debian's PyTorch
+# runs its GEMMs on OpenBLAS's own (spinning) threads next to its OpenMP threads, and spinning
+# OpenMP threads then fight OpenBLAS's for the cores (its MLP and DiT steps were 2-3x slower
+# without PASSIVE, here), while flowdiff runs everything on the OpenMP threads and loses 2x to the
+# wake-ups under PASSIVE (MLP step 11 -> 24 ms, DiT 310 -> 600 ms in alternating runs).
+#   best (the default): each side at its better policy, PyTorch passive, flowdiff default;
+#   passive / default: both sides the same.
+# Never ACTIVE: the Python process stays alive while bench_nn runs, and its torch threads would
+# spin on one of the cores all the time.
 WAIT_POLICY = _early_wait_policy()
-if WAIT_POLICY == "passive":
+TORCH_POLICY = "default" if WAIT_POLICY == "default" else "passive"
+FLOWDIFF_POLICY = "passive" if WAIT_POLICY == "passive" else "default"
+if TORCH_POLICY == "passive":
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 else:
     os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def flowdiff_env(threads):
+    """The environment of bench_nn: OMP_NUM_THREADS and flowdiff's wait policy."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if FLOWDIFF_POLICY == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
 
 
 def _openblas_core():
@@ -223,7 +241,7 @@ UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def cpp_figures(bench, min_time, threads, groups):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = flowdiff_env(threads)
     pattern = "|".join(g + "_" if g != "dit" else "dit_|attention_" for g in groups)
     out = subprocess.run(
         [bench, f"--benchmark_filter=BM_({pattern})", "--benchmark_format=json",
@@ -257,9 +275,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=1.0)
-    ap.add_argument("--wait-policy", choices=["passive", "default"], default="passive",
-                    help="OpenMP waiting of both sides: passive (OMP_WAIT_POLICY=PASSIVE, for "
-                    "shared machines) or default (unset: libgomp spins, then sleeps)")
+    ap.add_argument("--wait-policy", choices=["best", "passive", "default"], default="best",
+                    help="OpenMP waiting: best (PyTorch OMP_WAIT_POLICY=PASSIVE, flowdiff unset: "
+                    "each at its faster setting), passive or default (both sides the same)")
     ap.add_argument("--models", default="mlp,unet,dit",
                     help="comma-separated subset of mlp, unet, dit (dit includes attention)")
     ap.add_argument("--memory", action="store_true")
@@ -277,7 +295,8 @@ def main():
 
     groups = [g for g in a.models.split(",") if g]
     print(f"torch {torch.__version__}, OpenBLAS core {OPENBLAS_CORE or 'auto'}, "
-          f"{a.threads} threads, wait policy {WAIT_POLICY}, "
+          f"{a.threads} threads, wait policy {WAIT_POLICY} (PyTorch {TORCH_POLICY}, "
+          f"flowdiff {FLOWDIFF_POLICY}), "
           f"bench {a.bench}; load before: {load()}")
     runs_t, runs_c = [], []
     for r in range(a.rounds):

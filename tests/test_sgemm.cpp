@@ -124,6 +124,34 @@ TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][g
   CHECK(cases >= 120);
 }
 
+TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16)",
+          "[core][gemm][sgemm]") {
+  // The unpacked 4 x 4 dot-product tiles of the AVX-512 kernel: ragged rows and columns, k not a
+  // multiple of 16 (masked tail) and shorter than one vector, padded leading dimensions, alpha
+  // and beta; m = 1 and 17 are the neighbouring paths.
+  const auto kernels = sgemm_kernels_here();
+  if (kernels.empty()) return;
+  std::mt19937 g(13);
+  for (fd::index_t m : {1, 2, 3, 4, 5, 8, 13, 16, 17})
+    for (fd::index_t n : {4, 5, 7, 33, 256})
+      for (fd::index_t k : {1, 15, 16, 17, 256, 300}) {
+        const float alpha = (m + n) % 3 == 0 ? -0.5f : 1.f;
+        const float beta = k % 2 == 0 ? 0.f : (n % 2 == 0 ? 1.f : 0.25f);
+        const auto s = make_sgemm_case(g, m, n, k, false, true, alpha, beta);
+        for (auto isa : kernels) {
+          auto c = s.c;
+          if (beta == 0.f)
+            for (fd::index_t i = 0; i < m; ++i)
+              for (fd::index_t j = 0; j < n; ++j)
+                c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
+          REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
+          INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
+                         << " alpha " << alpha << " beta " << beta);
+          CHECK(sgemm_error(s, c) < 1e-5);
+        }
+      }
+}
+
 TEST_CASE("sgemm: k = 0 and alpha = 0 scale C by beta", "[core][gemm][sgemm]") {
   for (auto isa : sgemm_kernels_here()) {
     std::vector<float> c(12, 2.f), a(1, 1.f), b(1, 1.f);

@@ -6,10 +6,12 @@
 // (the library is compiled without -march, so they are compiled with GCC/Clang target attributes):
 //   AVX-512F: 8 x 32 (16 zmm accumulators), AVX2 + FMA: 6 x 16 (12 ymm accumulators).
 // Products with at most 4 rows or columns skip the packing (batch-1 inference: matrix-vector
-// products through dot products or row updates). Determinism: the blocking (KC, MC, NC, MR, NR)
-// is a constant of the kernel, every element of C is summed over k in the same order whatever the
-// thread count, and threads only change which thread computes which tiles, so the result is
-// bit-identical for 1, 2 or more threads (not between the two kernels, nor against other BLAS).
+// products through dot products or row updates), and so do small batches against a weight
+// matrix, C = A B^T with 2 <= m <= 16 (AVX-512: 4 x 4 tiles of dot products sharing their
+// loads). Determinism: the blocking (KC, MC, NC, MR, NR) is a constant of the kernel, every
+// element of C is summed over k in the same order whatever the thread count, and threads only
+// change which thread computes which tiles, so the result is bit-identical for 1, 2 or more
+// threads (not between the kernels or paths, which shape alone picks, nor against other BLAS).
 // Threads: one OpenMP region per product of at least `parallel_flops`, outside any enclosing
 // parallel region, cutting C along its longer side at tile multiples into one part per thread;
 // each thread packs its own operands (no shared buffers, no barriers). Inside a parallel region
@@ -703,6 +705,100 @@ void thin(const Problem& o, bool parallel) {
   part(0, len);
 }
 
+// ---- small batches against a weight matrix: C = A B^T for 2 <= m <= 16, A and B row-major ----
+
+/// Rows per block of the small-batch kernel and the largest m it takes.
+inline constexpr index_t small_rows = 4, small_m_max = 16;
+
+/// C[r, c] (r < mr, c < nc of a 4 x 4 tile) = alpha <a_r, b_c> (+ C): 16 dot products over k
+/// that share their loads (each row of A meets four rows of B per vector), then one transposing
+/// reduction tree that leaves the tile row-major in one register. Rows r >= mr repeat row 0 and
+/// columns c >= nc repeat column 0 (computed, not stored).
+__attribute__((target("avx512f"))) inline void dots4x4_avx512(const float* const* a,
+                                                              const float* const* b, index_t k,
+                                                              float* c, index_t ldc, index_t mr,
+                                                              index_t nc, float alpha,
+                                                              bool overwrite) {
+  // v[4 c + r] accumulates <a_r, b_c>: the order the reduction below turns into lane 4 r + c.
+  __m512 v[16];
+FLOWDIFF_SGEMM_UNROLL
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
+  index_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    const __m512 a0 = _mm512_loadu_ps(a[0] + p), a1 = _mm512_loadu_ps(a[1] + p),
+                 a2 = _mm512_loadu_ps(a[2] + p), a3 = _mm512_loadu_ps(a[3] + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int cc = 0; cc < 4; ++cc) {
+      const __m512 w = _mm512_loadu_ps(b[cc] + p);
+      v[4 * cc + 0] = _mm512_fmadd_ps(a0, w, v[4 * cc + 0]);
+      v[4 * cc + 1] = _mm512_fmadd_ps(a1, w, v[4 * cc + 1]);
+      v[4 * cc + 2] = _mm512_fmadd_ps(a2, w, v[4 * cc + 2]);
+      v[4 * cc + 3] = _mm512_fmadd_ps(a3, w, v[4 * cc + 3]);
+    }
+  }
+  if (p < k) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (k - p)) - 1u);
+    const __m512 a0 = _mm512_maskz_loadu_ps(mk, a[0] + p), a1 = _mm512_maskz_loadu_ps(mk, a[1] + p),
+                 a2 = _mm512_maskz_loadu_ps(mk, a[2] + p), a3 = _mm512_maskz_loadu_ps(mk, a[3] + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int cc = 0; cc < 4; ++cc) {
+      const __m512 w = _mm512_maskz_loadu_ps(mk, b[cc] + p);
+      v[4 * cc + 0] = _mm512_fmadd_ps(a0, w, v[4 * cc + 0]);
+      v[4 * cc + 1] = _mm512_fmadd_ps(a1, w, v[4 * cc + 1]);
+      v[4 * cc + 2] = _mm512_fmadd_ps(a2, w, v[4 * cc + 2]);
+      v[4 * cc + 3] = _mm512_fmadd_ps(a3, w, v[4 * cc + 3]);
+    }
+  }
+  // 16 vectors -> one vector of their 16 sums, lane 4 e + l = sum(v[4 l + e]):
+  // 256-bit halves, then 128-bit quarters across pairs, then within 128-bit lanes twice (the
+  // all-lanes maskz forms: g++ 12's plain ones trip -Wuninitialized inside its own header).
+  const __mmask16 all = 0xFFFF;
+  __m512 x[8], z[4], q[2];
+FLOWDIFF_SGEMM_UNROLL
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0xEE));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 4; ++j)
+    z[j] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0x88),
+                         _mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0xDD));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 2; ++j)
+    q[j] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0x44),
+                         _mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0xEE));
+  __m512 sums = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, q[0], q[1], 0x88),
+                              _mm512_maskz_shuffle_ps(all, q[0], q[1], 0xDD));
+  sums = _mm512_mul_ps(sums, _mm512_set1_ps(alpha));
+  alignas(64) float t[16];
+  _mm512_store_ps(t, sums);
+  for (index_t r = 0; r < mr; ++r) {
+    float* cr = c + r * ldc;
+    for (index_t cc = 0; cc < nc; ++cc) cr[cc] = overwrite ? t[4 * r + cc] : cr[cc] + t[4 * r + cc];
+  }
+}
+
+/// C = alpha A B^T (+ C) for 2 <= m <= small_m_max with A [m, k] and B [n, k] row-major (a
+/// Linear layer's forward pass on a small batch, B its [out, in] weight): 4 x 4 tiles of dot
+/// products straight from A and B, with no packing, whose per-call cost matched the product's
+/// at these sizes. Serial (such products are far below parallel_flops).
+inline void small_batch_avx512(const Problem& o) {
+  const bool overwrite = o.beta == 0.f;
+  // Four rows of B at a time against every group of four rows of A: B (the weight, the large
+  // operand) comes from L2 once and its four rows stay in L1 for all the groups, as does A.
+  for (index_t j = 0; j < o.n; j += 4) {
+    const index_t nc = std::min<index_t>(4, o.n - j);
+    const float* b[4];
+    for (index_t cc = 0; cc < 4; ++cc) b[cc] = o.b + (j + (cc < nc ? cc : 0)) * o.ldb;
+    for (index_t i = 0; i < o.m; i += small_rows) {
+      const index_t mr = std::min(small_rows, o.m - i);
+      const float* a[4];
+      for (index_t r = 0; r < 4; ++r) a[r] = o.a + (i + (r < mr ? r : 0)) * o.lda;
+      dots4x4_avx512(a, b, o.k, o.c + i * o.ldc + j, o.ldc, mr, nc, o.alpha, overwrite);
+    }
+  }
+  o.finish(0, o.m, 0, o.n);
+}
+
 #endif  // FLOWDIFF_SGEMM_X86
 
 }  // namespace detail
@@ -740,7 +836,9 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #endif
   const bool thin = o.m <= 4 || o.n <= 4;
   if (isa == Isa::avx512) {
-    if (thin)
+    if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack)
+      detail::small_batch_avx512(p);
+    else if (thin)
       detail::thin<Isa::avx512>(p, parallel);
     else
       detail::packed<detail::Avx512>(p, parallel);
