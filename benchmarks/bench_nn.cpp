@@ -114,10 +114,19 @@ BENCHMARK(BM_fma_peak)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
+// `peak` is the start-up figure; `peak_here` the same all-thread FMA peak measured again right
+// after this benchmark's timed loop (best of three short runs), so GFLOPs / peak_here compares
+// the two under the same conditions on a machine whose speed drifts (a shared VM's did by 1.5x
+// within minutes).
 void set_gemm_counters(benchmark::State& state, double flops_per_iter) {
   const double total = flops_per_iter * static_cast<double>(state.iterations());
   state.counters["GFLOPs"] = benchmark::Counter(total * 1e-9, benchmark::Counter::kIsRate);
   state.counters["peak"] = g_peak;
+  const int width = has_avx512() ? 16 : 8;
+  double here = 0;
+  for (int r = 0; r < 3; ++r)
+    here = std::max(here, measure_peak(fd::Cpu::max_threads(), 2'000'000, width));
+  state.counters["peak_here"] = here;
 }
 
 // ---------------------------------------------------------------------------------------------
