@@ -77,6 +77,7 @@
 #include "flowdiff/nn/layers/norm.hpp"
 #include "flowdiff/nn/layers/patchify.hpp"
 #include "flowdiff/nn/layers/pooling.hpp"
+#include "flowdiff/nn/layers/spatial_kernels.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
 #include "flowdiff/nn/models/classifier.hpp"
 #include "flowdiff/nn/models/dit.hpp"

@@ -1,0 +1,822 @@
+// flowdiff/nn/layers/spatial_kernels.hpp — the image layers a U-Net needs, written once for any
+// backend B: FLOWDIFF_HOST_DEVICE functors run by B::parallel_for (the CPU's threads or one CUDA
+// kernel each) plus products through BackendOps<B>::gemm (the CPU gemm; cuBLAS), with the
+// semantics, parameter names, shapes and registration order of the CPU layers (conv.hpp,
+// norm.hpp, upsample.hpp), so the flat parameter buffers have the same layout:
+//   Conv2d     y_n = W col(x_n) + b,  dW += dy_n col(x_n)^T,  db += sum_{n,hw} dy,
+//              dx_n = col2im(W^T dy_n)                   W: [O, C k k], col(x_n): [C k k, Ho Wo]
+//              (square kernel k, stride s, zero padding p, Ho = (H + 2p - k) / s + 1)
+//   GroupNorm  mu, rstd = 1/sqrt(var + eps) per (sample, group),  y = gamma_c (x - mu) rstd +
+//   beta_c
+//              dgamma_c += sum dy xh,  dbeta_c += sum dy,  g = dy gamma_c,
+//              dx = rstd (g - mean_S g - xh mean_S(g xh))        (optionally fused with SiLU)
+//   Upsample   y[n, c, h f + i, w f + j] = x[n, c, h, w],  dx[n, c, h, w] = sum_{i, j < f} dy[...]
+//   per-channel broadcast  y[n, c, h, w] += v[n, c],  dv[n, c] = sum_{h, w} dy[n, c, h, w]
+// Every functor writes each output element from exactly one thread and sums in a fixed order:
+// no atomics, so results are deterministic on every backend. col2im is a gather (one thread per
+// input pixel adding its k x k contributions in (i, j) order, which is the CPU col2im's order of
+// additions). GroupNorm's statistics are accumulated in double. The element-wise arithmetic uses
+// kernels::mul_rn / add_rn (no FMA contraction on the device), in the CPU layers' order of
+// operations. This header names no CUDA type: include backend/cuda/dispatch.cuh (nvcc) for
+// B = Cuda.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "flowdiff/backend/backend.hpp"
+#include "flowdiff/backend/dispatch.hpp"
+#include "flowdiff/core/config.hpp"
+#include "flowdiff/core/error.hpp"
+#include "flowdiff/core/ops.hpp"
+#include "flowdiff/core/random.hpp"
+#include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/kernels.hpp"
+#include "flowdiff/nn/layers/layer_check.hpp"
+#include "flowdiff/nn/parameters.hpp"
+
+namespace flowdiff::nn {
+
+namespace kernels {
+
+// ---------------------------------------------------------------------------------------------
+// Convolution: im2col, col2im (gather), bias, sample packing, bias gradient.
+// ---------------------------------------------------------------------------------------------
+
+/// A convolution's geometry: a square kernel over an (height x width) image with `channels`
+/// channels gives an (out_h x out_w) output. Plain values, copied into the functors.
+struct ConvShape {
+  index_t channels = 0, height = 0, width = 0, kernel = 1, stride = 1, padding = 0;
+  index_t out_h = 0, out_w = 0;
+  FLOWDIFF_HOST_DEVICE index_t rows() const { return channels * kernel * kernel; }
+  FLOWDIFF_HOST_DEVICE index_t cols() const { return out_h * out_w; }
+  FLOWDIFF_HOST_DEVICE index_t plane() const { return channels * height * width; }
+  FLOWDIFF_HOST_DEVICE bool identity() const { return kernel == 1 && stride == 1 && padding == 0; }
+};
+
+/// col[r, g L + l] = x_g[c, oh s - p + i, ow s - p + j] (0 outside the image) for the gn samples
+/// of a group, r = (c k + i) k + j, l = oh Wo + ow, L = Ho Wo: one thread per column element (the
+/// consecutive threads of a warp write consecutive columns).
+template <class T>
+struct Im2col {
+  T* col;      // [C k k, gn L]
+  const T* x;  // [gn, C, H, W]: the group's first sample
+  ConvShape g;
+  index_t gn;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t L = g.cols(), ld = gn * L, k = g.kernel;
+    const index_t r = q / ld, rest = q % ld, s = rest / L, l = rest % L;
+    const index_t c = r / (k * k), i = (r / k) % k, j = r % k;
+    const index_t ih = (l / g.out_w) * g.stride - g.padding + i;
+    const index_t iw = (l % g.out_w) * g.stride - g.padding + j;
+    col[q] = (ih >= 0 && ih < g.height && iw >= 0 && iw < g.width)
+                 ? x[s * g.plane() + (c * g.height + ih) * g.width + iw]
+                 : T(0);
+  }
+};
+
+/// The adjoint of Im2col as a gather: dx_g[c, h, w] = sum over the (i, j) (in that order) whose
+/// column entry reads pixel (h, w) of dcol[(c k + i) k + j, g L + oh Wo + ow]. One thread per
+/// input pixel, so no two threads write one element; the order of additions is the CPU col2im's
+/// (conv.hpp: zero, then (i, j, oh) in order), so the sums have its bits.
+template <class T>
+struct Col2imGather {
+  T* dx;          // [gn, C, H, W]
+  const T* dcol;  // [C k k, gn L]
+  ConvShape g;
+  index_t gn;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t L = g.cols(), ld = gn * L, k = g.kernel, s = g.stride;
+    const index_t hw = g.height * g.width, sample = q / g.plane();
+    const index_t c = (q / hw) % g.channels, h = (q % hw) / g.width, w = q % g.width;
+    T acc = T(0);
+    for (index_t i = 0; i < k; ++i) {
+      const index_t th = h + g.padding - i;  // = oh s
+      if (th < 0 || th % s != 0 || th / s >= g.out_h) continue;
+      const index_t oh = th / s;
+      for (index_t j = 0; j < k; ++j) {
+        const index_t tw = w + g.padding - j;
+        if (tw < 0 || tw % s != 0 || tw / s >= g.out_w) continue;
+        const index_t r = (c * k + i) * k + j;
+        acc = add_rn(acc, dcol[r * ld + sample * L + oh * g.out_w + tw / s]);
+      }
+    }
+    dx[q] = acc;
+  }
+};
+
+/// y[g, o, l] = out[o, g L + l] (+ b[o]): a group's product [O, gn L] back to [gn, O, L].
+template <class T>
+struct UnpackBias {
+  T* y;          // [gn, O, L]
+  const T* out;  // [O, gn L]
+  const T* b;    // [O] or null
+  index_t channels, len, gn;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t s = q / (channels * len), o = (q / len) % channels, l = q % len;
+    const T v = out[o * gn * len + s * len + l];
+    y[q] = b != nullptr ? add_rn(v, b[o]) : v;
+  }
+};
+
+/// dst[c, g L + l] = src[g, c, l]: the samples of a group side by side (dy before dW = dy col^T).
+template <class T>
+struct PackSamples {
+  T* dst;        // [C, gn L]
+  const T* src;  // [gn, C, L]
+  index_t channels, len, gn;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t ld = gn * len, c = q / ld, s = (q % ld) / len, l = q % len;
+    dst[q] = src[(s * channels + c) * len + l];
+  }
+};
+
+/// y[n, c, l] += b[c] over an [N, C, L] tensor.
+template <class T>
+struct ChannelBias {
+  T* y;
+  const T* b;  // [C]
+  index_t channels, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    y[q] = add_rn(y[q], b[(q / len) % channels]);
+  }
+};
+
+/// db[c] += (sum over n, then l, in order, of dy[n, c, l]) in T, as the CPU's
+/// accumulate_channel_sums: one thread per channel. (A GPU would rather give each channel a block
+/// and a fixed-order tree; with C threads this pass is latency-bound there.)
+template <class T>
+struct ChannelGradSum {
+  T* db;        // [C]
+  const T* dy;  // [N, C, L]
+  index_t n, channels, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
+    T acc = T(0);
+    for (index_t i = 0; i < n; ++i) {
+      const T* p = dy + (i * channels + c) * len;
+      for (index_t l = 0; l < len; ++l) acc = add_rn(acc, p[l]);
+    }
+    db[c] = add_rn(db[c], acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm over sets (sample n, group g) of k = (C / G) S contiguous elements.
+// ---------------------------------------------------------------------------------------------
+
+/// mean[ng] and rstd[ng] = 1 / sqrt(biased variance + eps) of x's set ng, two-pass (no
+/// cancellation of sum x^2), each sum in double in element order. One thread per set: correct on
+/// any backend; a GPU wants one block per set with a fixed-order tree (N G threads are few).
+template <class T>
+struct GroupNormStats {
+  T* mean;     // [N G]
+  T* rstd;     // [N G]
+  const T* x;  // [N, C, S] = N G sets of k elements
+  index_t k;
+  double eps;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t ng) const {
+    using std::sqrt;
+    const T* xb = x + ng * k;
+    double s = 0;
+    for (index_t i = 0; i < k; ++i) s += static_cast<double>(xb[i]);
+    const double mu = s / static_cast<double>(k);
+    double v = 0;
+    for (index_t i = 0; i < k; ++i) {
+      const double d = static_cast<double>(xb[i]) - mu;
+      v += d * d;
+    }
+    mean[ng] = static_cast<T>(mu);
+    rstd[ng] = static_cast<T>(1.0 / sqrt(v / static_cast<double>(k) + eps));
+  }
+};
+
+/// y = x a + b per channel with a = rstd gamma_c, b = beta_c - mean a (norm.hpp's normalise_set,
+/// the same operations), and act = SiLU(y) when act is not null. One thread per element.
+template <class T>
+struct GroupNormApply {
+  T* y;            // [N, C, S]
+  T* act;          // [N, C, S] or null
+  const T* x;      // [N, C, S]
+  const T* mean;   // [N G]
+  const T* rstd;   // [N G]
+  const T* gamma;  // [C] or null (no affine map)
+  const T* beta;   // [C] or null
+  index_t channels, cg, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t row = q / len, c = row % channels, ng = row / cg;
+    const T mu = mean[ng], rs = rstd[ng];
+    const T a = gamma != nullptr ? mul_rn(rs, gamma[c]) : rs;
+    const T b = gamma != nullptr ? add_rn(beta[c], -mul_rn(mu, a)) : -mul_rn(mu, a);
+    const T v = add_rn(mul_rn(x[q], a), b);
+    y[q] = v;
+    if (act != nullptr) act[q] = silu(v);
+  }
+};
+
+/// dgamma[c] += sum dy (x - mu) rstd, dbeta[c] += sum dy over every sample and position of
+/// channel c, accumulated in double (samples in order, positions in order). One thread per
+/// channel (a GPU wants a block per channel here too).
+template <class T>
+struct GroupNormParamGrad {
+  T* dgamma;      // [C]
+  T* dbeta;       // [C]
+  const T* x;     // [N, C, S]
+  const T* dy;    // [N, C, S]
+  const T* mean;  // [N G]
+  const T* rstd;  // [N G]
+  index_t n, channels, groups, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
+    const index_t grp = c / (channels / groups);
+    double sg = 0, sb = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const double mu = static_cast<double>(mean[i * groups + grp]);
+      const double rs = static_cast<double>(rstd[i * groups + grp]);
+      const T* xi = x + (i * channels + c) * len;
+      const T* gi = dy + (i * channels + c) * len;
+      for (index_t l = 0; l < len; ++l) {
+        const double g = static_cast<double>(gi[l]);
+        sg += g * ((static_cast<double>(xi[l]) - mu) * rs);
+        sb += g;
+      }
+    }
+    dgamma[c] = static_cast<T>(static_cast<double>(dgamma[c]) + sg);
+    dbeta[c] = static_cast<T>(static_cast<double>(dbeta[c]) + sb);
+  }
+};
+
+/// The two means of the input gradient per set ng, in double over the set's elements in order:
+/// ga[ng] = mean_S (dy gamma_c), gb[ng] = mean_S (dy gamma_c xh), xh = (x - mu) rstd.
+template <class T>
+struct GroupNormGradMeans {
+  double* ga;      // [N G]
+  double* gb;      // [N G]
+  const T* x;      // [N, C, S]
+  const T* dy;     // [N, C, S]
+  const T* mean;   // [N G]
+  const T* rstd;   // [N G]
+  const T* gamma;  // [C] or null
+  index_t groups, cg, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t ng) const {
+    const index_t k = cg * len, c0 = (ng % groups) * cg;
+    const double mu = static_cast<double>(mean[ng]), rs = static_cast<double>(rstd[ng]);
+    const T* xb = x + ng * k;
+    const T* gb_ = dy + ng * k;
+    double a = 0, b = 0;
+    for (index_t ci = 0; ci < cg; ++ci) {
+      const double gm = gamma != nullptr ? static_cast<double>(gamma[c0 + ci]) : 1.0;
+      for (index_t l = ci * len; l < (ci + 1) * len; ++l) {
+        const double g = static_cast<double>(gb_[l]) * gm;
+        a += g;
+        b += g * ((static_cast<double>(xb[l]) - mu) * rs);
+      }
+    }
+    ga[ng] = a / static_cast<double>(k);
+    gb[ng] = b / static_cast<double>(k);
+  }
+};
+
+/// dx = rstd (dy gamma_c - ga - (x - mu) rstd gb) per element, in T in norm.hpp's order.
+template <class T>
+struct GroupNormInputGrad {
+  T* dx;             // [N, C, S]
+  const T* x;        // [N, C, S]
+  const T* dy;       // [N, C, S]
+  const T* mean;     // [N G]
+  const T* rstd;     // [N G]
+  const T* gamma;    // [C] or null
+  const double* ga;  // [N G]
+  const double* gb;  // [N G]
+  index_t channels, cg, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t row = q / len, c = row % channels, ng = row / cg;
+    const T mu = mean[ng], rs = rstd[ng];
+    const T a = static_cast<T>(ga[ng]), b = static_cast<T>(gb[ng]);
+    const T g = gamma != nullptr ? mul_rn(dy[q], gamma[c]) : dy[q];
+    const T xh_b = mul_rn(mul_rn(add_rn(x[q], -mu), rs), b);
+    dx[q] = mul_rn(rs, add_rn(add_rn(g, -a), -xh_b));
+  }
+};
+
+/// dy = silu'(y) dact (out of place): the gradient through a SiLU that followed y.
+template <class T>
+struct SiluGradOut {
+  T* dy;
+  const T* y;     // the SiLU's input
+  const T* dact;  // the gradient of its output
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { dy[q] = silu_grad(y[q], dact[q]); }
+};
+
+/// act = SiLU(x) (out of place).
+template <class T>
+struct SiluOut {
+  T* act;
+  const T* x;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { act[q] = silu(x[q]); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Nearest upsampling, per-channel broadcast and its spatial sum, element-wise add.
+// ---------------------------------------------------------------------------------------------
+
+/// y[nc, h f + i, w f + j] = x[nc, h, w]: one thread per output element.
+template <class T>
+struct UpsampleNearest {
+  T* y;        // [N C, H f, W f]
+  const T* x;  // [N C, H, W]
+  index_t height, width, factor;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t wo = width * factor, ho = height * factor;
+    const index_t nc = q / (ho * wo), r = q % (ho * wo);
+    y[q] = x[(nc * height + (r / wo) / factor) * width + (r % wo) / factor];
+  }
+};
+
+/// dx[nc, h, w] = sum over i, then j (< f), of dy[nc, h f + i, w f + j]: one thread per input
+/// element, upsample.hpp's order of additions.
+template <class T>
+struct UpsampleNearestGrad {
+  T* dx;        // [N C, H, W]
+  const T* dy;  // [N C, H f, W f]
+  index_t height, width, factor;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t wo = width * factor, hw = height * width;
+    const index_t nc = q / hw, h = (q % hw) / width, w = q % width;
+    const T* base = dy + (nc * height * factor + h * factor) * wo + w * factor;
+    T acc = T(0);
+    for (index_t i = 0; i < factor; ++i)
+      for (index_t j = 0; j < factor; ++j) acc = add_rn(acc, base[i * wo + j]);
+    dx[q] = acc;
+  }
+};
+
+/// y[nc, l] += v[nc] over [N C, L].
+template <class T>
+struct AddPerChannel {
+  T* y;
+  const T* v;  // [N C]
+  index_t len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { y[q] = add_rn(y[q], v[q / len]); }
+};
+
+/// dv[nc] = sum over l in order of dy[nc, l] (in T, from 0: unet.hpp's sum_spatial).
+template <class T>
+struct SumPerChannel {
+  T* dv;        // [N C]
+  const T* dy;  // [N C, L]
+  index_t len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t nc) const {
+    T acc = T(0);
+    for (index_t l = 0; l < len; ++l) acc = add_rn(acc, dy[nc * len + l]);
+    dv[nc] = acc;
+  }
+};
+
+/// a[q] += b[q].
+template <class T>
+struct AddInPlace {
+  T* a;
+  const T* b;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { a[q] = add_rn(a[q], b[q]); }
+};
+
+}  // namespace kernels
+
+namespace spatial_backend_detail {
+
+template <class T, class B>
+View<const T, B> cmat(const T* p, index_t r, index_t c) {
+  return View<const T, B>(p, Shape{r, c});
+}
+template <class T, class B>
+View<T, B> mat(T* p, index_t r, index_t c) {
+  return View<T, B>(p, Shape{r, c});
+}
+
+/// Grows t to at least n elements (never shrinks: a smaller batch reuses the storage).
+template <class T, class B>
+void grow(Tensor<T, B>& t, index_t n) {
+  if (t.numel() < n) t.resize(Shape{n});
+}
+
+/// v is absent: no data or no elements (an optional output left out).
+template <class T, class B>
+bool absent(View<T, B> v) {
+  return v.data() == nullptr || v.empty();
+}
+
+}  // namespace spatial_backend_detail
+
+// ---------------------------------------------------------------------------------------------
+// Conv2d on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::Conv2d's convolution on backend B (same constructor, names, shapes and order). Samples
+/// go in groups whose columns sit side by side in one [C k k, G Ho Wo] matrix, so a batch of small
+/// images makes one large product; G is the largest group whose column matrix fits the workspace
+/// limit (set_workspace_limit; at least one sample). Backward recomputes the columns, one group
+/// after another (dW accumulates the groups in order, so it is deterministic).
+template <class T, Backend B>
+class BackendConv2d {
+ public:
+  using Context = typename BackendOps<B>::Context;
+
+  /// Workspaces on B, grown on demand and reused while shapes repeat.
+  struct Cache {
+    Tensor<T, B> col;  // [C k k, G Ho Wo]: a group's columns (dcol in backward)
+    Tensor<T, B> out;  // [O, G Ho Wo]: a group's product / packed dy (G > 1 only)
+  };
+
+  /// Registers prefix.weight [out_ch, in_ch, kernel, kernel] and prefix.bias [out_ch].
+  BackendConv2d(Parameters<T, B>& ps, const std::string& prefix, index_t in_ch, index_t out_ch,
+                index_t kernel, index_t stride = 1, index_t padding = 0, bool bias = true)
+      : prefix_(prefix),
+        in_(in_ch),
+        out_(out_ch),
+        k_(kernel),
+        s_(stride),
+        p_(padding),
+        bias_(bias) {
+    require<config_error>(in_ch > 0 && out_ch > 0 && kernel > 0 && stride > 0 && padding >= 0,
+                          prefix,
+                          " (BackendConv2d): need in_ch, out_ch, kernel, stride >= 1 and "
+                          "padding >= 0, got in_ch = ",
+                          in_ch, ", out_ch = ", out_ch, ", kernel = ", kernel,
+                          ", stride = ", stride, ", padding = ", padding);
+    w_ = ps.add(prefix + ".weight", Shape{out_ch, in_ch, kernel, kernel});
+    if (bias) b_ = ps.add(prefix + ".bias", Shape{out_ch});
+  }
+
+  index_t in_channels() const { return in_; }
+  index_t out_channels() const { return out_; }
+  index_t kernel() const { return k_; }
+  index_t stride() const { return s_; }
+  index_t padding() const { return p_; }
+  bool has_bias() const { return bias_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }  // -1 without bias
+  const std::string& prefix() const { return prefix_; }
+
+  /// The column workspace holds at most this many elements (or one sample's columns, when that
+  /// is more). 2^22 by default (16 MiB of floats); a GPU may want more for larger products.
+  void set_workspace_limit(index_t elements) {
+    require<config_error>(elements >= 1, prefix_,
+                          " (BackendConv2d): workspace limit must be >= 1, got ", elements);
+    limit_ = elements;
+  }
+  index_t workspace_limit() const { return limit_; }
+
+  /// nn::Conv2d::init's draws on B: W, b ~ U(+-1/sqrt(in k k)). (For the CPU's exact values
+  /// initialise an nn::Conv2d and upload_parameters.)
+  void init(Parameters<T, B>& ps, Generator& gen) const {
+    const T bound = T(1) / std::sqrt(static_cast<T>(in_ * k_ * k_));
+    fill_uniform(ps.param(w_), gen, -bound, bound);
+    if (bias_) fill_uniform(ps.param(b_), gen, -bound, bound);
+  }
+
+  /// [N, in, H, W] -> [N, out, Ho, Wo]; throws shape_error for a wrong input.
+  Shape output_shape(const Shape& input) const {
+    const auto g = geometry(input);
+    return Shape{input[0], out_, g.out_h, g.out_w};
+  }
+
+  // x: [N, in, H, W] -> y: [N, out, Ho, Wo]
+  void forward(Context& ctx, const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y,
+               Cache& cache) const {
+    using namespace spatial_backend_detail;
+    const auto g = geometry(x.shape());
+    const index_t n = x.dim(0), L = g.cols(), K = g.rows();
+    detail::check_arg(prefix_, kind, "y", y, Shape{n, out_, g.out_h, g.out_w});
+    const index_t G = group_size(n, K, L);
+    prepare(cache, G, K, L);
+    const View<const T, B> w = cmat<T, B>(ps.param(w_).data(), out_, K);
+    const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    for (index_t n0 = 0; n0 < n; n0 += G) {
+      const index_t gn = std::min(G, n - n0), cols = gn * L;
+      const T* col = columns(x, g, n0, gn, cache);
+      T* yn = y.data() + n0 * out_ * L;
+      if (gn == 1) {  // the product lands in y directly
+        BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), w, cmat<T, B>(col, K, L),
+                                        T(0), mat<T, B>(yn, out_, L));
+        if (b != nullptr) B::parallel_for(out_ * L, kernels::ChannelBias<T>{yn, b, out_, L});
+      } else {
+        BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), w,
+                                        cmat<T, B>(col, K, cols), T(0),
+                                        mat<T, B>(cache.out.data(), out_, cols));
+        B::parallel_for(gn * out_ * L,
+                        kernels::UnpackBias<T>{yn, cache.out.data(), b, out_, L, gn});
+      }
+    }
+  }
+
+  // x: [N, in, H, W], dy: [N, out, Ho, Wo], dx: [N, in, H, W] (overwritten) or empty / {}
+  // (skipped). Parameter gradients accumulate.
+  void backward(Context& ctx, Parameters<T, B>& ps, View<const T, B> x, View<const T, B> dy,
+                View<T, B> dx, Cache& cache) const {
+    using namespace spatial_backend_detail;
+    const auto g = geometry(x.shape());
+    const index_t n = x.dim(0), L = g.cols(), K = g.rows();
+    detail::check_arg(prefix_, kind, "dy", dy, Shape{n, out_, g.out_h, g.out_w});
+    const bool want_dx = !absent(dx);
+    if (want_dx) detail::check_arg(prefix_, kind, "dx", dx, x.shape());
+    const index_t G = group_size(n, K, L);
+    prepare(cache, G, K, L);
+    if (bias_)
+      B::parallel_for(out_, kernels::ChannelGradSum<T>{ps.grad(b_).data(), dy.data(), n, out_, L},
+                      n * L);
+    const View<const T, B> w = cmat<T, B>(ps.param(w_).data(), out_, K);
+    const View<T, B> dw = mat<T, B>(ps.grad(w_).data(), out_, K);
+    for (index_t n0 = 0; n0 < n; n0 += G) {
+      const index_t gn = std::min(G, n - n0), cols = gn * L;
+      const T* dyg = dy.data() + n0 * out_ * L;
+      if (gn > 1) {  // dy of the group as [O, gn L], the columns' layout
+        B::parallel_for(out_ * cols, kernels::PackSamples<T>{cache.out.data(), dyg, out_, L, gn});
+        dyg = cache.out.data();
+      }
+      const View<const T, B> dym = cmat<T, B>(dyg, out_, cols);
+      const T* col = columns(x, g, n0, gn, cache);
+      BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::yes, T(1), dym,
+                                      cmat<T, B>(col, K, cols), T(1), dw);
+      if (!want_dx) continue;
+      T* dxn = dx.data() + n0 * g.plane();
+      if (g.identity() && gn == 1) {  // col2im is the identity: W^T dy is dx
+        BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), w, dym, T(0),
+                                        mat<T, B>(dxn, K, cols));
+        continue;
+      }
+      // The columns are no longer needed: their buffer takes dcol = W^T dy.
+      T* dcol = cache.col.data();
+      BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), w, dym, T(0),
+                                      mat<T, B>(dcol, K, cols));
+      B::parallel_for(gn * g.plane(), kernels::Col2imGather<T>{dxn, dcol, g, gn}, k_ * k_);
+    }
+  }
+
+ private:
+  static constexpr const char* kind = "BackendConv2d";
+
+  kernels::ConvShape geometry(const Shape& s) const {
+    if (s.rank() != 4 || s[0] < 1 || s[1] != in_ || s[2] + 2 * p_ < k_ || s[3] + 2 * p_ < k_)
+      fail<shape_error>(prefix_, " (", kind, "): x: expected shape [N, ", in_,
+                        ", H, W] with N >= 1 and H, W >= ", std::max<index_t>(1, k_ - 2 * p_),
+                        ", got ", s);
+    kernels::ConvShape g;
+    g.channels = in_;
+    g.height = s[2];
+    g.width = s[3];
+    g.kernel = k_;
+    g.stride = s_;
+    g.padding = p_;
+    g.out_h = (s[2] + 2 * p_ - k_) / s_ + 1;
+    g.out_w = (s[3] + 2 * p_ - k_) / s_ + 1;
+    return g;
+  }
+
+  // Samples per product: as many as the workspace limit allows (at least one).
+  index_t group_size(index_t n, index_t K, index_t L) const {
+    return std::clamp<index_t>(limit_ / std::max<index_t>(1, K * L), 1, n);
+  }
+
+  void prepare(Cache& cache, index_t G, index_t K, index_t L) const {
+    spatial_backend_detail::grow(cache.col, K * G * L);
+    if (G > 1) spatial_backend_detail::grow(cache.out, out_ * G * L);
+  }
+
+  // The column matrix [K, gn L] of samples n0 .. n0 + gn - 1 in cache.col (x itself for a 1x1
+  // convolution of one sample).
+  const T* columns(View<const T, B> x, const kernels::ConvShape& g, index_t n0, index_t gn,
+                   Cache& cache) const {
+    const T* xn = x.data() + n0 * g.plane();
+    if (g.identity() && gn == 1) return xn;
+    B::parallel_for(g.rows() * gn * g.cols(), kernels::Im2col<T>{cache.col.data(), xn, g, gn});
+    return cache.col.data();
+  }
+
+  std::string prefix_;
+  index_t in_, out_, k_, s_, p_;
+  bool bias_;
+  index_t w_ = -1, b_ = -1;
+  index_t limit_ = index_t{1} << 22;
+};
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::GroupNorm on backend B (same constructor, eps default 1e-5, names and shapes), with the
+/// SiLU that follows it in a U-Net optionally fused: forward_silu writes y and SiLU(y) in one
+/// pass, backward_silu takes the gradient of SiLU(y) and goes through the SiLU first.
+template <class T, Backend B>
+class BackendGroupNorm {
+ public:
+  /// The statistics forward keeps for backward, and backward's scratch, on B.
+  struct Cache {
+    Tensor<T, B> mean, rstd;   // [N G]
+    Tensor<double, B> ga, gb;  // [N G]: the input gradient's two means
+    Tensor<T, B> dy;           // [N, C, ...]: backward_silu's gradient before the SiLU
+  };
+
+  BackendGroupNorm(Parameters<T, B>& ps, const std::string& prefix, index_t groups,
+                   index_t channels, T eps = T(1e-5), bool affine = true)
+      : prefix_(prefix), g_(groups), c_(channels), eps_(eps), affine_(affine) {
+    require<config_error>(groups > 0 && channels > 0 && channels % groups == 0, prefix, " (", kind,
+                          "): channels must be a positive multiple of groups, got groups = ",
+                          groups, ", channels = ", channels);
+    require<config_error>(eps >= T(0), prefix, " (", kind, "): eps must be >= 0, got ", eps);
+    if (affine) {
+      w_ = ps.add(prefix + ".weight", Shape{channels});
+      b_ = ps.add(prefix + ".bias", Shape{channels});
+    }
+  }
+
+  index_t groups() const { return g_; }
+  index_t channels() const { return c_; }
+  bool affine() const { return affine_; }
+  T eps() const { return eps_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }
+
+  /// gamma = 1, beta = 0 (PyTorch's init; the generator is unused, kept for a uniform API).
+  void init(Parameters<T, B>& ps, Generator&) const {
+    if (!affine_) return;
+    fill(ps.param(w_), T(1));
+    fill(ps.param(b_), T(0));
+  }
+
+  // x: [N, C, ...] -> y: same shape
+  void forward(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, Cache& cache) const {
+    run_forward(ps, x, y, View<T, B>{}, cache);
+  }
+
+  // x: [N, C, ...] -> y = GN(x) and act = SiLU(y), both of x's shape (y is backward_silu's input).
+  void forward_silu(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, View<T, B> act,
+                    Cache& cache) const {
+    detail::check_arg(prefix_, kind, "act", act, x.shape());
+    run_forward(ps, x, y, act, cache);
+  }
+
+  // x, dy: [N, C, ...]; dx: same shape (overwritten) or empty / {} (skipped). Parameter
+  // gradients accumulate. Needs the cache of forward() on the same x.
+  void backward(Parameters<T, B>& ps, View<const T, B> x, View<const T, B> dy, View<T, B> dx,
+                Cache& cache) const {
+    const Dims d = check(x, dy, "dy");
+    detail::check_arg(prefix_, kind, "cache.mean (run forward first)", cache.mean.view(),
+                      Shape{d.n * g_});
+    const T* gam = nullptr;
+    if (affine_) {
+      gam = ps.param(w_).data();
+      B::parallel_for(c_,
+                      kernels::GroupNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
+                                                     x.data(), dy.data(), cache.mean.data(),
+                                                     cache.rstd.data(), d.n, c_, g_, d.s},
+                      2 * d.n * d.s);
+    }
+    if (spatial_backend_detail::absent(dx)) return;
+    detail::check_arg(prefix_, kind, "dx", dx, x.shape());
+    const index_t sets = d.n * g_, cg = c_ / g_;
+    if (cache.ga.numel() != sets) cache.ga.resize(Shape{sets});
+    if (cache.gb.numel() != sets) cache.gb.resize(Shape{sets});
+    B::parallel_for(
+        sets,
+        kernels::GroupNormGradMeans<T>{cache.ga.data(), cache.gb.data(), x.data(), dy.data(),
+                                       cache.mean.data(), cache.rstd.data(), gam, g_, cg, d.s},
+        4 * cg * d.s);
+    B::parallel_for(x.numel(),
+                    kernels::GroupNormInputGrad<T>{dx.data(), x.data(), dy.data(),
+                                                   cache.mean.data(), cache.rstd.data(), gam,
+                                                   cache.ga.data(), cache.gb.data(), c_, cg, d.s},
+                    6);
+  }
+
+  // backward() of act = SiLU(GN(x)): y is forward_silu's y (the SiLU's input), dact the gradient
+  // of act; dx as in backward(). The gradient through the SiLU goes to cache.dy first.
+  void backward_silu(Parameters<T, B>& ps, View<const T, B> x, View<const T, B> y,
+                     View<const T, B> dact, View<T, B> dx, Cache& cache) const {
+    check(x, y, "y");
+    detail::check_arg(prefix_, kind, "dact", dact, x.shape());
+    if (!(cache.dy.shape() == x.shape())) cache.dy.resize(x.shape());
+    B::parallel_for(x.numel(), kernels::SiluGradOut<T>{cache.dy.data(), y.data(), dact.data()}, 8);
+    backward(ps, x, View<const T, B>(cache.dy.view()), dx, cache);
+  }
+
+ private:
+  static constexpr const char* kind = "BackendGroupNorm";
+
+  struct Dims {
+    index_t n, s;  // samples, elements per channel and sample
+  };
+
+  template <class U>
+  Dims check(View<const T, B> x, View<U, B> other, const char* other_name) const {
+    detail::check_arg_axis(prefix_, kind, "x", x, 2, 1, c_, "[N, C, ...]");
+    detail::check_arg(prefix_, kind, other_name, other, x.shape());
+    const index_t n = x.dim(0);
+    return {n, n > 0 ? x.numel() / (n * c_) : 0};
+  }
+
+  void run_forward(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, View<T, B> act,
+                   Cache& cache) const {
+    const Dims d = check(x, y, "y");
+    const index_t sets = d.n * g_, cg = c_ / g_;
+    if (cache.mean.numel() != sets) cache.mean.resize(Shape{sets});
+    if (cache.rstd.numel() != sets) cache.rstd.resize(Shape{sets});
+    B::parallel_for(sets,
+                    kernels::GroupNormStats<T>{cache.mean.data(), cache.rstd.data(), x.data(),
+                                               cg * d.s, static_cast<double>(eps_)},
+                    3 * cg * d.s);
+    const T* gam = affine_ ? ps.param(w_).data() : nullptr;
+    const T* bet = affine_ ? ps.param(b_).data() : nullptr;
+    T* pa = spatial_backend_detail::absent(act) ? nullptr : act.data();
+    B::parallel_for(x.numel(),
+                    kernels::GroupNormApply<T>{y.data(), pa, x.data(), cache.mean.data(),
+                                               cache.rstd.data(), gam, bet, c_, cg, d.s},
+                    pa != nullptr ? 12 : 3);
+  }
+
+  std::string prefix_;
+  index_t g_, c_;
+  T eps_;
+  bool affine_;
+  index_t w_ = -1, b_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Nearest upsampling on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::UpsampleNearest2d on backend B: nearest-neighbour upsampling by an integer factor (2 in a
+/// U-Net). No parameters.
+template <class T, Backend B>
+class BackendUpsampleNearest2d {
+ public:
+  explicit BackendUpsampleNearest2d(index_t factor = 2, std::string name = "upsample")
+      : f_(factor), name_(std::move(name)) {
+    require<config_error>(factor >= 1, name_, " (", kind, "): factor must be >= 1, got ", factor);
+  }
+
+  index_t factor() const { return f_; }
+
+  /// [N, C, H, W] -> [N, C, H f, W f]
+  Shape output_shape(const Shape& s) const {
+    if (s.rank() != 4)
+      fail<shape_error>(name_, " (", kind, "): x: expected shape [N, C, H, W], got ", s);
+    return Shape{s[0], s[1], s[2] * f_, s[3] * f_};
+  }
+
+  // x: [N, C, H, W] -> y: [N, C, H f, W f]
+  void forward(View<const T, B> x, View<T, B> y) const {
+    detail::check_arg(name_, kind, "y", y, output_shape(x.shape()));
+    B::parallel_for(y.numel(),
+                    kernels::UpsampleNearest<T>{y.data(), x.data(), x.dim(2), x.dim(3), f_});
+  }
+
+  // x: [N, C, H, W] (for its shape), dy: [N, C, H f, W f], dx: [N, C, H, W] (overwritten) or
+  // empty / {} (skipped)
+  void backward(View<const T, B> x, View<const T, B> dy, View<T, B> dx) const {
+    detail::check_arg(name_, kind, "dy", dy, output_shape(x.shape()));
+    if (spatial_backend_detail::absent(dx)) return;
+    detail::check_arg(name_, kind, "dx", dx, x.shape());
+    B::parallel_for(dx.numel(),
+                    kernels::UpsampleNearestGrad<T>{dx.data(), dy.data(), x.dim(2), x.dim(3), f_},
+                    f_ * f_);
+  }
+
+ private:
+  static constexpr const char* kind = "BackendUpsampleNearest2d";
+  index_t f_;
+  std::string name_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel broadcast (a U-Net block's conditioning) and its backward; element-wise add.
+// ---------------------------------------------------------------------------------------------
+
+// y: [N, C, H, W] += v: [N, C] broadcast over H, W.
+template <class T, Backend B>
+void add_per_channel(View<T, B> y, View<const T, B> v) {
+  if (y.rank() != 4)
+    fail<shape_error>("add_per_channel: y: expected shape [N, C, H, W], got ", y.shape());
+  detail::check_arg("add_per_channel", "broadcast", "v", v, Shape{y.dim(0), y.dim(1)});
+  const index_t len = y.dim(2) * y.dim(3);
+  B::parallel_for(y.numel(), kernels::AddPerChannel<T>{y.data(), v.data(), len});
+}
+
+// dv: [N, C] = sum over H, W of dy: [N, C, H, W] (overwritten): add_per_channel's backward.
+template <class T, Backend B>
+void sum_per_channel(View<const T, B> dy, View<T, B> dv) {
+  if (dy.rank() != 4)
+    fail<shape_error>("sum_per_channel: dy: expected shape [N, C, H, W], got ", dy.shape());
+  detail::check_arg("sum_per_channel", "broadcast", "dv", dv, Shape{dy.dim(0), dy.dim(1)});
+  const index_t len = dy.dim(2) * dy.dim(3);
+  B::parallel_for(dv.numel(), kernels::SumPerChannel<T>{dv.data(), dy.data(), len}, len);
+}
+
+// a += b, same shape.
+template <class T, Backend B>
+void add_in_place(View<T, B> a, View<const T, B> b) {
+  detail::check_arg("add_in_place", "element-wise", "b", b, a.shape());
+  B::parallel_for(a.numel(), kernels::AddInPlace<T>{a.data(), b.data()});
+}
+
+}  // namespace flowdiff::nn
