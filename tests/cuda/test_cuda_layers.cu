@@ -1,0 +1,121 @@
+// tests/cuda/test_cuda_layers.cu — the backend-generic image layers of
+// nn/layers/spatial_kernels.hpp (BackendConv2d, BackendGroupNorm with and without the fused SiLU,
+// BackendUpsampleNearest2d, add_per_channel / sum_per_channel / add_in_place) on the CUDA backend,
+// with the check bodies of tests/support/backend_spatial_checks.hpp (shared with
+// tests/test_nn_backend_spatial.cpp, which runs them with B = Cpu):
+//   host part (always): the bodies with B = Cpu compiled by nvcc's host pass, against nn::Conv2d,
+//   nn::GroupNorm (+ silu_forward / silu_backward), nn::UpsampleNearest2d and the U-Net's
+//   add_broadcast / sum_spatial (fp32 normalised MSE <= 1e-7, fp64 element-wise 1e-12, upsampling
+//   and broadcasts bit-equal); central differences in double; shape and configuration errors.
+//   device part (with a GPU): the same bodies with B = Cuda against the same CPU references
+//   (fp32 normalised MSE <= 1e-7 and fp64 <= 1e-24: the products are cuBLAS's, DESIGN.md §4;
+//   upsampling and broadcasts bit-equal: the same explicitly rounded additions in the same order),
+//   central differences through the device layers, and the errors with device tensors.
+// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <exception>
+#include <flowdiff/backend/cuda/all.cuh>
+#include <string>
+
+#include "../support/backend_spatial_checks.hpp"
+
+namespace fd = flowdiff;
+namespace sc = flowdiff::test::spatial;
+using fd::Cpu;
+using fd::Cuda;
+
+namespace {
+
+int failures = 0;
+int checks = 0;
+
+// Runs one body into a fresh log; prints its verdict, every failure and, with `verbose`, every
+// check (the measured errors and bit-equal counts, worth reading on a first run on a GPU).
+template <class F>
+void section(const char* name, bool verbose, F&& body) {
+  sc::Log log;
+  try {
+    body(log);
+  } catch (const std::exception& e) {
+    log.expect(false, std::string("unexpected exception: ") + e.what());
+  }
+  if (log.checks.empty()) log.expect(false, "the section checked nothing");
+  const int failed = log.failures();
+  checks += static_cast<int>(log.checks.size());
+  failures += failed;
+  std::printf("%-52s %s (%zu checks)\n", name, failed == 0 ? "ok" : "FAILED", log.checks.size());
+  for (const auto& c : log.checks)
+    if (!c.ok || verbose) std::printf("  %s %s\n", c.ok ? "ok  " : "FAIL", c.what.c_str());
+}
+
+void host_checks() {
+  section("conv, B = Cpu under nvcc", false, [](sc::Log& log) {
+    sc::conv_checks<float, Cpu>(log);
+    sc::conv_checks<double, Cpu>(log);
+  });
+  section("group norm, B = Cpu under nvcc", false, [](sc::Log& log) {
+    sc::norm_checks<float, Cpu>(log);
+    sc::norm_checks<double, Cpu>(log);
+  });
+  section("upsampling, broadcasts, B = Cpu under nvcc", false, [](sc::Log& log) {
+    sc::upsample_checks<float, Cpu>(log);
+    sc::upsample_checks<double, Cpu>(log);
+    sc::broadcast_checks<float, Cpu>(log);
+    sc::broadcast_checks<double, Cpu>(log);
+  });
+  section("central differences, B = Cpu under nvcc", false, [](sc::Log& log) {
+    sc::gradcheck_conv<Cpu>(log);
+    sc::gradcheck_norm<Cpu>(log);
+    sc::gradcheck_upsample_broadcast<Cpu>(log);
+  });
+  section("errors, B = Cpu under nvcc", false, [](sc::Log& log) { sc::error_checks<Cpu>(log); });
+}
+
+void device_checks() {
+  section("BackendConv2d<Cuda> vs nn::Conv2d", true, [](sc::Log& log) {
+    sc::conv_checks<float, Cuda>(log);
+    sc::conv_checks<double, Cuda>(log);
+  });
+  section("BackendGroupNorm<Cuda> vs nn::GroupNorm", true, [](sc::Log& log) {
+    sc::norm_checks<float, Cuda>(log);
+    sc::norm_checks<double, Cuda>(log);
+  });
+  section("upsampling, broadcasts on Cuda (bit-equal)", true, [](sc::Log& log) {
+    sc::upsample_checks<float, Cuda>(log);
+    sc::upsample_checks<double, Cuda>(log);
+    sc::broadcast_checks<float, Cuda>(log);
+    sc::broadcast_checks<double, Cuda>(log);
+  });
+  section("central differences on Cuda", true, [](sc::Log& log) {
+    sc::gradcheck_conv<Cuda>(log);
+    sc::gradcheck_norm<Cuda>(log);
+    sc::gradcheck_upsample_broadcast<Cuda>(log);
+  });
+  section("errors on Cuda", false, [](sc::Log& log) { sc::error_checks<Cuda>(log); });
+}
+
+}  // namespace
+
+int main() {
+  std::printf("flowdiff CUDA image-layer tests\n");
+  host_checks();
+  std::string why;
+  if (fd::cuda::device_count(&why) == 0) {
+    if (failures > 0) {
+      std::printf("%d of %d host checks FAILED\n", failures, checks);
+      return 1;
+    }
+    std::printf(
+        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not run\n",
+        checks, why.c_str());
+    return 77;
+  }
+  const auto info = fd::cuda::device_info();
+  std::printf("device %d: %s, compute capability %d.%d\n", info.index, info.name.c_str(),
+              info.compute_major, info.compute_minor);
+  device_checks();
+  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
