@@ -14,10 +14,12 @@
 // data-vs-data value as the noise floor), writing one picture per distribution, loss curves and a
 // CSV of every figure.
 // --device cuda trains the three MLPs on a GPU (nn::BackendMLP and train::BackendTrainer on the
-// CUDA backend, the same steps and random numbers as the CPU trainer) in the nvcc build of this
-// file, toy2d_cuda (examples/toy2d_cuda.cu); sampling and the metrics stay on the CPU (the
-// trained weights are copied back). Without a usable device, and always in this plain C++ build,
-// it says so in one line and runs on the CPU.
+// CUDA backend, the same steps and random numbers as the CPU trainer) and samples them there too
+// (nn::as_field of the device model, under cfg for guidance: the trained weights stay on the
+// device; the starting noise is drawn on the host from the same generator and copied over, the
+// samples are copied back for the metrics and pictures), in the nvcc build of this file,
+// toy2d_cuda (examples/toy2d_cuda.cu). Without a usable device, and always in this plain C++
+// build, it says so in one line and runs on the CPU.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -26,6 +28,7 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -115,13 +118,14 @@ struct Trained {
   double steps_per_second = 0;
 };
 
-/// Trains `net` (parameters ps, initialised) with AdamW and leaves the EMA weights in ps: with
-/// train::Trainer on the CPU, or on the GPU (nvcc build, device == cuda) with the same model as
-/// nn::BackendMLP<float, Cuda> and train::BackendTrainer, copying ps there and back.
-template <class S, class Times, class Source>
+/// Trains `net` (parameters ps, initialised) with AdamW, then calls sample(model, params) with
+/// the EMA weights in params: with train::Trainer and (net, ps) on the CPU, or on the GPU (nvcc
+/// build, device == cuda) with the same model as nn::BackendMLP<float, Cuda> and
+/// train::BackendTrainer, whose trained parameters stay on the device for sampling.
+template <class S, class Times, class Source, class Sample>
 Trained train_mlp(fd::Device device, const nn::MLP<float>& net, nn::Parameters<float>& ps,
                   tr::PathObjective<float, S, Times> objective, tr::TrainerOptions options,
-                  Source& source) {
+                  Source& source, Sample&& sample) {
 #if defined(__CUDACC__)
   if (device == fd::Device::cuda) {
     nn::Parameters<float, fd::Cuda> dps;
@@ -134,7 +138,6 @@ Trained train_mlp(fd::Device device, const nn::MLP<float>& net, nn::Parameters<f
                                                           tr::AdamW<float, fd::Cuda>(), options);
     const auto r = trainer.fit(source);
     if (trainer.ema() != nullptr) trainer.ema()->copy_to(dps);
-    nn::download_parameters(ps, dps);
     if (!csv.empty()) {
       std::ofstream f(csv);
       f << "step,loss\n";
@@ -142,6 +145,7 @@ Trained train_mlp(fd::Device device, const nn::MLP<float>& net, nn::Parameters<f
         f << k + 1 << ',' << trainer.losses()[k] << '\n';
       fd::require<fd::io_error>(f.good(), "toy2d: cannot write ", csv.string());
     }
+    sample(std::as_const(dnet), std::as_const(dps));
     return {trainer.losses(), r.steps_per_second};
   }
 #endif
@@ -149,7 +153,34 @@ Trained train_mlp(fd::Device device, const nn::MLP<float>& net, nn::Parameters<f
   tr::Trainer trainer(net, ps, std::move(objective), tr::AdamW<float>(), options);
   const auto r = trainer.fit(source);
   if (trainer.ema() != nullptr) trainer.ema()->copy_to(ps);  // sample with the EMA weights
+  sample(net, std::as_const(ps));
   return {trainer.losses(), r.steps_per_second};
+}
+
+/// The backend a model (and its field) runs on: nn::MLP on the CPU, BackendMLP<float, B> on B.
+template <class Net>
+using backend_of_net = nn::model_backend_t<std::remove_cvref_t<Net>>;
+
+/// Runs f(xb) with the host batch x [N, 2] placed on backend B and the result back in x: x itself
+/// on the CPU (so the CPU run is what it always was), a device copy otherwise.
+template <class B, class F>
+void on_backend(fd::Tensor<float>& x, F&& f) {
+  if constexpr (std::is_same_v<B, fd::Cpu>) {
+    f(x);
+  } else {
+    fd::Tensor<float, B> xb(x.shape());
+    fd::BackendOps<B>::template upload<float>(xb.view(), fd::View<const float>(x.view()));
+    f(xb);
+    fd::BackendOps<B>::template download<float>(x.view(), fd::View<const float, B>(xb.view()));
+  }
+}
+
+/// The labels y [N] on backend B (Cfg copies them again in set_condition).
+template <class B>
+fd::Tensor<fd::label_t, B> labels_on(const fd::Tensor<fd::label_t>& y) {
+  fd::Tensor<fd::label_t, B> yb(y.shape());
+  fd::BackendOps<B>::template upload<fd::label_t>(yb.view(), y.view());
+  return yb;
 }
 
 }  // namespace
@@ -176,13 +207,15 @@ int main(int argc, char** argv) try {
   auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
   auto& seed = cli.option<unsigned long>("seed", 0, "random seed (training and sampling)");
   auto& device_flag = cli.option<std::string>(
-      "device", "cpu", "where the MLPs train: cpu or cuda (cuda needs the nvcc build, toy2d_cuda)");
+      "device", "cpu",
+      "where the MLPs train and sample: cpu or cuda (cuda needs the nvcc build, toy2d_cuda)");
   if (!cli.parse(argc, argv)) return 0;
   fd::Device device = fd::parse_device(device_flag);
 #if defined(__CUDACC__)
   device = fd::cuda::resolve_device(device, std::cout);
   if (device == fd::Device::cuda)
-    std::printf("toy2d: training on the GPU (%s)\n", fd::cuda::device_info().name.c_str());
+    std::printf("toy2d: training and sampling on the GPU (%s)\n",
+                fd::cuda::device_info().name.c_str());
 #else
   device = fd::resolve_device(device, 0, "this build of toy2d has no CUDA; use toy2d_cuda",
                               std::cout);
@@ -262,31 +295,39 @@ int main(int argc, char** argv) try {
     ups.allocate();
     vnet.init(ups, gen);
     std::printf("  training the velocity MLP (CFM): %ld steps of %ld\n", train_steps, batch);
-    const Trained cfm =
-        train_mlp(device, vnet, ups, tr::flow_matching<float>(path), options("cfm"), source);
-    auto field = nn::as_field(vnet, ups);
-    for (int method = 0; method < 3; ++method) {
-      auto x = fd::randn<float>({n, 2}, gen);
-      const auto t0 = Clock::now();
-      std::string label;
-      if (method == 0) {
-        fd::integrate(fd::Euler{}, field, x, grid);
-        label = "Euler " + std::to_string(steps);
-      } else if (method == 1) {
-        fd::integrate(fd::Heun{}, field, x, grid);
-        label = "Heun " + std::to_string(steps);
-      } else {
-        fd::integrate(fd::euler_maruyama(schedule, sigma, gen), field, x,
-                      fd::uniform_grid<float>(4 * steps));
-        char b[64];
-        std::snprintf(b, sizeof b, "SDE sigma %.2g, %ld", sigma, 4 * steps);
-        label = b;
+    // Each sampling block below is a generic lambda called with the trained model where it
+    // lives (nn::MLP and host parameters, or BackendMLP and device parameters): the starting
+    // noise comes from gen on the host in both cases, the samples end up in a host tensor.
+    auto sample_cfm = [&](const auto& net, const auto& ps) {
+      using B = backend_of_net<decltype(net)>;
+      auto field = nn::as_field(net, ps);
+      for (int method = 0; method < 3; ++method) {
+        auto x = fd::randn<float>({n, 2}, gen);
+        const auto t0 = Clock::now();
+        std::string label;
+        on_backend<B>(x, [&](auto& xb) {
+          if (method == 0) {
+            fd::integrate(fd::Euler{}, field, xb, grid);
+            label = "Euler " + std::to_string(steps);
+          } else if (method == 1) {
+            fd::integrate(fd::Heun{}, field, xb, grid);
+            label = "Heun " + std::to_string(steps);
+          } else {
+            fd::integrate(fd::euler_maruyama(schedule, sigma, gen), field, xb,
+                          fd::uniform_grid<float>(4 * steps));
+            char b[64];
+            std::snprintf(b, sizeof b, "SDE sigma %.2g, %ld", sigma, 4 * steps);
+            label = b;
+          }
+        });
+        const double secs = seconds_since(t0);
+        fd::check_finite("toy2d: samples", x);
+        add_row("CFM " + label, x, secs);
+        add_panel(x, "CFM, " + label);
       }
-      const double secs = seconds_since(t0);
-      fd::check_finite("toy2d: samples", x);
-      add_row("CFM " + label, x, secs);
-      add_panel(x, "CFM, " + label);
-    }
+    };
+    const Trained cfm = train_mlp(device, vnet, ups, tr::flow_matching<float>(path), options("cfm"),
+                                  source, sample_cfm);
 
     // 2. DSM: an unconditional score MLP, sampled with the SDE (velocity from the score).
     nn::Parameters<float> sps;
@@ -295,19 +336,20 @@ int main(int argc, char** argv) try {
     snet.init(sps, gen);
     std::printf("  training the score MLP (DSM, weight beta^2): %ld steps of %ld\n", train_steps,
                 batch);
-    const Trained dsm = train_mlp(device, snet, sps, tr::score_matching<float>(path, 0.0, 0.995),
-                                  options("dsm"), source);
-    {
-      auto score = nn::as_field(snet, sps);
-      auto velocity = fd::as_parametrization(nn::as_field(snet, sps), fd::Parametrization::score,
+    auto sample_dsm = [&](const auto& net, const auto& ps) {
+      using B = backend_of_net<decltype(net)>;
+      auto score = nn::as_field(net, ps);
+      auto velocity = fd::as_parametrization(nn::as_field(net, ps), fd::Parametrization::score,
                                              fd::Parametrization::velocity, schedule);
       auto x = fd::randn<float>({n, 2}, gen);
       const auto t0 = Clock::now();
       // The score says nothing about the data at t = 0 (alpha_0 = 0), so the conversion to a
       // velocity needs t > 0: start at t = 1e-3, where p_t is N(0, I) to within 1e-3.
-      fd::integrate(
-          fd::euler_maruyama(schedule, fd::ConstantSigma{std::max(sigma, 0.5)}, score, gen),
-          velocity, x, fd::uniform_grid<float>(4 * steps, 1e-3f, 1.0f));
+      on_backend<B>(x, [&](auto& xb) {
+        fd::integrate(
+            fd::euler_maruyama(schedule, fd::ConstantSigma{std::max(sigma, 0.5)}, score, gen),
+            velocity, xb, fd::uniform_grid<float>(4 * steps, 1e-3f, 1.0f));
+      });
       const double secs = seconds_since(t0);
       fd::check_finite("toy2d: DSM samples", x);
       char label[64];
@@ -315,7 +357,9 @@ int main(int argc, char** argv) try {
                     4 * steps);
       add_row(label, x, secs);
       add_panel(x, label);
-    }
+    };
+    const Trained dsm = train_mlp(device, snet, sps, tr::score_matching<float>(path, 0.0, 0.995),
+                                  options("dsm"), source, sample_dsm);
 
     // 3. CFM with CFG dropout: a class-conditional velocity MLP whose null label gives u(x|∅).
     nn::Parameters<float> cps;
@@ -325,38 +369,42 @@ int main(int argc, char** argv) try {
     cnet.init(cps, gen);
     std::printf("  training the conditional velocity MLP (CFM, eta = 0.1): %ld steps of %ld\n",
                 train_steps, batch);
-    const Trained cond =
-        train_mlp(device, cnet, cps, tr::flow_matching<float>(path, 0.1), options("cfg"), source);
-    {
-      // The null-label field alone: the unconditional model trained on a tenth of the batch.
-      auto null_field = nn::as_field(cnet, cps);
-      auto x = fd::randn<float>({n, 2}, gen);
-      const auto t0 = Clock::now();
-      fd::integrate(fd::Heun{}, null_field, x, grid);
-      const double secs = seconds_since(t0);
-      fd::check_finite("toy2d: null-label samples", x);
-      char label[64];
-      std::snprintf(label, sizeof label, "null label (Heun %ld)", steps);
-      add_row(label, x, secs);
-      add_panel(x, "u(x|null), Heun " + std::to_string(steps));
-    }
     // Classifier-free guidance: labels spread evenly over the classes.
     fd::Tensor<fd::label_t> y(fd::Shape{n});
     for (fd::index_t i = 0; i < n; ++i) y[i] = static_cast<fd::label_t>(i % k);
-    for (float w : {1.0f, 3.0f}) {
-      auto guided = fd::cfg(nn::as_field(cnet, cps), w);
-      guided.set_condition(y);
-      auto x = fd::randn<float>({n, 2}, gen);
-      const auto t0 = Clock::now();
-      fd::integrate(fd::Heun{}, guided, x, grid);
-      const double secs = seconds_since(t0);
-      fd::check_finite("toy2d: CFG samples", x);
-      const double agree = knn_agreement(x, y, held_out.x, held_out.labels, k);
-      char label[64];
-      std::snprintf(label, sizeof label, "CFG w = %.0f (Heun %ld)", w, steps);
-      add_row(label, x, secs, agree);
-      add_panel(x, label, y);
-    }
+    auto sample_cond = [&](const auto& net, const auto& ps) {
+      using B = backend_of_net<decltype(net)>;
+      {
+        // The null-label field alone: the unconditional model trained on a tenth of the batch.
+        auto null_field = nn::as_field(net, ps);
+        auto x = fd::randn<float>({n, 2}, gen);
+        const auto t0 = Clock::now();
+        on_backend<B>(x, [&](auto& xb) { fd::integrate(fd::Heun{}, null_field, xb, grid); });
+        const double secs = seconds_since(t0);
+        fd::check_finite("toy2d: null-label samples", x);
+        char label[64];
+        std::snprintf(label, sizeof label, "null label (Heun %ld)", steps);
+        add_row(label, x, secs);
+        add_panel(x, "u(x|null), Heun " + std::to_string(steps));
+      }
+      const auto yb = labels_on<B>(y);
+      for (float w : {1.0f, 3.0f}) {
+        auto guided = fd::cfg(nn::as_field(net, ps), w);
+        guided.set_condition(fd::View<const fd::label_t, B>(yb.view()));
+        auto x = fd::randn<float>({n, 2}, gen);
+        const auto t0 = Clock::now();
+        on_backend<B>(x, [&](auto& xb) { fd::integrate(fd::Heun{}, guided, xb, grid); });
+        const double secs = seconds_since(t0);
+        fd::check_finite("toy2d: CFG samples", x);
+        const double agree = knn_agreement(x, y, held_out.x, held_out.labels, k);
+        char label[64];
+        std::snprintf(label, sizeof label, "CFG w = %.0f (Heun %ld)", w, steps);
+        add_row(label, x, secs, agree);
+        add_panel(x, label, y);
+      }
+    };
+    const Trained cond = train_mlp(device, cnet, cps, tr::flow_matching<float>(path, 0.1),
+                                   options("cfg"), source, sample_cond);
     const auto picture = out / (name + ".png");
     fd::io::write_png(picture, fd::io::hstack(panels));
     pictures.push_back(picture.string());

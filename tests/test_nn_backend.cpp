@@ -3,8 +3,9 @@
 // bit (the same gemm calls, the same element operations in the same order, the same generator
 // counters); the host-device SiLU of nn/layers/kernels.hpp against fast_math's on a dense grid;
 // optimizers, EMA and clipping through the generic code; parameter transfer and its errors; the
-// device choice. tests/cuda/test_cuda_mlp.cu runs the same bodies (tests/support/
-// backend_mlp_checks.hpp) with B = Cuda.
+// device choice; sampling through nn::as_field(BackendMLP) (plain, conditional, cfg; Euler, Heun,
+// Euler–Maruyama) against as_field(nn::MLP). tests/cuda/test_cuda_mlp.cu runs the same bodies
+// (tests/support/backend_mlp_checks.hpp) with B = Cuda.
 #include <algorithm>
 #include <bit>
 #include <catch2/catch.hpp>
@@ -13,6 +14,8 @@
 #include <cstring>
 #include <flowdiff/backend/dispatch.hpp>
 #include <flowdiff/core/fast_math.hpp>
+#include <flowdiff/guidance/cfg.hpp>
+#include <flowdiff/nn/as_field.hpp>
 #include <flowdiff/nn/checkpoint.hpp>
 #include <flowdiff/nn/layers/activation.hpp>
 #include <flowdiff/nn/layers/kernels.hpp>
@@ -21,6 +24,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "support/backend_mlp_checks.hpp"
@@ -121,6 +125,54 @@ TEST_CASE("BackendTrainer<Cpu> reproduces train::Trainer bit for bit", "[nn][bac
     CHECK(got.offset == ref.offset);
     if (c.grad_clip > 0) CHECK(ref.norms.back() > c.grad_clip);  // the clipping was active
   }
+}
+
+TEST_CASE("as_field(BackendMLP<Cpu>) samples bit for bit as as_field(nn::MLP)",
+          "[nn][backend][as_field][cfg]") {
+  for (const auto& c : fd::test::sample_cases()) {
+    INFO(c.name);
+    const auto ref = fd::test::sample_reference<float>(c);
+    const auto got = fd::test::sample_on_backend<float, fd::Cpu>(c);
+    REQUIRE(finite_and_nonzero(ref.x));
+    CHECK(!same_bits(ref.x, ref.x0));  // the samples moved
+    CHECK(same_bits(got.x, ref.x));
+    CHECK(got.offset == ref.offset);
+    if (c.stepper == fd::test::SampleStepper::euler_maruyama)
+      CHECK(ref.offset > 0);  // the noise was drawn
+  }
+  const auto c = fd::test::sample_cases()[5];  // cfg w = 3, Heun, in double
+  CHECK(same_bits(fd::test::sample_on_backend<double, fd::Cpu>(c).x,
+                  fd::test::sample_reference<double>(c).x));
+}
+
+TEST_CASE("as_field(BackendMLP): a backend field; nothing is reallocated while N repeats",
+          "[nn][backend][as_field]") {
+  nn::Parameters<float> ps;
+  nn::BackendMLP<float, fd::Cpu> mlp(
+      ps, {.dim = 2, .width = 8, .depth = 2, .time_dim = 4, .num_classes = 3});
+  ps.allocate();
+  fd::Generator gen(4);
+  mlp.init(ps, gen);
+  auto field = nn::as_field(mlp, ps);
+  using Field = decltype(field);
+  static_assert(std::is_same_v<Field::backend, fd::Cpu>);
+  static_assert(std::is_same_v<nn::model_backend_t<nn::MLP<float>>, fd::Cpu>);
+  static_assert(fd::Field<Field, float> && fd::ConditionalField<Field, float>);
+  CHECK(field.num_classes() == 3);
+  auto x = fd::randn<float>({6, 2}, gen);
+  fd::Tensor<float> out({6, 2});
+  field(x.view(), out.view(), 0.25f);
+  const float* h0 = field.cache().h0.data();
+  const float* a0 = field.cache().act[0].data();
+  fd::integrate(fd::Heun{}, field, x, fd::uniform_grid<float>(3));
+  CHECK(field.cache().h0.data() == h0);  // the same buffers at the same N
+  CHECK(field.cache().act[0].data() == a0);
+  // The labels are checked by the model (a count, as on a device).
+  const auto bad = fd::test::make_labels({0, 1, 2, 3, 4, 5});
+  CHECK_THROWS_WITH(field(x.view(), out.view(), 0.5f, bad.view()),
+                    Contains("2 of the 6 labels") && Contains("[0, 3]"));
+  const auto short_y = fd::test::make_labels({0, 1});
+  CHECK_THROWS_AS(field(x.view(), out.view(), 0.5f, short_y.view()), fd::shape_error);
 }
 
 TEST_CASE("optimizers, EMA and clipping through the generic path", "[nn][backend][train]") {

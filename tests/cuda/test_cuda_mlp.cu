@@ -9,7 +9,9 @@
 //   a few train::BackendTrainer<float, Cuda> steps (CFM, CFG-CFM, DSM) against train::Trainer
 //   (losses and parameters within atol 1e-5 + rtol 1e-4: per-step rounding compounded through
 //   Adam), Sgd / Adam / AdamW / Ema / clip_grad_norm on Parameters<float, Cuda> against the same
-//   code on the CPU (element-wise rule), device label checks.
+//   code on the CPU (element-wise rule), device label checks, and sampling through
+//   nn::as_field(BackendMLP<float, Cuda>) (plain, conditional, cfg w = 3; Euler, Heun,
+//   Euler–Maruyama) against as_field(nn::MLP) on the CPU (atol 1e-5 + rtol 1e-4).
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 
@@ -150,6 +152,14 @@ void host_checks() {
              c.name + ": bit-equal losses, parameters, EMA and generator offset");
     }
   });
+  section("as_field(BackendMLP<Cpu>) under nvcc", [] {
+    for (const auto& c : fd::test::sample_cases()) {
+      const auto ref = fd::test::sample_reference<float>(c);
+      const auto got = fd::test::sample_on_backend<float, Cpu>(c);
+      expect(same_bits(got.x, ref.x) && got.offset == ref.offset && !same_bits(ref.x, ref.x0),
+             c.name + ": bit-equal samples and generator offset");
+    }
+  });
   section("device choice (host)", [] {
     std::ostringstream log;
     const fd::Device d = fd::cuda::resolve_device(fd::Device::cpu, log);
@@ -211,6 +221,20 @@ void device_mlp() {
   });
 }
 
+void device_sampling() {
+  section("as_field(BackendMLP<Cuda>) sampling vs CPU", [] {
+    for (const auto& c : fd::test::sample_cases()) {
+      const auto ref = fd::test::sample_reference<float>(c);
+      const auto got = fd::test::sample_on_backend<float, Cuda>(c);
+      expect(!same_bits(ref.x, ref.x0), c.name + ": the reference samples moved");
+      expect_close(c.name + ": samples after " + str(c.steps) + " steps", got.x, ref.x, 1e-5, 1e-4);
+      expect(got.offset == ref.offset, c.name + ": the generator advanced as on the CPU");
+      std::printf("  %s: %zu of %zu sample values bit-equal to the CPU\n", c.name.c_str(),
+                  count_equal(got.x, ref.x), ref.x.size());
+    }
+  });
+}
+
 void device_training() {
   section("BackendTrainer<Cuda> vs Trainer (CPU)", [] {
     for (const auto& c : fd::test::train_cases()) {
@@ -260,6 +284,7 @@ int main() {
   std::printf("device %d: %s, compute capability %d.%d\n", info.index, info.name.c_str(),
               info.compute_major, info.compute_minor);
   device_mlp();
+  device_sampling();
   device_training();
   std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
   return failures == 0 ? 0 : 1;

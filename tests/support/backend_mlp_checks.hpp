@@ -7,6 +7,8 @@
 //   train_reference / train_on_backend  a few CFM / CFG-CFM / DSM training steps (losses, gradient
 //                                       norms, parameters, EMA, generator offset)
 //   optim_on_backend                    clip_grad_norm, Sgd, Adam, AdamW and Ema on a flat store
+//   sample_reference / sample_on_backend  integrate() through nn::as_field (plain, conditional,
+//                                       cfg) with Euler / Heun / Euler–Maruyama
 #pragma once
 
 #include <cstdint>
@@ -14,12 +16,18 @@
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/core/tensor.hpp>
 #include <flowdiff/data/toy2d.hpp>
+#include <flowdiff/guidance/cfg.hpp>
+#include <flowdiff/nn/as_field.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/mlp_backend.hpp>
 #include <flowdiff/nn/parameters.hpp>
 #include <flowdiff/nn/transfer.hpp>
 #include <flowdiff/paths/gaussian_path.hpp>
 #include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/grid.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/samplers/sde.hpp>
 #include <flowdiff/train/backend_trainer.hpp>
 #include <flowdiff/train/clip.hpp>
 #include <flowdiff/train/ema.hpp>
@@ -324,6 +332,120 @@ OptimOutcome<T> optim_on_backend() {
     r.clipped = host_copy<T, B>(ps.flat_grads());
   }
   return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling through nn::as_field.
+// ---------------------------------------------------------------------------------------------
+
+enum class SampleStepper { euler, heun, euler_maruyama };
+
+struct SampleCase {
+  std::string name;
+  index_t num_classes = 0;  // 0: an unconditional model
+  bool guided = false;      // cfg(as_field(model, ps), w) with labels; else the plain field
+  double w = 1;             // the guidance scale (guided only)
+  SampleStepper stepper = SampleStepper::euler;
+  index_t n = 33;
+  index_t steps = 6;
+  std::uint64_t seed = 1;
+};
+
+inline std::vector<SampleCase> sample_cases() {
+  using S = SampleStepper;
+  return {
+      {"unconditional, Heun", 0, false, 1, S::heun, 33, 6, 1},
+      {"unconditional, Euler-Maruyama", 0, false, 1, S::euler_maruyama, 33, 6, 2},
+      {"conditional model, plain field (null label), Euler", 3, false, 1, S::euler, 21, 5, 3},
+      {"conditional (cfg w = 1: the y half only), Euler", 3, true, 1, S::euler, 21, 5, 4},
+      {"cfg w = 3, Euler", 3, true, 3, S::euler, 40, 6, 5},
+      {"cfg w = 3, Heun", 3, true, 3, S::heun, 40, 6, 6},
+      {"cfg w = 3, Euler-Maruyama", 3, true, 3, S::euler_maruyama, 40, 6, 7},
+      // 2N * width above the CPU's parallel threshold: the threaded loops and gemm.
+      {"cfg w = 3, Heun, large batch", 4, true, 3, S::heun, 600, 3, 8},
+  };
+}
+
+template <class T>
+struct SampleOutcome {
+  std::vector<T> x0, x;      // the start and the samples, [N, 2] flattened
+  std::uint64_t offset = 0;  // the sampler's generator after the run (Euler-Maruyama draws)
+};
+
+/// The case's model (nn::MLP initialised on the host), start x0 ~ N(0, I) and labels cycling
+/// over [0, K] (K: the null label).
+template <class T>
+struct SampleInputs {
+  nn::MLPConfig cfg;
+  nn::Parameters<T> ps;
+  Tensor<T> x0;
+  Tensor<label_t> y;
+  explicit SampleInputs(const SampleCase& c)
+      : cfg{.dim = 2, .width = 32, .depth = 2, .time_dim = 16, .num_classes = c.num_classes},
+        x0(Shape{c.n, 2}),
+        y(Shape{c.n}) {
+    Generator gen(c.seed);
+    nn::MLP<T> mlp(ps, cfg);
+    ps.allocate();
+    mlp.init(ps, gen);
+    fill_normal(x0, gen);
+    for (index_t i = 0; i < c.n; ++i) y[i] = static_cast<label_t>(i % (c.num_classes + 1));
+  }
+};
+
+/// integrate() on backend B with the case's stepper over a grid inside (0, 1) (the SDE's score
+/// conversion is singular at the ends of the linear path), from x0 (host) through `model`.
+template <class T, Backend B, class Model>
+SampleOutcome<T> sample_with(const SampleCase& c, const Model& model,
+                             const nn::Parameters<T, B>& ps, const SampleInputs<T>& in) {
+  Generator gen(1000 + c.seed);
+  auto x = device_copy<T, B>(in.x0.view());
+  const auto grid = uniform_grid<T>(c.steps, T(0.02), T(0.98));
+  auto run = [&](auto& field) {
+    switch (c.stepper) {
+      case SampleStepper::euler:
+        integrate(Euler{}, field, x, grid);
+        break;
+      case SampleStepper::heun:
+        integrate(Heun{}, field, x, grid);
+        break;
+      case SampleStepper::euler_maruyama:
+        integrate(euler_maruyama(schedules::Linear{}, 0.8, gen), field, x, grid);
+        break;
+    }
+  };
+  auto field = nn::as_field(model, ps);
+  if (c.guided) {
+    const auto y = device_copy<label_t, B>(in.y.view());
+    auto guided = cfg(field, c.w);
+    guided.set_condition(View<const label_t, B>(y.view()));
+    run(guided);
+  } else {
+    run(field);
+  }
+  return {in.x0.to_vector(), host_copy<T, B>(x.view()), gen.offset()};
+}
+
+/// The CPU reference: nn::MLP through as_field on the host.
+template <class T>
+SampleOutcome<T> sample_reference(const SampleCase& c) {
+  const SampleInputs<T> in(c);
+  nn::Parameters<T> ps;
+  nn::MLP<T> mlp(ps, in.cfg);
+  ps.allocate();
+  copy(ps.flat_params(), View<const T>(in.ps.flat_params()));
+  return sample_with<T, Cpu>(c, mlp, ps, in);
+}
+
+/// The same sampling with nn::BackendMLP on B (the weights uploaded), entirely on B.
+template <class T, Backend B>
+SampleOutcome<T> sample_on_backend(const SampleCase& c) {
+  const SampleInputs<T> in(c);
+  nn::Parameters<T, B> ps;
+  nn::BackendMLP<T, B> mlp(ps, in.cfg);
+  ps.allocate();
+  nn::upload_parameters(ps, in.ps);
+  return sample_with<T, B>(c, mlp, ps, in);
 }
 
 }  // namespace flowdiff::test
