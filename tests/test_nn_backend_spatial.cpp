@@ -3,7 +3,8 @@
 // broadcast against the CPU layers nn::Conv2d, nn::GroupNorm, nn::UpsampleNearest2d and the
 // U-Net's add_broadcast / sum_spatial (forward, dx, parameter gradients; DESIGN.md §4 tolerances,
 // element-wise 1e-12 in double, bit-equal where the arithmetic is the same), central differences
-// in double through the backend layers, and the shape / configuration errors. The bodies are in
+// in double through the backend layers, the shape / configuration errors, and nn::BackendUNet
+// (nn/models/unet_backend.hpp, no attention) against nn::UNet. The bodies are in
 // tests/support/backend_spatial_checks.hpp; tests/cuda/test_cuda_layers.cu runs them with
 // B = Cuda.
 #include <catch2/catch.hpp>
@@ -75,6 +76,14 @@ TEST_CASE("Backend spatial layers<Cpu>: errors name the layer, the expected and 
   namespace sc = flowdiff::test::spatial;
   sc::Log log;
   sc::error_checks<fd::Cpu>(log);
+  test_nn_backend_spatial_detail::report(log);
+}
+
+TEST_CASE("BackendUNet<Cpu> (no attention) matches nn::UNet", "[nn][backend][spatial][unet]") {
+  namespace sc = flowdiff::test::spatial;
+  sc::Log log;
+  sc::unet_checks<float, fd::Cpu>(log);
+  sc::unet_checks<double, fd::Cpu>(log);
   test_nn_backend_spatial_detail::report(log);
 }
 

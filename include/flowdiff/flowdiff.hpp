@@ -84,6 +84,7 @@
 #include "flowdiff/nn/models/mlp.hpp"
 #include "flowdiff/nn/models/mlp_backend.hpp"
 #include "flowdiff/nn/models/unet.hpp"
+#include "flowdiff/nn/models/unet_backend.hpp"
 #include "flowdiff/nn/models/vae.hpp"
 #include "flowdiff/nn/as_field.hpp"
 #include "flowdiff/nn/latent.hpp"

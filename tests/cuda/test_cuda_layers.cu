@@ -10,7 +10,8 @@
 //   device part (with a GPU): the same bodies with B = Cuda against the same CPU references
 //   (fp32 normalised MSE <= 1e-7 and fp64 <= 1e-24: the products are cuBLAS's, DESIGN.md §4;
 //   upsampling and broadcasts bit-equal: the same explicitly rounded additions in the same order),
-//   central differences through the device layers, and the errors with device tensors.
+//   central differences through the device layers, the errors with device tensors, and
+//   nn::BackendUNet<T, Cuda> (no attention) against nn::UNet (same tolerances).
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 
@@ -71,6 +72,10 @@ void host_checks() {
     sc::gradcheck_upsample_broadcast<Cpu>(log);
   });
   section("errors, B = Cpu under nvcc", false, [](sc::Log& log) { sc::error_checks<Cpu>(log); });
+  section("BackendUNet, B = Cpu under nvcc", false, [](sc::Log& log) {
+    sc::unet_checks<float, Cpu>(log);
+    sc::unet_checks<double, Cpu>(log);
+  });
 }
 
 void device_checks() {
@@ -94,6 +99,10 @@ void device_checks() {
     sc::gradcheck_upsample_broadcast<Cuda>(log);
   });
   section("errors on Cuda", false, [](sc::Log& log) { sc::error_checks<Cuda>(log); });
+  section("BackendUNet<Cuda> vs nn::UNet", true, [](sc::Log& log) {
+    sc::unet_checks<float, Cuda>(log);
+    sc::unet_checks<double, Cuda>(log);
+  });
 }
 
 }  // namespace

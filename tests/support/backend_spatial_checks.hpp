@@ -10,7 +10,9 @@
 //   fp64 elsewhere; BackendUpsampleNearest2d, add_per_channel and sum_per_channel bit-equal to
 //   nn::UpsampleNearest2d and the U-Net's add_broadcast / sum_spatial (the same additions in the
 //   same order); central differences in double through the backend layers (nn::gradcheck, max
-//   relative error <= 1e-6); the shape and configuration errors and their messages. Every
+//   relative error <= 1e-6); the shape and configuration errors and their messages; and
+//   nn::BackendUNet (no attention) against nn::UNet on tiny configurations (output, dx, every
+//   parameter gradient, same tolerances; the parameter layout checked on upload). Every
 //   comparison first requires finite values and a reference that is not all zero.
 #pragma once
 
@@ -30,6 +32,7 @@
 #include <flowdiff/nn/layers/spatial_kernels.hpp>
 #include <flowdiff/nn/layers/upsample.hpp>
 #include <flowdiff/nn/models/unet.hpp>
+#include <flowdiff/nn/models/unet_backend.hpp>
 #include <flowdiff/nn/parameters.hpp>
 #include <flowdiff/nn/transfer.hpp>
 #include <sstream>
@@ -793,8 +796,141 @@ void error_checks(Log& log) {
                             });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The U-Net without attention: nn::BackendUNet against nn::UNet.
+// ---------------------------------------------------------------------------------------------
+
+struct UNetCase {
+  std::string name;
+  nn::UNetConfig cfg;
+  Shape x;
+  bool labels = true;  // pass labels (else a conditional model uses the null label)
+  bool dx = true;
+  std::uint64_t seed = 1;
+};
+
+inline std::vector<UNetCase> unet_cases() {
+  // Built member by member: GCC 12 warns (maybe-uninitialized) on a braced list of these.
+  const auto make = [](std::string name, index_t in, std::vector<index_t> ch, index_t R, index_t td,
+                       index_t yd, index_t classes, index_t groups, Shape x, bool labels, bool dx,
+                       std::uint64_t seed) {
+    UNetCase c;
+    c.name = std::move(name);
+    c.cfg.in_channels = in;
+    c.cfg.channels = std::move(ch);
+    c.cfg.num_residual_layers = R;
+    c.cfg.t_embed_dim = td;
+    c.cfg.y_embed_dim = yd;
+    c.cfg.num_classes = classes;
+    c.cfg.groups = groups;
+    c.x = x;
+    c.labels = labels;
+    c.dx = dx;
+    c.seed = seed;
+    return c;
+  };
+  std::vector<UNetCase> v;
+  v.push_back(make("2 levels, conditional, labels", 2, {8, 16}, 1, 6, 5, 3, 4, {3, 2, 8, 6}, true,
+                   true, 81));
+  v.push_back(make("3 levels, unconditional, odd t_embed_dim, 2 blocks per stage", 1, {4, 8, 8}, 2,
+                   7, 4, 0, 2, {2, 1, 8, 4}, false, true, 82));
+  v.push_back(make("1 level, conditional, null label, no dx", 1, {8}, 1, 4, 3, 2, 8, {2, 1, 5, 3},
+                   false, false, 83));
+  return v;
+}
+
+/// A case's inputs: an initialised nn::UNet whose GroupNorm scales and shifts are then drawn
+/// from N(1, 0.3^2) / N(0, 0.3^2) (not 1 and 0, so a swapped gradient shows), x ~ N(0, 1),
+/// t ~ U[0, 1), labels cycling over [0, K], dout ~ N(0, 1), gradients already non-zero.
+template <class T>
+struct UNetInputs {
+  nn::Parameters<T> ps;
+  nn::UNet<T> net;
+  Tensor<T> x, t, dout;
+  Tensor<label_t> y;
+  explicit UNetInputs(const UNetCase& c) : net(ps, c.cfg) {
+    Generator gen(c.seed);
+    ps.allocate();
+    net.init(ps, gen);
+    for (index_t id = 0; id < ps.count(); ++id) {
+      const auto& name = ps.info(id).name;
+      const bool norm = name.find("init_conv.1.") != std::string::npos ||
+                        name.find(".block1.0.") != std::string::npos ||
+                        name.find(".block2.0.") != std::string::npos;
+      if (norm) fill_normal(ps.param(id), gen, T(name.ends_with(".weight") ? 1 : 0), T(0.3));
+    }
+    fill_normal(ps.flat_grads(), gen);
+    x = randn<T>(c.x, gen);
+    t = Tensor<T>(Shape{c.x[0]});
+    fill_uniform(t, gen);
+    dout = randn<T>(c.x, gen);
+    y = Tensor<label_t>(Shape{c.labels ? c.x[0] : 0});
+    for (index_t i = 0; i < y.numel(); ++i)
+      y[i] = static_cast<label_t>(i % (c.cfg.num_classes + 1));
+  }
+};
+
+template <class T>
+LayerResult<T> unet_reference(const UNetCase& c) {
+  UNetInputs<T> in(c);
+  typename nn::UNet<T>::Cache cache;
+  Tensor<T> out(c.x), dx(c.x);
+  in.net.forward(in.ps, in.x.view(), in.t.view(), in.y.view(), out.view(), cache);
+  in.net.backward(in.ps, in.dout.view(), c.dx ? dx.view() : none<T>(), cache);
+  return {out.to_vector(),
+          {},
+          c.dx ? dx.to_vector() : std::vector<T>{},
+          host_copy<T, Cpu>(in.ps.flat_grads())};
+}
+
+template <class T, Backend B>
+LayerResult<T> unet_on_backend(const UNetCase& c) {
+  UNetInputs<T> in(c);
+  nn::Parameters<T, B> ps;
+  nn::BackendUNet<T, B> net(ps, c.cfg);
+  ps.allocate();
+  nn::upload_parameters(ps, in.ps);  // checks the layout: names, shapes, offsets
+  upload<T, B>(ps.flat_grads(), in.ps.flat_grads());
+  const auto x = device_copy<T, B>(in.x.view());
+  const auto t = device_copy<T, B>(in.t.view());
+  const auto y = device_copy<label_t, B>(in.y.view());
+  const auto dout = device_copy<T, B>(in.dout.view());
+  typename nn::BackendUNet<T, B>::Cache cache;
+  Tensor<T, B> out(c.x), dx(c.x);
+  net.forward(ps, x.view(), t.view(), y.view(), out.view(), cache);
+  net.backward(ps, dout.view(), c.dx ? dx.view() : none<T, B>(), cache);
+  return {host_copy<T, B>(out.view()),
+          {},
+          c.dx ? host_copy<T, B>(dx.view()) : std::vector<T>{},
+          host_copy<T, B>(ps.flat_grads())};
+}
+
+template <class T, Backend B>
+void unet_checks(Log& log) {
+  const Tolerance tol = tolerance<T, B>();
+  const std::string ty = std::is_same_v<T, float> ? "float" : "double";
+  for (const auto& c : unet_cases()) {
+    const std::string what = str("BackendUNet<", ty, ", ", B::name, "> ", c.name);
+    guard(log, what, [&] {
+      const auto ref = unet_reference<T>(c);
+      const auto got = unet_on_backend<T, B>(c);
+      compare(log, what + ": u(x, t, y)", got.y, ref.y, tol);
+      if (c.dx) compare(log, what + ": dx", got.dx, ref.dx, tol);
+      compare(log, what + ": parameter gradients", got.grads, ref.grads, tol);
+    });
+  }
+  expect_throw<config_error>(log, str("BackendUNet<", B::name, "> attention"),
+                             "attention = true is not supported", [] {
+                               nn::Parameters<T, B> ps;
+                               nn::UNetConfig cfg;
+                               cfg.channels = {8};
+                               cfg.attention = true;
+                               nn::BackendUNet<T, B> net(ps, cfg);
+                             });
+}
+
 /// Every body for backend B: forward / backward parity in float and double, bit-equal upsampling
-/// and broadcasts, central differences, errors.
+/// and broadcasts, central differences, errors, the U-Net.
 template <Backend B>
 void all_checks(Log& log) {
   conv_checks<float, B>(log);
@@ -809,6 +945,8 @@ void all_checks(Log& log) {
   gradcheck_norm<B>(log);
   gradcheck_upsample_broadcast<B>(log);
   error_checks<B>(log);
+  unet_checks<float, B>(log);
+  unet_checks<double, B>(log);
 }
 
 }  // namespace flowdiff::test::spatial
