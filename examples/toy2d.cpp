@@ -132,19 +132,11 @@ Trained train_mlp(fd::Device device, const nn::MLP<float>& net, nn::Parameters<f
     nn::BackendMLP<float, fd::Cuda> dnet(dps, net.config());
     dps.allocate();
     nn::upload_parameters(dps, ps);
-    const std::filesystem::path csv = options.loss_csv;
-    options.loss_csv.clear();  // BackendTrainer writes no CSV: the losses are written below
+    // The same loss CSV as the CPU run's (BackendTrainer writes Trainer's format).
     tr::BackendTrainer<float, fd::Cuda, S, Times> trainer(dnet, dps, objective,
                                                           tr::AdamW<float, fd::Cuda>(), options);
     const auto r = trainer.fit(source);
     if (trainer.ema() != nullptr) trainer.ema()->copy_to(dps);
-    if (!csv.empty()) {
-      std::ofstream f(csv);
-      f << "step,loss\n";
-      for (std::size_t k = 0; k < trainer.losses().size(); ++k)
-        f << k + 1 << ',' << trainer.losses()[k] << '\n';
-      fd::require<fd::io_error>(f.good(), "toy2d: cannot write ", csv.string());
-    }
     sample(std::as_const(dnet), std::as_const(dps));
     return {trainer.losses(), r.steps_per_second};
   }

@@ -4,14 +4,16 @@
 // counters); the host-device SiLU of nn/layers/kernels.hpp against fast_math's on a dense grid;
 // optimizers, EMA and clipping through the generic code; parameter transfer and its errors; the
 // device choice; sampling through nn::as_field(BackendMLP) (plain, conditional, cfg; Euler, Heun,
-// Euler–Maruyama) against as_field(nn::MLP). tests/cuda/test_cuda_mlp.cu runs the same bodies
-// (tests/support/backend_mlp_checks.hpp) with B = Cuda.
+// Euler–Maruyama) against as_field(nn::MLP); BackendTrainer's checkpoints (interrupted + resumed
+// equals straight, byte-equal to Trainer's files, loadable either way). tests/cuda/test_cuda_mlp.cu
+// runs the same bodies (tests/support/backend_mlp_checks.hpp) with B = Cuda.
 #include <algorithm>
 #include <bit>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <flowdiff/backend/dispatch.hpp>
 #include <flowdiff/core/fast_math.hpp>
 #include <flowdiff/guidance/cfg.hpp>
@@ -278,8 +280,82 @@ TEST_CASE("device choice: parse, and fall back to the CPU with one line", "[back
   CHECK(std::count(line.begin(), line.end(), '\n') == 1);
 }
 
-TEST_CASE("BackendTrainer / BackendObjective: unsupported options and bad arguments are named",
-          "[nn][backend][train]") {
+TEST_CASE("BackendTrainer<Cpu> checkpoints: resume bit for bit; Trainer's file format",
+          "[nn][backend][train][checkpoint]") {
+  const auto r = fd::test::checkpoint_runs<float, fd::Cpu>();
+  const auto& s = r.straight;
+  REQUIRE(s.losses.size() == 10);
+  REQUIRE(finite_and_nonzero(s.params));
+  REQUIRE(r.straight_file.size() > 1000);  // a real file (the comparisons below use its bytes)
+  REQUIRE(r.cpu_file.size() > 1000);
+  // Interrupted during step 8: the file on disk is the checkpoint of step 5.
+  CHECK(r.interrupted_step == 5);
+  // Resumed by a fresh model (other initial weights) and trainer: steps 6..10, the same bits.
+  CHECK(r.resumed_first_step == 5);
+  CHECK(r.resumed_drawn == 10);  // the source's position came back from the checkpoint
+  CHECK(r.resumed.losses == std::vector<double>(s.losses.begin() + 5, s.losses.end()));
+  CHECK(same_bits(r.resumed.params, s.params));
+  CHECK(same_bits(r.resumed.ema, s.ema));
+  CHECK(r.resumed.offset == s.offset);
+  CHECK(r.resumed.norms == s.norms);
+  CHECK(r.resumed_file == r.straight_file);  // parameters, EMA, optimizer, step, rng, data
+  CHECK(r.resumed_csv == r.straight_csv);    // each step once, the same losses
+  CHECK(std::count(r.straight_csv.begin(), r.straight_csv.end(), '\n') == 11);
+  // The same file as train::Trainer's for the same run, byte for byte; each loads the other's.
+  CHECK(r.cpu_file == r.straight_file);
+  CHECK(same_bits(r.from_cpu.params, s.params));
+  CHECK(same_bits(r.from_cpu.ema, s.ema));
+  CHECK(r.from_cpu.offset == s.offset);
+  CHECK(r.cpu_loaded_step == 10);
+  CHECK(same_bits(r.cpu_loaded, s.params));
+  // Refused with the reason.
+  CHECK_THAT(r.wrong_seed, Contains("trained with seed 99") && Contains("seed 12345"));
+  CHECK_THAT(r.bad_every, Contains("BackendTrainer: checkpoint_every must be >= 0"));
+}
+
+TEST_CASE("BackendTrainer<Cpu>: a non-finite loss names the untouched checkpoint; save_weights",
+          "[nn][backend][train][checkpoint]") {
+  fd::test::TempDir dir("nn_backend_nonfinite");
+  nn::Parameters<float> host;
+  const nn::MLPConfig cfg{.dim = 2, .width = 8, .depth = 1, .time_dim = 4};
+  nn::MLP<float> ref(host, cfg);
+  host.allocate();
+  fd::Generator gen(2);
+  ref.init(host, gen);
+  nn::Parameters<float, fd::Cpu> ps;
+  nn::BackendMLP<float, fd::Cpu> mlp(ps, cfg);
+  ps.allocate();
+  nn::upload_parameters(ps, host);
+  std::ostringstream log;
+  const fd::train::TrainerOptions o{.steps = 4,
+                                    .batch = 8,
+                                    .ema_decay = 0.9,
+                                    .checkpoint = dir / "run.safetensors",
+                                    .loss_csv = dir / "run.csv",
+                                    .progress = fd::train::ProgressMode::quiet,
+                                    .log = &log};
+  const fd::GaussianPath path{fd::schedules::Linear{}};
+  fd::train::BackendTrainer<float, fd::Cpu, fd::schedules::Linear> trainer(
+      mlp, ps, fd::train::flow_matching<float>(path), fd::train::AdamW<float>(), o);
+  fd::test::CountingSource<float> source;
+  trainer.fit(source);
+  REQUIRE(std::filesystem::exists(dir / "run.safetensors"));
+  // The EMA weights as a plain state_dict, loadable into the CPU model.
+  trainer.save_weights(dir / "w.safetensors");
+  nn::load_parameters(host, dir / "w.safetensors");
+  CHECK(same_bits(fd::test::host_copy<float, fd::Cpu>(host.flat_params()),
+                  fd::test::host_copy<float, fd::Cpu>(trainer.ema()->flat())));
+  // A batch with a NaN: the step stops before the update and names the good checkpoint.
+  const auto before = fd::test::host_copy<float, fd::Cpu>(ps.flat_params());
+  fd::Tensor<float> z({8, 2});
+  fd::fill(z, std::numeric_limits<float>::quiet_NaN());
+  CHECK_THROWS_WITH(trainer.step(z.view(), {}),
+                    Contains("BackendTrainer: step 5: the loss is not finite") &&
+                        Contains("the last good checkpoint is") && Contains("(untouched)"));
+  CHECK(same_bits(fd::test::host_copy<float, fd::Cpu>(ps.flat_params()), before));
+}
+
+TEST_CASE("BackendTrainer / BackendObjective: bad arguments are named", "[nn][backend][train]") {
   nn::Parameters<float> ps;
   nn::BackendMLP<float, fd::Cpu> mlp(ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4});
   ps.allocate();
@@ -289,12 +365,13 @@ TEST_CASE("BackendTrainer / BackendObjective: unsupported options and bad argume
     return fd::train::TrainerOptions{.steps = 3, .batch = 4,
                                      .progress = fd::train::ProgressMode::quiet, .log = &log};
   };
-  auto with_checkpoint = options();
-  with_checkpoint.checkpoint = "model.safetensors";
   using Trainer = fd::train::BackendTrainer<float, fd::Cpu, fd::schedules::Linear>;
-  CHECK_THROWS_WITH(Trainer(mlp, ps, fd::train::flow_matching<float>(path),
-                            fd::train::AdamW<float>(), with_checkpoint),
-                    Contains("checkpoints and the loss CSV are not implemented"));
+  // Every TrainerOptions field is supported now (checkpoints included); bad values are named.
+  auto bad_every = options();
+  bad_every.checkpoint_every = -2;
+  CHECK_THROWS_WITH(
+      Trainer(mlp, ps, fd::train::flow_matching<float>(path), fd::train::AdamW<float>(), bad_every),
+      Contains("checkpoint_every must be >= 0, got -2"));
   // Dropout needs a conditional model; labels need one too.
   Trainer cfg(mlp, ps, fd::train::flow_matching<float>(path, 0.1), fd::train::AdamW<float>(),
               options());

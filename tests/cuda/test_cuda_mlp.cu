@@ -11,7 +11,10 @@
 //   Adam), Sgd / Adam / AdamW / Ema / clip_grad_norm on Parameters<float, Cuda> against the same
 //   code on the CPU (element-wise rule), device label checks, and sampling through
 //   nn::as_field(BackendMLP<float, Cuda>) (plain, conditional, cfg w = 3; Euler, Heun,
-//   Euler–Maruyama) against as_field(nn::MLP) on the CPU (atol 1e-5 + rtol 1e-4).
+//   Euler–Maruyama) against as_field(nn::MLP) on the CPU (atol 1e-5 + rtol 1e-4), and
+//   BackendTrainer<float, Cuda>'s checkpoints (an interrupted + resumed run byte-equal to the
+//   straight one on the GPU; Trainer's step-5 checkpoint finished on the GPU within the rule;
+//   the GPU's final checkpoint loaded by the CPU Trainer exactly).
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 
@@ -160,6 +163,24 @@ void host_checks() {
              c.name + ": bit-equal samples and generator offset");
     }
   });
+  section("BackendTrainer<Cpu> checkpoints under nvcc", [] {
+    const auto r = fd::test::checkpoint_runs<float, Cpu>();
+    expect(r.straight.losses.size() == 10 && r.straight_file.size() > 1000,
+           "the straight run trained and wrote its checkpoint");
+    expect(r.interrupted_step == 5 && r.resumed_first_step == 5 && r.resumed_drawn == 10,
+           "interrupted at the step-5 checkpoint, resumed there, the source's position restored");
+    expect(same_bits(r.resumed.params, r.straight.params) &&
+               same_bits(r.resumed.ema, r.straight.ema) && r.resumed.offset == r.straight.offset &&
+               r.resumed_file == r.straight_file && r.resumed_csv == r.straight_csv,
+           "resumed == straight bit for bit (parameters, EMA, generator, file, CSV)");
+    expect(r.cpu_file == r.straight_file && same_bits(r.from_cpu.params, r.straight.params) &&
+               r.cpu_loaded_step == 10 && same_bits(r.cpu_loaded, r.straight.params),
+           "Trainer's checkpoint is the same file and loads either way");
+    expect(r.wrong_seed.find("trained with seed 99") != std::string::npos &&
+               r.bad_every.find("checkpoint_every must be >= 0") != std::string::npos,
+           "another seed and a negative checkpoint_every are refused; got: " + r.wrong_seed +
+               " / " + r.bad_every);
+  });
   section("device choice (host)", [] {
     std::ostringstream log;
     const fd::Device d = fd::cuda::resolve_device(fd::Device::cpu, log);
@@ -249,6 +270,31 @@ void device_training() {
       std::printf("  %s: %zu of %zu parameters bit-equal to the CPU\n", c.name.c_str(),
                   count_equal(got.params, ref.params), ref.params.size());
     }
+  });
+  section("BackendTrainer<Cuda> checkpoints", [] {
+    const auto r = fd::test::checkpoint_runs<float, Cuda>();
+    const auto ref = fd::test::checkpoint_runs<float, Cpu>();
+    expect(r.straight.losses.size() == 10 && r.straight_file.size() > 1000,
+           "the straight run trained and wrote its checkpoint");
+    expect(r.interrupted_step == 5 && r.resumed_first_step == 5 && r.resumed_drawn == 10,
+           "interrupted at the step-5 checkpoint, resumed there, the source's position restored");
+    // The device is deterministic (fixed-order reductions, the same cuBLAS calls): a resumed
+    // run should reproduce the straight one on the GPU bit for bit.
+    expect(same_bits(r.resumed.params, r.straight.params) &&
+               same_bits(r.resumed.ema, r.straight.ema) && r.resumed.offset == r.straight.offset,
+           "resumed == straight on the GPU, bit for bit (parameters, EMA, generator)");
+    expect(r.resumed_file == r.straight_file,
+           "the resumed run's final checkpoint file is the straight run's, byte for byte");
+    expect(r.resumed_csv == r.straight_csv, "the loss CSV holds each step once, same losses");
+    expect_close("straight run on the GPU vs the CPU: parameters", r.straight.params,
+                 ref.straight.params, 1e-5, 1e-4);
+    expect_close("Trainer's step-5 checkpoint finished on the GPU: parameters", r.from_cpu.params,
+                 ref.straight.params, 1e-5, 1e-4);
+    expect_close("... EMA", r.from_cpu.ema, ref.straight.ema, 1e-5, 1e-4);
+    expect(r.cpu_loaded_step == 10 && same_bits(r.cpu_loaded, r.straight.params),
+           "the GPU's final checkpoint loads into the CPU Trainer exactly");
+    expect(r.wrong_seed.find("trained with seed 99") != std::string::npos,
+           "resuming with another seed is refused; got: " + r.wrong_seed);
   });
   section("optimizers / EMA / clip on Cuda vs Cpu", [] {
     const auto cpu = fd::test::optim_on_backend<float, Cpu>();

@@ -9,9 +9,12 @@
 //   optim_on_backend                    clip_grad_norm, Sgd, Adam, AdamW and Ema on a flat store
 //   sample_reference / sample_on_backend  integrate() through nn::as_field (plain, conditional,
 //                                       cfg) with Euler / Heun / Euler–Maruyama
+//   checkpoint_runs                     BackendTrainer's checkpoints: straight vs interrupted +
+//                                       resumed runs, and checkpoints crossing to / from Trainer
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <flowdiff/backend/dispatch.hpp>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/core/tensor.hpp>
@@ -34,9 +37,13 @@
 #include <flowdiff/train/objective.hpp>
 #include <flowdiff/train/optimizer.hpp>
 #include <flowdiff/train/trainer.hpp>
+#include <fstream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "files.hpp"
 
 namespace flowdiff::test {
 
@@ -446,6 +453,188 @@ SampleOutcome<T> sample_on_backend(const SampleCase& c) {
   ps.allocate();
   nn::upload_parameters(ps, in.ps);
   return sample_with<T, B>(c, mlp, ps, in);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints and resuming.
+// ---------------------------------------------------------------------------------------------
+
+/// Thrown by CountingSource to interrupt a run (as a killed process would).
+struct Interrupted {};
+
+/// Moons batches from the trainer's generator, with a position (the number of batches drawn)
+/// that the checkpoint saves and restores; next() throws Interrupted when `stop_at` batches have
+/// been drawn.
+template <class T>
+struct CountingSource {
+  data::Toy2DDistribution<T> dist{data::Toy2D::Moons};
+  std::int64_t drawn = 0, stop_at = -1;
+  void next(View<T> x, View<label_t> y, Generator& gen) {
+    if (drawn == stop_at) throw Interrupted{};
+    ++drawn;
+    dist.sample(x, y, gen);
+  }
+  Shape sample_shape() const { return Shape{2}; }
+  index_t num_classes() const { return dist.num_classes(); }
+  std::vector<std::int64_t> state() const { return {drawn}; }
+  void set_state(const std::vector<std::int64_t>& s) { drawn = s.at(0); }
+};
+
+template <class T>
+struct CheckpointRuns {
+  TrainOutcome<T> straight;  // 10 steps on B, one trainer
+  TrainOutcome<T> resumed;   // interrupted during step 8, resumed from the step-5 checkpoint
+  TrainOutcome<T> from_cpu;  // BackendTrainer on B resuming train::Trainer's step-5 checkpoint
+  std::int64_t resumed_first_step = -1, resumed_drawn = -1;
+  std::int64_t interrupted_step = -1;                 // the step in the interrupted run's file
+  std::string straight_file, resumed_file, cpu_file;  // the bytes of the final checkpoints
+  std::string straight_csv, resumed_csv;              // loss CSVs, the seconds column removed
+  std::vector<T> cpu_loaded;          // Trainer (CPU) loading B's final checkpoint: parameters
+  std::int64_t cpu_loaded_step = -1;  // and its step (resumed, nothing left to run)
+  std::string wrong_seed, bad_every;  // the messages of two refused configurations
+};
+
+inline std::string file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+/// The CSV without its last column (the seconds differ between runs).
+inline std::string csv_without_seconds(const std::filesystem::path& p) {
+  std::stringstream in(file_bytes(p)), out;
+  std::string line;
+  while (std::getline(in, line)) out << line.substr(0, line.rfind(',')) << '\n';
+  return out.str();
+}
+
+/// Trainer's and BackendTrainer's checkpoints on B, for the CFG-CFM case (conditional model,
+/// AdamW, EMA 0.9, a stateful source): a straight run of 10 steps with a checkpoint at the end;
+/// the same run interrupted during step 8 (checkpoint_every = 5), then resumed by a fresh model
+/// with other initial weights and a fresh trainer; the CPU Trainer's own runs (straight, and
+/// interrupted at step 5 then finished by BackendTrainer on B); the CPU Trainer loading B's final
+/// checkpoint; a resume with another seed and a negative checkpoint_every (refused).
+template <class T, Backend B>
+CheckpointRuns<T> checkpoint_runs() {
+  TempDir dir(std::string("backend_ckpt_") + B::name);
+  std::ostringstream log;
+  TrainCase c{"CFG-CFM checkpoints", TrainKind::cfg_cfm, true, 0.05, 10, 32};
+  const nn::MLPConfig cfg = train_config(c);
+  auto options = [&](const std::string& name) {
+    train::TrainerOptions o = train_options(c, log);
+    o.checkpoint = dir / (name + ".safetensors");
+    o.checkpoint_every = 5;
+    o.loss_csv = dir / (name + ".csv");
+    return o;
+  };
+  // nn::MLP's initial weights drawn with `seed` (mlp registered on ps, not yet allocated).
+  auto host_init = [&](nn::Parameters<T>& ps, const nn::MLP<T>& mlp, std::uint64_t seed) {
+    ps.allocate();
+    Generator init(seed);
+    mlp.init(ps, init);
+  };
+  auto optimizer_b = [] { return train::AdamW<T, B>(train::AdamWOptions{.weight_decay = 0.05}); };
+  using BTrainer =
+      train::BackendTrainer<T, B, schedules::Linear, train::UniformTime, train::AdamW<T, B>>;
+  // One run on B from host weights initialised with `seed`; `stop_at` >= 0 interrupts it.
+  auto run_b = [&](const std::string& name, std::uint64_t seed, std::int64_t stop_at,
+                   TrainOutcome<T>* out, std::int64_t* first_step, std::int64_t* drawn) {
+    nn::Parameters<T> host;
+    const nn::MLP<T> ref(host, cfg);
+    host_init(host, ref, seed);
+    nn::Parameters<T, B> ps;
+    nn::BackendMLP<T, B> mlp(ps, cfg);
+    ps.allocate();
+    nn::upload_parameters(ps, host);
+    CountingSource<T> source;
+    source.stop_at = stop_at;
+    BTrainer trainer(mlp, ps, train_objective<T>(c), optimizer_b(), options(name));
+    try {
+      const auto r = trainer.fit(source);
+      if (first_step) *first_step = r.first_step;
+    } catch (const Interrupted&) {
+      return;
+    }
+    if (drawn) *drawn = source.drawn;
+    if (out) {
+      out->losses = trainer.losses();
+      out->norms = {trainer.last_grad_norm()};
+      out->params = host_copy<T, B>(ps.flat_params());
+      out->ema = host_copy<T, B>(trainer.ema()->flat());
+      out->offset = trainer.generator().offset();
+    }
+  };
+  auto run_cpu = [&](const std::string& name, std::int64_t stop_at) {
+    nn::Parameters<T> ps;
+    const nn::MLP<T> mlp(ps, cfg);
+    host_init(ps, mlp, 7);
+    CountingSource<T> source;
+    source.stop_at = stop_at;
+    train::Trainer trainer(mlp, ps, train_objective<T>(c),
+                           train::AdamW<T>(train::AdamWOptions{.weight_decay = 0.05}),
+                           options(name));
+    try {
+      trainer.fit(source);
+    } catch (const Interrupted&) {
+    }
+  };
+
+  CheckpointRuns<T> r;
+  run_b("straight", 7, -1, &r.straight, nullptr, nullptr);
+  r.straight_file = file_bytes(dir / "straight.safetensors");
+  r.straight_csv = csv_without_seconds(dir / "straight.csv");
+
+  run_b("split", 7, 7, nullptr, nullptr, nullptr);  // killed during step 8
+  {
+    const auto f = io::SafetensorsFile::read(dir / "split.safetensors");
+    r.interrupted_step = nn::load_checked<std::int64_t>(f, "trainer.step", Shape{1})[0];
+  }
+  run_b("split", 999, -1, &r.resumed, &r.resumed_first_step, &r.resumed_drawn);
+  r.resumed_file = file_bytes(dir / "split.safetensors");
+  r.resumed_csv = csv_without_seconds(dir / "split.csv");
+
+  // The CPU Trainer's straight run, and its step-5 checkpoint finished on B.
+  run_cpu("cpu", -1);
+  r.cpu_file = file_bytes(dir / "cpu.safetensors");
+  run_cpu("cpu_split", 7);
+  run_b("cpu_split", 999, -1, &r.from_cpu, nullptr, nullptr);
+
+  // B's final checkpoint loaded by the CPU Trainer: it resumes at step 10 and has nothing to do.
+  {
+    nn::Parameters<T> ps;
+    const nn::MLP<T> mlp(ps, cfg);
+    host_init(ps, mlp, 999);
+    CountingSource<T> source;
+    auto o = options("straight");
+    o.loss_csv.clear();
+    train::Trainer trainer(mlp, ps, train_objective<T>(c),
+                           train::AdamW<T>(train::AdamWOptions{.weight_decay = 0.05}), o);
+    const auto res = trainer.fit(source);
+    r.cpu_loaded_step = res.first_step;
+    r.cpu_loaded = host_copy<T, Cpu>(ps.flat_params());
+  }
+
+  // Refused: resuming with another seed, a negative checkpoint_every.
+  {
+    nn::Parameters<T, B> ps;
+    nn::BackendMLP<T, B> mlp(ps, cfg);
+    ps.allocate();
+    CountingSource<T> source;
+    auto o = options("straight");
+    o.seed = 12345;
+    BTrainer trainer(mlp, ps, train_objective<T>(c), optimizer_b(), o);
+    try {
+      trainer.fit(source);
+    } catch (const config_error& e) {
+      r.wrong_seed = e.what();
+    }
+    o.checkpoint_every = -1;
+    try {
+      BTrainer bad(mlp, ps, train_objective<T>(c), optimizer_b(), o);
+    } catch (const config_error& e) {
+      r.bad_every = e.what();
+    }
+  }
+  return r;
 }
 
 }  // namespace flowdiff::test

@@ -6,7 +6,9 @@
 // exist (io_error), shapes must match exactly (shape_error naming the tensor and both shapes),
 // values must convert exactly (F64 -> float rounds; F16/BF16/integers convert), and strict mode
 // rejects tensors in the file that match no parameter (listing them). A failed load leaves the
-// parameters unchanged.
+// parameters unchanged. Parameters and tensors on a device backend (host_accessible false) are
+// downloaded for writing and uploaded after validation on loading (BackendOps<B>, so the file is
+// the same whichever backend wrote it); this header stays CUDA-free.
 #pragma once
 
 #include <cstring>
@@ -17,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "flowdiff/backend/dispatch.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/io/safetensors.hpp"
@@ -66,25 +69,47 @@ Tensor<T> load_checked(const io::SafetensorsFile& file, std::string_view name, c
   return file.template tensor<T>(name);
 }
 
-/// Copies tensor `name` of `file` into `dst` (same shape required), converting to T.
+namespace detail {
+// Host tensor t -> dst on B (same element count): memcpy on the host, an upload on a device.
 template <class T, Backend B>
-  requires(B::host_accessible)
+void store(View<T, B> dst, const Tensor<T>& t) {
+  if (t.numel() == 0) return;
+  if constexpr (B::host_accessible)
+    std::memcpy(dst.data(), t.data(), static_cast<std::size_t>(t.numel()) * sizeof(T));
+  else
+    BackendOps<B>::template upload<T>(dst, t.view());
+}
+}  // namespace detail
+
+/// Copies tensor `name` of `file` into `dst` (same shape required, any backend), converting to T.
+template <class T, Backend B>
 void load_into(const io::SafetensorsFile& file, std::string_view name, View<T, B> dst) {
   const Tensor<T> t = load_checked<T>(file, name, dst.shape());
-  if (t.numel() > 0) std::memcpy(dst.data(), t.data(), static_cast<std::size_t>(t.numel()) * sizeof(T));
+  detail::store(dst, t);
 }
 
-/// Adds every parameter of `ps` to `w` under prefix + its name.
+/// Adds a copy of `v` (on any backend: a device view is downloaded first) to `w` as `name`.
 template <class T, Backend B>
-  requires(B::host_accessible)
-void add_parameters(io::SafetensorsWriter& w, const Parameters<T, B>& ps, std::string_view prefix = {}) {
+void add_tensor(io::SafetensorsWriter& w, std::string name, View<const T, B> v) {
+  if constexpr (B::host_accessible) {
+    w.add(std::move(name), View<const T>(v.data(), v.shape()));
+  } else {
+    Tensor<T> h(v.shape());
+    BackendOps<B>::template download<T>(h.view(), v);
+    w.add(std::move(name), h.view());
+  }
+}
+
+/// Adds every parameter of `ps` (on any backend) to `w` under prefix + its name.
+template <class T, Backend B>
+void add_parameters(io::SafetensorsWriter& w, const Parameters<T, B>& ps,
+                    std::string_view prefix = {}) {
   for (index_t id = 0; id < ps.count(); ++id)
-    w.add(std::string(prefix) + ps.info(id).name, ps.param(id));
+    add_tensor<T, B>(w, std::string(prefix) + ps.info(id).name, ps.param(id));
 }
 
 /// Writes every parameter of `ps` (under its name, F32/F64) and `metadata` to `path`, atomically.
 template <class T, Backend B>
-  requires(B::host_accessible)
 void save_parameters(const Parameters<T, B>& ps, const std::filesystem::path& path,
                      const Metadata& metadata = {}) {
   io::SafetensorsWriter w;
@@ -93,10 +118,9 @@ void save_parameters(const Parameters<T, B>& ps, const std::filesystem::path& pa
   w.write(path);
 }
 
-/// Loads every parameter of `ps` from `file` (see LoadOptions). Validates and converts all of
-/// them before writing any, so a failure leaves `ps` unchanged.
+/// Loads every parameter of `ps` (on any backend) from `file` (see LoadOptions). Validates and
+/// converts all of them before writing any, so a failure leaves `ps` unchanged.
 template <class T, Backend B>
-  requires(B::host_accessible)
 LoadReport load_parameters(Parameters<T, B>& ps, const io::SafetensorsFile& file,
                            const LoadOptions& options = {}) {
   LoadReport report;
@@ -137,16 +161,12 @@ LoadReport load_parameters(Parameters<T, B>& ps, const io::SafetensorsFile& file
     if (!file.contains(key)) continue;
     loaded.emplace_back(id, load_checked<T>(file, key, e.shape));
   }
-  for (auto& [id, t] : loaded) {
-    auto dst = ps.param(id);
-    std::memcpy(dst.data(), t.data(), static_cast<std::size_t>(t.numel()) * sizeof(T));
-  }
+  for (auto& [id, t] : loaded) detail::store(ps.param(id), t);
   return report;
 }
 
 /// Loads every parameter of `ps` from the safetensors file at `path`.
 template <class T, Backend B>
-  requires(B::host_accessible)
 LoadReport load_parameters(Parameters<T, B>& ps, const std::filesystem::path& path,
                            const LoadOptions& options = {}) {
   return load_parameters(ps, io::SafetensorsFile::read(path), options);

@@ -10,12 +10,16 @@
 // counters), so with B = Cpu a run reproduces Trainer's bit for bit and on a GPU it follows it to
 // rounding. Per-sample scalars (t, the weights, the labels) are drawn and checked on the host,
 // where the CPU objective checks them, and copied to B: N values per step. The loss and the
-// gradient norm are B's deterministic reductions. Not here yet (the CPU Trainer has them):
-// checkpoints and resuming, the loss CSV, schedules with host tables (DiscreteSchedule).
+// gradient norm are B's deterministic reductions. Checkpoints, resuming, the weights file and the
+// loss CSV are Trainer's (train/trainer.hpp's detail:: functions, the same file format): the
+// parameters, the EMA and the optimizer state are downloaded from B to be written and uploaded
+// after a checkpoint is validated, so a resumed run continues bit for bit and a checkpoint loads
+// into either trainer. Not here yet: schedules with host tables (DiscreteSchedule).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -256,17 +260,17 @@ class BackendTrainer {
     require<config_error>(o_.ema_decay >= 0 && o_.ema_decay < 1,
                           "BackendTrainer: ema_decay must lie in [0, 1) (0: off), got ",
                           o_.ema_decay);
-    require<config_error>(o_.checkpoint.empty() && o_.loss_csv.empty(),
-                          "BackendTrainer: checkpoints and the loss CSV are not implemented for "
-                          "backend models yet; leave TrainerOptions::checkpoint and loss_csv "
-                          "empty (download_parameters and save on the host)");
+    require<config_error>(o_.checkpoint_every >= 0,
+                          "BackendTrainer: checkpoint_every must be >= 0, got ",
+                          o_.checkpoint_every);
     require<config_error>(o_.log != nullptr, "BackendTrainer: log stream is null");
     require<config_error>(params.allocated(), "BackendTrainer: the parameters are not allocated");
     if (o_.ema_decay > 0) ema_.emplace(params, EmaOptions{o_.ema_decay, o_.ema_warmup});
   }
 
   /// One step on a host batch z [N, ...] (labels y [N] or empty) at the learning rate of the
-  /// current step: Trainer::fit's loop body. Returns the loss.
+  /// current step: Trainer::fit's loop body (without the CSV row and the checkpoint, which fit
+  /// adds). Returns the loss.
   double step(View<const T> z, View<const label_t> y) {
     const double lr = learning_rate(step_);
     opt_.set_lr(lr);
@@ -293,7 +297,8 @@ class BackendTrainer {
     return loss;
   }
 
-  /// Trains until options.steps steps are done (no resuming: see the file comment).
+  /// Trains until options.steps steps are done in all, resuming from the checkpoint when it
+  /// exists (and options.resume), as Trainer::fit. Returns what this call did.
   template <class D>
     requires BatchSource<D, T>
   TrainResult fit(D& data) {
@@ -310,15 +315,29 @@ class BackendTrainer {
     y_.resize(Shape{o_.batch});
     fill(y_.view(), label_t(0));
     TrainResult r;
+    if (o_.resume && !o_.checkpoint.empty() && std::filesystem::exists(o_.checkpoint)) {
+      load_checkpoint(o_.checkpoint, data);
+      r.resumed = true;
+    }
     r.first_step = step_;
+    csv_.open("BackendTrainer", o_.loss_csv, step_);
     Progress progress(*o_.log, o_.progress, step_, o_.steps, o_.log_every);
+    if (r.resumed)
+      progress.message("resumed from " + o_.checkpoint.string() + " at step " +
+                       std::to_string(step_));
     double window = 0;
     std::int64_t window_n = 0;
     while (step_ < o_.steps) {
       const double lr = learning_rate(step_);
       const View<label_t> yv = labelled ? y_.view() : View<label_t>{};
       data.next(x_.view(), yv, gen_);
-      const double loss = step(View<const T>(x_.view()), View<const label_t>(yv));
+      double loss = 0;
+      try {
+        loss = step(View<const T>(x_.view()), View<const label_t>(yv));
+      } catch (const numeric_error& e) {
+        progress.message(e.what());
+        throw;
+      }
       window += loss;
       ++window_n;
       if (window_n > o_.log_every) {
@@ -326,8 +345,14 @@ class BackendTrainer {
         window_n = 1;
       }
       r.final_loss = window / static_cast<double>(window_n);
+      csv_.row(step_, loss, lr, last_grad_norm_, progress.elapsed());
       progress.update(step_, loss, lr);
+      if (!o_.checkpoint.empty() && o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0 &&
+          step_ < o_.steps)
+        save_checkpoint(o_.checkpoint, data);
     }
+    if (!o_.checkpoint.empty()) save_checkpoint(o_.checkpoint, data);
+    csv_.flush();
     r.last_step = step_;
     r.seconds = progress.elapsed();
     r.steps_per_second = r.seconds > 0 ? static_cast<double>(step_ - r.first_step) / r.seconds : 0;
@@ -348,17 +373,37 @@ class BackendTrainer {
   /// The EMA of the parameters on B (null when ema_decay = 0).
   const Ema<T, B>* ema() const { return ema_ ? &*ema_ : nullptr; }
 
+  /// Writes the full training state to `path` atomically, in Trainer's format (parameters, EMA
+  /// and optimizer state downloaded from B).
+  template <class D>
+  void save_checkpoint(const std::filesystem::path& path, const D& data) const {
+    detail::write_trainer_checkpoint("BackendTrainer", path, *ps_, ema(), opt_, step_, gen_,
+                                     o_.seed, data);
+  }
+
+  /// Restores the state written by save_checkpoint (or by Trainer::save_checkpoint for the same
+  /// model and optimizer), uploading it to B; all or nothing. The seed must be the options' seed.
+  template <class D>
+  void load_checkpoint(const std::filesystem::path& path, D& data) {
+    detail::read_trainer_checkpoint(path, o_, *ps_, ema_, opt_, step_, gen_, data);
+  }
+
+  /// Writes the weights alone as a plain state_dict (the EMA when there is one and use_ema).
+  void save_weights(const std::filesystem::path& path, bool use_ema = true) const {
+    detail::write_weights(path, *ps_, ema(), step_, use_ema);
+  }
+
  private:
   double grad_norm() const {
     const auto g = ps_->flat_grads();
     return std::sqrt(B::reduce_sum(g.numel(), detail::SquareTerm<T>{g.data()}));
   }
 
-  [[noreturn]] void stop_nonfinite(const char* what, const std::string& detail) const {
-    fail<numeric_error>("BackendTrainer: step ", step_ + 1, ": ", what, " is not finite (",
-                        detail,
-                        "); the parameters were not updated. Lower the learning rate or check "
-                        "the data.");
+  [[noreturn]] void stop_nonfinite(const char* what, const std::string& why) {
+    csv_.flush();
+    fail<numeric_error>("BackendTrainer: step ", step_ + 1, ": ", what, " is not finite (", why,
+                        "); the parameters were not updated and ", detail::checkpoint_status(o_),
+                        ". Lower the learning rate or check the data.");
   }
 
   const Model* model_;
@@ -375,6 +420,7 @@ class BackendTrainer {
   std::int64_t step_ = 0;
   double last_loss_ = NAN, last_grad_norm_ = NAN;
   std::vector<double> losses_;
+  detail::LossCsv csv_;
 };
 
 }  // namespace flowdiff::train

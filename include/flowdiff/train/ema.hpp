@@ -7,8 +7,10 @@
 // warmup d = decay throughout. For evaluation, copy_to(ps) overwrites the parameters with the
 // average, or swap(ps) exchanges them (swap again to restore the training weights). Buffers
 // (Parameters::add_buffer, e.g. BatchNorm running statistics) are not averaged: update() copies
-// them, so the shadow always holds the model's current buffers (as ema-pytorch and timm's ModelEmaV3
-// with buffers excluded from averaging do; the running statistics already are averages).
+// them, so the shadow always holds the model's current buffers (as ema-pytorch and timm's
+// ModelEmaV3 with buffers excluded from averaging do; the running statistics already are averages).
+// save_state / load_state write and read the average per parameter name on any backend (a device
+// shadow is downloaded / uploaded).
 #pragma once
 
 #include <algorithm>
@@ -101,7 +103,8 @@ class Ema {
                   const std::string& prefix = "ema.") const {
     check(ps);
     for (const auto& e : ps.entries())
-      w.add(prefix + e.name, shadow_.view().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
+      nn::add_tensor<T, B>(w, prefix + e.name,
+                           shadow_.view().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
     const Tensor<std::int64_t> n = Tensor<std::int64_t>::from(Shape{1}, {updates_});
     w.add(prefix + "updates", n.view());
   }

@@ -12,7 +12,8 @@
 // (Parameters::add_buffer, e.g. BatchNorm running statistics) lie after the trainable prefix
 // [0, trainable_size()) and are never touched: no weight decay, no update.
 // State (momentum / moments and the step count) is saved and loaded per parameter name through
-// safetensors, so a resumed run continues bit for bit.
+// safetensors, so a resumed run continues bit for bit (state on a device backend is downloaded to
+// write it and uploaded after loading: nn::add_tensor / nn::load_into).
 #pragma once
 
 #include <cmath>
@@ -128,7 +129,8 @@ template <class T, Backend B>
 void add_state(io::SafetensorsWriter& w, const nn::Parameters<T, B>& ps, const Tensor<T, B>& flat,
                const std::string& key) {
   for (const auto& e : ps.entries())
-    w.add(key + "." + e.name, flat.view().flat().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
+    nn::add_tensor<T, B>(w, key + "." + e.name,
+                         flat.view().flat().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
 }
 
 template <class T, Backend B>

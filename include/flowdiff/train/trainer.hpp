@@ -12,18 +12,23 @@
 // that was never interrupted. A non-finite loss or gradient stops the run with numeric_error
 // before the parameters are touched, and no checkpoint is written from a non-finite state, so the
 // last checkpoint on disk is always a good one. Everything random comes from the trainer's
-// generator (seeded by the options): a run is a pure function of its seed.
+// generator (seeded by the options): a run is a pure function of its seed. The checkpoint, the
+// weights file and the loss CSV are written and read by functions in detail:: shared with
+// train::BackendTrainer (backend_trainer.hpp), which therefore writes the same files from a model
+// on any backend.
 #pragma once
 
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -153,6 +158,183 @@ struct TrainResult {
   double final_loss = NAN;  ///< mean loss of the last min(log_every, steps run) steps
 };
 
+namespace detail {
+
+inline void add_i64(io::SafetensorsWriter& w, const std::string& name,
+                    const std::vector<std::int64_t>& v) {
+  const Tensor<std::int64_t> t =
+      Tensor<std::int64_t>::from(Shape{static_cast<index_t>(v.size())}, std::span(v));
+  w.add(name, t.view());
+}
+
+/// Writes a run's full state to `path` atomically in the format of the file comment
+/// ("flowdiff.trainer/1"): parameters, EMA (null: none) and optimizer state on backend B
+/// (downloaded when B is a device), the step, the generator and the data source's position.
+/// Refuses (numeric_error naming `who`) to write non-finite parameters.
+template <class T, Backend B, class Optimizer, class D>
+void write_trainer_checkpoint(std::string_view who, const std::filesystem::path& path,
+                              const nn::Parameters<T, B>& ps, const Ema<T, B>* ema,
+                              const Optimizer& opt, std::int64_t step, const Generator& gen,
+                              std::uint64_t seed, const D& data) {
+  require<numeric_error>(all_finite(ps.flat_params()), who, ": step ", step,
+                         ": the parameters are not finite; refusing to overwrite the checkpoint ",
+                         path.string());
+  io::SafetensorsWriter w;
+  nn::add_parameters(w, ps, "model.");
+  if (ema) ema->save_state(w, ps, "ema.");
+  opt.save_state(w, ps, "optimizer.");
+  add_i64(w, "trainer.step", {step});
+  add_i64(w, "trainer.rng",
+          {static_cast<std::int64_t>(gen.seed()), static_cast<std::int64_t>(gen.offset())});
+  if constexpr (StatefulSource<D>) {
+    const std::vector<std::int64_t> st = data.state();
+    if (!st.empty()) add_i64(w, "trainer.data_state", st);
+  }
+  w.set_metadata("format", "flowdiff.trainer/1");
+  w.set_metadata("step", std::to_string(step));
+  w.set_metadata("seed", std::to_string(seed));
+  w.write(path);
+}
+
+/// Restores the state written by write_trainer_checkpoint into a run with options `o` (whose seed
+/// must be the checkpoint's), all or nothing: a checkpoint that does not fit leaves the
+/// parameters, EMA, optimizer, step, generator and data position as they were.
+template <class T, Backend B, class Optimizer, class D>
+void read_trainer_checkpoint(const std::filesystem::path& path, const TrainerOptions& o,
+                             nn::Parameters<T, B>& ps, std::optional<Ema<T, B>>& ema,
+                             Optimizer& opt, std::int64_t& step_out, Generator& gen, D& data) {
+  const io::SafetensorsFile f = io::SafetensorsFile::read(path);
+  const auto meta = f.metadata();
+  const auto fmt = meta.find("format");
+  require<io_error>(fmt != meta.end() && fmt->second == "flowdiff.trainer/1", path.string(),
+                    ": not a flowdiff trainer checkpoint (metadata 'format' is ",
+                    fmt == meta.end() ? std::string("missing") : "'" + fmt->second + "'",
+                    "); to start afresh, delete it or choose another checkpoint path");
+  const auto step = nn::load_checked<std::int64_t>(f, "trainer.step", Shape{1});
+  const auto rng = nn::load_checked<std::int64_t>(f, "trainer.rng", Shape{2});
+  require<config_error>(static_cast<std::uint64_t>(rng[0]) == o.seed, path.string(),
+                        ": the checkpoint was trained with seed ",
+                        static_cast<std::uint64_t>(rng[0]), " but the options say seed ", o.seed,
+                        "; resume with the same seed");
+  require<io_error>(step[0] >= 0 && step[0] <= o.steps, path.string(), ": checkpoint step ",
+                    step[0], " is outside [0, steps = ", o.steps, "]");
+  // All or nothing: what can be staged is staged (the EMA, the data position), the parameters
+  // are backed up before load_parameters (which validates every name, shape and dtype before it
+  // writes any) and restored if a later part fails, and the optimizer goes last (its load_state
+  // changes nothing when it fails). A checkpoint that does not fit leaves the run as it was.
+  std::optional<Ema<T, B>> staged_ema;
+  if (ema) {
+    staged_ema.emplace(ps, EmaOptions{o.ema_decay, o.ema_warmup});
+    staged_ema->load_state(f, ps, "ema.");
+  }
+  std::optional<std::vector<std::int64_t>> data_state;
+  if constexpr (StatefulSource<D>) {
+    if (f.contains("trainer.data_state")) {
+      const Shape ds = f.shape("trainer.data_state");
+      const auto t = nn::load_checked<std::int64_t>(f, "trainer.data_state", ds);
+      data_state.emplace(t.data(), t.data() + t.numel());
+    }
+  }
+  Tensor<T, B> backup(ps.flat_params().shape());
+  copy(backup.view(), View<const T, B>(ps.flat_params()));
+  nn::load_parameters(ps, f, nn::LoadOptions{.strict = true, .prefix = "model."});
+  try {
+    if constexpr (StatefulSource<D>) {
+      const std::vector<std::int64_t> old_state = data.state();
+      if (data_state) data.set_state(*data_state);
+      try {
+        opt.load_state(f, ps, "optimizer.");
+      } catch (...) {
+        data.set_state(old_state);
+        throw;
+      }
+    } else {
+      opt.load_state(f, ps, "optimizer.");
+    }
+  } catch (...) {
+    copy(ps.flat_params(), View<const T, B>(backup.view()));
+    throw;
+  }
+  if (staged_ema) ema = std::move(staged_ema);
+  step_out = step[0];
+  gen.set_offset(static_cast<std::uint64_t>(rng[1]));
+}
+
+/// Writes the weights alone as a plain state_dict: the EMA when there is one and use_ema, else
+/// the parameters (on any backend).
+template <class T, Backend B>
+void write_weights(const std::filesystem::path& path, const nn::Parameters<T, B>& ps,
+                   const Ema<T, B>* ema, std::int64_t step, bool use_ema) {
+  io::SafetensorsWriter w;
+  if (use_ema && ema) {
+    for (const auto& e : ps.entries())
+      nn::add_tensor<T, B>(w, e.name,
+                           ema->flat().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
+  } else {
+    nn::add_parameters(w, ps);
+  }
+  w.set_metadata("step", std::to_string(step));
+  w.set_metadata("weights", use_ema && ema ? "ema" : "raw");
+  w.write(path);
+}
+
+/// The loss CSV of a run ("step,loss,lr,grad_norm,seconds", one row per step). open() keeps the
+/// rows of the steps a resumed run continues from (dropping those an interrupted run wrote after
+/// its last checkpoint) and appends after them.
+class LossCsv {
+ public:
+  void open(std::string_view who, const std::filesystem::path& path, std::int64_t step) {
+    if (path.empty()) return;
+    namespace fs = std::filesystem;
+    if (path.has_parent_path()) fs::create_directories(path.parent_path());
+    std::vector<std::string> keep;
+    if (step > 0 && fs::exists(path)) {
+      std::ifstream in(path);
+      std::string line;
+      while (std::getline(in, line)) {
+        if (line.rfind("step,", 0) == 0) continue;
+        const auto comma = line.find(',');
+        if (comma == std::string::npos) continue;
+        try {
+          if (std::stoll(line.substr(0, comma)) <= step) keep.push_back(line);
+        } catch (const std::exception&) {
+        }
+      }
+    }
+    f_.emplace(path, std::ios::trunc);
+    require<io_error>(f_->good(), who, ": cannot write the loss CSV ", path.string());
+    *f_ << "step,loss,lr,grad_norm,seconds\n";
+    for (const auto& l : keep) *f_ << l << '\n';
+  }
+
+  /// One row for the 1-based step `step` (flushed every 100 steps).
+  void row(std::int64_t step, double loss, double lr, double norm, double seconds) {
+    if (!f_) return;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%lld,%.9g,%.9g,%.9g,%.3f\n", static_cast<long long>(step), loss,
+                  lr, norm, seconds);
+    *f_ << buf;
+    if (step % 100 == 0) f_->flush();
+  }
+
+  void flush() {
+    if (f_) f_->flush();
+  }
+
+ private:
+  std::optional<std::ofstream> f_;
+};
+
+/// What a non-finite stop says about the checkpoint.
+inline std::string checkpoint_status(const TrainerOptions& o) {
+  if (o.checkpoint.empty()) return "no checkpoint is configured";
+  if (std::filesystem::exists(o.checkpoint))
+    return "the last good checkpoint is " + o.checkpoint.string() + " (untouched)";
+  return "no checkpoint had been written yet";
+}
+
+}  // namespace detail
+
 template <TrainableModel M, class Objective, class Optimizer = AdamW<typename M::value_type>>
 class Trainer {
  public:
@@ -212,7 +394,7 @@ class Trainer {
       r.resumed = true;
     }
     r.first_step = step_;
-    open_csv();
+    csv_.open("Trainer", o_.loss_csv, step_);
     Progress progress(*o_.log, o_.progress, step_, o_.steps, o_.log_every);
     if (r.resumed)
       progress.message("resumed from " + o_.checkpoint.string() + " at step " +
@@ -251,14 +433,14 @@ class Trainer {
         window_n = 1;
       }
       r.final_loss = window / static_cast<double>(window_n);
-      write_csv_row(loss, lr, norm, progress.elapsed());
+      csv_.row(step_, loss, lr, norm, progress.elapsed());
       progress.update(step_, loss, lr);
       if (!o_.checkpoint.empty() && o_.checkpoint_every > 0 && step_ % o_.checkpoint_every == 0 &&
           step_ < o_.steps)
         save_checkpoint(o_.checkpoint, data);
     }
     if (!o_.checkpoint.empty()) save_checkpoint(o_.checkpoint, data);
-    if (csv_) csv_->flush();
+    csv_.flush();
     r.last_step = step_;
     r.seconds = progress.elapsed();
     r.steps_per_second = r.seconds > 0 ? static_cast<double>(step_ - r.first_step) / r.seconds : 0;
@@ -285,109 +467,23 @@ class Trainer {
   /// Writes the full training state to `path` atomically (see the file comment).
   template <class D>
   void save_checkpoint(const std::filesystem::path& path, const D& data) const {
-    require<numeric_error>(all_finite(ps_->flat_params()), "Trainer: step ", step_,
-                           ": the parameters are not finite; refusing to overwrite the checkpoint ",
-                           path.string());
-    io::SafetensorsWriter w;
-    nn::add_parameters(w, *ps_, "model.");
-    if (ema_) ema_->save_state(w, *ps_, "ema.");
-    opt_.save_state(w, *ps_, "optimizer.");
-    add_i64(w, "trainer.step", {step_});
-    add_i64(w, "trainer.rng",
-            {static_cast<std::int64_t>(gen_.seed()), static_cast<std::int64_t>(gen_.offset())});
-    if constexpr (StatefulSource<D>) {
-      const std::vector<std::int64_t> st = data.state();
-      if (!st.empty()) add_i64(w, "trainer.data_state", st);
-    }
-    w.set_metadata("format", "flowdiff.trainer/1");
-    w.set_metadata("step", std::to_string(step_));
-    w.set_metadata("seed", std::to_string(o_.seed));
-    w.write(path);
+    detail::write_trainer_checkpoint("Trainer", path, *ps_, ema(), opt_, step_, gen_, o_.seed,
+                                     data);
   }
 
   /// Restores the state written by save_checkpoint. The seed must be the options' seed.
   template <class D>
   void load_checkpoint(const std::filesystem::path& path, D& data) {
-    const io::SafetensorsFile f = io::SafetensorsFile::read(path);
-    const auto meta = f.metadata();
-    const auto fmt = meta.find("format");
-    require<io_error>(fmt != meta.end() && fmt->second == "flowdiff.trainer/1", path.string(),
-                      ": not a flowdiff trainer checkpoint (metadata 'format' is ",
-                      fmt == meta.end() ? std::string("missing") : "'" + fmt->second + "'",
-                      "); to start afresh, delete it or choose another checkpoint path");
-    const auto step = nn::load_checked<std::int64_t>(f, "trainer.step", Shape{1});
-    const auto rng = nn::load_checked<std::int64_t>(f, "trainer.rng", Shape{2});
-    require<config_error>(static_cast<std::uint64_t>(rng[0]) == o_.seed, path.string(),
-                          ": the checkpoint was trained with seed ",
-                          static_cast<std::uint64_t>(rng[0]), " but the options say seed ", o_.seed,
-                          "; resume with the same seed");
-    require<io_error>(step[0] >= 0 && step[0] <= o_.steps, path.string(), ": checkpoint step ",
-                      step[0], " is outside [0, steps = ", o_.steps, "]");
-    // All or nothing: what can be staged is staged (the EMA, the data position), the parameters
-    // are backed up before load_parameters (which validates every name, shape and dtype before it
-    // writes any) and restored if a later part fails, and the optimizer goes last (its load_state
-    // changes nothing when it fails). A checkpoint that does not fit leaves the trainer as it was.
-    std::optional<Ema<T>> staged_ema;
-    if (ema_) {
-      staged_ema.emplace(*ps_, EmaOptions{o_.ema_decay, o_.ema_warmup});
-      staged_ema->load_state(f, *ps_, "ema.");
-    }
-    std::optional<std::vector<std::int64_t>> data_state;
-    if constexpr (StatefulSource<D>) {
-      if (f.contains("trainer.data_state")) {
-        const Shape ds = f.shape("trainer.data_state");
-        const auto t = nn::load_checked<std::int64_t>(f, "trainer.data_state", ds);
-        data_state.emplace(t.data(), t.data() + t.numel());
-      }
-    }
-    Tensor<T> backup(ps_->flat_params().shape());
-    copy(backup.view(), View<const T>(ps_->flat_params()));
-    nn::load_parameters(*ps_, f, nn::LoadOptions{.strict = true, .prefix = "model."});
-    try {
-      if constexpr (StatefulSource<D>) {
-        const std::vector<std::int64_t> old_state = data.state();
-        if (data_state) data.set_state(*data_state);
-        try {
-          opt_.load_state(f, *ps_, "optimizer.");
-        } catch (...) {
-          data.set_state(old_state);
-          throw;
-        }
-      } else {
-        opt_.load_state(f, *ps_, "optimizer.");
-      }
-    } catch (...) {
-      copy(ps_->flat_params(), View<const T>(backup.view()));
-      throw;
-    }
-    if (staged_ema) ema_ = std::move(staged_ema);
-    step_ = step[0];
-    gen_.set_offset(static_cast<std::uint64_t>(rng[1]));
+    detail::read_trainer_checkpoint(path, o_, *ps_, ema_, opt_, step_, gen_, data);
   }
 
   /// Writes the weights alone as a plain state_dict (the EMA when there is one and use_ema),
   /// loadable with nn::load_parameters or PyTorch's load_state_dict.
   void save_weights(const std::filesystem::path& path, bool use_ema = true) const {
-    io::SafetensorsWriter w;
-    if (use_ema && ema_) {
-      for (const auto& e : ps_->entries())
-        w.add(e.name, ema_->flat().rows(e.offset, e.offset + e.numel()).reshape(e.shape));
-    } else {
-      nn::add_parameters(w, *ps_);
-    }
-    w.set_metadata("step", std::to_string(step_));
-    w.set_metadata("weights", use_ema && ema_ ? "ema" : "raw");
-    w.write(path);
+    detail::write_weights(path, *ps_, ema(), step_, use_ema);
   }
 
  private:
-  static void add_i64(io::SafetensorsWriter& w, const std::string& name,
-                      const std::vector<std::int64_t>& v) {
-    const Tensor<std::int64_t> t =
-        Tensor<std::int64_t>::from(Shape{static_cast<index_t>(v.size())}, std::span(v));
-    w.add(name, t.view());
-  }
-
   double grad_norm() const {
     const auto g = ps_->flat_grads();
     const T* p = g.data();
@@ -397,56 +493,14 @@ class Trainer {
     }));
   }
 
-  [[noreturn]] void stop_nonfinite(Progress& progress, const char* what,
-                                   const std::string& detail) {
-    std::string where =
-        o_.checkpoint.empty()
-            ? std::string("no checkpoint is configured")
-            : (std::filesystem::exists(o_.checkpoint)
-                   ? "the last good checkpoint is " + o_.checkpoint.string() + " (untouched)"
-                   : "no checkpoint had been written yet");
+  [[noreturn]] void stop_nonfinite(Progress& progress, const char* what, const std::string& why) {
     const std::string msg = "Trainer: step " + std::to_string(step_ + 1) + ": " + what +
-                            " is not finite (" + detail +
-                            "); the parameters were not updated and " + where +
+                            " is not finite (" + why + "); the parameters were not updated and " +
+                            detail::checkpoint_status(o_) +
                             ". Lower the learning rate or check the data.";
     progress.message(msg);
-    if (csv_) csv_->flush();
+    csv_.flush();
     fail<numeric_error>(msg);
-  }
-
-  void open_csv() {
-    if (o_.loss_csv.empty()) return;
-    namespace fs = std::filesystem;
-    if (o_.loss_csv.has_parent_path()) fs::create_directories(o_.loss_csv.parent_path());
-    // Keep the rows of the steps this run continues from (a resumed run drops the rows an
-    // interrupted run wrote after its last checkpoint), then append.
-    std::vector<std::string> keep;
-    if (step_ > 0 && fs::exists(o_.loss_csv)) {
-      std::ifstream in(o_.loss_csv);
-      std::string line;
-      while (std::getline(in, line)) {
-        if (line.rfind("step,", 0) == 0) continue;
-        const auto comma = line.find(',');
-        if (comma == std::string::npos) continue;
-        try {
-          if (std::stoll(line.substr(0, comma)) <= step_) keep.push_back(line);
-        } catch (const std::exception&) {
-        }
-      }
-    }
-    csv_.emplace(o_.loss_csv, std::ios::trunc);
-    require<io_error>(csv_->good(), "Trainer: cannot write the loss CSV ", o_.loss_csv.string());
-    *csv_ << "step,loss,lr,grad_norm,seconds\n";
-    for (const auto& l : keep) *csv_ << l << '\n';
-  }
-
-  void write_csv_row(double loss, double lr, double norm, double seconds) {
-    if (!csv_) return;
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "%lld,%.9g,%.9g,%.9g,%.3f\n", static_cast<long long>(step_),
-                  loss, lr, norm, seconds);
-    *csv_ << buf;
-    if (step_ % 100 == 0) csv_->flush();
   }
 
   const M* model_;
@@ -462,7 +516,7 @@ class Trainer {
   std::int64_t step_ = 0;
   double last_loss_ = NAN, last_grad_norm_ = NAN;
   std::vector<double> losses_;
-  std::optional<std::ofstream> csv_;
+  detail::LossCsv csv_;
 };
 
 }  // namespace flowdiff::train
