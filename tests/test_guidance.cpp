@@ -442,3 +442,34 @@ TEST_CASE("CFG validates scales, labels and shapes", "[guidance]") {
   CHECK_NOTHROW(away(x, out, 0.5f));
   CHECK(fd::all_finite(out));
 }
+
+TEST_CASE("Device label check: one reduction counts the labels outside [0, K]", "[guidance]") {
+  // check_labels_by_count is what set_condition runs for labels on a device (B::reduce_sum of
+  // LabelOutside); here through the CPU backend's reduce_sum, which is threaded above its
+  // threshold. tests/cuda/test_cuda_mlp.cu runs it through Cfg with device labels.
+  using fd::detail::check_labels_by_count;
+  const auto good = fd::Tensor<fd::label_t>::from({5}, {0, 1, 2, 3, 3});
+  CHECK_NOTHROW(check_labels_by_count<fd::Cpu>("cfg::set_condition", good.view(), 3));
+  const auto bad = fd::Tensor<fd::label_t>::from({6}, {0, -1, 4, 3, 9, 2});
+  CHECK_THROWS_AS(check_labels_by_count<fd::Cpu>("cfg::set_condition", bad.view(), 3),
+                  fd::config_error);
+  CHECK_THROWS_WITH(
+      check_labels_by_count<fd::Cpu>("cfg::set_condition", bad.view(), 3),
+      Contains("cfg::set_condition: 3 of the 6 labels lie outside [0, 3] (3 is the null label)"));
+  // num_classes < 0 (classifier guidance without a class count): only negative labels are bad.
+  CHECK_THROWS_WITH(check_labels_by_count<fd::Cpu>("cg", bad.view(), -1),
+                    Contains("cg: 1 of the 6 labels are negative; labels must be >= 0"));
+  CHECK_NOTHROW(check_labels_by_count<fd::Cpu>("cg", good.view(), -1));
+  // A large batch: the exact count from the threaded reduction.
+  fd::Tensor<fd::label_t> big(fd::Shape{200001});
+  for (fd::index_t i = 0; i < big.numel(); ++i) big[i] = static_cast<fd::label_t>(i % 4);
+  for (fd::index_t k = 0; k < 17; ++k)
+    big[k * 11113 + 5] = k % 2 == 0 ? fd::label_t{4} : fd::label_t{-2};
+  CHECK_THROWS_WITH(check_labels_by_count<fd::Cpu>("cfg::set_condition", big.view(), 3),
+                    Contains("17 of the 200001 labels lie outside [0, 3]"));
+  // The extremes of label_t.
+  const auto ext = fd::Tensor<fd::label_t>::from(
+      {3}, {std::numeric_limits<fd::label_t>::min(), std::numeric_limits<fd::label_t>::max(), 0});
+  CHECK_THROWS_WITH(check_labels_by_count<fd::Cpu>("cfg", ext.view(), 3),
+                    Contains("2 of the 3 labels"));
+}

@@ -14,7 +14,8 @@
 //   Euler–Maruyama) against as_field(nn::MLP) on the CPU (atol 1e-5 + rtol 1e-4), and
 //   BackendTrainer<float, Cuda>'s checkpoints (an interrupted + resumed run byte-equal to the
 //   straight one on the GPU; Trainer's step-5 checkpoint finished on the GPU within the rule;
-//   the GPU's final checkpoint loaded by the CPU Trainer exactly).
+//   the GPU's final checkpoint loaded by the CPU Trainer exactly); Cfg's set_condition range-
+//   checking device labels by a device reduction (the count and the range in the message).
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 
@@ -256,6 +257,44 @@ void device_sampling() {
   });
 }
 
+void device_labels() {
+  section("Cfg::set_condition checks device labels", [] {
+    nn::Parameters<float, Cuda> ps;
+    nn::BackendMLP<float, Cuda> mlp(
+        ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4, .num_classes = 3});
+    ps.allocate();
+    auto g = fd::cfg(nn::as_field(mlp, ps), 3.0f);
+    const auto bad = fd::to_device(fd::Tensor<fd::label_t>::from({6}, {0, -1, 4, 3, 9, 2}));
+    std::string m;
+    try {
+      g.set_condition(fd::View<const fd::label_t, Cuda>(bad.view()));
+    } catch (const fd::config_error& e) {
+      m = e.what();
+    }
+    expect(m.find("cfg::set_condition: 3 of the 6 labels lie outside [0, 3] (3 is the null "
+                  "label)") != std::string::npos,
+           "bad device labels are counted and the range named; got: " + m);
+    expect(g.batch_size() == 0, "a refused set_condition sets nothing");
+    const auto good = fd::to_device(fd::Tensor<fd::label_t>::from({5}, {0, 1, 2, 3, 3}));
+    g.set_condition(fd::View<const fd::label_t, Cuda>(good.view()));
+    expect(g.batch_size() == 5, "good device labels are accepted");
+    // Many blocks of the reduction: the exact count.
+    fd::Tensor<fd::label_t> big(fd::Shape{200001});
+    for (index_t i = 0; i < big.numel(); ++i) big[i] = static_cast<fd::label_t>(i % 4);
+    for (index_t k = 0; k < 17; ++k)
+      big[k * 11113 + 5] = k % 2 == 0 ? fd::label_t{4} : fd::label_t{-2};
+    const auto bigd = fd::to_device(big);
+    m.clear();
+    try {
+      fd::detail::check_labels_by_count<Cuda>("cfg::set_condition", bigd.view(), 3);
+    } catch (const fd::config_error& e) {
+      m = e.what();
+    }
+    expect(m.find("17 of the 200001 labels lie outside [0, 3]") != std::string::npos,
+           "the count over 25 reduction blocks is exact; got: " + m);
+  });
+}
+
 void device_training() {
   section("BackendTrainer<Cuda> vs Trainer (CPU)", [] {
     for (const auto& c : fd::test::train_cases()) {
@@ -331,6 +370,7 @@ int main() {
               info.compute_major, info.compute_minor);
   device_mlp();
   device_sampling();
+  device_labels();
   device_training();
   std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
   return failures == 0 ? 0 : 1;

@@ -58,14 +58,46 @@ auto guidance_backend_impl() {
 template <class F>
 using guidance_backend_t = typename decltype(guidance_backend_impl<F>())::type;
 
-/// Checks labels: [n] against [0, num_classes] on host-accessible backends (num_classes < 0: only
-/// >= 0 is checked). Device labels are the caller's responsibility.
+/// 1 for a label outside [0, num_classes] (num_classes < 0: for a negative label), else 0: the term
+/// of the label check's reduction on a device.
+struct LabelOutside {
+  const label_t* y;
+  index_t num_classes;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    const index_t v = static_cast<index_t>(y[i]);
+    return (v < 0 || (num_classes >= 0 && v > num_classes)) ? 1.0 : 0.0;
+  }
+};
+
+/// Checks labels [n] against [0, num_classes] (num_classes < 0: only >= 0) with one reduction on
+/// B (B::reduce_sum of LabelOutside, deterministic), so labels that live on a device are checked
+/// where they are: the message gives the number of bad labels and the valid range, not an index
+/// (finding the first one would take a second pass). The device path of check_guidance_labels,
+/// callable on any backend.
+template <Backend B>
+void check_labels_by_count(std::string_view who, View<const label_t, B> labels,
+                           index_t num_classes) {
+  const index_t n = labels.numel();
+  const double bad = B::reduce_sum(n, LabelOutside{labels.data(), num_classes});
+  if (bad == 0) return;
+  const auto count = static_cast<index_t>(bad);
+  if (num_classes >= 0)
+    fail<config_error>(who, ": ", count, " of the ", n, " labels lie outside [0, ", num_classes,
+                       "] (", num_classes, " is the null label)");
+  fail<config_error>(who, ": ", count, " of the ", n, " labels are negative; labels must be >= 0");
+}
+
+/// Checks labels: [n] against [0, num_classes] (num_classes < 0: only >= 0 is checked). On a
+/// host-accessible backend the message names the first bad label and its index; on a device one
+/// reduction counts them (check_labels_by_count).
 template <Backend B>
 void check_guidance_labels(std::string_view who, View<const label_t, B> labels,
                            index_t num_classes) {
   require<shape_error>(labels.rank() == 1 && labels.numel() >= 1, who,
                        ": labels must have shape [N] with N >= 1, got ", labels.shape());
-  if constexpr (B::host_accessible) {
+  if constexpr (!B::host_accessible) {
+    check_labels_by_count<B>(who, labels, num_classes);
+  } else {
     for (index_t i = 0; i < labels.numel(); ++i) {
       const label_t y = labels[i];
       if (num_classes >= 0 && (y < 0 || y > num_classes))
