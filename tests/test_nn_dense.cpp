@@ -130,6 +130,17 @@ TEST_CASE("Linear: fused SiLU / GELU forward and backward give the separate pass
       },
       gen));
   CHECK_THROWS_WITH(fc1.forward_silu(ps, x, pre, pre), Contains("different arrays"));
+  // Outputs that share memory with an input of the same backward product are refused.
+  CHECK_THROWS_WITH(fc2.backward_through_silu(ps, act, y, pre, pre),
+                    Contains("fc2 (Linear): dpre must not share memory with pre"));
+  fd::Tensor<double> big({4, 10});
+  fd::View<double> dy_part(big.data(), fd::Shape{4, 3});      // dy in the first 12 values
+  fd::View<double> dpre_part(big.data() + 10, fd::Shape{4, 7});  // dpre overlaps dy's tail
+  CHECK_THROWS_WITH(fc2.backward_through_silu(ps, act, dy_part, pre, dpre_part),
+                    Contains("fc2 (Linear): dpre must not share memory with dy"));
+  fd::View<double> dx_part(big.data() + 8, fd::Shape{4, 7});
+  CHECK_THROWS_WITH(fc2.backward(ps, act, dy_part, dx_part),
+                    Contains("fc2 (Linear): dx must not share memory with dy"));
 }
 
 TEST_CASE("Activations: gradients match central differences", "[nn][dense][gradcheck]") {

@@ -65,6 +65,7 @@
 #include "flowdiff/nn/layers/activation.hpp"
 #include "flowdiff/nn/layers/attention.hpp"
 #include "flowdiff/nn/layers/batchnorm.hpp"
+#include "flowdiff/nn/layers/broadcast.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
 #include "flowdiff/nn/layers/conv_transpose.hpp"
 #include "flowdiff/nn/layers/cross_entropy.hpp"

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <string>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
@@ -109,6 +110,7 @@ class Linear {
     const index_t m = param_grads(ps, x, dy);
     if (!dx.empty()) {
       check_out(x, dx, "dx", in_);
+      check_disjoint(dx, "dx", dy, "dy");  // the product reads dy while it writes dx
       gemm(Trans::no, Trans::no, T(1), dy.reshape({m, out_}), View<const T>(ps.param(w_)), T(0),
            dx.reshape({m, in_}));
     }
@@ -176,6 +178,10 @@ class Linear {
     const index_t m = param_grads(ps, x, dy);
     check_out(x, pre, "pre", in_);
     check_out(x, dpre, "dpre", in_);
+    // The product reads dy while it writes dpre, and the epilogue reads pre after the product
+    // wrote dpre: neither may share memory with dpre.
+    check_disjoint(dpre, "dpre", dy, "dy");
+    check_disjoint(dpre, "dpre", pre, "pre");
     const T* pp = pre.data();
     T* pd = dpre.data();
     const index_t in = in_;
@@ -222,6 +228,18 @@ class Linear {
     Shape s = x.shape();
     s[s.rank() - 1] = features;
     detail::check_arg(prefix_, "Linear", arg, v, s);
+  }
+
+  // An output that overlaps an input would be read after it was partly overwritten.
+  void check_disjoint(View<T> out, const char* out_arg, View<const T> in,
+                      const char* in_arg) const {
+    const T* o0 = out.data();
+    const T* i0 = in.data();
+    const std::less<const T*> before;  // a total order, also across unrelated arrays
+    const bool overlap = out.numel() > 0 && in.numel() > 0 && before(o0, i0 + in.numel()) &&
+                         before(i0, o0 + out.numel());
+    require<shape_error>(!overlap, prefix_, " (Linear): ", out_arg, " must not share memory with ",
+                         in_arg);
   }
 
   std::string prefix_;

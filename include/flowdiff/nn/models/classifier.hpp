@@ -27,6 +27,7 @@
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
+#include "flowdiff/nn/layers/broadcast.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
 #include "flowdiff/nn/layers/cross_entropy.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
@@ -140,7 +141,7 @@ class ConvClassifier {
         copy(c.z[k].view(), View<const T>(c.a[k]));
       if (time_conditioned()) {
         times_[k].forward(ps, c.emb.view(), c.tshift[k].view());
-        add_broadcast(c.z[k].view(), c.tshift[k].view(), len);
+        detail::add_broadcast<T>(c.z[k].view(), c.tshift[k].view(), len);
       }
       silu_forward<T>(c.z[k].view(), c.s[k].view());
       if (i + 1 < L || flattens()) {
@@ -191,7 +192,7 @@ class ConvClassifier {
       View<T> g1 = c.g1[k].view();
       silu_backward<T>(c.z[k].view(), g1, g1);  // dz, in place
       if (time_conditioned()) {
-        sum_spatial(g1, c.dshift[k].view(), len);
+        detail::sum_spatial<T>(g1, c.dshift[k].view(), len);
         times_[k].backward(ps, c.emb.view(), c.dshift[k].view(), c.tmp_e.view());
       }
       View<const T> da = g1;
@@ -303,36 +304,10 @@ class ConvClassifier {
     c.owner = this;
   }
 
-  // y[q, :] += v[q] for y: [N C, len], v: [N C].
-  static void add_broadcast(View<T> y, View<const T> v, index_t len) {
-    T* py = y.data();
-    const T* pv = v.data();
-    Cpu::parallel_for(
-        v.numel(),
-        [=](index_t q) {
-          for (index_t l = 0; l < len; ++l) py[q * len + l] += pv[q];
-        },
-        len);
-  }
-
-  // v[q] = sum_l y[q, l]: the backward of add_broadcast.
-  static void sum_spatial(View<const T> y, View<T> v, index_t len) {
-    const T* py = y.data();
-    T* pv = v.data();
-    Cpu::parallel_for(
-        v.numel(),
-        [=](index_t q) {
-          T acc = T(0);
-          for (index_t l = 0; l < len; ++l) acc += py[q * len + l];
-          pv[q] = acc;
-        },
-        len);
-  }
-
   // g[n, c] = mean_{h, w} s[n, c, h, w].
   static void spatial_mean(View<const T> s, View<T> g) {
     const index_t len = s.dim(2) * s.dim(3);
-    sum_spatial(s, g, len);
+    detail::sum_spatial<T>(s, g, len);
     const T inv = T(1) / static_cast<T>(len);
     transform(
         g, [inv](T v) { return v * inv; }, g);

@@ -30,6 +30,7 @@
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
 #include "flowdiff/nn/layers/attention.hpp"
+#include "flowdiff/nn/layers/broadcast.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
 #include "flowdiff/nn/layers/linear.hpp"
@@ -70,34 +71,10 @@ void add_inplace(View<T> a, View<const T> b) {
   });
 }
 
-// y[n, c, :] += v[n, c] for y: [N, C, L], v: [N, C].
-template <class T>
-void add_broadcast(View<T> y, View<const T> v, index_t len) {
-  T* py = y.data();
-  const T* pv = v.data();
-  Cpu::parallel_for(
-      v.numel(),
-      [=](index_t nc) {
-        for (index_t l = 0; l < len; ++l) py[nc * len + l] += pv[nc];
-      },
-      len);
-}
-
-// dv[n, c] = sum_l dy[n, c, l]: the backward of add_broadcast (each sum in l order on one
-// thread: the same bits for any thread count).
-template <class T>
-void sum_spatial(View<const T> dy, View<T> dv, index_t len) {
-  const T* pd = dy.data();
-  T* pv = dv.data();
-  Cpu::parallel_for(
-      dv.numel(),
-      [=](index_t nc) {
-        T s = T(0);
-        for (index_t l = 0; l < len; ++l) s += pd[nc * len + l];
-        pv[nc] = s;
-      },
-      len);
-}
+// The conditioning broadcast and its backward (nn/layers/broadcast.hpp, shared with the
+// classifier).
+using detail::add_broadcast;
+using detail::sum_spatial;
 
 template <class T>
 void resize_if(Tensor<T>& t, const Shape& s) {
