@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -33,6 +34,7 @@
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/as_field.hpp"
 #include "flowdiff/nn/models/mlp_backend.hpp"
 #include "flowdiff/nn/parameters.hpp"
 #include "flowdiff/paths/gaussian_path.hpp"
@@ -47,6 +49,22 @@
 #include "flowdiff/train/trainer.hpp"
 
 namespace flowdiff::train {
+
+/// What BackendTrainer needs of a model M with parameters Parameters<T, B>: value_type T, its
+/// backend (nn::model_backend_t) B, a default-constructible Cache the trainer keeps across steps,
+/// forward(ps, x [N, ...], t [N], y [N] or empty, out [N, ...], cache), backward(ps, dout, dx or
+/// empty, cache) accumulating the parameter gradients, and num_classes() (0: unconditional;
+/// K: the labels are 0..K-1 and K is the null label of CFG dropout). All tensors on B.
+template <class M, class T, class B>
+concept BackendTrainable = std::same_as<typename M::value_type, T> &&
+    std::same_as<nn::model_backend_t<M>, B> && std::default_initializable<typename M::Cache> &&
+    requires(const M& m, const nn::Parameters<T, B>& cps, nn::Parameters<T, B>& ps,
+             View<const T, B> x, View<T, B> out, View<const label_t, B> y,
+             typename M::Cache& cache) {
+  m.forward(cps, x, x, y, out, cache);
+  m.backward(ps, x, out, cache);
+  { m.num_classes() } -> std::convertible_to<index_t>;
+};
 
 namespace detail {
 
@@ -228,13 +246,29 @@ class BackendObjective {
 };
 
 /// Trainer's loop (learning-rate schedule, clipping, optimizer, EMA, progress) for a backend
-/// model; the data source fills host batches, which are copied to B each step.
-template <class T, Backend B, Schedule S, class Times = UniformTime,
-          class Optimizer = AdamW<T, B>>
+/// model (BackendTrainable: nn::BackendMLP by default, nn::BackendUNet, ...); the data source
+/// fills host batches, which are copied to B each step. Class template argument deduction takes
+/// every argument from the constructor: BackendTrainer trainer(unet, ps, objective, opt, options).
+template <class T, Backend B, Schedule S, class Times = UniformTime, class Optimizer = AdamW<T, B>,
+          class Model = nn::BackendMLP<T, B>>
 class BackendTrainer {
- public:
-  using Model = nn::BackendMLP<T, B>;
+  // Checked here, not as a constraint on Model, so that a wrong model gets these messages rather
+  // than a list of failed deduction candidates.
+  static_assert(
+      requires {
+        typename Model::value_type;
+        requires std::same_as<typename Model::value_type, T>;
+      },
+      "BackendTrainer: Model::value_type must be the parameters' T");
+  static_assert(std::same_as<nn::model_backend_t<Model>, B>,
+                "BackendTrainer: the model must run on the trainer's backend B (Model::backend; "
+                "the CPU models nn::MLP / nn::UNet run on Cpu)");
+  static_assert(BackendTrainable<Model, T, B>,
+                "BackendTrainer: Model must offer a default-constructible Cache, forward(ps, x, t, "
+                "y, out, cache), backward(ps, dout, dx, cache) and num_classes() on B "
+                "(train::BackendTrainable)");
 
+ public:
   BackendTrainer(const Model& model, nn::Parameters<T, B>& params,
                  const PathObjective<T, S, Times>& objective, Optimizer optimizer = Optimizer(),
                  TrainerOptions options = {})

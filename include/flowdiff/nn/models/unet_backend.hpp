@@ -263,8 +263,9 @@ class BackendUNet {
   index_t levels() const { return static_cast<index_t>(cfg_.channels.size()); }
 
   // x: [N, in_channels, H, W] (H, W multiples of 2^(levels-1)), t: [N], y: [N] or empty / {}
-  // (a conditional model then uses the null label), out: like x; all on B. Labels are not
-  // range-checked here (BackendMLP's BadLabel reduction would do it). Fills `c` for backward.
+  // (a conditional model then uses the null label), out: like x; all on B. Labels are checked to
+  // lie in [0, num_classes] by one B::reduce_sum (the embedding gather cannot throw, and on a
+  // device an out-of-range label would read outside the table). Fills `c` for backward.
   void forward(const Parameters<T, B>& ps, View<const T, B> x, View<const T, B> t,
                View<const label_t, B> y, View<T, B> out, Cache& c) const {
     check_forward(x, t, y, out);
@@ -412,6 +413,11 @@ class BackendUNet {
         fail<config_error>(name(), ": labels y were given (shape ", y.shape(),
                            ") but the model is unconditional (num_classes = 0)");
       check_shape("y", y, Shape{n});
+      const double bad = B::reduce_sum(n, kernels::BadLabel{y.data(), cfg_.num_classes});
+      if (bad > 0)
+        fail<config_error>(name(), ": ", static_cast<index_t>(bad), " of the ", n,
+                           " labels y lie outside [0, ", cfg_.num_classes, "] (", cfg_.num_classes,
+                           " is the null label)");
     }
   }
 
