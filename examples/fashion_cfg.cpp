@@ -8,6 +8,14 @@
 // classifier's penultimate features, with the real-vs-real value at the same sample size as the
 // floor. Training checkpoints to the output folder and resumes from it, so a second run continues
 // (or, when finished, goes straight to sampling).
+// --device cuda trains and samples the U-Net on a GPU in the nvcc build of this file,
+// fashion_cfg_cuda (examples/fashion_cfg_cuda.cu): nn::BackendUNet<float, Cuda> (nn::UNet without
+// attention, which fashion_cfg never uses) from the same initial weights, train::BackendTrainer
+// with the same steps, random numbers and files (a checkpoint resumes on either device), and
+// nn::as_field of the device model under cfg for the samples; the data batches, the sampler's
+// noise and labels are made on the host and copied over, the samples copied back for the
+// metrics. Without a usable device, and always in the plain C++ build, it says so in one line and
+// runs on the CPU.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -19,7 +27,12 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
+
+#if defined(__CUDACC__)
+#include <flowdiff/backend/cuda/all.cuh>
+#endif
 
 #include "common/cli.hpp"
 #include "common/fashion.hpp"
@@ -42,7 +55,22 @@ int main(int argc, char** argv) try {
   auto& channels_text =
       cli.option<std::string>("channels", "16,32,64", "U-Net channels per resolution level");
   auto& res_layers = cli.option<long>("res-layers", 1, "residual blocks per U-Net stage");
+  auto& device_flag = cli.option<std::string>(
+      "device", "cpu",
+      "where the U-Net trains and samples: cpu or cuda (cuda needs the nvcc build, "
+      "fashion_cfg_cuda; the device U-Net is nn::UNet without attention, which fashion_cfg "
+      "never uses, so every configuration runs there; without a GPU: a notice and the CPU)");
   if (!cli.parse(argc, argv)) return 0;
+  fd::Device device = fd::parse_device(device_flag);
+#if defined(__CUDACC__)
+  device = fd::cuda::resolve_device(device, std::cout);
+  if (device == fd::Device::cuda)
+    std::printf("fashion_cfg: training and sampling on the GPU (%s)\n",
+                fd::cuda::device_info().name.c_str());
+#else
+  device = fd::resolve_device(
+      device, 0, "this build of fashion_cfg has no CUDA; use fashion_cfg_cuda", std::cout);
+#endif
   flags.validate();
   const auto channels = parse_list<fd::index_t>("channels", channels_text);
   fd::require<fd::config_error>(res_layers >= 1, "--res-layers must be >= 1, got ", res_layers);
@@ -58,7 +86,7 @@ int main(int argc, char** argv) try {
   const auto classifier = fd::examples::evaluation_classifier(
       "fashion_cfg", cache, data, flags.classifier_epochs, quick, 20, flags.seed + 17);
 
-  // The U-Net and its training.
+  // The U-Net (initialised on the host: the same weights on either device) and its training.
   nn::Parameters<float> ps;
   nn::UNet<float> unet(ps, {.in_channels = 1,
                             .channels = channels,
@@ -72,16 +100,33 @@ int main(int argc, char** argv) try {
   fd::data::Batcher batcher(data.train, flags.seed + 1);
   tr::BatcherSource source(batcher, fd::Shape{1, 28, 28}, k);
   const auto training = flags.training("unet_ema.safetensors");
-  const auto result = fd::examples::train_cfm("fashion_cfg", unet, ps, source, training);
 
-  // Sampling: a 10 x 8 grid (one row per class) per w, from the same noise for every w, and
-  // --eval-per-class images per class for the metrics; the table, metrics.csv and the files
-  // written.
-  fd::examples::sample_cfg_and_report({.program = "fashion_cfg",
-                                       .started = t_start,
-                                       .training = result,
-                                       .weights = training.weights},
-                                      flags, unet, ps, classifier, data.test, fd::Shape{1, 28, 28});
+  // Train, then sample: a 10 x 8 grid (one row per class) per w, from the same noise for every w,
+  // and --eval-per-class images per class for the metrics; the table, metrics.csv and the files
+  // written. `net` / `net_ps` are the model where it lives (nn::UNet on the CPU, or BackendUNet
+  // with its parameters on the device).
+  auto train_and_report = [&](const auto& net, auto& net_ps, const std::string& where) {
+    const auto result = fd::examples::train_cfm("fashion_cfg", net, net_ps, source, training);
+    fd::examples::sample_cfg_and_report({.program = "fashion_cfg",
+                                         .started = t_start,
+                                         .training = result,
+                                         .weights = training.weights,
+                                         .sampled_where = where},
+                                        flags, net, std::as_const(net_ps), classifier, data.test,
+                                        fd::Shape{1, 28, 28});
+  };
+#if defined(__CUDACC__)
+  if (device == fd::Device::cuda) {
+    nn::Parameters<float, fd::Cuda> dps;
+    const nn::BackendUNet<float, fd::Cuda> dnet(dps, unet.config());
+    dps.allocate();
+    nn::upload_parameters(dps, ps);
+    train_and_report(dnet, dps, ", on the GPU");
+    return 0;
+  }
+#endif
+  (void)device;
+  train_and_report(unet, ps, "");
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "fashion_cfg: error: " << e.what() << '\n';

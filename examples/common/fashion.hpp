@@ -7,7 +7,10 @@
 // agreement = share the classifier assigns to the conditioning class, and the Fréchet distance
 // in its penultimate features), and the metrics table printed and written as CSV; and for the
 // three CFG examples (fashion_cfg, fashion_dit, fashion_latent) their common flags (FashionFlags)
-// and the whole report after training (sample_cfg_and_report).
+// and the whole report after training (sample_cfg_and_report). Training and sampling run where the
+// model lives (nn::model_backend_t): a CPU model with train::Trainer on host tensors, a backend
+// model (nn::BackendUNet<float, Cuda>: fashion_cfg --device cuda) with train::BackendTrainer, the
+// sampler's noise and labels copied to its backend and the samples copied back for the metrics.
 #pragma once
 
 #include <algorithm>
@@ -29,11 +32,13 @@
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/train/backend_trainer.hpp>
 #include <flowdiff/train/trainer.hpp>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -178,15 +183,28 @@ WResult sample_and_score(const std::string& program, const std::string& method, 
                          const std::vector<float>& tgrid, const std::filesystem::path& picture,
                          ToImages to_images = {}) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto x = noise.grid.clone();
-  field.set_condition(eval.grid_labels());
-  integrate(Heun{}, field, x, tgrid);
-  check_finite(program + ": samples", x);
+  // noise: [N, ...] and labels [N] on the host; the samples come back into a host tensor.
+  const auto run = [&](const Tensor<float>& noise_x, const Tensor<label_t>& labels) {
+    using B = nn::model_backend_t<Field>;
+    auto x = noise_x.clone();
+    if constexpr (std::is_same_v<B, Cpu>) {
+      field.set_condition(labels);
+      integrate(Heun{}, field, x, tgrid);
+    } else {
+      Tensor<float, B> xb(x.shape());
+      Tensor<label_t, B> yb(labels.shape());
+      BackendOps<B>::template upload<float>(xb.view(), View<const float>(x.view()));
+      BackendOps<B>::template upload<label_t>(yb.view(), labels.view());
+      field.set_condition(View<const label_t, B>(yb.view()));
+      integrate(Heun{}, field, xb, tgrid);
+      BackendOps<B>::template download<float>(x.view(), View<const float, B>(xb.view()));
+    }
+    check_finite(program + ": samples", x);
+    return x;
+  };
+  const auto x = run(noise.grid, eval.grid_labels());
   io::write_png_grid<float>(picture, to_images(x), 8);
-  auto xe = noise.eval.clone();
-  field.set_condition(eval.eval_labels());
-  integrate(Heun{}, field, xe, tgrid);
-  check_finite(program + ": samples", xe);
+  const auto xe = run(noise.eval, eval.eval_labels());
   const Tensor<float> images = to_images(xe);
   WResult r{method, w, 0, 0, seconds_since(t0)};
   std::tie(r.agreement, r.frechet) = eval.score(images.view());
@@ -245,24 +263,11 @@ struct CfmTraining {
   std::string weights = "model_ema.safetensors";
 };
 
-/// Trains `model` (parameters `ps`, initialised) on `source` as CfmTraining says, prints the
-/// speed, writes the files, and leaves the EMA weights in `ps` (what the examples sample).
-template <class M, class Source>
-train::TrainResult train_cfm(const std::string& program, const M& model, nn::Parameters<float>& ps,
-                             Source& source, const CfmTraining& s) {
-  const GaussianPath path(schedules::Linear{});
-  train::Trainer trainer(model, ps, train::flow_matching<float>(path, s.eta), train::AdamW<float>(),
-                         {.steps = s.steps,
-                          .batch = s.batch,
-                          .lr = s.lr,
-                          .warmup_steps = std::min<long>(200, s.steps / 10),
-                          .min_lr = s.lr / 20,
-                          .ema_decay = 0.999,
-                          .seed = s.seed,
-                          .checkpoint = s.out / "checkpoint.safetensors",
-                          .checkpoint_every = 500,
-                          .loss_csv = s.out / "loss.csv",
-                          .log_every = std::max<long>(1, std::min<long>(100, s.steps / 10))});
+/// train_cfm's run with either trainer (train::Trainer, train::BackendTrainer): fit, the speed,
+/// the loss curve, the EMA weights file, and the EMA weights into ps.
+template <class P, class Source, class Trainer>
+train::TrainResult train_cfm_run(const std::string& program, P& ps, Source& source,
+                                 const CfmTraining& s, Trainer& trainer) {
   std::printf("%s: training %ld steps of %ld (CFM, CFG dropout eta = %.2f)\n", program.c_str(),
               s.steps, s.batch, s.eta);
   std::fflush(stdout);
@@ -277,6 +282,40 @@ train::TrainResult train_cfm(const std::string& program, const M& model, nn::Par
   trainer.save_weights(s.out / s.weights);
   if (trainer.ema() != nullptr) trainer.ema()->copy_to(ps);  // sample with the EMA weights
   return result;
+}
+
+/// Trains `model` (parameters `ps` on the model's backend, initialised) on `source` as
+/// CfmTraining says, prints the speed, writes the files, and leaves the EMA weights in `ps` (what
+/// the examples sample). A CPU model trains with train::Trainer, a backend model (one with a
+/// `backend` typedef: nn::BackendUNet<float, B>) with train::BackendTrainer on B: the same steps,
+/// random numbers and files (a checkpoint of either resumes in the other).
+template <class M, class Source>
+train::TrainResult train_cfm(const std::string& program, const M& model,
+                             nn::Parameters<float, nn::model_backend_t<M>>& ps, Source& source,
+                             const CfmTraining& s) {
+  const GaussianPath path(schedules::Linear{});
+  const train::TrainerOptions options{
+      .steps = s.steps,
+      .batch = s.batch,
+      .lr = s.lr,
+      .warmup_steps = std::min<long>(200, s.steps / 10),
+      .min_lr = s.lr / 20,
+      .ema_decay = 0.999,
+      .seed = s.seed,
+      .checkpoint = s.out / "checkpoint.safetensors",
+      .checkpoint_every = 500,
+      .loss_csv = s.out / "loss.csv",
+      .log_every = std::max<long>(1, std::min<long>(100, s.steps / 10))};
+  if constexpr (requires { typename M::backend; }) {
+    using B = typename M::backend;
+    train::BackendTrainer trainer(model, ps, train::flow_matching<float>(path, s.eta),
+                                  train::AdamW<float, B>(), options);
+    return train_cfm_run(program, ps, source, s, trainer);
+  } else {
+    train::Trainer trainer(model, ps, train::flow_matching<float>(path, s.eta),
+                           train::AdamW<float>(), options);
+    return train_cfm_run(program, ps, source, s, trainer);
+  }
 }
 
 /// A number as the CSV writes it.
@@ -397,10 +436,11 @@ struct CfgReport {
 /// test images, Heun with flags.sample_steps steps from the noise of seed + 3, `sample` the shape
 /// of one sample, `to_images` the decoder) into out/samples_w<w>.png; then the metrics table with
 /// its footnote and r.note, out/metrics.csv (train_steps, train_seconds, r.csv), "done in" and the
-/// files written.
+/// files written. The model samples on its backend (sample_and_score copies noise, labels and
+/// samples).
 template <class M, class ToImages = PixelImages>
 void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const M& model,
-                           const nn::Parameters<float>& ps,
+                           const nn::Parameters<float, nn::model_backend_t<M>>& ps,
                            const metrics::TrainedClassifier<float>& classifier,
                            const data::ImageDataset& test, const Shape& sample,
                            ToImages to_images = {}) {
