@@ -131,7 +131,7 @@ tests=()
 for t in "$bin"/test_cuda_*; do [[ -x $t ]] && tests+=("$t"); done
 ((${#tests[@]})) || note "no test programs in $bin"
 for t in "${tests[@]}"; do
-  step "test $(basename "$t")" 120 "$tests_log" env OMP_WAIT_POLICY=PASSIVE "$t"
+  step "test $(basename "$t")" 90 "$tests_log" env OMP_WAIT_POLICY=PASSIVE "$t"
 done
 
 # ---- 2. bench_cuda: everything, JSON to bench.json (console errors to bench.log).
@@ -203,7 +203,7 @@ PY
   if [[ -s $OUT/torch.log ]] && grep -q '^| figure' "$OUT/torch.log"; then
     sed -n '/^Rates, median/,/^$/p; /^| /p' "$OUT/torch.log" | awk '!seen[$0]++'
   fi
-  [[ -s $OUT/sanitizer.log ]] && grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log"
+  [[ -s $OUT/sanitizer.log ]] && grep -E '^===== memcheck [A-Za-z0-9_]+: |ERROR SUMMARY' "$OUT/sanitizer.log"
   echo
   echo "total $((SECONDS - t_start))s of ${budget}s; $failures step(s) failed or timed out; files in $OUT:"
   ls "$OUT"
