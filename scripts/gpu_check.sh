@@ -78,9 +78,10 @@ fi
 # libraries only if the toolkit's are not found.
 lib_path=$(cd "$gpu_dir/lib" && pwd)
 nvcc_path=$(command -v nvcc || true)
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  ${nvcc_path:+"$(dirname "$(dirname "$nvcc_path")")/lib64"}; do
-  [[ -d $d ]] && lib_path+=":$d"
+nvcc_root=${nvcc_path:+$(dirname "$(dirname "$nvcc_path")")}
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib \
+  ${nvcc_root:+"$nvcc_root/lib64" "$nvcc_root/lib"}; do
+  [[ -d $d && ":$lib_path:" != *":$d:"* ]] && lib_path+=":$d"
 done
 if LD_LIBRARY_PATH=$lib_path ldd "$bin/bench_cuda" 2>/dev/null | grep -q 'libcublas.*not found'; then
   site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
