@@ -36,6 +36,9 @@ static_assert(fd::train::BackendTrainable<fd::nn::BackendMLP<double, fd::Cpu>, d
 static_assert(!fd::train::BackendTrainable<fd::nn::BackendUNet<float, fd::Cpu>, double, fd::Cpu>);
 static_assert(!fd::train::BackendTrainable<fd::nn::UNetConfig, float, fd::Cpu>);
 static_assert(fd::nn::FieldModel<fd::nn::BackendUNet<float, fd::Cpu>>);
+static_assert(fd::Field<fd::nn::ModelField<fd::nn::BackendUNet<float, fd::Cpu>>, float, fd::Cpu>);
+static_assert(fd::ConditionalField<fd::nn::ModelField<fd::nn::BackendUNet<double, fd::Cpu>>, double,
+                                   fd::Cpu>);
 
 }  // namespace test_nn_backend_unet_detail
 
