@@ -134,7 +134,7 @@ TEST_CASE("Linear: fused SiLU / GELU forward and backward give the separate pass
   CHECK_THROWS_WITH(fc2.backward_through_silu(ps, act, y, pre, pre),
                     Contains("fc2 (Linear): dpre must not share memory with pre"));
   fd::Tensor<double> big({4, 10});
-  fd::View<double> dy_part(big.data(), fd::Shape{4, 3});      // dy in the first 12 values
+  fd::View<double> dy_part(big.data(), fd::Shape{4, 3});         // dy in the first 12 values
   fd::View<double> dpre_part(big.data() + 10, fd::Shape{4, 7});  // dpre overlaps dy's tail
   CHECK_THROWS_WITH(fc2.backward_through_silu(ps, act, dy_part, pre, dpre_part),
                     Contains("fc2 (Linear): dpre must not share memory with dy"));

@@ -6,10 +6,10 @@
 // does), and the model's forward cache lives in the adapter too, so after the first call at a
 // given N nothing is allocated. fd::cfg(as_field(net, ps), w) then evaluates the network once on
 // its 2N batch. The adapter runs on the model's backend: a model with a `backend` typedef
-// (nn::BackendMLP<T, B>) takes Parameters<T, B> and tensors on B, and the adapter's time buffer is
-// on B too, so integrate(..., cfg(as_field(backend_mlp, dev_params), w), x_on_B, grid) never
-// leaves B; the CPU models (no typedef) run on Cpu. This header has no CUDA in it. The adapter
-// holds references: the model and the parameters must outlive it.
+// (nn::BackendMLP<T, B>, nn::BackendUNet<T, B>) takes Parameters<T, B> and tensors on B, and the
+// adapter's time buffer is on B too, so integrate(..., cfg(as_field(net, dev_params), w), x_on_B,
+// grid) never leaves B; the CPU models (no typedef) run on Cpu. This header has no CUDA in it.
+// The adapter holds references: the model and the parameters must outlive it.
 #pragma once
 
 #include <concepts>
