@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "harness.hpp"
+
 namespace fd = flowdiff;
 using fd::Cpu;
 using fd::Cuda;
@@ -37,27 +39,8 @@ namespace {
 // A minimal harness: every check prints on failure; main returns 1 if any failed.
 // ---------------------------------------------------------------------------------------------
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-template <class F>
-void section(const char* name, F&& body) {
-  const int before = failures;
-  try {
-    body();
-  } catch (const std::exception& e) {
-    expect(false, std::string(name) + ": unexpected exception: " + e.what());
-  }
-  std::printf("%-34s %s\n", name, failures == before ? "ok" : "FAILED");
-}
+using flowdiff::test::cuda_harness::expect;
+using flowdiff::test::cuda_harness::section;
 
 /// Runs f and reports whether it threw E with a message containing every one of `parts`.
 template <class E, class F>
@@ -965,34 +948,20 @@ int main() {
   host_checks();
   host_gemm_mapping();
   host_fused();
-  std::string why;
-  const int devices = fd::cuda::device_count(&why);
-  if (devices == 0) {
-    // Without a device every allocation must fail cleanly, as a flowdiff exception.
-    std::string m;
-    expect(throws_with<fd::cuda_error>([] { (void)Cuda::allocate<float>(16); },
-                                       {"Cuda::allocate", "cudaMallocAsync"}, &m),
-           "allocating without a device throws cuda_error; got: " + m);
-    if (failures > 0) {
-      std::printf("%d of %d host checks FAILED\n", failures, checks);
-      return 1;
-    }
-    std::printf(
-        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not "
-        "run\n",
-        checks, why.c_str());
-    return 77;
-  }
-  const auto info = fd::cuda::device_info();
-  std::printf("device %d: %s, compute capability %d.%d, %d SMs, %.1f GiB\n", info.index,
-              info.name.c_str(), info.compute_major, info.compute_minor, info.multiprocessors,
-              static_cast<double>(info.global_memory) / (1024.0 * 1024.0 * 1024.0));
-  device_tensors();
-  parallel_loops();
-  reductions();
-  philox();
-  gemm();
-  fused_updates();
-  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
-  return failures == 0 ? 0 : 1;
+  return flowdiff::test::cuda_harness::finish(
+      [] {
+        // Without a device every allocation must fail cleanly, as a flowdiff exception.
+        std::string m;
+        expect(throws_with<fd::cuda_error>([] { (void)Cuda::allocate<float>(16); },
+                                           {"Cuda::allocate", "cudaMallocAsync"}, &m),
+               "allocating without a device throws cuda_error; got: " + m);
+      },
+      [] {
+        device_tensors();
+        parallel_loops();
+        reductions();
+        philox();
+        gemm();
+        fused_updates();
+      });
 }

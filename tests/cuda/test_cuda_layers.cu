@@ -21,6 +21,7 @@
 #include <string>
 
 #include "../support/backend_spatial_checks.hpp"
+#include "harness.hpp"
 
 namespace fd = flowdiff;
 namespace sc = flowdiff::test::spatial;
@@ -29,26 +30,10 @@ using fd::Cuda;
 
 namespace {
 
-int failures = 0;
-int checks = 0;
-
-// Runs one body into a fresh log; prints its verdict, every failure and, with `verbose`, every
-// check (the measured errors and bit-equal counts, worth reading on a first run on a GPU).
+// The shared section (tests/cuda/harness.hpp) with this program's Log type.
 template <class F>
 void section(const char* name, bool verbose, F&& body) {
-  sc::Log log;
-  try {
-    body(log);
-  } catch (const std::exception& e) {
-    log.expect(false, std::string("unexpected exception: ") + e.what());
-  }
-  if (log.checks.empty()) log.expect(false, "the section checked nothing");
-  const int failed = log.failures();
-  checks += static_cast<int>(log.checks.size());
-  failures += failed;
-  std::printf("%-52s %s (%zu checks)\n", name, failed == 0 ? "ok" : "FAILED", log.checks.size());
-  for (const auto& c : log.checks)
-    if (!c.ok || verbose) std::printf("  %s %s\n", c.ok ? "ok  " : "FAIL", c.what.c_str());
+  flowdiff::test::cuda_harness::log_section<sc::Log>(name, verbose, body);
 }
 
 void host_checks() {
@@ -110,21 +95,5 @@ void device_checks() {
 int main() {
   std::printf("flowdiff CUDA image-layer tests\n");
   host_checks();
-  std::string why;
-  if (fd::cuda::device_count(&why) == 0) {
-    if (failures > 0) {
-      std::printf("%d of %d host checks FAILED\n", failures, checks);
-      return 1;
-    }
-    std::printf(
-        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not run\n",
-        checks, why.c_str());
-    return 77;
-  }
-  const auto info = fd::cuda::device_info();
-  std::printf("device %d: %s, compute capability %d.%d\n", info.index, info.name.c_str(),
-              info.compute_major, info.compute_minor);
-  device_checks();
-  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
-  return failures == 0 ? 0 : 1;
+  return flowdiff::test::cuda_harness::finish([] { device_checks(); });
 }

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../support/backend_mlp_checks.hpp"
+#include "harness.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -41,27 +42,8 @@ using fd::index_t;
 
 namespace {
 
-int failures = 0;
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (!ok) {
-    ++failures;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
-
-template <class F>
-void section(const char* name, F&& body) {
-  const int before = failures;
-  try {
-    body();
-  } catch (const std::exception& e) {
-    expect(false, std::string(name) + ": unexpected exception: " + e.what());
-  }
-  std::printf("%-44s %s\n", name, failures == before ? "ok" : "FAILED");
-}
+using flowdiff::test::cuda_harness::expect;
+using flowdiff::test::cuda_harness::section;
 
 template <class T>
 std::string str(T v) {
@@ -121,8 +103,8 @@ void expect_close(const std::string& what, const std::vector<T>& got, const std:
   }
   expect(ref_max > 0, what + ": the reference is all zero");
   expect(worst <= 1, what + ": |got - ref| <= " + str(atol) + " + " + str(rtol) +
-                         " |ref| violated by a factor " + str(worst) + " at " + str(at) +
-                         " (got " + str(static_cast<double>(got[at])) + ", ref " +
+                         " |ref| violated by a factor " + str(worst) + " at " + str(at) + " (got " +
+                         str(static_cast<double>(got[at])) + ", ref " +
                          str(static_cast<double>(ref[at])) + ")");
 }
 
@@ -222,8 +204,8 @@ void device_mlp() {
   });
   section("BackendMLP<Cuda> label checks", [] {
     nn::Parameters<float, Cuda> ps;
-    nn::BackendMLP<float, Cuda> mlp(ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4,
-                                         .num_classes = 3});
+    nn::BackendMLP<float, Cuda> mlp(
+        ps, {.dim = 2, .width = 8, .depth = 1, .time_dim = 4, .num_classes = 3});
     ps.allocate();
     typename nn::BackendMLP<float, Cuda>::Cache cache;
     auto x = fd::Tensor<float, Cuda>::zeros({5, 2});
@@ -238,8 +220,9 @@ void device_mlp() {
     } catch (const fd::config_error& e) {
       m = e.what();
     }
-    expect(m.find("3 of the 5 labels") != std::string::npos && m.find("[0, 3]") != std::string::npos,
-           "device labels outside [0, K] are counted and reported; got: " + m);
+    expect(
+        m.find("3 of the 5 labels") != std::string::npos && m.find("[0, 3]") != std::string::npos,
+        "device labels outside [0, K] are counted and reported; got: " + m);
   });
 }
 
@@ -302,8 +285,8 @@ void device_training() {
       const auto got = fd::test::train_on_backend<float, Cuda>(c);
       expect_close(c.name + ": losses", got.losses, ref.losses, 1e-5, 1e-4);
       expect_close(c.name + ": gradient norm of the last step", got.norms, ref.norms, 1e-5, 1e-4);
-      expect_close(c.name + ": parameters after " + str(c.steps) + " steps", got.params,
-                   ref.params, 1e-5, 1e-4);
+      expect_close(c.name + ": parameters after " + str(c.steps) + " steps", got.params, ref.params,
+                   1e-5, 1e-4);
       expect_close(c.name + ": EMA", got.ema, ref.ema, 1e-5, 1e-4);
       expect(got.offset == ref.offset, c.name + ": the generator advanced as on the CPU");
       std::printf("  %s: %zu of %zu parameters bit-equal to the CPU\n", c.name.c_str(),
@@ -354,24 +337,10 @@ void device_training() {
 int main() {
   std::printf("flowdiff CUDA MLP tests\n");
   host_checks();
-  std::string why;
-  if (fd::cuda::device_count(&why) == 0) {
-    if (failures > 0) {
-      std::printf("%d of %d host checks FAILED\n", failures, checks);
-      return 1;
-    }
-    std::printf(
-        "host checks: %d passed\nSKIPPED: no CUDA device (%s); the device checks did not run\n",
-        checks, why.c_str());
-    return 77;
-  }
-  const auto info = fd::cuda::device_info();
-  std::printf("device %d: %s, compute capability %d.%d\n", info.index, info.name.c_str(),
-              info.compute_major, info.compute_minor);
-  device_mlp();
-  device_sampling();
-  device_labels();
-  device_training();
-  std::printf("%s: %d checks, %d failed\n", failures == 0 ? "ok" : "FAILED", checks, failures);
-  return failures == 0 ? 0 : 1;
+  return flowdiff::test::cuda_harness::finish([] {
+    device_mlp();
+    device_sampling();
+    device_labels();
+    device_training();
+  });
 }
