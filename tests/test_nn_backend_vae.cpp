@@ -7,10 +7,8 @@
 // test_cuda_vae.cu runs them with B = Cuda.
 #include <catch2/catch.hpp>
 #include <flowdiff/backend/dispatch.hpp>
-#include <flowdiff/nn/as_field.hpp>
 #include <flowdiff/nn/models/vae_backend.hpp>
 #include <flowdiff/train/vae_backend.hpp>
-#include <type_traits>
 
 #include "support/backend_vae_checks.hpp"
 
@@ -28,8 +26,6 @@ void report(const vc::Log& log) {
     CHECK(c.ok);
   }
 }
-
-static_assert(std::is_same_v<fd::nn::model_backend_t<fd::nn::BackendVAE<float, fd::Cpu>>, fd::Cpu>);
 
 }  // namespace test_nn_backend_vae_detail
 
