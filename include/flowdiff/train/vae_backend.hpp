@@ -6,11 +6,11 @@
 // generator calls: with B = Cpu and the same initial weights it follows the CPU run to the
 // rounding of the layers' sums). The image set stays on the host: each batch is drawn there by
 // data::BasicBatcher and copied to B (one upload per step); the noise, the model, the loss, the
-// clipping and the optimizer run on B. Per step the host waits for the device three times: the
-// two loss reductions and the gradient norm. reconstruction_mse is the per-pixel mean squared
-// error of D(mu(x)) against x, computed on B in batches. (BackendTrainer, train/
-// backend_trainer.hpp, trains path objectives, not an autoencoder; the CPU VAE has its own loop
-// too, and this is that loop.)
+// clipping and the optimizer run on B. Per step the host waits for the device four times: the
+// batch's upload, the two loss reductions and the gradient norm. reconstruction_mse is the
+// per-pixel mean squared error of D(mu(x)) against x, computed on B in batches. BackendTrainer
+// (train/backend_trainer.hpp) trains path objectives, not an autoencoder; the CPU VAE has its own
+// loop too, and this is that loop.
 #pragma once
 
 #include <algorithm>

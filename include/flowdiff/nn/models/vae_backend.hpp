@@ -1,9 +1,10 @@
 // flowdiff/nn/models/vae_backend.hpp — nn::VAE, the convolutional variational autoencoder of
 // latent flow matching, on any backend B (nn/models/vae.hpp has the maths):
-//   encoder  h = Conv3x3(x);  K x { h = Conv3x3/2(SiLU(GN(h))) };  [mu | logvar] =
-//   Conv3x3(SiLU(GN(h))) sample   z = mu + exp(logvar / 2) eps,  eps ~ N(0, I) (fill_normal on B:
-//   the CPU's counters) decoder  h = Conv3x3(z);  K x { h = Conv3x3(Up2(SiLU(GN(h)))) };  x^ =
-//   Conv3x3(SiLU(GN(h))) loss     L = recon + beta kl,  recon = (1/N) sum (x^ - x)^2,
+//   encoder  h = Conv3x3(x);  K x { h = Conv3x3/2(SiLU(GN(h))) };
+//            [mu | logvar] = Conv3x3(SiLU(GN(h)))
+//   sample   z = mu + exp(logvar / 2) eps,  eps ~ N(0, I) (fill_normal on B: the CPU's counters)
+//   decoder  h = Conv3x3(z);  K x { h = Conv3x3(Up2(SiLU(GN(h)))) };  x^ = Conv3x3(SiLU(GN(h)))
+//   loss     L = recon + beta kl,  recon = (1/N) sum (x^ - x)^2,
 //            kl = (1/N) sum 1/2 (mu^2 + exp(logvar) - 1 - logvar)
 //   backward dx^ = 2 (x^ - x) / N;  dmu = dz + beta mu / N;
 //            dlogvar = dz eps exp(logvar / 2) / 2 + beta (exp(logvar) - 1) / (2N);
