@@ -1,6 +1,7 @@
 // flowdiff/backend/dispatch.hpp — what backend-generic code needs beyond the Backend concept:
 // BackendOps<B>, the dense product and the host <-> B transfers of one backend behind one name,
 //   BackendOps<B>::gemm(ctx, ta, tb, alpha, A, B, beta, C):  C = alpha op(A) op(B) + beta C
+//   BackendOps<B>::gemm_strided_batched(ctx, ...):           the same on raw pointers, batched
 //   BackendOps<B>::upload(dst on B, src on the host), download(dst on the host, src on B)
 // where ctx is a BackendOps<B>::Context the caller owns (nothing on the CPU, a cuBLAS handle on
 // the GPU), and the choice of a device at run time with a fallback to the CPU. This header defines
@@ -10,6 +11,7 @@
 // dispatch.cuh feeds it the device count of the CUDA runtime.
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <ostream>
 #include <string>
@@ -39,6 +41,39 @@ struct BackendOps<Cpu> {
   static void gemm(Context&, Trans ta, Trans tb, T alpha, View<const T, Cpu> a,
                    View<const T, Cpu> b, T beta, View<T, Cpu> c) {
     flowdiff::gemm<T>(ta, tb, alpha, a, b, beta, c);
+  }
+
+  /// The row-major strided-batched product on raw pointers (attention's per-head products): for
+  /// i < batch, C + i stride_c [m, n] = alpha op(A + i stride_a) op(B + i stride_b) + beta C_i,
+  /// A, B and C row-major with leading dimensions lda, ldb, ldc (cuda::gemm_strided_batched's
+  /// semantics and checks). The products run in parallel over the batch, each single-threaded.
+  template <class T>
+  static void gemm_strided_batched(Context&, Trans ta, Trans tb, index_t m, index_t n, index_t k,
+                                   T alpha, const T* a, index_t lda, index_t stride_a, const T* b,
+                                   index_t ldb, index_t stride_b, T beta, T* c, index_t ldc,
+                                   index_t stride_c, index_t batch) {
+    const char* who = "gemm_strided_batched";
+    require<config_error>(m >= 0 && n >= 0 && k >= 0 && batch >= 0, who,
+                          ": m, n, k and batch must be >= 0, got ", m, ", ", n, ", ", k, ", ",
+                          batch);
+    const index_t a_cols = ta == Trans::no ? k : m, b_cols = tb == Trans::no ? n : k;
+    require<config_error>(lda >= a_cols && ldb >= b_cols && ldc >= n, who,
+                          ": leading dimensions too small: lda = ", lda, " (needs >= ", a_cols,
+                          "), ldb = ", ldb, " (needs >= ", b_cols, "), ldc = ", ldc,
+                          " (needs >= ", n, ")");
+    const index_t c_extent = m > 0 ? (m - 1) * ldc + n : 0;
+    require<config_error>(
+        batch <= 1 || (stride_a >= 0 && stride_b >= 0 && stride_c >= c_extent), who,
+        ": batch strides must be >= 0 and C's must keep the products apart (stride_c >= ", c_extent,
+        "), got stride_a = ", stride_a, ", stride_b = ", stride_b, ", stride_c = ", stride_c);
+    if (m == 0 || n == 0 || batch == 0) return;
+    Cpu::parallel_for(
+        batch,
+        [=](index_t i) {
+          flowdiff::gemm_strided<T>(ta, tb, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b,
+                                    ldb, beta, c + i * stride_c, ldc);
+        },
+        2 * m * n * std::max<index_t>(k, 1));
   }
 
   /// dst (on the backend) = src (host memory), same element count; complete on return.

@@ -27,6 +27,16 @@ struct BackendOps<Cuda> {
     flowdiff::gemm<T>(blas, ta, tb, alpha, a, b, beta, c);
   }
 
+  /// cuda::gemm_strided_batched (one cuBLAS strided-batched call) on device pointers.
+  template <class T>
+  static void gemm_strided_batched(Context& blas, Trans ta, Trans tb, index_t m, index_t n,
+                                   index_t k, T alpha, const T* a, index_t lda, index_t stride_a,
+                                   const T* b, index_t ldb, index_t stride_b, T beta, T* c,
+                                   index_t ldc, index_t stride_c, index_t batch) {
+    cuda::gemm_strided_batched<T>(blas, ta, tb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b,
+                                  beta, c, ldc, stride_c, batch);
+  }
+
   /// dst (device) = src (host); returns when the copy is complete.
   template <class T>
   static void upload(View<T, Cuda> dst, View<const T, Cpu> src) {
