@@ -543,6 +543,13 @@ void error_checks(Log& log) {
                                 TB dx(Shape{2, 2, 8, 7});
                                 vae.backward(ps, x.view(), dx.view(), cache);
                               });
+    // encode_latent overwrites the posterior the forward's loss was computed from.
+    expect_throw<config_error>(log, pre + "loss after encode_latent",
+                               "BackendVAE: loss() needs a forward() call first", [&] {
+                                 TB z(Shape{2, 2, 2, 2});
+                                 vae.encode_latent(ps, x.view(), z.view(), cache);
+                                 (void)vae.loss(x.view(), cache);
+                               });
   });
   expect_throw<config_error>(
       log, pre + "image_size",

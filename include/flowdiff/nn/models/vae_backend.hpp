@@ -369,7 +369,9 @@ class BackendVAE {
   }
 
   /// Encodes x and writes the posterior mean (`gen == nullptr`) or a sample of it into z: the
-  /// latents a flow model is trained on. x: [N, C, S, S], z: [N, z, h, w], on B.
+  /// latents a flow model is trained on. x: [N, C, S, S], z: [N, z, h, w], on B. It overwrites
+  /// the cache's mu and logvar, so a forward() kept in `c` no longer counts for loss() /
+  /// backward().
   void encode_latent(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> z, Cache& c,
                      Generator* gen = nullptr) const {
     check_batch("x", x, cfg_.in_channels, cfg_.image_size);
