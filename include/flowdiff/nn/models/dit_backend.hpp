@@ -22,6 +22,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flowdiff/backend/dispatch.hpp"
