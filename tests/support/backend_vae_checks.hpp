@@ -21,7 +21,8 @@
 //   checkpoint_checks  a CPU checkpoint loads into BackendVAE's parameters on B and comes back
 //                      bit-equal; a checkpoint written from B (after training there) loads
 //                      strictly into nn::VAE, bit-equal; BackendVAE::init against nn::VAE::init
-//   error_checks       shapes, calls out of order, configurations and layouts, by name
+//   error_checks       shapes, calls out of order, configurations and layouts, by name; the
+//                      cache's buffers reused while N repeats
 // Every comparison first requires finite values and a reference that is not all zero.
 #pragma once
 
@@ -538,6 +539,13 @@ void error_checks(Log& log) {
     vae.init(ps, gen);
     const nn::VAELoss l = vae.forward(ps, x.view(), gen, cache);
     log.expect(std::isfinite(l.total), pre + "forward after init has a finite loss");
+    const T* xhat = cache.xhat.data();
+    const T* a0 = cache.enc.a0.data();
+    const T* u0 = cache.dec.u[0].data();
+    vae.forward(ps, x.view(), gen, cache);
+    log.expect(
+        cache.xhat.data() == xhat && cache.enc.a0.data() == a0 && cache.dec.u[0].data() == u0,
+        pre + "a second forward at the same N reuses the cache's buffers");
     expect_throw<shape_error>(log, pre + "backward dx",
                               "BackendVAE: dx: expected shape [2, 2, 8, 8], got [2, 2, 8, 7]", [&] {
                                 TB dx(Shape{2, 2, 8, 7});

@@ -203,7 +203,8 @@ class BackendVAE {
       return *ctx;
     }
   };
-  /// Everything forward() / backward() of the whole autoencoder keep, on B.
+  /// Everything forward() / backward() of the whole autoencoder keep, on B (two gemm contexts:
+  /// one in each half, which also run on their own).
   struct Cache {
     EncoderCache enc;
     DecoderCache dec;
