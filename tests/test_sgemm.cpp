@@ -1,7 +1,7 @@
 // flowdiff's own float GEMM (backend/cpu/sgemm.hpp): every kernel this CPU can run against a
 // double reference over random shapes (packed and unpacked paths, transposes, leading
-// dimensions, alpha, beta), the beta == 0 contract (C not read), and bit-identical results on 1
-// and 2 threads.
+// dimensions, alpha, beta), the beta == 0 contract (C not read), bit-identical results on 1
+// and 2 threads, and an op(A) that packs itself (APacker) giving the stored matrix's bits.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -192,6 +192,73 @@ TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][thre
     }
   }
 #endif
+}
+
+// An APacker (op(A) that packs itself as plain rows; the convolution's weight gradient uses one)
+// must give the bits of the same product from the stored matrix: the row-broadcasting kernel does
+// the same FMAs in the same order. Shapes: partial row tiles, several MC / KC blocks, products
+// threaded by rows (the packer's row offset) and by columns, beta 0 and 1, op(B) both ways.
+TEST_CASE("sgemm: an APacker gives the bits of the stored op(A)", "[core][gemm][sgemm]") {
+  if (fd::sgemm::best_isa() != fd::sgemm::Isa::avx512) {
+    WARN("no AVX-512 on this CPU: APacker products are not taken (gemm returns false)");
+    return;
+  }
+  struct Rows {
+    const SgemmCase* s;
+    static void pack(const void* ctx, fd::index_t i0, fd::index_t mc, fd::index_t p0,
+                     fd::index_t kc, float* dst) {
+      const SgemmCase& s = *static_cast<const Rows*>(ctx)->s;
+      for (fd::index_t r = 0; r < mc; ++r)
+        for (fd::index_t p = 0; p < kc; ++p) {
+          const fd::index_t i = i0 + r, q = p0 + p;
+          dst[r * kc + p] = s.ta ? s.a[static_cast<std::size_t>(q * s.lda + i)]
+                                 : s.a[static_cast<std::size_t>(i * s.lda + q)];
+        }
+    }
+  };
+  std::mt19937 g(29);
+  // op(A) = A^T where m + k is odd: the reference of {13, 40, 38} must not take the small-batch
+  // path (m <= 16, op(A) = A, op(B) = B^T), which is another algorithm with other bits.
+  const fd::index_t shapes[][4] = {{13, 40, 38, 1},   {288, 32, 1024, 1}, {1152, 128, 1024, 1},
+                                   {300, 77, 600, 0}, {64, 2000, 300, 1}, {9, 5, 3, 0}};
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#endif
+  for (const auto& sh : shapes)
+    for (float beta : {0.f, 1.f}) {
+      const bool ta = (sh[0] + sh[2]) % 2 == 1;
+      const auto s = make_sgemm_case(g, sh[0], sh[1], sh[2], ta, sh[3] != 0, 1.f, beta);
+      auto c_ref = s.c, c_packed = s.c;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(s, c_ref.data())));
+      const Rows rows{&s};
+      const fd::sgemm::APacker packer{&Rows::pack, &rows};
+      auto p = sgemm_problem(s, c_packed.data());
+      p.apack = &packer;
+      p.a = nullptr;  // never read
+      INFO("m " << sh[0] << " n " << sh[1] << " k " << sh[2] << " tb " << sh[3] << " beta "
+                << beta);
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+      CHECK(std::memcmp(c_ref.data(), c_packed.data(), c_ref.size() * sizeof(float)) == 0);
+#if defined(_OPENMP)
+      auto c_one = s.c;
+      p.c = c_one.data();
+      omp_set_num_threads(1);
+      fd::sgemm::gemm(fd::sgemm::Isa::avx512, p);
+      omp_set_num_threads(threads);
+      CHECK(std::memcmp(c_one.data(), c_packed.data(), c_one.size() * sizeof(float)) == 0);
+#endif
+    }
+  // Thin products and other kernels are refused, nothing done.
+  const auto s = make_sgemm_case(g, 3, 40, 20, false, true, 1.f, 0.f);
+  auto c = s.c;
+  const Rows rows{&s};
+  const fd::sgemm::APacker packer{&Rows::pack, &rows};
+  auto p = sgemm_problem(s, c.data());
+  p.apack = &packer;
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+  p.m = 8;
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx2, p));
+  CHECK(std::memcmp(c.data(), s.c.data(), c.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("gemm_strided multiplies sub-matrices in place", "[core][gemm]") {

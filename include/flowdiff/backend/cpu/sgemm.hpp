@@ -5,6 +5,9 @@
 // micro-kernel (FMA) runs over them. Two kernels, chosen at run time from the CPU's features
 // (the library is compiled without -march, so they are compiled with GCC/Clang target attributes):
 //   AVX-512F: 8 x 32 (16 zmm accumulators), AVX2 + FMA: 6 x 16 (12 ymm accumulators).
+// Either operand may pack itself instead of being stored (BPacker / APacker: a convolution's
+// column matrix read straight from the images, "implicit GEMM"; APacker rows are broadcast by a
+// kernel variant reading MR plain rows, the same FMAs in the same order).
 // Products with at most 4 rows or columns skip the packing (batch-1 inference: matrix-vector
 // products through dot products or row updates), and so do small batches against a weight
 // matrix, C = A B^T with 2 <= m <= 16 (AVX-512: 4 x 4 tiles of dot products sharing their
@@ -73,6 +76,18 @@ struct BPacker {
   const void* ctx;
 };
 
+/// An op(A) that is never stored but packs itself: the column matrix of a convolution read from
+/// the images as the broadcast operand of its weight gradient (dW^T = col dy^T). pack(ctx, i0,
+/// mc, p0, kc, dst) writes the plain rows op(A)[i0 + r, p0 : p0 + kc], row r < mc at dst + r kc
+/// (not MR-interleaved panels: each row is a contiguous run of pixels, so packing needs no
+/// transposes or gathers); the product then runs the micro-kernel that broadcasts from MR rows,
+/// with the same sums in the same order as from interleaved panels. Only the AVX-512 kernel takes
+/// one; gemm() returns false for any other kernel and for thin products.
+struct APacker {
+  void (*pack)(const void* ctx, index_t i0, index_t mc, index_t p0, index_t kc, float* dst);
+  const void* ctx;
+};
+
 /// Element-wise work on C fused into the product (a bias, an activation, its derivative):
 /// apply(ctx, i0, i1, j0, j1) runs once for each finished block of C, rows [i0, i1) and columns
 /// [j0, j1) in the product's own indices, on the thread that computed the block and while the
@@ -85,7 +100,8 @@ struct Epilogue {
 
 /// One product C = alpha op(A) op(B) + beta C; op(A) is [m, k], op(B) [k, n], C [m, n], all
 /// row-major with leading dimensions lda, ldb, ldc (elements between rows of the stored matrix).
-/// With bpack set, op(B) comes from it (columns from bcol0 on) and b, ldb, tb are unused.
+/// With bpack set, op(B) comes from it (columns from bcol0 on) and b, ldb, tb are unused; with
+/// apack set, op(A) comes from it (rows from arow0 on) and a, lda, ta are unused.
 /// With epilogue set, it runs over every block of C once the block is final; row0 and col0 are
 /// the offsets of this (sub-)problem's C in the product the epilogue indexes (0 for a caller).
 struct Problem {
@@ -101,6 +117,8 @@ struct Problem {
   index_t ldc = 0;
   const BPacker* bpack = nullptr;
   index_t bcol0 = 0;
+  const APacker* apack = nullptr;
+  index_t arow0 = 0;
   const Epilogue* epilogue = nullptr;
   index_t row0 = 0, col0 = 0;
 
@@ -238,8 +256,16 @@ inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, flo
 }
 
 /// op(A)[i0 : i0 + mc, p0 : p0 + kc] into its MR-row micro-panels (panel r at dst + r kc).
+/// With an APacker: its plain rows (row r at dst + r kc), the rows up to the next multiple of MR
+/// zero (a partial tile's kernel reads them; its extra rows are never stored).
 template <index_t MR>
 inline void pack_a(const Problem& o, index_t i0, index_t mc, index_t p0, index_t kc, float* dst) {
+  if (o.apack) {
+    o.apack->pack(o.apack->ctx, o.arow0 + i0, mc, p0, kc, dst);
+    const index_t padded = (mc + MR - 1) / MR * MR;
+    if (padded > mc) std::memset(dst + mc * kc, 0, sizeof(float) * std::size_t((padded - mc) * kc));
+    return;
+  }
   if (o.ta) {  // rows of op(A) are columns of the stored A: contiguous along i
     pack_rows<MR>(o.a + p0 * o.lda + i0, o.lda, mc, kc, dst);
   } else {
@@ -282,7 +308,10 @@ inline Problem columns_of(const Problem& o, index_t j0, index_t j1) {
 inline Problem rows_of(const Problem& o, index_t i0, index_t i1) {
   Problem s = o;
   s.m = i1 - i0;
-  s.a = o.ta ? o.a + i0 : o.a + i0 * o.lda;
+  if (o.apack)
+    s.arow0 = o.arow0 + i0;
+  else
+    s.a = o.ta ? o.a + i0 : o.a + i0 * o.lda;
   s.c = o.c + i0 * o.ldc;
   s.row0 = o.row0 + i0;
   return s;
@@ -384,6 +413,41 @@ FLOWDIFF_SGEMM_UNROLL
   for (int r = 0; r < MR; ++r) store_avx512(c + r * ldc, acc0[r], acc1[r], al, overwrite);
 }
 
+/// micro_avx512 with A as MR plain rows kc apart (an APacker's layout) instead of one
+/// interleaved panel: the same FMAs in the same order, so the same bits.
+template <int MR>
+__attribute__((target("avx512f"))) inline void micro_avx512_rows(index_t kc, const float* ap,
+                                                                 const float* bp, float* c,
+                                                                 index_t ldc, float alpha,
+                                                                 bool overwrite) {
+  __m512 acc0[MR], acc1[MR];
+  const float* a[MR];
+FLOWDIFF_SGEMM_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+    a[r] = ap + r * kc;
+  }
+FLOWDIFF_SGEMM_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + 31), _MM_HINT_T0);
+  }
+  for (index_t p = 0; p < kc; ++p) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+FLOWDIFF_SGEMM_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r][p]);
+      acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+    }
+    bp += 32;
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+FLOWDIFF_SGEMM_UNROLL
+  for (int r = 0; r < MR; ++r) store_avx512(c + r * ldc, acc0[r], acc1[r], al, overwrite);
+}
+
 __attribute__((target("avx2,fma"))) inline void micro_avx2(index_t kc, const float* ap,
                                                            const float* bp, float* c, index_t ldc,
                                                            float alpha, bool overwrite) {
@@ -427,6 +491,11 @@ struct Avx512 {
                     float alpha, bool overwrite) {
     micro_avx512<MR>(kc, ap, bp, c, ldc, alpha, overwrite);
   }
+  static constexpr bool has_rows = true;  // takes an APacker
+  static void micro_rows(index_t kc, const float* ap, const float* bp, float* c, index_t ldc,
+                         float alpha, bool overwrite) {
+    micro_avx512_rows<MR>(kc, ap, bp, c, ldc, alpha, overwrite);
+  }
 };
 
 struct Avx2 {
@@ -435,19 +504,27 @@ struct Avx2 {
                     float alpha, bool overwrite) {
     micro_avx2(kc, ap, bp, c, ldc, alpha, overwrite);
   }
+  static constexpr bool has_rows = false;
 };
 
-/// One MR x NR tile of C (rows i, columns j; mr x nr of it valid) from packed panels.
-template <class K>
+/// One MR x NR tile of C (rows i, columns j; mr x nr of it valid) from packed panels (ROWS: A as
+/// plain rows, an APacker's layout).
+template <class K, bool ROWS>
 inline void tile(const Problem& o, index_t kc, const float* ap, const float* bp, index_t i,
                  index_t j, index_t mr, index_t nr, bool overwrite) {
   float* c = o.c + i * o.ldc + j;
+  auto micro = [&](float* dst, index_t ld, bool ow) {
+    if constexpr (ROWS)
+      K::micro_rows(kc, ap, bp, dst, ld, o.alpha, ow);
+    else
+      K::micro(kc, ap, bp, dst, ld, o.alpha, ow);
+  };
   if (mr == K::MR && nr == K::NR) {
-    K::micro(kc, ap, bp, c, o.ldc, o.alpha, overwrite);
+    micro(c, o.ldc, overwrite);
     return;
   }
   alignas(64) float t[K::MR * K::NR];
-  K::micro(kc, ap, bp, t, K::NR, o.alpha, true);
+  micro(t, K::NR, true);
   for (index_t r = 0; r < mr; ++r) {
     float* cr = c + r * o.ldc;
     const float* tr = t + r * K::NR;
@@ -459,9 +536,9 @@ inline void tile(const Problem& o, index_t kc, const float* ap, const float* bp,
   }
 }
 
-/// The packed product on the calling thread.
-template <class K>
-void packed_serial(const Problem& o) {
+/// The packed product on the calling thread (ROWS: op(A) from an APacker).
+template <class K, bool ROWS>
+void packed_serial_as(const Problem& o) {
   constexpr index_t MR = K::MR, NR = K::NR, MC = K::MC, NC = K::NC, KC = K::KC;
   const index_t kcb = std::min(KC, o.k);
   float* const bbuf = pack_buffer(0, kcb * std::min(NC, (o.n + NR - 1) / NR * NR));
@@ -479,13 +556,24 @@ void packed_serial(const Problem& o) {
           const float* bp = bbuf + jr * kc;
           const index_t nr = std::min(NR, nc - jr);
           for (index_t ir = 0; ir < mc; ir += MR)
-            tile<K>(o, kc, abuf + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
-                    overwrite);
+            tile<K, ROWS>(o, kc, abuf + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
+                          overwrite);
         }
         if (pc + kc == o.k) o.finish(ic, ic + mc, jc, jc + nc);  // the block is final
       }
     }
   }
+}
+
+template <class K>
+void packed_serial(const Problem& o) {
+  if constexpr (K::has_rows) {
+    if (o.apack) {
+      packed_serial_as<K, true>(o);
+      return;
+    }
+  }
+  packed_serial_as<K, false>(o);
 }
 
 /// The packed product, cut over the OpenMP threads when `parallel` (no shared buffers and no
@@ -539,10 +627,8 @@ __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const
   __m256 v[8];
   for (int q = 0; q < 8; ++q)
     v[q] = _mm256_add_ps(_mm256_load_ps(t + 16 * q), _mm256_load_ps(t + 16 * q + 8));
-  const __m256 s0123 =
-      _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 s4567 =
-      _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
 }
@@ -684,7 +770,8 @@ void thin(const Problem& o, bool parallel) {
         sweep(abase + i * astride, bbase, bstride, lo, hi, o.c + i * o.ldc, 1);
       o.finish(0, o.m, lo, hi);
     } else {  // each column of B against rows [lo, hi) of A
-      for (index_t j = 0; j < o.n; ++j) sweep(bbase + j * bstride, abase, astride, lo, hi, o.c + j, o.ldc);
+      for (index_t j = 0; j < o.n; ++j)
+        sweep(bbase + j * bstride, abase, astride, lo, hi, o.c + j, o.ldc);
       o.finish(lo, hi, 0, o.n);
     }
   };
@@ -809,7 +896,7 @@ inline void small_batch_avx512(const Problem& o) {
 inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #if FLOWDIFF_SGEMM_X86
   if (isa == Isa::none) return false;
-  if (o.bpack && (isa != Isa::avx512 || o.m <= 4 || o.n <= 4)) return false;
+  if ((o.bpack || o.apack) && (isa != Isa::avx512 || o.m <= 4 || o.n <= 4)) return false;
   if (o.m == 0 || o.n == 0) return true;
   if (o.k == 0 || o.alpha == 0.f) {
     for (index_t i = 0; i < o.m; ++i)
@@ -829,14 +916,14 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
   bool parallel = false;
 #if defined(_OPENMP)
   const double flops = 2.0 * double(o.m) * double(o.n) * double(o.k);
-  parallel = allow_threads && flops >= parallel_flops && omp_get_max_threads() > 1 &&
-             !omp_in_parallel();
+  parallel =
+      allow_threads && flops >= parallel_flops && omp_get_max_threads() > 1 && !omp_in_parallel();
 #else
   (void)allow_threads;
 #endif
   const bool thin = o.m <= 4 || o.n <= 4;
   if (isa == Isa::avx512) {
-    if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack)
+    if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack && !o.apack)
       detail::small_batch_avx512(p);
     else if (thin)
       detail::thin<Isa::avx512>(p, parallel);

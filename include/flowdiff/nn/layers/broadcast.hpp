@@ -5,11 +5,12 @@
 // for y, dy: [N, C, L] with L = H W and v, dv: [N, C]. Each (n, c) row is handled by one thread
 // and summed in l order, so the bits do not depend on the thread count. Shared by nn::UNet and
 // nn::Classifier; the backend-generic forms are nn::add_per_channel / sum_per_channel
-// (nn/layers/spatial_kernels.hpp), which give the same bits.
+// (nn/layers/spatial_kernels.hpp), which give the same bits (sums in kernels::sum8's order).
 #pragma once
 
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/kernels.hpp"
 
 namespace flowdiff::nn::detail {
 
@@ -26,19 +27,13 @@ void add_broadcast(View<T> y, View<const T> v, index_t len) {
       len);
 }
 
-// dy: [N C, len], dv: [N C]; dv[q] = sum_l dy[q, l] (in l order, from 0).
+// dy: [N C, len], dv: [N C]; dv[q] = sum_l dy[q, l] (kernels::sum8's order).
 template <class T>
 void sum_spatial(View<const T> dy, View<T> dv, index_t len) {
   const T* pd = dy.data();
   T* pv = dv.data();
   Cpu::parallel_for(
-      dv.numel(),
-      [=](index_t q) {
-        T s = T(0);
-        for (index_t l = 0; l < len; ++l) s += pd[q * len + l];
-        pv[q] = s;
-      },
-      len);
+      dv.numel(), [=](index_t q) { pv[q] = kernels::sum8(pd + q * len, len); }, len);
 }
 
 }  // namespace flowdiff::nn::detail

@@ -37,6 +37,7 @@
 #include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/kernels.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
 namespace flowdiff::nn {
@@ -91,26 +92,26 @@ void im2col(const T* x, const ConvGeometry& g, T* col, index_t ld) {
   // Each row in the widest vector instruction set (simd::vector_loop): pure copies, the same
   // bits in any set.
   auto row = [=](index_t r) FLOWDIFF_LAMBDA_INLINE {
-        const index_t c = r / (k * k), i = (r / k) % k, j = r % k;
-        index_t lo, hi;
-        valid_range(j, s, p, W, ow_n, lo, hi);
-        T* dst = col + r * ld;
-        for (index_t oh = 0; oh < oh_n; ++oh, dst += ow_n) {
-          const index_t ih = oh * s - p + i;
-          if (ih < 0 || ih >= H) {
-            std::fill(dst, dst + ow_n, T(0));
-            continue;
-          }
-          const T* src = x + (c * H + ih) * W + j - p;  // src[ow * s] is pixel (ih, ow s - p + j)
-          for (index_t ow = 0; ow < lo; ++ow) dst[ow] = T(0);
-          if (s == 1) {
-            for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow];
-          } else {
-            for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s];
-          }
-          for (index_t ow = hi; ow < ow_n; ++ow) dst[ow] = T(0);
-        }
-      };
+    const index_t c = r / (k * k), i = (r / k) % k, j = r % k;
+    index_t lo, hi;
+    valid_range(j, s, p, W, ow_n, lo, hi);
+    T* dst = col + r * ld;
+    for (index_t oh = 0; oh < oh_n; ++oh, dst += ow_n) {
+      const index_t ih = oh * s - p + i;
+      if (ih < 0 || ih >= H) {
+        std::fill(dst, dst + ow_n, T(0));
+        continue;
+      }
+      const T* src = x + (c * H + ih) * W + j - p;  // src[ow * s] is pixel (ih, ow s - p + j)
+      for (index_t ow = 0; ow < lo; ++ow) dst[ow] = T(0);
+      if (s == 1) {
+        for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow];
+      } else {
+        for (index_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s];
+      }
+      for (index_t ow = hi; ow < ow_n; ++ow) dst[ow] = T(0);
+    }
+  };
   Cpu::parallel_for(
       g.rows(),
       [=](index_t r) {
@@ -132,25 +133,25 @@ void col2im(const T* col, index_t ld, const ConvGeometry& g, T* x) {
   // Each channel in the widest vector instruction set (simd::vector_loop); the sums onto a pixel
   // keep their (i, j, oh) order, so the bits are those of the baseline build.
   auto channel = [=](index_t c) FLOWDIFF_LAMBDA_INLINE {
-        T* xc = x + c * H * W;
-        std::fill(xc, xc + H * W, T(0));
-        for (index_t i = 0; i < k; ++i)
-          for (index_t j = 0; j < k; ++j) {
-            index_t lo, hi;
-            valid_range(j, s, p, W, ow_n, lo, hi);
-            const T* src = col + ((c * k + i) * k + j) * ld;
-            for (index_t oh = 0; oh < oh_n; ++oh, src += ow_n) {
-              const index_t ih = oh * s - p + i;
-              if (ih < 0 || ih >= H) continue;
-              T* dst = xc + ih * W + j - p;
-              if (s == 1) {
-                for (index_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
-              } else {
-                for (index_t ow = lo; ow < hi; ++ow) dst[ow * s] += src[ow];
-              }
-            }
+    T* xc = x + c * H * W;
+    std::fill(xc, xc + H * W, T(0));
+    for (index_t i = 0; i < k; ++i)
+      for (index_t j = 0; j < k; ++j) {
+        index_t lo, hi;
+        valid_range(j, s, p, W, ow_n, lo, hi);
+        const T* src = col + ((c * k + i) * k + j) * ld;
+        for (index_t oh = 0; oh < oh_n; ++oh, src += ow_n) {
+          const index_t ih = oh * s - p + i;
+          if (ih < 0 || ih >= H) continue;
+          T* dst = xc + ih * W + j - p;
+          if (s == 1) {
+            for (index_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
+          } else {
+            for (index_t ow = lo; ow < hi; ++ow) dst[ow * s] += src[ow];
           }
-      };
+        }
+      }
+  };
   Cpu::parallel_for(
       g.channels,
       [=](index_t c) {
@@ -174,7 +175,8 @@ struct ImplicitColumns {
 
 /// BPacker::pack for ImplicitColumns: rows r = (c, i, j) of columns [j0, j0 + nc) into 32-lane
 /// panels. Each 16-lane half of a panel row is one masked load when its lanes are consecutive
-/// pixels of one image row (stride 1, all in one output row), otherwise one masked gather; lanes
+/// pixels (stride 1, all in one output row, or in one sample of an output as wide as the input),
+/// otherwise one masked gather; lanes
 /// outside the image (padding) or beyond nc are zero. The values are im2col's, so the product
 /// has the bits of im2col + GEMM.
 __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* ctx, index_t p0,
@@ -209,8 +211,12 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
       vih[v] = _mm512_load_si512(ih0 + 16 * v);
       viw[v] = _mm512_load_si512(iw0 + 16 * v);
       voff[v] = _mm512_load_si512(off + 16 * v);
+      // With stride 1 the lanes of one output row are consecutive pixels; when the output is as
+      // wide as the input ("same" padding) so are those of consecutive rows of one sample.
       const index_t first = j0 + q + 16 * v;
-      run[v] = g.stride == 1 && lanes >= 16 * (v + 1) && first / ow_n == (first + 15) / ow_n;
+      const bool one_row = first / ow_n == (first + 15) / ow_n;
+      const bool one_sample = ow_n == W && first / L == (first + 15) / L;
+      run[v] = g.stride == 1 && lanes >= 16 * (v + 1) && (one_row || one_sample);
     }
     index_t c = p0 / kk, i = (p0 % kk) / k, j = p0 % k;
     for (index_t p = 0; p < kc; ++p) {
@@ -219,19 +225,18 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
       const __m512i vj = _mm512_set1_epi32(static_cast<std::int32_t>(j));
       const __m512i vd = _mm512_set1_epi32(static_cast<std::int32_t>(delta));
       for (int v = 0; v < 2; ++v) {
-        const __mmask16 inside =
-            _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
-            _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
+        const __mmask16 inside = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
+                                 _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
         __m512 val;
         if (run[v]) {
           // Masked-off lanes are not read, so the address may lie in the padding.
           const std::intptr_t at = static_cast<std::intptr_t>(off[16 * v] + delta);
-          val = _mm512_maskz_loadu_ps(inside, reinterpret_cast<const float*>(
-                                                  reinterpret_cast<std::intptr_t>(src.x) +
-                                                  at * std::intptr_t(sizeof(float))));
+          val = _mm512_maskz_loadu_ps(
+              inside, reinterpret_cast<const float*>(reinterpret_cast<std::intptr_t>(src.x) +
+                                                     at * std::intptr_t(sizeof(float))));
         } else {
-          val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                         _mm512_add_epi32(voff[v], vd), src.x, 4);
+          val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, _mm512_add_epi32(voff[v], vd),
+                                         src.x, 4);
         }
         _mm512_store_ps(dst + p * NR + 16 * v, val);
       }
@@ -246,57 +251,132 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
   }
 }
 
-/// BPacker::pack for the transposed column matrix (op(B) = col^T, [gn L, C k k]: dW = dy col^T):
-/// rows p of op(B) are columns l of col, lanes are rows r = (c, i, j); every 16-lane half of a
-/// panel row is one masked gather (the lanes are k-pixel runs of different image rows). The values
-/// are those of im2col, so the product has the bits of im2col + GEMM.
-__attribute__((target("avx512f"))) inline void pack_implicit_t_avx512(const void* ctx, index_t p0,
-                                                                      index_t kc, index_t j0,
-                                                                      index_t nc, float* dst) {
-  constexpr index_t NR = sgemm::BPacker::panel;
+/// APacker::pack for ImplicitColumns: rows r = (c, i, j) of the column matrix, columns
+/// [p0, p0 + kc), as plain rows (row r - i0 at dst + (r - i0) kc): the broadcast operand of the
+/// weight gradient dW^T = col dy^T. Along a row the columns are consecutive pixels of one image
+/// row within each output row, so stride 1 copies them with masked 16-lane loads (no gathers or
+/// transposes); other strides gather. Padding and columns outside the image are zero: the values
+/// of im2col.
+__attribute__((target("avx512f"))) inline void pack_implicit_rows_avx512(const void* ctx,
+                                                                         index_t i0, index_t mc,
+                                                                         index_t p0, index_t kc,
+                                                                         float* dst) {
   const auto& src = *static_cast<const ImplicitColumns*>(ctx);
   const ConvGeometry& g = src.g;
-  const index_t k = g.kernel, kk = k * k, L = g.cols(), ow_n = g.out_w, oh_n = g.out_h;
-  const index_t W = g.width, HW = g.height * W;
-  alignas(64) std::int32_t ti[NR], tj[NR], rel[NR];
-  const __m512i vh = _mm512_set1_epi32(static_cast<std::int32_t>(g.height));
-  const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
-  for (index_t q = 0; q < nc; q += NR, dst += NR * kc) {
-    const index_t lanes = std::min(NR, nc - q);
-    for (index_t t = 0; t < NR; ++t) {
-      if (t < lanes) {
-        const index_t r = j0 + q + t, c = r / kk, i = (r % kk) / k, j = r % k;
-        ti[t] = static_cast<std::int32_t>(i);
-        tj[t] = static_cast<std::int32_t>(j);
-        rel[t] = static_cast<std::int32_t>(c * HW + i * W + j);
-      } else {  // never inside the image
-        ti[t] = std::numeric_limits<std::int32_t>::min() / 2;
-        tj[t] = 0;
-        rel[t] = 0;
+  const index_t k = g.kernel, kk = k * k, L = g.cols(), ow_n = g.out_w, W = g.width;
+  const index_t H = g.height, HW = H * W, s = g.stride, pad = g.padding;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  if (s == 1 && ow_n == W && g.out_h == H && L % 16 == 0 && p0 % 16 == 0) {
+    // "Same" convolution (stride 1, output the size of the input): output pixel l of a sample
+    // reads input pixel l + (i - pad) W + (j - pad) of its channel, so 16 consecutive columns are
+    // one masked load whatever rows they span; only the validity mask depends on (i, j). The
+    // columns' coordinates and sample offsets are computed once per call, 256 at a time.
+    constexpr index_t chunk = 256;
+    alignas(64) std::int32_t voh[chunk], vow[chunk];
+    std::int64_t voff[chunk / 16];
+    const __m512i vh = _mm512_set1_epi32(static_cast<std::int32_t>(H));
+    const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
+    for (index_t l0 = 0; l0 < kc; l0 += chunk) {
+      const index_t len = std::min(chunk, kc - l0), vecs = (len + 15) / 16;
+      for (index_t t = 0; t < len; ++t) {
+        const index_t l = p0 + l0 + t, rem = l % L;
+        voh[t] = static_cast<std::int32_t>(rem / W);
+        vow[t] = static_cast<std::int32_t>(rem % W);
+        if (t % 16 == 0) voff[t / 16] = (l / L) * src.plane + rem;
+      }
+      for (index_t t = len; t < vecs * 16; ++t) {  // never inside the image
+        voh[t] = std::numeric_limits<std::int32_t>::min() / 2;
+        vow[t] = 0;
+      }
+      index_t c = i0 / kk, i = (i0 % kk) / k, j = i0 % k;
+      for (index_t r = 0; r < mc; ++r) {
+        const __m512i di = _mm512_set1_epi32(static_cast<std::int32_t>(i - pad));
+        const __m512i dj = _mm512_set1_epi32(static_cast<std::int32_t>(j - pad));
+        const std::intptr_t base =
+            reinterpret_cast<std::intptr_t>(src.x) +
+            std::intptr_t(sizeof(float)) * (c * HW + (i - pad) * W + (j - pad));
+        float* d = dst + r * kc + l0;
+        for (index_t v = 0; v < vecs; ++v) {
+          const __mmask16 inside =
+              _mm512_cmplt_epu32_mask(_mm512_add_epi32(_mm512_load_si512(voh + 16 * v), di), vh) &
+              _mm512_cmplt_epu32_mask(_mm512_add_epi32(_mm512_load_si512(vow + 16 * v), dj), vw);
+          const __m512 val = _mm512_maskz_loadu_ps(
+              inside, reinterpret_cast<const float*>(base + std::intptr_t(sizeof(float)) *
+                                                                std::intptr_t(voff[v])));
+          const index_t rest = len - 16 * v;
+          if (rest >= 16)
+            _mm512_storeu_ps(d + 16 * v, val);
+          else
+            _mm512_mask_storeu_ps(d + 16 * v, static_cast<__mmask16>((1u << rest) - 1u), val);
+        }
+        if (++j == k) {
+          j = 0;
+          if (++i == k) {
+            i = 0;
+            ++c;
+          }
+        }
       }
     }
-    __m512i vi[2], vj[2], vrel[2];
-    for (int v = 0; v < 2; ++v) {
-      vi[v] = _mm512_load_si512(ti + 16 * v);
-      vj[v] = _mm512_load_si512(tj + 16 * v);
-      vrel[v] = _mm512_load_si512(rel + 16 * v);
-    }
-    index_t gi = p0 / L, oh = (p0 % L) / ow_n, ow = p0 % ow_n;
-    for (index_t p = 0; p < kc; ++p) {
-      const index_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
-      const __m512i vh0 = _mm512_set1_epi32(static_cast<std::int32_t>(h0));
-      const __m512i vw0 = _mm512_set1_epi32(static_cast<std::int32_t>(w0));
-      const __m512i vb = _mm512_set1_epi32(static_cast<std::int32_t>(gi * src.plane + h0 * W + w0));
-      for (int v = 0; v < 2; ++v) {
-        const __mmask16 inside = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vi[v], vh0), vh) &
-                                 _mm512_cmplt_epu32_mask(_mm512_add_epi32(vj[v], vw0), vw);
-        _mm512_store_ps(dst + p * NR + 16 * v,
-                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside,
-                                                 _mm512_add_epi32(vrel[v], vb), src.x, 4));
+    return;
+  }
+  // Divisions only once per call: the row (c, i, j) and the column position advance by steps.
+  const index_t gi_0 = p0 / L, oh_0 = (p0 % L) / ow_n, ow_0 = p0 % ow_n;
+  index_t c = i0 / kk, i = (i0 % kk) / k, j = i0 % k;
+  index_t lo = 0, hi = 0;  // output columns ow whose input column lies inside the image
+  valid_range(j, s, pad, W, ow_n, lo, hi);
+  for (index_t r = 0; r < mc; ++r) {
+    if (r > 0) {
+      if (++j == k) {
+        j = 0;
+        if (++i == k) {
+          i = 0;
+          ++c;
+        }
       }
-      if (++ow == ow_n) {
-        ow = 0;
-        if (++oh == oh_n) {
+      valid_range(j, s, pad, W, ow_n, lo, hi);
+    }
+    float* d = dst + r * kc;
+    index_t l = p0, gi = gi_0, oh = oh_0, ow0 = ow_0;
+    while (l < p0 + kc) {
+      const index_t seg = std::min(ow_n - ow0, p0 + kc - l);  // the rest of this output row
+      const index_t h = oh * s - pad + i;
+      float* out = d + (l - p0);
+      if (h < 0 || h >= H || hi <= lo) {
+        std::memset(out, 0, sizeof(float) * static_cast<std::size_t>(seg));
+      } else {
+        // Input pixel of output column ow: srow[ow s - pad + j] (addresses of masked-off lanes
+        // may lie outside the image: they are never read).
+        const std::intptr_t srow = reinterpret_cast<std::intptr_t>(src.x) +
+                                   std::intptr_t(sizeof(float)) * (gi * src.plane + c * HW + h * W);
+        for (index_t q = 0; q < seg; q += 16) {
+          const index_t ow = ow0 + q, n16 = std::min<index_t>(16, seg - q);
+          const index_t a = std::clamp<index_t>(lo - ow, 0, n16);
+          const index_t b = std::clamp<index_t>(hi - ow, 0, n16);
+          const auto live = static_cast<__mmask16>((1u << n16) - 1u);
+          const auto inside =
+              static_cast<__mmask16>(b > a ? ((1u << b) - 1u) & ~((1u << a) - 1u) : 0u);
+          __m512 v;
+          if (s == 1) {
+            v = _mm512_maskz_loadu_ps(
+                inside, reinterpret_cast<const float*>(srow + std::intptr_t(sizeof(float)) *
+                                                                  (ow - pad + j)));
+          } else {
+            const __m512i idx = _mm512_add_epi32(
+                _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(std::int32_t(ow))),
+                                   _mm512_set1_epi32(std::int32_t(s))),
+                _mm512_set1_epi32(std::int32_t(j - pad)));
+            v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, idx,
+                                         reinterpret_cast<const float*>(srow), 4);
+          }
+          _mm512_mask_storeu_ps(out + q, live, v);
+        }
+      }
+      l += seg;
+      ow0 += seg;
+      if (ow0 == ow_n) {
+        ow0 = 0;
+        if (++oh == g.out_h) {
           oh = 0;
           ++gi;
         }
@@ -306,32 +386,47 @@ __attribute__((target("avx512f"))) inline void pack_implicit_t_avx512(const void
 }
 #endif
 
-/// dW-shaped product C[m, C k k] = alpha A[m, gn L] col^T + beta C with the column matrix of
-/// samples x[0 .. gn) packed from the images (bit-identical to im2col + gemm). Same conditions
-/// and return as implicit_gemm.
+/// Whether implicit_gemm_dwt runs: float with the AVX-512 kernel, m > 4 output channels,
+/// C k k > 4 rows, offsets within 32 bits.
 template <class T>
-bool implicit_gemm_t(const T* a, index_t m, const T* x, const ConvGeometry& g, index_t plane,
-                     index_t gn, T beta, T* c, index_t ldc) {
+bool implicit_dwt_available(index_t m, const ConvGeometry& g, index_t plane, index_t gn) {
+#if FLOWDIFF_SGEMM_X86
+  if constexpr (std::is_same_v<T, float>)
+    return sgemm::best_isa() == sgemm::Isa::avx512 && m > 4 && g.rows() > 4 &&
+           gn * plane + g.height * g.width < (index_t{1} << 30);
+#endif
+  (void)m, (void)g, (void)plane, (void)gn;
+  return false;
+}
+
+/// The weight gradient transposed, C[C k k, m] = col dy^T + beta C, with dy [m, gn L] and the
+/// column matrix of samples x[0 .. gn) packed from the images as the product's A (plain rows:
+/// no gathers for stride 1). Every element of C gets the FMAs of dy col^T in the same order, so
+/// it holds exactly the transpose of what that product would. Returns false (nothing done) where
+/// implicit_dwt_available is false. Threads as gemm (serial inside a parallel region).
+template <class T>
+bool implicit_gemm_dwt(const T* dy, index_t m, const T* x, const ConvGeometry& g, index_t plane,
+                       index_t gn, T beta, T* c, index_t ldc) {
 #if FLOWDIFF_SGEMM_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (sgemm::best_isa() != sgemm::Isa::avx512 || m <= 4 || g.rows() <= 4) return false;
-    if (gn * plane + g.height * g.width >= (index_t{1} << 30)) return false;
+    if (!implicit_dwt_available<T>(m, g, plane, gn)) return false;
     const ImplicitColumns cols{x, g, plane};
-    const sgemm::BPacker packer{&pack_implicit_t_avx512, &cols};
+    const sgemm::APacker packer{&pack_implicit_rows_avx512, &cols};
     sgemm::Problem pr;
-    pr.m = m;
-    pr.n = g.rows();
+    pr.m = g.rows();
+    pr.n = m;
     pr.k = gn * g.cols();
-    pr.a = a;
-    pr.lda = gn * g.cols();
+    pr.apack = &packer;
+    pr.tb = true;  // op(B)[l, o] = dy[o, l]
+    pr.b = dy;
+    pr.ldb = gn * g.cols();
     pr.beta = beta;
     pr.c = c;
     pr.ldc = ldc;
-    pr.bpack = &packer;
     return sgemm::gemm(sgemm::Isa::avx512, pr);
   }
 #endif
-  (void)a, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)beta, (void)c, (void)ldc;
+  (void)dy, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)beta, (void)c, (void)ldc;
   return false;
 }
 
@@ -429,10 +524,7 @@ void accumulate_channel_sums(const T* dy, index_t n, index_t channels, index_t l
       channels,
       [=](index_t c) {
         T acc = T(0);
-        for (index_t i = 0; i < n; ++i) {
-          const T* p = dy + (i * channels + c) * len;
-          for (index_t l = 0; l < len; ++l) acc += p[l];
-        }
+        for (index_t i = 0; i < n; ++i) acc += kernels::sum8(dy + (i * channels + c) * len, len);
         db[c] += acc;
       },
       n * len);
@@ -504,8 +596,9 @@ class Conv2d {
     Tensor<T> out;  // [O, G Ho Wo] GEMM result / packed dy of a group (G > 1 only)
     // Threads 1, 2, ...: their own col / out (thread 0 uses the two above).
     std::vector<Tensor<T>> col_t, out_t;
-    std::vector<Tensor<T>> dw;  // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
-    Tensor<T> wf;  // [C, O k k] the flipped kernel of dx's implicit GEMM
+    std::vector<Tensor<T>> dw;   // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
+    std::vector<Tensor<T>> dwt;  // [C k k, O] per thread: a chunk's dW^T (implicit_gemm_dwt)
+    Tensor<T> wf;                // [C, O k k] the flipped kernel of dx's implicit GEMM
   };
 
   /// At most this many backward chunks (weight-gradient partials) per call.
@@ -574,8 +667,8 @@ class Conv2d {
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
     // dx of a stride-1 convolution is the convolution of dy with the flipped, transposed kernel
     // (padding k - 1 - p): one implicit GEMM instead of W^T dy and col2im.
-    const bool flipped = want_dx && s_ == 1 && p_ <= k_ - 1 && !g.identity() &&
-                         implicit_available<T>(in_);
+    const bool flipped =
+        want_dx && s_ == 1 && p_ <= k_ - 1 && !g.identity() && implicit_available<T>(in_);
     ConvGeometry gf;
     if (flipped) {
       gf.channels = out_;
@@ -589,12 +682,25 @@ class Conv2d {
       flip_kernel(w, cache.wf);
     }
     const T* wf = flipped ? cache.wf.data() : nullptr;
+    // dW^T = col dy^T with the columns packed from the images (implicit_gemm_dwt), accumulated
+    // in a per-thread [K, O] buffer: chunk 0 starts from dW^T, the others from zero; the result
+    // is transposed back at the chunk's end (exact copies, so dW gets the same sums as dy col^T).
+    const index_t plane = in_ * g.height * g.width;
+    const bool implicit_dw = !g.identity() && implicit_dwt_available<T>(out_, g, plane, G);
+    if (implicit_dw) {
+      if (cache.dwt.size() < static_cast<std::size_t>(team))
+        cache.dwt.resize(static_cast<std::size_t>(team));
+      for (auto& t : cache.dwt)
+        if (t.numel() < K * out_) t.resize(Shape{K * out_});
+    }
     Cpu::parallel_tasks(chunks, team, [&](index_t c, index_t tid) {
       // Chunk c: groups [c groups / chunks, (c + 1) groups / chunks), into dW or its partial.
       const index_t q0 = c * groups / chunks, q1 = (c + 1) * groups / chunks;
       T* dwc = c == 0 ? dw : cache.dw[static_cast<std::size_t>(c - 1)].data();
       T* colw = workspace(cache, tid, false);
       T* outw = workspace(cache, tid, true);
+      T* dwt = implicit_dw ? cache.dwt[static_cast<std::size_t>(tid)].data() : nullptr;
+      if (implicit_dw && c == 0) transpose(dw, out_, K, dwt);
       for (index_t q = q0; q < q1; ++q) {
         const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
         const T* dyg = dy.data() + n0 * out_ * L;
@@ -603,9 +709,9 @@ class Conv2d {
           dyg = outw;
         }
         const T beta = c == 0 || q > q0 ? T(1) : T(0);
-        const index_t plane = in_ * g.height * g.width;
-        if (g.identity() ||
-            !implicit_gemm_t(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwc, K)) {
+        if (implicit_dw) {
+          implicit_gemm_dwt(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwt, out_);
+        } else {
           const T* col = columns(x, g, n0, gn, colw);
           gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
                mat(dwc, out_, K));
@@ -633,6 +739,7 @@ class Conv2d {
         for (index_t i = 0; i < gn; ++i)
           col2im(dcol + i * L, cols, g, dxn + i * in_ * g.height * g.width);
       }
+      if (implicit_dw) transpose(dwt, K, out_, dwc);
     });
     // The partials in chunk order: the same sums whatever the thread count.
     if (chunks > 1) {
@@ -696,6 +803,12 @@ class Conv2d {
           for (index_t j = 0; j < k_; ++j)
             f[((c * out_ + o) * k_ + i) * k_ + j] =
                 w[((o * in_ + c) * k_ + (k_ - 1 - i)) * k_ + (k_ - 1 - j)];
+  }
+
+  // dst[j, i] = src[i, j] for src [rows, cols].
+  static void transpose(const T* src, index_t rows, index_t cols, T* dst) {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
   }
 
   static T* workspace(Cache& cache, index_t tid, bool out) {

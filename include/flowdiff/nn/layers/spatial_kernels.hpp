@@ -144,7 +144,7 @@ struct ChannelBias {
   }
 };
 
-/// db[c] += (sum over n, then l, in order, of dy[n, c, l]) in T, as the CPU's
+/// db[c] += (sum over n in order of sum8(dy[n, c, :])) in T, as the CPU's
 /// accumulate_channel_sums: one thread per channel. (A GPU would rather give each channel a block
 /// and a fixed-order tree; with C threads this pass is latency-bound there.)
 template <class T>
@@ -154,10 +154,7 @@ struct ChannelGradSum {
   index_t n, channels, len;
   FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
     T acc = T(0);
-    for (index_t i = 0; i < n; ++i) {
-      const T* p = dy + (i * channels + c) * len;
-      for (index_t l = 0; l < len; ++l) acc = add_rn(acc, p[l]);
-    }
+    for (index_t i = 0; i < n; ++i) acc = add_rn(acc, sum8(dy + (i * channels + c) * len, len));
     db[c] = add_rn(db[c], acc);
   }
 };
@@ -360,17 +357,13 @@ struct AddPerChannel {
   FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { y[q] = add_rn(y[q], v[q / len]); }
 };
 
-/// dv[nc] = sum over l in order of dy[nc, l] (in T, from 0: unet.hpp's sum_spatial).
+/// dv[nc] = sum8(dy[nc, :]) (broadcast.hpp's sum_spatial).
 template <class T>
 struct SumPerChannel {
   T* dv;        // [N C]
   const T* dy;  // [N C, L]
   index_t len;
-  FLOWDIFF_HOST_DEVICE void operator()(index_t nc) const {
-    T acc = T(0);
-    for (index_t l = 0; l < len; ++l) acc = add_rn(acc, dy[nc * len + l]);
-    dv[nc] = acc;
-  }
+  FLOWDIFF_HOST_DEVICE void operator()(index_t nc) const { dv[nc] = sum8(dy + nc * len, len); }
 };
 
 /// a[q] += b[q].
