@@ -89,6 +89,7 @@
 #include "flowdiff/nn/models/unet.hpp"
 #include "flowdiff/nn/models/unet_backend.hpp"
 #include "flowdiff/nn/models/vae.hpp"
+#include "flowdiff/nn/models/vae_backend.hpp"
 #include "flowdiff/nn/as_field.hpp"
 #include "flowdiff/nn/latent.hpp"
 #include "flowdiff/nn/transfer.hpp"
@@ -111,6 +112,7 @@
 #include "flowdiff/train/time_sampler.hpp"
 #include "flowdiff/train/trainer.hpp"
 #include "flowdiff/train/vae.hpp"
+#include "flowdiff/train/vae_backend.hpp"
 
 // data: toy 2D distributions, image data sets, the IDX reader and Fashion-MNIST (the loaders link
 // flowdiff::io), mini-batches
