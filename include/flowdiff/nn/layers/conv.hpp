@@ -192,13 +192,21 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
   const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
   for (index_t q = 0; q < nc; q += NR, dst += NR * kc) {
     const index_t lanes = std::min(NR, nc - q);
+    // The lanes' (sample, oh, ow), stepped from the first one's (divisions once per panel).
+    index_t gi = (j0 + q) / L, oh = ((j0 + q) % L) / ow_n, ow = (j0 + q) % ow_n;
     for (index_t t = 0; t < NR; ++t) {
       if (t < lanes) {
-        const index_t l = j0 + q + t, gi = l / L, rem = l % L, oh = rem / ow_n, ow = rem % ow_n;
         const index_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
         ih0[t] = static_cast<std::int32_t>(h0);
         iw0[t] = static_cast<std::int32_t>(w0);
         off[t] = static_cast<std::int32_t>(gi * src.plane + h0 * W + w0);
+        if (++ow == ow_n) {
+          ow = 0;
+          if (++oh == g.out_h) {
+            oh = 0;
+            ++gi;
+          }
+        }
       } else {  // never inside the image: (unsigned)(ih0 + i) >= H
         ih0[t] = std::numeric_limits<std::int32_t>::min() / 2;
         iw0[t] = 0;
@@ -278,11 +286,22 @@ __attribute__((target("avx512f"))) inline void pack_implicit_rows_avx512(const v
     const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(W));
     for (index_t l0 = 0; l0 < kc; l0 += chunk) {
       const index_t len = std::min(chunk, kc - l0), vecs = (len + 15) / 16;
+      // Stepped from the first column's coordinates (divisions once per 256 columns).
+      const index_t first = p0 + l0;
+      index_t gi = first / L, rem = first % L, oh = rem / W, ow = rem % W;
       for (index_t t = 0; t < len; ++t) {
-        const index_t l = p0 + l0 + t, rem = l % L;
-        voh[t] = static_cast<std::int32_t>(rem / W);
-        vow[t] = static_cast<std::int32_t>(rem % W);
-        if (t % 16 == 0) voff[t / 16] = (l / L) * src.plane + rem;
+        voh[t] = static_cast<std::int32_t>(oh);
+        vow[t] = static_cast<std::int32_t>(ow);
+        if (t % 16 == 0) voff[t / 16] = gi * src.plane + rem;
+        ++rem;
+        if (++ow == W) {
+          ow = 0;
+          if (++oh == H) {
+            oh = 0;
+            rem = 0;
+            ++gi;
+          }
+        }
       }
       for (index_t t = len; t < vecs * 16; ++t) {  // never inside the image
         voh[t] = std::numeric_limits<std::int32_t>::min() / 2;
