@@ -633,6 +633,49 @@ __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const
                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
 }
 
+/// out[q] = <x, w + q ld> over k for q < 16: sixteen accumulators share the loads of x and are
+/// reduced in registers by one transposing tree (dots4x4_avx512's), which leaves lane 4 b + e
+/// holding the sum of accumulator 4 e + b, so accumulator 4 e + b takes row 4 b + e.
+__attribute__((target("avx512f"))) inline void dot16_avx512(const float* x, const float* w,
+                                                            index_t ld, index_t k, float* out) {
+  __m512 v[16];
+  const float* r[16];
+FLOWDIFF_SGEMM_UNROLL
+  for (int i = 0; i < 16; ++i) {
+    v[i] = _mm512_setzero_ps();
+    r[i] = w + (4 * (i % 4) + i / 4) * ld;
+  }
+  index_t p = 0;
+  for (; p + 16 <= k; p += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_fmadd_ps(_mm512_loadu_ps(r[i] + p), xv, v[i]);
+  }
+  if (p < k) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (k - p)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int i = 0; i < 16; ++i)
+      v[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r[i] + p), xv, v[i]);
+  }
+  const __mmask16 all = 0xFFFF;
+  __m512 a[8], b[4], c[2];
+FLOWDIFF_SGEMM_UNROLL
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0xEE));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 4; ++j)
+    b[j] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a[2 * j], a[2 * j + 1], 0x88),
+                         _mm512_maskz_shuffle_f32x4(all, a[2 * j], a[2 * j + 1], 0xDD));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 2; ++j)
+    c[j] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, b[2 * j], b[2 * j + 1], 0x44),
+                         _mm512_maskz_shuffle_ps(all, b[2 * j], b[2 * j + 1], 0xEE));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_maskz_shuffle_ps(all, c[0], c[1], 0x88),
+                                      _mm512_maskz_shuffle_ps(all, c[0], c[1], 0xDD)));
+}
+
 __attribute__((target("avx2,fma"))) inline void dot8_avx2(const float* x, const float* const* w,
                                                           index_t k, float* out) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -736,8 +779,8 @@ void thin(const Problem& o, bool parallel) {
     o.finish(0, o.m, 0, o.n);
     return;
   }
-  // Dot products of contiguous rows of op(A) with contiguous columns of op(B), eight at a time
-  // along the long side; the thin side is gathered when it is not contiguous.
+  // Dot products of contiguous rows of op(A) with contiguous columns of op(B), sixteen (AVX-512)
+  // or eight at a time along the long side; the thin side is gathered when not contiguous.
   const bool gather_a = o.ta, gather_b = !o.tb;
   Scratch ga(gather_a ? o.m * o.k : 0), gb(gather_b ? o.n * o.k : 0);
   if (gather_a)
@@ -752,7 +795,15 @@ void thin(const Problem& o, bool parallel) {
   // Vector v (a row of A or a column of B) against rows [q0, q1) of the other side.
   auto sweep = [&](const float* v, const float* base, index_t stride, index_t q0, index_t q1,
                    float* c, index_t cstride) {
-    for (index_t q = q0; q < q1; q += 8) {
+    index_t q = q0;
+    if constexpr (I == Isa::avx512) {
+      for (; q + 16 <= q1; q += 16) {
+        float out[16];
+        dot16_avx512(v, base + q * stride, stride, o.k, out);
+        for (index_t r = 0; r < 16; ++r) finish(c + (q + r) * cstride, out[r]);
+      }
+    }
+    for (; q < q1; q += 8) {
       const index_t cnt = std::min<index_t>(8, q1 - q);
       const float* w[8];
       for (index_t r = 0; r < 8; ++r) w[r] = base + (q + (r < cnt ? r : 0)) * stride;
@@ -781,8 +832,9 @@ void thin(const Problem& o, bool parallel) {
 #pragma omp parallel
     {
       const index_t t = omp_get_thread_num(), T = omp_get_num_threads();
-      const index_t units = (len + 7) / 8;
-      part(std::min(len, units * t / T * 8), std::min(len, units * (t + 1) / T * 8));
+      // Parts at multiples of 16: the 16-row groups (AVX-512) are the same on any thread count.
+      const index_t units = (len + 15) / 16;
+      part(std::min(len, units * t / T * 16), std::min(len, units * (t + 1) / T * 16));
     }
     return;
   }
