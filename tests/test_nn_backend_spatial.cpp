@@ -4,7 +4,8 @@
 // U-Net's add_broadcast / sum_spatial (forward, dx, parameter gradients; DESIGN.md §4 tolerances,
 // element-wise 1e-12 in double, bit-equal where the arithmetic is the same), central differences
 // in double through the backend layers, the shape / configuration errors, and nn::BackendUNet
-// (nn/models/unet_backend.hpp, no attention) against nn::UNet. The bodies are in
+// (nn/models/unet_backend.hpp, with and without the midcoder attention) against nn::UNet. The
+// bodies are in
 // tests/support/backend_spatial_checks.hpp; tests/cuda/test_cuda_layers.cu runs them with
 // B = Cuda.
 #include <catch2/catch.hpp>
@@ -79,7 +80,8 @@ TEST_CASE("Backend spatial layers<Cpu>: errors name the layer, the expected and 
   test_nn_backend_spatial_detail::report(log);
 }
 
-TEST_CASE("BackendUNet<Cpu> (no attention) matches nn::UNet", "[nn][backend][spatial][unet]") {
+TEST_CASE("BackendUNet<Cpu> (with and without attention) matches nn::UNet",
+          "[nn][backend][spatial][unet]") {
   namespace sc = flowdiff::test::spatial;
   sc::Log log;
   sc::unet_checks<float, fd::Cpu>(log);

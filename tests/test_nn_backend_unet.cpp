@@ -4,9 +4,9 @@
 // EMA element-wise: fp32 1e-5 + 1e-4 |ref|, fp64 1e-11 + 1e-9 |ref|, because the conv / GroupNorm
 // sums run in another order than nn::UNet's; the generator offset exactly), an interrupted +
 // resumed run equal to the straight one bit for bit and its checkpoint loaded by Trainer +
-// nn::UNet, Euler / Heun sampling plain and under cfg w = 3 (same rule), and the errors (attention,
-// labels outside [0, K], class counts). The bodies are in tests/support/backend_unet_checks.hpp;
-// tests/cuda/test_cuda_unet.cu runs them with B = Cuda.
+// nn::UNet, Euler / Heun sampling plain and under cfg w = 3 (same rule), and the errors (attention
+// heads, labels outside [0, K], class counts). The bodies are in
+// tests/support/backend_unet_checks.hpp; tests/cuda/test_cuda_unet.cu runs them with B = Cuda.
 #include <catch2/catch.hpp>
 #include <flowdiff/backend/dispatch.hpp>
 #include <flowdiff/nn/models/mlp_backend.hpp>
@@ -68,7 +68,7 @@ TEST_CASE("as_field(BackendUNet<Cpu>) samples as as_field(nn::UNet) (Euler, Heun
   test_nn_backend_unet_detail::report(log);
 }
 
-TEST_CASE("BackendUNet<Cpu>: attention, bad labels and class counts are refused by name",
+TEST_CASE("BackendUNet<Cpu>: attention heads, bad labels and class counts are refused by name",
           "[nn][backend][unet]") {
   namespace ut = flowdiff::test::unet_train;
   ut::Log log;

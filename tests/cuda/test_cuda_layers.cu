@@ -11,7 +11,8 @@
 //   (fp32 normalised MSE <= 1e-7 and fp64 <= 1e-24: the products are cuBLAS's, DESIGN.md §4;
 //   upsampling and broadcasts bit-equal: the same explicitly rounded additions in the same order),
 //   central differences through the device layers, the errors with device tensors, and
-//   nn::BackendUNet<T, Cuda> (no attention) against nn::UNet (same tolerances).
+//   nn::BackendUNet<T, Cuda> (with and without the midcoder attention) against nn::UNet (same
+//   tolerances).
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 

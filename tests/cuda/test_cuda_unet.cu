@@ -7,7 +7,7 @@
 //   parameters, EMA element-wise: fp32 1e-5 + 1e-4 |ref|, fp64 1e-11 + 1e-9 |ref|), an interrupted
 //   + resumed run bit-equal to the straight one and its checkpoint loaded by Trainer + nn::UNet,
 //   Euler / Heun sampling plain and under cfg w = 3 against as_field(nn::UNet) (same rule), the
-//   errors (attention, labels outside [0, K], class counts).
+//   errors (attention heads, labels outside [0, K], class counts).
 //   device part (with a GPU): the same bodies with B = Cuda against the same CPU references and
 //   rules (the products are cuBLAS's and the reductions the device's fixed-order ones, so the
 //   summation orders differ from nn::UNet's as the CPU backend's do), resume bit for bit on the

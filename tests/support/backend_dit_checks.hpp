@@ -5,11 +5,13 @@
 // Catch2 and no CUDA here: every body appends (ok, message) entries to a spatial::Log
 // (tests/support/backend_spatial_checks.hpp) that the caller turns into assertions. Checked:
 //   layer_checks      BackendLinear (plain and with the GELU fused), BackendLayerNorm (affine or
-//                     not), GELU (tanh), the adaLN modulation and the gate, BackendPatchEmbed and
-//                     BackendMultiheadSelfAttention (with and without qkv bias) against nn::Linear,
+//                     not), GELU (tanh), the adaLN modulation and the gate, BackendPatchEmbed,
+//                     BackendMultiheadSelfAttention (with and without qkv bias) and
+//                     BackendImageSelfAttention against nn::Linear,
 //                     nn::LayerNorm, gelu_forward / gelu_backward, modulate_forward /
 //                     modulate_backward (channels last), nn::DiT's gated_add / gate_backward,
-//                     nn::PatchEmbed and nn::MultiheadSelfAttention: outputs, dx and every
+//                     nn::PatchEmbed, nn::MultiheadSelfAttention and nn::ImageSelfAttention:
+//                     outputs, dx and every
 //                     parameter gradient (accumulated onto non-zero gradients) with DESIGN.md §4's
 //                     tolerances (spatial::tolerance: fp32 normalised MSE <= 1e-7, fp64
 //                     element-wise 1e-12 + 1e-12 |ref| on the CPU, normalised MSE <= 1e-24
@@ -380,6 +382,44 @@ void attention_checks(Log& log) {
   }
 }
 
+/// BackendImageSelfAttention (the U-Net's midcoder attention) against nn::ImageSelfAttention on
+/// [2, 6, 3, 5] images (15 tokens of 6 channels, 3 heads).
+template <class T, Backend B>
+void image_attention_checks(Log& log) {
+  const std::string what = str("BackendImageSelfAttention<", type_name<T>(), ", ", B::name, ">");
+  guard(log, what, [&] {
+    Generator gen(55);
+    const Shape xs{2, 6, 3, 5};
+    nn::Parameters<T> hp;
+    nn::ImageSelfAttention<T> ref(hp, "midcoder.attn", 6, 3);
+    hp.allocate();
+    ref.init(hp, gen);
+    fill_normal(hp.flat_grads(), gen);
+    nn::Parameters<T, B> dp;
+    nn::BackendImageSelfAttention<T, B> attn(dp, "midcoder.attn", 6, 3);
+    dp.allocate();
+    nn::upload_parameters(dp, hp);
+    upload<T, B>(dp.flat_grads(), hp.flat_grads());
+    const auto x = randn<T>(xs, gen);
+    const auto dy = randn<T>(xs, gen);
+    Tensor<T> y(xs), dx(xs);
+    typename nn::ImageSelfAttention<T>::Cache rc;
+    ref.forward(hp, x.view(), y.view(), rc);
+    ref.backward(hp, x.view(), dy.view(), dx.view(), rc);
+    const auto xd = device_copy<T, B>(x.view());
+    const auto dyd = device_copy<T, B>(dy.view());
+    Tensor<T, B> yd(xs), dxd(xs);
+    typename BackendOps<B>::Context ctx;
+    typename nn::BackendImageSelfAttention<T, B>::Cache cache;
+    attn.forward(ctx, dp, xd.view(), yd.view(), cache);
+    attn.backward(ctx, dp, xd.view(), dyd.view(), dxd.view(), cache);
+    compare(log, what + ": y", host_copy<T, B>(yd.view()), y.to_vector(), tolerance<T, B>());
+    compare(log, what + ": dx", host_copy<T, B>(dxd.view()), dx.to_vector(), tolerance<T, B>());
+    compare(log, what + ": parameter gradients", host_copy<T, B>(dp.flat_grads()),
+            host_copy<T, Cpu>(hp.flat_grads()), tolerance<T, B>());
+  });
+}
+
 template <class T, Backend B>
 void layer_checks(Log& log) {
   linear_checks<T, B>(log);
@@ -389,6 +429,7 @@ void layer_checks(Log& log) {
   patch_checks<T, B>(log);
   patch_embed_checks<T, B>(log);
   attention_checks<T, B>(log);
+  image_attention_checks<T, B>(log);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //   nn::UpsampleNearest2d and the U-Net's add_broadcast / sum_spatial (the same additions in the
 //   same order); central differences in double through the backend layers (nn::gradcheck, max
 //   relative error <= 1e-6); the shape and configuration errors and their messages; and
-//   nn::BackendUNet (no attention) against nn::UNet on tiny configurations (output, dx, every
+//   nn::BackendUNet (with and without the midcoder attention) against nn::UNet on tiny
+//   configurations (output, dx, every
 //   parameter gradient, same tolerances; the parameter layout checked on upload). Every
 //   comparison first requires finite values and a reference that is not all zero.
 #pragma once
@@ -797,7 +798,7 @@ void error_checks(Log& log) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The U-Net without attention: nn::BackendUNet against nn::UNet.
+// The U-Net, with and without the midcoder attention: nn::BackendUNet against nn::UNet.
 // ---------------------------------------------------------------------------------------------
 
 struct UNetCase {
@@ -836,10 +837,21 @@ inline std::vector<UNetCase> unet_cases() {
                    7, 4, 0, 2, {2, 1, 8, 4}, false, true, 82));
   v.push_back(make("1 level, conditional, null label, no dx", 1, {8}, 1, 4, 3, 2, 8, {2, 1, 5, 3},
                    false, false, 83));
+  // The midcoder attention: at the lowest of two levels (4 x 3 = 12 tokens of 16 channels), and
+  // with one level, where the final conv reads the attention's output.
+  v.push_back(make("2 levels, conditional, midcoder attention (2 heads), labels", 2, {8, 16}, 1, 6,
+                   5, 3, 4, {3, 2, 8, 6}, true, true, 84));
+  v.back().cfg.attention = true;
+  v.back().cfg.attention_heads = 2;
+  v.push_back(make("1 level, unconditional, midcoder attention (4 heads)", 1, {8}, 1, 4, 3, 0, 2,
+                   {2, 1, 5, 3}, false, true, 85));
+  v.back().cfg.attention = true;
+  v.back().cfg.attention_heads = 4;
   return v;
 }
 
-/// A case's inputs: an initialised nn::UNet whose GroupNorm scales and shifts are then drawn
+/// A case's inputs: an initialised nn::UNet whose GroupNorm scales and shifts (the midcoder
+/// attention's norm included) are then drawn
 /// from N(1, 0.3^2) / N(0, 0.3^2) (not 1 and 0, so a swapped gradient shows), x ~ N(0, 1),
 /// t ~ U[0, 1), labels cycling over [0, K], dout ~ N(0, 1), gradients already non-zero.
 template <class T>
@@ -856,7 +868,8 @@ struct UNetInputs {
       const auto& name = ps.info(id).name;
       const bool norm = name.find("init_conv.1.") != std::string::npos ||
                         name.find(".block1.0.") != std::string::npos ||
-                        name.find(".block2.0.") != std::string::npos;
+                        name.find(".block2.0.") != std::string::npos ||
+                        name.find(".attn_norm.") != std::string::npos;
       if (norm) fill_normal(ps.param(id), gen, T(name.ends_with(".weight") ? 1 : 0), T(0.3));
     }
     fill_normal(ps.flat_grads(), gen);
@@ -919,12 +932,15 @@ void unet_checks(Log& log) {
       compare(log, what + ": parameter gradients", got.grads, ref.grads, tol);
     });
   }
-  expect_throw<config_error>(log, str("BackendUNet<", B::name, "> attention"),
-                             "attention = true is not supported", [] {
+  expect_throw<config_error>(log, str("BackendUNet<", B::name, "> attention heads"),
+                             "BackendUNet: attention_heads = 3 must divide the lowest level's "
+                             "channels 8",
+                             [] {
                                nn::Parameters<T, B> ps;
                                nn::UNetConfig cfg;
                                cfg.channels = {8};
                                cfg.attention = true;
+                               cfg.attention_heads = 3;
                                nn::BackendUNet<T, B> net(ps, cfg);
                              });
 }

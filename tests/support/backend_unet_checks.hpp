@@ -17,7 +17,8 @@
 //   sample_checks      integrate(Euler / Heun) through as_field(BackendUNet) and cfg(as_field(..),
 //                      w = 3) against the same through nn::UNet (the training rule), and the
 //                      field's cache reused (no reallocation) while N repeats
-//   error_checks       attention refused, labels outside [0, K] refused by the model, by Cfg and by
+//   error_checks       attention heads not dividing the channels, labels outside [0, K] refused
+//                      by the model, by Cfg and by
 //                      the objective, a class-count mismatch between data and model
 // Every comparison first requires finite values and a reference that is not all zero.
 #pragma once
@@ -474,12 +475,16 @@ template <Backend B>
 void error_checks(Log& log) {
   using T = float;
   const std::string pre = str("BackendUNet<", B::name, "> errors: ");
-  expect_throw<config_error>(log, pre + "attention", "attention = true is not supported", [] {
-    nn::Parameters<T, B> ps;
-    nn::UNetConfig cfg = tiny_config();
-    cfg.attention = true;
-    const nn::BackendUNet<T, B> net(ps, cfg);
-  });
+  expect_throw<config_error>(log, pre + "attention heads",
+                             "BackendUNet: attention_heads = 3 must divide the lowest level's "
+                             "channels 8",
+                             [] {
+                               nn::Parameters<T, B> ps;
+                               nn::UNetConfig cfg = tiny_config();
+                               cfg.attention = true;
+                               cfg.attention_heads = 3;
+                               const nn::BackendUNet<T, B> net(ps, cfg);
+                             });
   nn::Parameters<T, B> ps;
   const nn::BackendUNet<T, B> net(ps, tiny_config());
   ps.allocate();

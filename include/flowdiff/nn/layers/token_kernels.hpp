@@ -310,6 +310,19 @@ struct SoftmaxBackwardRows {
   }
 };
 
+/// dst[n, j, i] = src[n, i, j] for src: [N, R, C] (R rows, C columns per sample): an image
+/// [N, C, H W] to its tokens [N, H W, C] and back. One thread per element of dst.
+template <class T>
+struct TransposeSamples {
+  T* dst;        // [N, C, R]
+  const T* src;  // [N, R, C]
+  index_t rows, cols;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t per = rows * cols, n = q / per, j = (q % per) / rows, i = q % rows;
+    dst[q] = src[n * per + i * cols + j];
+  }
+};
+
 }  // namespace kernels
 
 namespace token_detail {
@@ -959,6 +972,84 @@ class BackendMultiheadSelfAttention {
   index_t d_, heads_;
   bool qkv_bias_;
   index_t wqkv_ = -1, bqkv_ = -1, wproj_ = -1, bproj_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Self-attention over the pixels of an image on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::ImageSelfAttention on backend B: x: [N, C, H, W] read as the tokens [N, H W, C], attended
+/// by a BackendMultiheadSelfAttention of dim C and written back as [N, C, H, W] (no residual, no
+/// normalisation: the U-Net's midcoder adds those). Parameter names are the inner attention's
+/// (prefix.qkv.*, prefix.proj.*).
+template <class T, Backend B>
+class BackendImageSelfAttention {
+ public:
+  using Context = typename BackendOps<B>::Context;
+  using Attention = BackendMultiheadSelfAttention<T, B>;
+
+  BackendImageSelfAttention(Parameters<T, B>& ps, const std::string& prefix, index_t channels,
+                            index_t heads, bool qkv_bias = true)
+      : attn_(ps, prefix, channels, heads, qkv_bias) {}
+
+  const Attention& attention() const { return attn_; }
+
+  struct Cache {
+    typename Attention::Cache attn;
+    Tensor<T, B> tokens;   // [N, H W, C]: x as tokens
+    Tensor<T, B> tokens2;  // [N, H W, C]: y tokens in forward, dy tokens in backward
+    Tensor<T, B> dtokens;  // [N, H W, C]
+  };
+
+  // x: [N, C, H, W] -> y: [N, C, H, W]
+  void forward(Context& ctx, const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y,
+               Cache& cache) const {
+    const Shape ts = token_shape(x);
+    detail::check_arg(attn_.prefix(), kind, "y", y, x.shape());
+    token_detail::resize_if(cache.tokens, ts);
+    token_detail::resize_if(cache.tokens2, ts);
+    B::parallel_for(x.numel(),
+                    kernels::TransposeSamples<T>{cache.tokens.data(), x.data(), ts[2], ts[1]});
+    attn_.forward(ctx, ps, cache.tokens.view(), cache.tokens2.view(), cache.attn);
+    B::parallel_for(x.numel(),
+                    kernels::TransposeSamples<T>{y.data(), cache.tokens2.data(), ts[1], ts[2]});
+  }
+
+  // x: [N, C, H, W] (the forward's input), dy: like x, dx: like x (overwritten) or empty / {}
+  // (skipped). Parameter gradients accumulate. Uses the forward's cache.
+  void backward(Context& ctx, Parameters<T, B>& ps, View<const T, B> x, View<const T, B> dy,
+                View<T, B> dx, Cache& cache) const {
+    const Shape ts = token_shape(x);
+    detail::check_arg(attn_.prefix(), kind, "dy", dy, x.shape());
+    const bool want_dx = !token_detail::absent(dx);
+    if (want_dx) detail::check_arg(attn_.prefix(), kind, "dx", dx, x.shape());
+    require<config_error>(cache.tokens.shape() == ts, attn_.prefix(), " (", kind,
+                          "): backward needs the cache of the matching forward");
+    token_detail::resize_if(cache.tokens2, ts);
+    B::parallel_for(x.numel(),
+                    kernels::TransposeSamples<T>{cache.tokens2.data(), dy.data(), ts[2], ts[1]});
+    if (!want_dx) {
+      attn_.backward(ctx, ps, cache.tokens.view(), cache.tokens2.view(), View<T, B>{}, cache.attn);
+      return;
+    }
+    token_detail::resize_if(cache.dtokens, ts);
+    attn_.backward(ctx, ps, cache.tokens.view(), cache.tokens2.view(), cache.dtokens.view(),
+                   cache.attn);
+    B::parallel_for(x.numel(),
+                    kernels::TransposeSamples<T>{dx.data(), cache.dtokens.data(), ts[1], ts[2]});
+  }
+
+ private:
+  static constexpr const char* kind = "BackendImageSelfAttention";
+
+  Shape token_shape(View<const T, B> x) const {
+    if (x.rank() != 4 || x.dim(0) < 1 || x.dim(1) != attn_.dim() || x.dim(2) < 1 || x.dim(3) < 1)
+      fail<shape_error>(attn_.prefix(), " (", kind, "): x: expected shape [N, ", attn_.dim(),
+                        ", H, W] with N, H, W >= 1, got ", x.shape());
+    return Shape{x.dim(0), x.dim(2) * x.dim(3), x.dim(1)};
+  }
+
+  Attention attn_;
 };
 
 }  // namespace flowdiff::nn

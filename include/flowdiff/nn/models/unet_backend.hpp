@@ -1,18 +1,20 @@
 // flowdiff/nn/models/unet_backend.hpp — nn::UNet's vector field u_theta(x, t[, y]) on any backend
-// B, without the midcoder attention (nn/models/unet.hpp has the maths):
+// B (nn/models/unet.hpp has the maths):
 //   h = SiLU(GN(Conv3x3(x))); encoders: h = ResBlock^R(h), h = Conv3x3/2(h) = s_i;
-//   midcoder: h = ResBlock^R(h); decoders: h = Conv3x3(Upsample2x(h + s_i)), h = ResBlock^R(h);
+//   midcoder: h = ResBlock^R(h) [, h = h + Attn(GN(h))];
+//   decoders: h = Conv3x3(Upsample2x(h + s_i)), h = ResBlock^R(h);
 //   u = Conv3x3(h),   ResBlock(x) = x + conv2(SiLU(GN2(conv1(SiLU(GN1(x))) + A_t(e_t) + A_y(e_y))))
 // with A(e) = Linear(SiLU(Linear(e))) broadcast over H, W, and its backward (every parameter
 // gradient accumulated, dx overwritten). The layers are the backend-generic ones of
 // nn/layers/spatial_kernels.hpp (BackendConv2d, BackendGroupNorm with the SiLU fused,
-// BackendUpsampleNearest2d, add_per_channel / sum_per_channel) and the dense functors of
-// nn/layers/kernels.hpp (Linear through BackendOps<B>::gemm + BiasAdd / BiasGrad, the sinusoidal
+// BackendUpsampleNearest2d, add_per_channel / sum_per_channel), the midcoder's optional
+// self-attention of nn/layers/token_kernels.hpp (BackendImageSelfAttention) and the dense functors
+// of nn/layers/kernels.hpp (Linear through BackendOps<B>::gemm + BiasAdd / BiasGrad, the sinusoidal
 // time embedding of MlpInput, the label-embedding gradient), so this header has no CUDA in it.
 // Parameters are registered under nn::UNet's names, shapes and order, so the flat buffers have
 // the same layout (nn::upload_parameters moves a CPU model or checkpoint onto B). Every
 // activation is kept for backward (nn::UNet's `recompute` option, which only trades memory, is
-// not offered); a configuration with attention is rejected.
+// not offered).
 #pragma once
 
 #include <cmath>
@@ -27,6 +29,7 @@
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/kernels.hpp"
 #include "flowdiff/nn/layers/spatial_kernels.hpp"
+#include "flowdiff/nn/layers/token_kernels.hpp"
 #include "flowdiff/nn/models/unet.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
@@ -207,6 +210,11 @@ class BackendUNet {
     std::vector<Tensor<T, B>> dec_in, up, upc, ddec_in, dup;  // per decoder
     std::vector<typename BackendConv2d<T, B>::Cache> up_c;
     Tensor<T, B> dlast;  // [N, c_0, H, W]: the gradient of the final conv's input
+    // Midcoder attention (config().attention): GroupNorm out, attention out, h + attention;
+    // gradients of the norm's output and of the attention's input.
+    Tensor<T, B> an, ao, mid, dan, dao;
+    typename BackendGroupNorm<T, B>::Cache attn_n;
+    typename BackendImageSelfAttention<T, B>::Cache attn_c;
     typename BackendConv2d<T, B>::Cache final_c;
 
     Context& context() {
@@ -236,6 +244,10 @@ class BackendUNet {
     for (index_t r = 0; r < R; ++r)
       blocks_.emplace_back(ps, prefix + "midcoder.res_blocks." + std::to_string(r), ch[levels - 1],
                            g, td, yd, cond);
+    if (cfg_.attention) {
+      attn_norm_.emplace_back(ps, prefix + "midcoder.attn_norm", g, ch[levels - 1]);
+      attn_.emplace_back(ps, prefix + "midcoder.attn", ch[levels - 1], cfg_.attention_heads);
+    }
     for (index_t j = 0; j + 1 < levels; ++j) {
       const index_t i = levels - 2 - j;
       const std::string p = prefix + "decoders." + std::to_string(j);
@@ -303,6 +315,13 @@ class BackendUNet {
       h = c.down[k].view();
     }
     run_blocks();
+    if (cfg_.attention) {
+      attn_norm_[0].forward(ps, h, c.an.view(), c.attn_n);
+      attn_[0].forward(ctx, ps, c.an.view(), c.ao.view(), c.attn_c);
+      copy(c.mid.view(), h);
+      add_in_place<T, B>(c.mid.view(), View<const T, B>(c.ao.view()));
+      h = c.mid.view();
+    }
     for (index_t j = 0; j + 1 < levels; ++j) {
       const auto k = static_cast<std::size_t>(j);
       const auto skip = static_cast<std::size_t>(levels - 2 - j);
@@ -340,8 +359,11 @@ class BackendUNet {
       }
       return g;
     };
-    final_conv_[0].backward(ctx, ps, View<const T, B>(c.rb_out.back().view()), dout, c.dlast.view(),
-                            c.final_c);
+    // The final conv's input: the last decoder block's output (with one level, the midcoder's
+    // output, after the attention when there is one).
+    const View<const T, B> last =
+        levels == 1 && cfg_.attention ? c.mid.view() : c.rb_out.back().view();
+    final_conv_[0].backward(ctx, ps, last, dout, c.dlast.view(), c.final_c);
     View<const T, B> g = c.dlast.view();
     for (index_t j = levels - 2; j >= 0; --j) {
       const auto k = static_cast<std::size_t>(j);
@@ -351,6 +373,12 @@ class BackendUNet {
       up_.backward(c.dec_in[k].view(), c.dup[k].view(), c.ddec_in[k].view());
       copy(c.ddown[skip].view(), View<const T, B>(c.ddec_in[k].view()));  // the skip's share
       g = c.ddec_in[k].view();                                            // the main path's
+    }
+    if (cfg_.attention) {  // h = h_mid + Attn(GN(h_mid)): both paths reach h_mid
+      attn_[0].backward(ctx, ps, c.an.view(), g, c.dao.view(), c.attn_c);
+      attn_norm_[0].backward(ps, c.rb_out[b - 1].view(), c.dao.view(), c.dan.view(), c.attn_n);
+      add_in_place<T, B>(c.dan.view(), g);
+      g = c.dan.view();
     }
     g = back_blocks(g);
     for (index_t i = levels - 2; i >= 0; --i) {
@@ -387,8 +415,10 @@ class BackendUNet {
     for (index_t c : ch)
       require<config_error>(c >= 1 && c % cfg_.groups == 0, name(), ": channel count ", c,
                             " is not a positive multiple of groups = ", cfg_.groups);
-    require<config_error>(!cfg_.attention, name(),
-                          ": attention = true is not supported on backends yet (use nn::UNet)");
+    if (cfg_.attention)
+      require<config_error>(cfg_.attention_heads >= 1 && ch.back() % cfg_.attention_heads == 0,
+                            name(), ": attention_heads = ", cfg_.attention_heads,
+                            " must divide the lowest level's channels ", ch.back());
   }
 
   template <class U>
@@ -435,6 +465,8 @@ class BackendUNet {
     for (auto* e : {&c.ey, &c.dey, &c.tmp_y}) resize_if(*e, Shape{n, cfg_.y_embed_dim});
     resize_if(c.x, s);
     for (auto* a : {&c.c0, &c.g0, &c.a0, &c.dc0, &c.dlast}) resize_if(*a, at(0));
+    if (cfg_.attention)
+      for (auto* a : {&c.an, &c.ao, &c.mid, &c.dan, &c.dao}) resize_if(*a, at(levels - 1));
     const auto nb = blocks_.size();
     c.rb.resize(nb);
     c.rb_out.resize(nb);
@@ -483,7 +515,8 @@ class BackendUNet {
   std::string prefix_;
   BackendUpsampleNearest2d<T, B> up_;
   std::vector<BackendConv2d<T, B>> init_conv_, down_, up_conv_, final_conv_;
-  std::vector<BackendGroupNorm<T, B>> init_norm_;
+  std::vector<BackendGroupNorm<T, B>> init_norm_, attn_norm_;  // attn_norm_: one with attention
+  std::vector<BackendImageSelfAttention<T, B>> attn_;          // the midcoder's, with attention
   index_t y_emb_ = -1;
   std::vector<Block> blocks_;          // encoders, midcoder, decoders, in forward order
   std::vector<std::size_t> level_of_;  // the resolution level of each block
