@@ -193,6 +193,8 @@ struct Block {
 
 }  // namespace dit_backend_detail
 
+/// nn::DiT on backend B (same DiTConfig, parameter names, shapes and order): forward, backward,
+/// the null label; a train::BackendTrainable model and an nn::FieldModel for as_field.
 template <class T, Backend B>
 class BackendDiT {
   using Block = dit_backend_detail::Block<T, B>;
