@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
 #include "flowdiff/backend/cpu/isa.hpp"
@@ -347,43 +348,25 @@ class GroupNorm {
     const T* mean = cache.mean.data();
     const T* rstd = cache.rstd.data();
     const index_t c = c_, groups = g_;
-    const T* gam = nullptr;
-    if (affine_) {
-      gam = ps.param(w_).data();
-      T* dg = ps.grad(w_).data();
-      T* db = ps.grad(b_).data();
-      // One channel per task: every task owns its two accumulators, so no reduction races.
-      detail::vector_rows(
-          c, 4 * n * s,
-          [=](index_t ch) FLOWDIFF_LAMBDA_INLINE {
-            T sg = 0, sb = 0;
-            const index_t grp = ch / cg;
-            for (index_t i = 0; i < n; ++i) {  // per sample in lane order, then in sample order
-              const T* dyi = pdy + (i * c + ch) * s;
-              const T* xi = px + (i * c + ch) * s;
-              const T mu = mean[i * groups + grp], rs = rstd[i * groups + grp];
-              T pg, pb;
-              detail::lane_sums<T>(
-                  s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return dyi[j] * (xi[j] - mu) * rs; },
-                  [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return dyi[j]; }, pg, pb);
-              sg += pg;
-              sb += pb;
-            }
-            dg[ch] += sg;
-            db[ch] += sb;
-          });
-    }
-    if (dx.empty()) return;
-    detail::check_arg(prefix_, "GroupNorm", "dx", dx, x.shape());
-    T* pdx = dx.data();
+    const T* gam = affine_ ? ps.param(w_).data() : nullptr;
+    const bool want_dx = !dx.empty();
+    if (want_dx) detail::check_arg(prefix_, "GroupNorm", "dx", dx, x.shape());
+    if (!affine_ && !want_dx) return;
+    // One pass over each set (n, g) reads x and dy once: per channel the sums of dy and of
+    // dy xhat (lane_sums' order), from which the set's dx follows, and which are kept per
+    // (sample, channel) for dgamma / dbeta (summed over the samples in order afterwards: the
+    // same sums as a pass per channel would make, without reading x and dy a second time).
+    std::vector<T> sums(affine_ ? static_cast<std::size_t>(2 * n * c) : 0);
+    T* sdy = affine_ ? sums.data() : nullptr;
+    T* sdxh = affine_ ? sums.data() + n * c : nullptr;
+    T* pdx = want_dx ? dx.data() : nullptr;
     detail::vector_rows(
-        n * groups, 6 * k,
+        n * groups, (want_dx ? 6 : 3) * k,
         [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
           const T* xb = px + ng * k;
           const T* gb = pdy + ng * k;
-          T* dxb = pdx + ng * k;
           const T mu = mean[ng], rs = rstd[ng];
-          const index_t c0 = (ng % groups) * cg;
+          const index_t c0 = (ng % groups) * cg, row = (ng / groups) * c + c0;
           T a = 0, bsum = 0;
           for (index_t ci = 0; ci < cg; ++ci) {  // per channel in lane order, then channel order
             const T gm = gam ? gam[c0 + ci] : T(1);
@@ -391,20 +374,39 @@ class GroupNorm {
             const T* xc = xb + ci * s;
             T pa, pb;
             detail::lane_sums<T>(
-                s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j] * gm; },
-                [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j] * gm * (xc[j] - mu) * rs; },
-                pa, pb);
-            a += pa;
-            bsum += pb;
+                s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j]; },
+                [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j] * (xc[j] - mu) * rs; }, pa,
+                pb);
+            if (sdy) {
+              sdy[row + ci] = pa;
+              sdxh[row + ci] = pb;
+            }
+            a += gm * pa;
+            bsum += gm * pb;
           }
+          if (!pdx) return;
           a /= static_cast<T>(k);
           bsum /= static_cast<T>(k);
+          T* dxb = pdx + ng * k;
           for (index_t ci = 0; ci < cg; ++ci) {
             const T gm = gam ? gam[c0 + ci] : T(1);
             for (index_t j = ci * s; j < (ci + 1) * s; ++j)
               dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum);
           }
         });
+    if (affine_) {
+      T* dg = ps.grad(w_).data();
+      T* db = ps.grad(b_).data();
+      for (index_t ch = 0; ch < c; ++ch) {  // per channel, the samples in order
+        T sg = 0, sb = 0;
+        for (index_t i = 0; i < n; ++i) {
+          sg += sdxh[i * c + ch];
+          sb += sdy[i * c + ch];
+        }
+        dg[ch] += sg;
+        db[ch] += sb;
+      }
+    }
   }
 
  private:
