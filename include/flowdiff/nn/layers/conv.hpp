@@ -227,6 +227,39 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
       run[v] = g.stride == 1 && lanes >= 16 * (v + 1) && (one_row || one_sample);
     }
     index_t c = p0 / kk, i = (p0 % kk) / k, j = p0 % k;
+    if (run[0] && run[1] && kk <= 64) {
+      // Both halves are runs: the lanes' masks depend on (i, j) only, so they are computed once
+      // per panel and each panel row is two masked loads.
+      __mmask16 mk[64][2];
+      for (index_t ij = 0; ij < kk; ++ij) {
+        const __m512i vi = _mm512_set1_epi32(static_cast<std::int32_t>(ij / k));
+        const __m512i vj = _mm512_set1_epi32(static_cast<std::int32_t>(ij % k));
+        for (int v = 0; v < 2; ++v)
+          mk[ij][v] = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
+                      _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
+      }
+      const std::intptr_t base0 =
+          reinterpret_cast<std::intptr_t>(src.x) + std::intptr_t(sizeof(float)) * off[0];
+      const std::intptr_t base1 =
+          reinterpret_cast<std::intptr_t>(src.x) + std::intptr_t(sizeof(float)) * off[16];
+      for (index_t p = 0; p < kc; ++p) {
+        const std::intptr_t delta = std::intptr_t(sizeof(float)) * (c * HW + i * W + j);
+        const index_t ij = i * k + j;
+        _mm512_store_ps(dst + p * NR, _mm512_maskz_loadu_ps(
+                                          mk[ij][0], reinterpret_cast<const float*>(base0 + delta)));
+        _mm512_store_ps(dst + p * NR + 16,
+                        _mm512_maskz_loadu_ps(mk[ij][1],
+                                              reinterpret_cast<const float*>(base1 + delta)));
+        if (++j == k) {
+          j = 0;
+          if (++i == k) {
+            i = 0;
+            ++c;
+          }
+        }
+      }
+      continue;
+    }
     for (index_t p = 0; p < kc; ++p) {
       const index_t delta = c * HW + i * W + j;
       const __m512i vi = _mm512_set1_epi32(static_cast<std::int32_t>(i));
