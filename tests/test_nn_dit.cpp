@@ -512,6 +512,16 @@ TEST_CASE("DiT: errors name the model, the argument and the shapes", "[nn][dit][
                     Contains("hidden must be a positive multiple of heads"));
   CHECK_THROWS_WITH(nn::DiT<float>(p3, {.hidden = 6, .heads = 2}), Contains("hidden % 4 == 0"));
   CHECK_NOTHROW(nn::DiT<float>(p3, {.hidden = 6, .heads = 2, .learned_pos_embed = true}, "ok."));
+  {  // no sin-cos table for hidden % 4 != 0: the learned embedding starts at zero
+    nn::Parameters<float> p5;
+    nn::DiT<float> net5(p5, {.hidden = 6, .heads = 2, .learned_pos_embed = true});
+    p5.allocate();
+    fd::fill(p5.param(p5.find("pos_embed")), 1.0f);
+    fd::Generator g5(3);
+    net5.init(p5, g5);
+    const auto& pe = p5.param(p5.find("pos_embed"));
+    for (fd::index_t i = 0; i < pe.numel(); ++i) REQUIRE(pe[i] == 0.0f);
+  }
   CHECK_THROWS_AS(nn::DiT<float>(p3, {.depth = 0}), fd::config_error);
   CHECK_THROWS_AS(nn::DiT<float>(p3, {.mlp_ratio = 0.0}), fd::config_error);
 

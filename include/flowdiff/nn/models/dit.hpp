@@ -444,7 +444,12 @@ class DiT {
     if (cfg_.learned_pos_embed)
       pos_id_ = ps.add(prefix + "pos_embed", Shape{1, tokens(), hidden()});
     pos_table_.resize(Shape{tokens(), hidden()});
-    if (cfg_.hidden % 4 == 0) dit_detail::sincos_pos_embed(pos_table_.view(), grid());
+    // The 2-d sin-cos table needs D % 4 == 0; otherwise (only with a learned pos_embed, which
+    // the constructor's check requires then) the learned embedding starts at zero.
+    if (cfg_.hidden % 4 == 0)
+      dit_detail::sincos_pos_embed(pos_table_.view(), grid());
+    else
+      fill(pos_table_.view(), T(0));
   }
 
   const DiTConfig& config() const { return cfg_; }
@@ -462,7 +467,7 @@ class DiT {
   /// The reference's initialize_weights(): xavier_uniform for every Linear weight and for the patch
   /// projection viewed as [D, C p p], zero biases, t_embedder weights N(0, 0.02^2), the label table
   /// N(0, 0.02^2), adaLN modulations and the final Linear zero (adaLN-Zero: the model starts as u =
-  /// 0). A learned pos_embed starts at the sin-cos table.
+  /// 0). A learned pos_embed starts at the sin-cos table (at zero when hidden % 4 != 0).
   void init(Parameters<T>& ps, Generator& gen) const {
     dit_detail::xavier_uniform(ps.param(x_emb_.weight_id()), gen);
     fill(ps.param(x_emb_.bias_id()), T(0));
