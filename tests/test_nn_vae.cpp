@@ -255,6 +255,8 @@ TEST_CASE("VAE: sampling, latent encoding and cache reuse", "[nn][vae]") {
   nn::VAE<float>::reparameterize(cache.mu, cache.logvar, cache.eps, ref.view());
   CHECK(max_abs_diff(zs, ref) == 0);
   CHECK(max_abs_diff(zs, zm) > 0);
+  // ... and it overwrote the posterior a kept forward() had left: loss() refuses until the next.
+  CHECK_THROWS_WITH(vae.loss(x, cache), Contains("loss() needs a forward() call first"));
   // decode gives an image; skipping dx leaves the parameter gradients bit-identical.
   fd::Tensor<float> img({5, 1, 28, 28});
   vae.decode(ps, zm, img.view(), cache.dec);

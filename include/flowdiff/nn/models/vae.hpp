@@ -271,9 +271,11 @@ class VAE {
   }
 
   /// Encodes x and returns the posterior mean (`gen == nullptr`) or a sample z of it: the latents a
-  /// flow model is trained on. z: [N, z, h, w].
+  /// flow model is trained on. z: [N, z, h, w]. It overwrites the cache's posterior, so a kept
+  /// forward() is no longer valid: loss() / backward() then need a new forward().
   void encode_latent(const Parameters<T>& ps, View<const T> x, View<T> z, Cache& c,
                      Generator* gen = nullptr) const {
+    c.has_forward = false;
     check_batch("x", x, cfg_.in_channels, cfg_.image_size);
     size_whole(c, x.dim(0));
     encode(ps, x, c.mu.view(), c.logvar.view(), c.enc);
