@@ -585,6 +585,29 @@ void packed(const Problem& o, bool parallel) {
 
 // ---- unpacked products for m <= 4 or n <= 4 (matrix-vector shapes) ----
 
+/// 16 vectors -> one vector of their 16 horizontal sums, lane 4 e + l = sum(v[4 l + e]) (a
+/// transposing tree: 256-bit halves, then 128-bit quarters across pairs, then within 128-bit
+/// lanes twice; the all-lanes maskz forms because g++ 12's plain ones trip -Wuninitialized inside
+/// its own header). Shared by dot16_avx512 and dots4x4_avx512.
+__attribute__((target("avx512f"))) inline __m512 reduce16_avx512(const __m512* v) {
+  const __mmask16 all = 0xFFFF;
+  __m512 x[8], z[4], q[2];
+FLOWDIFF_SGEMM_UNROLL
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0xEE));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 4; ++j)
+    z[j] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0x88),
+                         _mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0xDD));
+FLOWDIFF_SGEMM_UNROLL
+  for (int j = 0; j < 2; ++j)
+    q[j] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0x44),
+                         _mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0xEE));
+  return _mm512_add_ps(_mm512_maskz_shuffle_ps(all, q[0], q[1], 0x88),
+                       _mm512_maskz_shuffle_ps(all, q[0], q[1], 0xDD));
+}
+
 /// out[q] = <x, w[q]> over k for q < 8: eight independent accumulators share the loads of x.
 __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const float* const* w,
                                                            index_t k, float* out) {
@@ -634,7 +657,7 @@ __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const
 }
 
 /// out[q] = <x, w + q ld> over k for q < 16: sixteen accumulators share the loads of x and are
-/// reduced in registers by one transposing tree (dots4x4_avx512's), which leaves lane 4 b + e
+/// reduced in registers by reduce16_avx512's transposing tree, which leaves lane 4 b + e
 /// holding the sum of accumulator 4 e + b, so accumulator 4 e + b takes row 4 b + e.
 __attribute__((target("avx512f"))) inline void dot16_avx512(const float* x, const float* w,
                                                             index_t ld, index_t k, float* out) {
@@ -658,22 +681,7 @@ FLOWDIFF_SGEMM_UNROLL
     for (int i = 0; i < 16; ++i)
       v[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r[i] + p), xv, v[i]);
   }
-  const __mmask16 all = 0xFFFF;
-  __m512 a[8], b[4], c[2];
-FLOWDIFF_SGEMM_UNROLL
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0xEE));
-FLOWDIFF_SGEMM_UNROLL
-  for (int j = 0; j < 4; ++j)
-    b[j] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, a[2 * j], a[2 * j + 1], 0x88),
-                         _mm512_maskz_shuffle_f32x4(all, a[2 * j], a[2 * j + 1], 0xDD));
-FLOWDIFF_SGEMM_UNROLL
-  for (int j = 0; j < 2; ++j)
-    c[j] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, b[2 * j], b[2 * j + 1], 0x44),
-                         _mm512_maskz_shuffle_ps(all, b[2 * j], b[2 * j + 1], 0xEE));
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_maskz_shuffle_ps(all, c[0], c[1], 0x88),
-                                      _mm512_maskz_shuffle_ps(all, c[0], c[1], 0xDD)));
+  _mm512_storeu_ps(out, reduce16_avx512(v));
 }
 
 __attribute__((target("avx2,fma"))) inline void dot8_avx2(const float* x, const float* const* w,
@@ -888,26 +896,8 @@ FLOWDIFF_SGEMM_UNROLL
       v[4 * cc + 3] = _mm512_fmadd_ps(a3, w, v[4 * cc + 3]);
     }
   }
-  // 16 vectors -> one vector of their 16 sums, lane 4 e + l = sum(v[4 l + e]):
-  // 256-bit halves, then 128-bit quarters across pairs, then within 128-bit lanes twice (the
-  // all-lanes maskz forms: g++ 12's plain ones trip -Wuninitialized inside its own header).
-  const __mmask16 all = 0xFFFF;
-  __m512 x[8], z[4], q[2];
-FLOWDIFF_SGEMM_UNROLL
-  for (int i = 0; i < 8; ++i)
-    x[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_maskz_shuffle_f32x4(all, v[2 * i], v[2 * i + 1], 0xEE));
-FLOWDIFF_SGEMM_UNROLL
-  for (int j = 0; j < 4; ++j)
-    z[j] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0x88),
-                         _mm512_maskz_shuffle_f32x4(all, x[2 * j], x[2 * j + 1], 0xDD));
-FLOWDIFF_SGEMM_UNROLL
-  for (int j = 0; j < 2; ++j)
-    q[j] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0x44),
-                         _mm512_maskz_shuffle_ps(all, z[2 * j], z[2 * j + 1], 0xEE));
-  __m512 sums = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, q[0], q[1], 0x88),
-                              _mm512_maskz_shuffle_ps(all, q[0], q[1], 0xDD));
-  sums = _mm512_mul_ps(sums, _mm512_set1_ps(alpha));
+  // lane 4 e + l = sum(v[4 l + e])
+  const __m512 sums = _mm512_mul_ps(reduce16_avx512(v), _mm512_set1_ps(alpha));
   alignas(64) float t[16];
   _mm512_store_ps(t, sums);
   for (index_t r = 0; r < mr; ++r) {
