@@ -19,10 +19,13 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 
 #include "flowdiff/core/config.hpp"
+#include "flowdiff/core/error.hpp"
 #include "flowdiff/core/field.hpp"
+#include "flowdiff/core/tensor.hpp"
 
 namespace flowdiff::nn::kernels {
 
@@ -244,3 +247,25 @@ struct BadLabel {
 };
 
 }  // namespace flowdiff::nn::kernels
+
+namespace flowdiff::nn::detail {
+
+/// The label check of the backend models' forward (BackendMLP, BackendUNet, BackendDiT), for y
+/// given: the model must be conditional, y [n], and every label in [0, num_classes] (num_classes
+/// is the null label), counted by one reduction on B (one synchronisation on a device).
+template <class B>
+void check_backend_labels(std::string_view who, View<const label_t, B> y, index_t n,
+                          index_t num_classes) {
+  if (num_classes <= 0)
+    fail<config_error>(who, ": labels y were given (shape ", y.shape(),
+                       ") but the model is unconditional (num_classes = 0)");
+  if (!(y.shape() == Shape{n}))
+    fail<shape_error>(who, ": y: expected shape ", Shape{n}, ", got ", y.shape());
+  const double bad = B::reduce_sum(n, kernels::BadLabel{y.data(), num_classes});
+  if (bad > 0)
+    fail<config_error>(who, ": ", static_cast<index_t>(bad), " of the ", n,
+                       " labels y lie outside [0, ", num_classes, "] (", num_classes,
+                       " is the null label)");
+}
+
+}  // namespace flowdiff::nn::detail

@@ -438,17 +438,7 @@ class BackendUNet {
     const index_t n = x.dim(0);
     check_shape("t", t, Shape{n});
     check_shape("out", out, x.shape());
-    if (!absent(y)) {
-      if (!conditional())
-        fail<config_error>(name(), ": labels y were given (shape ", y.shape(),
-                           ") but the model is unconditional (num_classes = 0)");
-      check_shape("y", y, Shape{n});
-      const double bad = B::reduce_sum(n, kernels::BadLabel{y.data(), cfg_.num_classes});
-      if (bad > 0)
-        fail<config_error>(name(), ": ", static_cast<index_t>(bad), " of the ", n,
-                           " labels y lie outside [0, ", cfg_.num_classes, "] (", cfg_.num_classes,
-                           " is the null label)");
-    }
+    if (!absent(y)) detail::check_backend_labels<B>(name(), y, n, cfg_.num_classes);
   }
 
   void prepare(Cache& c, const Shape& s) const {
