@@ -137,7 +137,10 @@ class Parameters {
     require<config_error>(id >= 0 && id < count(), "Parameters: id ", id, " out of range [0, ",
                           count(), ")");
     const auto& e = entries_[static_cast<std::size_t>(id)];
-    return view_of(checked(t)).flat().rows(e.offset, e.offset + e.numel()).reshape(e.shape);
+    // The entry lies inside the allocated buffer by construction (offsets and sizes are fixed at
+    // registration), so the view is built directly: layers call this per pass, per parameter.
+    using V = decltype(view_of(t));
+    return V(checked(t).data() + e.offset, e.shape);
   }
 
   std::vector<ParameterInfo> entries_;

@@ -656,30 +656,27 @@ __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const
                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
 }
 
-/// out[q] = <x, w + q ld> over k for q < 16: sixteen accumulators share the loads of x and are
-/// reduced in registers by reduce16_avx512's transposing tree, which leaves lane 4 b + e
-/// holding the sum of accumulator 4 e + b, so accumulator 4 e + b takes row 4 b + e.
+/// out[q] = <x, w + q ld> over k for q < 16: one 16-lane accumulator per row, reduced in registers
+/// by reduce16_avx512's transposing tree, which leaves lane 4 b + e holding the sum of accumulator
+/// 4 e + b, so row 4 b + e goes to accumulator 4 e + b. The rows are read one after another, in
+/// memory order: one sequential stream through the weights. Sixteen interleaved row streams (the
+/// accumulators sharing each load of x) ran 25 % slower here (batch-1 Linear, weights in L2); each
+/// row's chain of k / 16 FMAs is independent of the next row's, so out-of-order execution overlaps
+/// them. The per-row arithmetic (lanes summed over p in order) is the same either way.
 __attribute__((target("avx512f"))) inline void dot16_avx512(const float* x, const float* w,
                                                             index_t ld, index_t k, float* out) {
   __m512 v[16];
-  const float* r[16];
+  const index_t kv = k & ~index_t{15};
+  const __mmask16 mk = static_cast<__mmask16>((1u << (k - kv)) - 1u);
 FLOWDIFF_SGEMM_UNROLL
-  for (int i = 0; i < 16; ++i) {
-    v[i] = _mm512_setzero_ps();
-    r[i] = w + (4 * (i % 4) + i / 4) * ld;
-  }
-  index_t p = 0;
-  for (; p + 16 <= k; p += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + p);
-FLOWDIFF_SGEMM_UNROLL
-    for (int i = 0; i < 16; ++i) v[i] = _mm512_fmadd_ps(_mm512_loadu_ps(r[i] + p), xv, v[i]);
-  }
-  if (p < k) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << (k - p)) - 1u);
-    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + p);
-FLOWDIFF_SGEMM_UNROLL
-    for (int i = 0; i < 16; ++i)
-      v[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r[i] + p), xv, v[i]);
+  for (int r = 0; r < 16; ++r) {
+    const float* row = w + r * ld;
+    __m512 a = _mm512_setzero_ps();
+    for (index_t p = 0; p < kv; p += 16)
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(row + p), _mm512_loadu_ps(x + p), a);
+    if (kv < k)
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, row + kv), _mm512_maskz_loadu_ps(mk, x + kv), a);
+    v[4 * (r % 4) + r / 4] = a;
   }
   _mm512_storeu_ps(out, reduce16_avx512(v));
 }

@@ -91,6 +91,48 @@ class Linear {
                     [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::GeluErfFwd<T>{}(v); });
   }
 
+  /// What forward_columns applies after the bias.
+  enum class Act { none, silu };
+
+  // Output features [j0, j1) of forward() (act = Act::none; `act_out` unused) or of forward_silu
+  // (pre and act_out), for x: [M, in] and row-major outputs [M, out]: the same bits as those
+  // columns of the whole call when j0 is a multiple of 16 (sgemm's thin products work in blocks of
+  // sixteen output features from the first column; the epilogue's arithmetic is per element).
+  // On the calling thread, without checks beyond the range's: for a caller that splits one layer's
+  // outputs over the threads of its own parallel region (the MLP's batch-1 forward), having
+  // checked the shapes once outside it.
+  void forward_columns(const Parameters<T>& ps, const T* x, index_t m, T* pre, T* act_out,
+                       index_t j0, index_t j1, Act act) const {
+    if (j1 <= j0) return;
+    const index_t o = out_, in = in_;
+    gemm_strided<T>(Trans::no, Trans::yes, m, j1 - j0, in, T(1), x, in,
+                    ps.param(w_).data() + j0 * in, in, T(0), pre + j0, o);
+    const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    for (index_t r = 0; r < m; ++r) {
+      T* hr = pre + r * o;
+      if (act == Act::silu) {
+        T* yr = act_out + r * o;
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              FLOWDIFF_SIMD
+              for (index_t j = lo; j < hi; ++j) {
+                const T v = b != nullptr ? hr[j] + b[j] : hr[j];
+                hr[j] = v;
+                yr[j] = detail::silu_fwd(v);
+              }
+            },
+            j0, j1);
+      } else if (b != nullptr) {
+        simd::vector_loop(
+            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+              FLOWDIFF_SIMD
+              for (index_t j = lo; j < hi; ++j) hr[j] += b[j];
+            },
+            j0, j1);
+      }
+    }
+  }
+
   // x: [..., in] -> y: [..., out] = x W^T without the bias, for a caller that fuses the bias into
   // the next element-wise pass (e.g. gelu_bias_forward with bias_view()).
   void forward_product(const Parameters<T>& ps, View<const T> x, View<T> y) const {
