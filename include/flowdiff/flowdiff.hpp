@@ -82,6 +82,7 @@
 #include "flowdiff/nn/layers/token_kernels.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
 #include "flowdiff/nn/models/classifier.hpp"
+#include "flowdiff/nn/models/classifier_backend.hpp"
 #include "flowdiff/nn/models/dit.hpp"
 #include "flowdiff/nn/models/dit_backend.hpp"
 #include "flowdiff/nn/models/mlp.hpp"

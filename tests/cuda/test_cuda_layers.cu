@@ -13,6 +13,14 @@
 //   central differences through the device layers, the errors with device tensors, and
 //   nn::BackendUNet<T, Cuda> (with and without the midcoder attention) against nn::UNet (same
 //   tolerances).
+// The classifier's layers run here too, from tests/support/backend_classifier_checks.hpp (shared
+// with tests/test_nn_backend_classifier.cpp; in this program rather than one of its own, which
+// would cost CI another nvcc compilation): BackendBatchNorm2d, BackendAvgPool2d and the softmax
+// cross-entropy on B against nn::BatchNorm2d, nn::AvgPool2d and nn::SoftmaxCrossEntropy
+// (bit-equal with B = Cpu; on the device fp32 1e-6 + 1e-5 |ref|, fp64 1e-12 + 1e-12 |ref|),
+// nn::BackendConvClassifier and classifier_log_prob_grad against nn::ConvClassifier (fp32 NMSE
+// <= 1e-7, fp64 <= 1e-24 on the device), central differences, checkpoints and errors. Compiled,
+// never yet run on a GPU.
 // Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
 #include <cuda_runtime.h>
 
@@ -21,11 +29,13 @@
 #include <flowdiff/backend/cuda/all.cuh>
 #include <string>
 
+#include "../support/backend_classifier_checks.hpp"
 #include "../support/backend_spatial_checks.hpp"
 #include "harness.hpp"
 
 namespace fd = flowdiff;
 namespace sc = flowdiff::test::spatial;
+namespace cc = flowdiff::test::classifier;
 using fd::Cpu;
 using fd::Cuda;
 
@@ -62,6 +72,11 @@ void host_checks() {
     sc::unet_checks<float, Cpu>(log);
     sc::unet_checks<double, Cpu>(log);
   });
+  section("classifier layers and BackendConvClassifier, B = Cpu", false, [](sc::Log& log) {
+    cc::layer_checks<float, Cpu>(log);
+    cc::model_checks<float, Cpu>(log);
+    cc::error_checks<Cpu>(log);
+  });
 }
 
 void device_checks() {
@@ -89,6 +104,19 @@ void device_checks() {
     sc::unet_checks<float, Cuda>(log);
     sc::unet_checks<double, Cuda>(log);
   });
+  section("BatchNorm2d, AvgPool2d, cross-entropy on Cuda", true, [](sc::Log& log) {
+    cc::layer_checks<float, Cuda>(log);
+    cc::layer_checks<double, Cuda>(log);
+  });
+  section("BackendConvClassifier<Cuda> vs nn::ConvClassifier", true, [](sc::Log& log) {
+    cc::model_checks<float, Cuda>(log);
+    cc::model_checks<double, Cuda>(log);
+  });
+  section("classifier: central differences, checkpoints on Cuda", true, [](sc::Log& log) {
+    cc::gradcheck_checks<Cuda>(log);
+    cc::checkpoint_checks<Cuda>(log);
+  });
+  section("classifier errors on Cuda", false, [](sc::Log& log) { cc::error_checks<Cuda>(log); });
 }
 
 }  // namespace

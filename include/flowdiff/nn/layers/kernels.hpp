@@ -252,20 +252,27 @@ namespace flowdiff::nn::detail {
 
 /// The label check of the backend models' forward (BackendMLP, BackendUNet, BackendDiT), for y
 /// given: the model must be conditional, y [n], and every label in [0, num_classes] (num_classes
-/// is the null label), counted by one reduction on B (one synchronisation on a device).
+/// is the null label), counted by one reduction on B (one synchronisation on a device). With
+/// null_label = false (a classifier's targets: BackendConvClassifier, BackendSoftmaxCrossEntropy)
+/// the labels must lie in [0, num_classes) instead.
 template <class B>
 void check_backend_labels(std::string_view who, View<const label_t, B> y, index_t n,
-                          index_t num_classes) {
-  if (num_classes <= 0)
+                          index_t num_classes, bool null_label = true) {
+  if (null_label && num_classes <= 0)
     fail<config_error>(who, ": labels y were given (shape ", y.shape(),
                        ") but the model is unconditional (num_classes = 0)");
   if (!(y.shape() == Shape{n}))
     fail<shape_error>(who, ": y: expected shape ", Shape{n}, ", got ", y.shape());
-  const double bad = B::reduce_sum(n, kernels::BadLabel{y.data(), num_classes});
-  if (bad > 0)
+  const index_t top = null_label ? num_classes : num_classes - 1;  // the largest valid label
+  const double bad = B::reduce_sum(n, kernels::BadLabel{y.data(), top});
+  if (bad > 0 && null_label)
     fail<config_error>(who, ": ", static_cast<index_t>(bad), " of the ", n,
                        " labels y lie outside [0, ", num_classes, "] (", num_classes,
                        " is the null label)");
+  if (bad > 0)
+    fail<config_error>(who, ": ", static_cast<index_t>(bad), " of the ", n,
+                       " labels y lie outside [0, ", num_classes, ") (K = ", num_classes,
+                       " classes)");
 }
 
 }  // namespace flowdiff::nn::detail

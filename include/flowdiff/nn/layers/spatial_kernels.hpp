@@ -2,7 +2,8 @@
 // backend B: FLOWDIFF_HOST_DEVICE functors run by B::parallel_for (the CPU's threads or one CUDA
 // kernel each) plus products through BackendOps<B>::gemm (the CPU gemm; cuBLAS), with the
 // semantics, parameter names, shapes and registration order of the CPU layers (conv.hpp,
-// norm.hpp, upsample.hpp), so the flat parameter buffers have the same layout:
+// norm.hpp, upsample.hpp, pooling.hpp, batchnorm.hpp), so the flat parameter buffers have the same
+// layout:
 //   Conv2d     y_n = W col(x_n) + b,  dW += dy_n col(x_n)^T,  db += sum_{n,hw} dy,
 //              dx_n = col2im(W^T dy_n)                   W: [O, C k k], col(x_n): [C k k, Ho Wo]
 //              (square kernel k, stride s, zero padding p, Ho = (H + 2p - k) / s + 1)
@@ -11,14 +12,22 @@
 //              dgamma_c += sum dy xh,  dbeta_c += sum dy,  g = dy gamma_c,
 //              dx = rstd (g - mean_S g - xh mean_S(g xh))        (optionally fused with SiLU)
 //   Upsample   y[n, c, h f + i, w f + j] = x[n, c, h, w],  dx[n, c, h, w] = sum_{i, j < f} dy[...]
+//   AvgPool    y[n, c, oh, ow] = 1/k^2 sum_{i, j < k} x[n, c, oh k + i, ow k + j],
+//              dx[n, c, oh k + i, ow k + j] = dy[n, c, oh, ow] / k^2  (0 past the last window)
+//   BatchNorm  per channel over the M = N H W values: training mu, var (biased) of the batch and
+//              running_mean <- (1 - m) running_mean + m mu, running_var <- (1 - m) running_var +
+//              m var M / (M - 1); eval mu, var = the running ones; y = gamma (x - mu) rstd + beta,
+//              dgamma += sum dy xh,  dbeta += sum dy,
+//              dx = gamma rstd (dy - mean dy - xh mean(dy xh))  (eval: gamma rstd dy)
 //   per-channel broadcast  y[n, c, h, w] += v[n, c],  dv[n, c] = sum_{h, w} dy[n, c, h, w]
 // Every functor writes each output element from exactly one thread and sums in a fixed order:
 // no atomics, so results are deterministic on every backend. col2im is a gather (one thread per
 // input pixel adding its k x k contributions in (i, j) order, which is the CPU col2im's order of
-// additions). GroupNorm's statistics are accumulated in double. The element-wise arithmetic uses
-// kernels::mul_rn / add_rn (no FMA contraction on the device), in the CPU layers' order of
-// operations. This header names no CUDA type: include backend/cuda/dispatch.cuh (nvcc) for
-// B = Cuda.
+// additions). GroupNorm's and BatchNorm's statistics are accumulated in double (BatchNorm: one
+// thread per channel, samples then positions in order, nn::BatchNorm2d's order). The element-wise
+// arithmetic uses kernels::mul_rn / add_rn (no FMA contraction on the device), in the CPU layers'
+// order of operations. This header names no CUDA type: include backend/cuda/dispatch.cuh (nvcc)
+// for B = Cuda.
 #pragma once
 
 #include <algorithm>
@@ -372,6 +381,178 @@ struct AddInPlace {
   T* a;
   const T* b;
   FLOWDIFF_HOST_DEVICE void operator()(index_t q) const { a[q] = add_rn(a[q], b[q]); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Average pooling with kernel = stride = k (pooling.hpp: Ho = H / k, floor).
+// ---------------------------------------------------------------------------------------------
+
+/// y[nc, oh, ow] = (sum over i, then j (< k), of x[nc, oh k + i, ow k + j]) inv, inv = 1 / k^2:
+/// one thread per output element, AvgPool2d's order (from zero, then one multiply).
+template <class T>
+struct AvgPoolForward {
+  T* y;        // [N C, H / k, W / k]
+  const T* x;  // [N C, H, W]
+  index_t height, width, kernel;
+  T inv;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t ho = height / kernel, wo = width / kernel;
+    const index_t nc = q / (ho * wo), r = q % (ho * wo);
+    const T* base = x + (nc * height + (r / wo) * kernel) * width + (r % wo) * kernel;
+    T acc = T(0);
+    for (index_t i = 0; i < kernel; ++i)
+      for (index_t j = 0; j < kernel; ++j) acc = add_rn(acc, base[i * width + j]);
+    y[q] = mul_rn(acc, inv);
+  }
+};
+
+/// dx[nc, h, w] = dy[nc, h / k, w / k] inv inside the pooled windows, 0 on the rows and columns
+/// past the last one: one thread per input element.
+template <class T>
+struct AvgPoolBackward {
+  T* dx;        // [N C, H, W]
+  const T* dy;  // [N C, H / k, W / k]
+  index_t height, width, kernel;
+  T inv;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t ho = height / kernel, wo = width / kernel, hw = height * width;
+    const index_t nc = q / hw, h = (q % hw) / width, w = q % width;
+    dx[q] = (h < ho * kernel && w < wo * kernel)
+                ? mul_rn(dy[(nc * ho + h / kernel) * wo + w / kernel], inv)
+                : T(0);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm2d over the N S values of each channel of [N, C, S] (batchnorm.hpp's arithmetic).
+// ---------------------------------------------------------------------------------------------
+
+/// The statistics of channel c that the normalisation uses: in training the batch's, two passes
+/// in double (the mean, then the squared deviations: no cancellation), samples then positions in
+/// order, and (when run_mean_out is not null) the running statistics' update in T; in eval the
+/// running ones. mean[c] = mu, rstd[c] = 1 / sqrt(var + eps) in T. One thread per channel (a GPU
+/// would rather give each channel a block and a fixed-order tree).
+template <class T>
+struct BatchNormStats {
+  T* mean;            // [C]
+  T* rstd;            // [C]
+  T* run_mean_out;    // [C] or null (no update)
+  T* run_var_out;     // [C] or null
+  const T* x;         // [N, C, S]
+  const T* run_mean;  // [C]
+  const T* run_var;   // [C]
+  index_t n, channels, len;
+  T eps, momentum;
+  bool training;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
+    using std::sqrt;
+    T mu, var;
+    if (training) {
+      double s = 0;
+      for (index_t i = 0; i < n; ++i) {
+        const T* xr = x + (i * channels + c) * len;
+        for (index_t l = 0; l < len; ++l) s += static_cast<double>(xr[l]);
+      }
+      const double cnt = static_cast<double>(n * len), md = s / cnt;
+      double q = 0;
+      for (index_t i = 0; i < n; ++i) {
+        const T* xr = x + (i * channels + c) * len;
+        for (index_t l = 0; l < len; ++l) {
+          const double d = static_cast<double>(xr[l]) - md;
+          q += d * d;
+        }
+      }
+      mu = static_cast<T>(md);
+      var = static_cast<T>(q / cnt);
+      if (run_mean_out != nullptr) {
+        const T keep = add_rn(T(1), -momentum);
+        run_mean_out[c] = add_rn(mul_rn(keep, run_mean[c]), mul_rn(momentum, mu));
+        run_var_out[c] =
+            add_rn(mul_rn(keep, run_var[c]), mul_rn(momentum, static_cast<T>(q / (cnt - 1))));
+      }
+    } else {
+      mu = run_mean[c];
+      var = run_var[c];
+    }
+    mean[c] = mu;
+    rstd[c] = T(1) / sqrt(add_rn(var, eps));
+  }
+};
+
+/// y = a x + b per channel with a = gamma_c rstd_c, b = beta_c - mean_c a. One thread per element.
+template <class T>
+struct BatchNormApply {
+  T* y;            // [N, C, S]
+  const T* x;      // [N, C, S]
+  const T* mean;   // [C]
+  const T* rstd;   // [C]
+  const T* gamma;  // [C]
+  const T* beta;   // [C]
+  index_t channels, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t c = (q / len) % channels;
+    const T a = mul_rn(gamma[c], rstd[c]);
+    const T b = add_rn(beta[c], -mul_rn(mean[c], a));
+    y[q] = add_rn(mul_rn(a, x[q]), b);
+  }
+};
+
+/// sg = sum dy and sgx = sum dy xh over channel c (double, samples then positions in order, xh =
+/// (x - mu) rstd in T): dgamma[c] += sgx, dbeta[c] += sg (in T), and the input gradient's means
+/// ga[c] = sg / M, gb[c] = sgx / M (M = N S). One thread per channel.
+template <class T>
+struct BatchNormParamGrad {
+  T* dgamma;      // [C]
+  T* dbeta;       // [C]
+  double* ga;     // [C]
+  double* gb;     // [C]
+  const T* x;     // [N, C, S]
+  const T* dy;    // [N, C, S]
+  const T* mean;  // [C]
+  const T* rstd;  // [C]
+  index_t n, channels, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
+    const T mu = mean[c], rs = rstd[c];
+    double sg = 0, sgx = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const T* xr = x + (i * channels + c) * len;
+      const T* gr = dy + (i * channels + c) * len;
+      for (index_t l = 0; l < len; ++l) {
+        sg += static_cast<double>(gr[l]);
+        sgx += static_cast<double>(gr[l]) * static_cast<double>(mul_rn(add_rn(xr[l], -mu), rs));
+      }
+    }
+    dgamma[c] = add_rn(dgamma[c], static_cast<T>(sgx));
+    dbeta[c] = add_rn(dbeta[c], static_cast<T>(sg));
+    const double m = static_cast<double>(n * len);
+    ga[c] = sg / m;
+    gb[c] = sgx / m;
+  }
+};
+
+/// dx = gamma_c rstd_c (dy - ga_c - (x - mu_c) rstd_c gb_c) in training, gamma_c rstd_c dy in eval
+/// (the means taken as 0, as nn::BatchNorm2d does), in T in its order. One thread per element.
+template <class T>
+struct BatchNormInputGrad {
+  T* dx;             // [N, C, S]
+  const T* x;        // [N, C, S]
+  const T* dy;       // [N, C, S]
+  const T* mean;     // [C]
+  const T* rstd;     // [C]
+  const T* gamma;    // [C]
+  const double* ga;  // [C]
+  const double* gb;  // [C]
+  index_t channels, len;
+  bool training;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    const index_t c = (q / len) % channels;
+    const T mu = mean[c], rs = rstd[c];
+    const T scale = mul_rn(gamma[c], rs);
+    const T mg = training ? static_cast<T>(ga[c]) : T(0);
+    const T mgx = training ? static_cast<T>(gb[c]) : T(0);
+    const T xh_g = mul_rn(mul_rn(add_rn(x[q], -mu), rs), mgx);
+    dx[q] = mul_rn(scale, add_rn(add_rn(dy[q], -mg), -xh_g));
+  }
 };
 
 }  // namespace kernels
@@ -735,6 +916,142 @@ class BackendGroupNorm {
 };
 
 // ---------------------------------------------------------------------------------------------
+// BatchNorm2d on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::BatchNorm2d on backend B (same constructor, eps 1e-5 and momentum 0.1 by default, names,
+/// shapes and registration order: prefix.weight, prefix.bias, then the buffers
+/// prefix.running_mean and prefix.running_var, all [C]), so checkpoints and
+/// nn::upload_parameters move the running statistics with the weights. Training mode (the default)
+/// normalises with the batch's statistics and, through the non-const forward, updates the running
+/// ones; eval mode normalises with the running statistics. Backward uses the statistics its
+/// matching forward left in the cache.
+template <class T, Backend B>
+class BackendBatchNorm2d {
+ public:
+  /// The statistics the last forward normalised with and backward's per-channel means, on B.
+  struct Cache {
+    Tensor<T, B> mean, inv_std;  // [C]
+    Tensor<double, B> ga, gb;    // [C]: mean dy, mean dy xh
+  };
+
+  /// Registers prefix.weight, prefix.bias, prefix.running_mean, prefix.running_var, all [C].
+  BackendBatchNorm2d(Parameters<T, B>& ps, const std::string& prefix, index_t channels,
+                     T eps = T(1e-5), T momentum = T(0.1))
+      : prefix_(prefix), c_(channels), eps_(eps), momentum_(momentum) {
+    require<config_error>(channels >= 1, prefix, " (", kind, "): channels must be >= 1, got ",
+                          channels);
+    require<config_error>(eps > T(0), prefix, " (", kind, "): eps must be > 0, got ", eps);
+    require<config_error>(momentum >= T(0) && momentum <= T(1), prefix, " (", kind,
+                          "): momentum must lie in [0, 1], got ", momentum);
+    w_ = ps.add(prefix + ".weight", Shape{channels});
+    b_ = ps.add(prefix + ".bias", Shape{channels});
+    rm_ = ps.add_buffer(prefix + ".running_mean", Shape{channels});
+    rv_ = ps.add_buffer(prefix + ".running_var", Shape{channels});
+  }
+
+  index_t channels() const { return c_; }
+  index_t weight_id() const { return w_; }
+  index_t bias_id() const { return b_; }
+  index_t running_mean_id() const { return rm_; }
+  index_t running_var_id() const { return rv_; }
+  const std::string& prefix() const { return prefix_; }
+
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool training() const { return training_; }
+
+  /// PyTorch's default: gamma = 1, beta = 0, running_mean = 0, running_var = 1.
+  void init(Parameters<T, B>& ps, Generator&) const {
+    fill(ps.param(w_), T(1));
+    fill(ps.param(b_), T(0));
+    fill(ps.param(rm_), T(0));
+    fill(ps.param(rv_), T(1));
+  }
+
+  Shape output_shape(const Shape& s) const {
+    if (s.rank() != 4 || s[1] != c_)
+      fail<shape_error>(prefix_, " (", kind, "): x: expected shape [N, ", c_, ", H, W], got ", s);
+    return s;
+  }
+
+  /// x: [N, C, H, W] -> y: like x. In training mode also updates the running statistics.
+  void forward(Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, Cache& cache) const {
+    run_forward(ps, x, y, cache, ps.param(rm_).data(), ps.param(rv_).data());
+  }
+  /// Read-only parameters: eval mode, or training mode without the running-statistics update
+  /// (as nn::BatchNorm2d's const overload).
+  void forward(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, Cache& cache) const {
+    run_forward(ps, x, y, cache, nullptr, nullptr);
+  }
+
+  // x, dy: [N, C, H, W]; dx: like x (overwritten) or empty / {} (skipped). Parameter gradients
+  // accumulate.
+  void backward(Parameters<T, B>& ps, View<const T, B> x, View<const T, B> dy, View<T, B> dx,
+                Cache& cache) const {
+    output_shape(x.shape());
+    detail::check_arg(prefix_, kind, "dy", dy, x.shape());
+    const bool want_dx = !spatial_backend_detail::absent(dx);
+    if (want_dx) detail::check_arg(prefix_, kind, "dx", dx, x.shape());
+    require<config_error>(cache.mean.numel() == c_, prefix_, " (", kind,
+                          "): backward needs the cache of a forward call");
+    const index_t n = x.dim(0), L = x.dim(2) * x.dim(3);
+    if (cache.ga.numel() != c_) cache.ga.resize(Shape{c_});
+    if (cache.gb.numel() != c_) cache.gb.resize(Shape{c_});
+    B::parallel_for(c_,
+                    kernels::BatchNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
+                                                   cache.ga.data(), cache.gb.data(), x.data(),
+                                                   dy.data(), cache.mean.data(),
+                                                   cache.inv_std.data(), n, c_, L},
+                    2 * n * L);
+    if (!want_dx) return;
+    B::parallel_for(x.numel(),
+                    kernels::BatchNormInputGrad<T>{dx.data(), x.data(), dy.data(),
+                                                   cache.mean.data(), cache.inv_std.data(),
+                                                   ps.param(w_).data(), cache.ga.data(),
+                                                   cache.gb.data(), c_, L, training_},
+                    6);
+  }
+
+ private:
+  static constexpr const char* kind = "BackendBatchNorm2d";
+
+  // rm_out / rv_out: the running statistics to update (training only), or null.
+  void run_forward(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, Cache& cache,
+                   T* rm_out, T* rv_out) const {
+    output_shape(x.shape());
+    detail::check_arg(prefix_, kind, "y", y, x.shape());
+    const index_t n = x.dim(0), L = x.dim(2) * x.dim(3);
+    require<config_error>(!training_ || n * L > 1, prefix_, " (", kind,
+                          "): training needs more than one value per channel, got input shape ",
+                          x.shape());
+    if (cache.mean.numel() != c_) {
+      cache.mean.resize(Shape{c_});
+      cache.inv_std.resize(Shape{c_});
+    }
+    const bool update = training_ && rm_out != nullptr;
+    B::parallel_for(c_,
+                    kernels::BatchNormStats<T>{cache.mean.data(), cache.inv_std.data(),
+                                               update ? rm_out : nullptr,
+                                               update ? rv_out : nullptr, x.data(),
+                                               ps.param(rm_).data(), ps.param(rv_).data(), n, c_,
+                                               L, eps_, momentum_, training_},
+                    3 * n * L);
+    B::parallel_for(x.numel(),
+                    kernels::BatchNormApply<T>{y.data(), x.data(), cache.mean.data(),
+                                               cache.inv_std.data(), ps.param(w_).data(),
+                                               ps.param(b_).data(), c_, L},
+                    3);
+  }
+
+  std::string prefix_;
+  index_t c_;
+  T eps_, momentum_;
+  bool training_ = true;
+  index_t w_ = -1, b_ = -1, rm_ = -1, rv_ = -1;
+};
+
+// ---------------------------------------------------------------------------------------------
 // Nearest upsampling on B.
 // ---------------------------------------------------------------------------------------------
 
@@ -778,6 +1095,56 @@ class BackendUpsampleNearest2d {
  private:
   static constexpr const char* kind = "BackendUpsampleNearest2d";
   index_t f_;
+  std::string name_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Average pooling on B.
+// ---------------------------------------------------------------------------------------------
+
+/// nn::AvgPool2d on backend B: kernel = stride = k (2 in the classifier), no padding, rows and
+/// columns past the last full window dropped (Ho = floor(H / k)). No parameters. The same
+/// additions in the same order as the CPU layer, so the results are bit-equal to it.
+template <class T, Backend B>
+class BackendAvgPool2d {
+ public:
+  explicit BackendAvgPool2d(index_t kernel = 2, std::string name = "avg_pool2d")
+      : k_(kernel), name_(std::move(name)) {
+    require<config_error>(kernel >= 1, name_, " (", kind, "): kernel must be >= 1, got ", kernel);
+  }
+
+  index_t kernel() const { return k_; }
+
+  /// [N, C, H, W] -> [N, C, H / k, W / k]
+  Shape output_shape(const Shape& s) const {
+    if (s.rank() != 4 || s[2] < k_ || s[3] < k_)
+      fail<shape_error>(name_, " (", kind, "): x: expected shape [N, C, H, W] with H, W >= ", k_,
+                        ", got ", s);
+    return Shape{s[0], s[1], s[2] / k_, s[3] / k_};
+  }
+
+  // x: [N, C, H, W] -> y: [N, C, H / k, W / k]
+  void forward(View<const T, B> x, View<T, B> y) const {
+    detail::check_arg(name_, kind, "y", y, output_shape(x.shape()));
+    B::parallel_for(y.numel(), kernels::AvgPoolForward<T>{y.data(), x.data(), x.dim(2), x.dim(3),
+                                                          k_, inv()},
+                    k_ * k_);
+  }
+
+  // x: [N, C, H, W] (for its shape), dy: [N, C, H / k, W / k], dx: like x (overwritten) or empty
+  // / {} (skipped)
+  void backward(View<const T, B> x, View<const T, B> dy, View<T, B> dx) const {
+    detail::check_arg(name_, kind, "dy", dy, output_shape(x.shape()));
+    if (spatial_backend_detail::absent(dx)) return;
+    detail::check_arg(name_, kind, "dx", dx, x.shape());
+    B::parallel_for(dx.numel(), kernels::AvgPoolBackward<T>{dx.data(), dy.data(), x.dim(2),
+                                                            x.dim(3), k_, inv()});
+  }
+
+ private:
+  static constexpr const char* kind = "BackendAvgPool2d";
+  T inv() const { return T(1) / static_cast<T>(k_ * k_); }
+  index_t k_;
   std::string name_;
 };
 

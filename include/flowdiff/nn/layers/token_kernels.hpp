@@ -397,6 +397,14 @@ class BackendLinear {
   index_t bias_id() const { return b_; }  // -1 without bias
   const std::string& prefix() const { return prefix_; }
 
+  /// nn::Linear::init's draws on B: W, b ~ U(+-1/sqrt(in)), W first. (On a device the uniforms
+  /// may differ from the CPU's in the last bit: docs/cuda.md, "Random numbers".)
+  void init(Parameters<T, B>& ps, Generator& gen) const {
+    const T bound = T(1) / std::sqrt(static_cast<T>(in_));
+    fill_uniform(ps.param(w_), gen, -bound, bound);
+    if (b_ >= 0) fill_uniform(ps.param(b_), gen, -bound, bound);
+  }
+
   // x: [..., in] -> y: [..., out]
   void forward(Context& ctx, const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y) const {
     const index_t m = check(x, y, "y");

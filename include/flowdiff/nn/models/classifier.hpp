@@ -54,6 +54,104 @@ struct ConvClassifierConfig {
   index_t image_size = 0;
 };
 
+namespace classifier_detail {
+
+/// The configuration checks of nn::ConvClassifier and nn::BackendConvClassifier; `name` is the
+/// model's name in the messages.
+inline void validate(const ConvClassifierConfig& cfg, const std::string& name) {
+  const auto& ch = cfg.channels;
+  require<config_error>(cfg.in_channels >= 1 && !ch.empty() && ch.size() <= 16 &&
+                            cfg.feature_dim >= 1 && cfg.num_classes >= 2 && cfg.groups >= 0 &&
+                            (cfg.time_dim == 0 || cfg.time_dim >= 2) && cfg.image_size >= 0,
+                        name,
+                        ": need in_channels >= 1, 1 to 16 conv blocks, feature_dim >= 1, "
+                        "num_classes >= 2, groups >= 0 and time_dim = 0 or >= 2; got "
+                        "in_channels = ",
+                        cfg.in_channels, ", ", ch.size(), " blocks, feature_dim = ", cfg.feature_dim,
+                        ", num_classes = ", cfg.num_classes, ", groups = ", cfg.groups,
+                        ", time_dim = ", cfg.time_dim, ", image_size = ", cfg.image_size);
+  if (cfg.image_size > 0)
+    require<config_error>(
+        (cfg.image_size >> ch.size()) >= 1, name, ": image_size = ", cfg.image_size,
+        " is too small for ", ch.size(),
+        " blocks, each followed by 2x2 pooling (need >= ", index_t{1} << ch.size(), ")");
+  for (index_t c : ch)
+    require<config_error>(c >= 1 && (cfg.groups == 0 || c % cfg.groups == 0), name,
+                          ": channel count ", c, " must be >= 1",
+                          cfg.groups > 0 ? " and a multiple of groups = " : "",
+                          cfg.groups > 0 ? std::to_string(cfg.groups) : std::string());
+}
+
+/// H and W must be at least this: every pooling halves them (floor).
+inline index_t min_size(const ConvClassifierConfig& cfg) {
+  const auto L = static_cast<index_t>(cfg.channels.size());
+  return index_t{1} << (cfg.image_size > 0 ? L : L - 1);
+}
+
+/// The shape checks of forward (x, t, logits), for any backend's views; `t_given` is whether t
+/// is present (not empty).
+inline void check_forward(const ConvClassifierConfig& cfg, const std::string& name, const Shape& x,
+                          bool t_given, const Shape& t, const Shape& logits) {
+  const index_t m = min_size(cfg);
+  if (cfg.image_size > 0) {
+    if (x.rank() != 4 || x[0] < 1 || x[1] != cfg.in_channels || x[2] != cfg.image_size ||
+        x[3] != cfg.image_size)
+      fail<shape_error>(name, ": x: expected shape [N, ", cfg.in_channels, ", ", cfg.image_size,
+                        ", ", cfg.image_size, "] with N >= 1 (image_size = ", cfg.image_size,
+                        "), got ", x);
+  } else if (x.rank() != 4 || x[0] < 1 || x[1] != cfg.in_channels || x[2] < m || x[3] < m) {
+    fail<shape_error>(name, ": x: expected shape [N, ", cfg.in_channels,
+                      ", H, W] with N >= 1 and H, W >= ", m, ", got ", x);
+  }
+  const index_t n = x[0];
+  if (cfg.time_dim > 0) {
+    if (!(t == Shape{n}))
+      fail<shape_error>(name, ": t: expected shape ", Shape{n}, ", got ", t);
+  } else if (t_given) {
+    fail<config_error>(name, ": times t were given (shape ", t,
+                       ") but the model has no time input (time_dim = 0)");
+  }
+  if (!(logits == Shape{n, cfg.num_classes}))
+    fail<shape_error>(name, ": logits: expected shape ", Shape{n, cfg.num_classes}, ", got ",
+                      logits);
+}
+
+/// Sizes the per-block buffers of a classifier cache for input shape s: a, z, s, g1 (and g2 with
+/// groups > 0) [N, c_i, H_i, W_i], the time shifts [N, c_i], the pooled maps p, dp, and the layer
+/// caches. nn::ConvClassifier::Cache and nn::BackendConvClassifier::Cache share these members.
+template <class Cache>
+void size_block_buffers(Cache& c, const ConvClassifierConfig& cfg, const Shape& s) {
+  const auto& ch = cfg.channels;
+  const auto L = ch.size();
+  const index_t n = s[0];
+  const bool timed = cfg.time_dim > 0;
+  for (auto* v : {&c.a, &c.z, &c.s, &c.g1, &c.g2, &c.tshift, &c.dshift}) v->resize(L);
+  const std::size_t pools = cfg.image_size > 0 ? L : L - 1;
+  c.p.resize(pools);
+  c.dp.resize(pools);
+  c.conv.resize(L);
+  c.norm.resize(L);
+  const auto resize_if = [](auto& t, const Shape& shape) {
+    if (!(t.shape() == shape)) t.resize(shape);
+  };
+  index_t h = s[2], w = s[3];
+  for (std::size_t i = 0; i < L; ++i) {
+    const Shape as{n, ch[i], h, w};
+    for (auto* v : {&c.a, &c.z, &c.s, &c.g1}) resize_if((*v)[i], as);
+    resize_if(c.g2[i], cfg.groups > 0 ? as : Shape{0});
+    resize_if(c.tshift[i], timed ? Shape{n, ch[i]} : Shape{0});
+    resize_if(c.dshift[i], timed ? Shape{n, ch[i]} : Shape{0});
+    if (i < pools) {
+      h /= 2;
+      w /= 2;
+      resize_if(c.p[i], Shape{n, ch[i], h, w});
+      resize_if(c.dp[i], Shape{n, ch[i], h, w});
+    }
+  }
+}
+
+}  // namespace classifier_detail
+
 template <class T>
 class ConvClassifier {
  public:
@@ -82,7 +180,7 @@ class ConvClassifier {
         prefix_(prefix),
         temb_(config.time_dim >= 2 ? config.time_dim : 2),
         pool_(2, prefix + "pool") {
-    validate();
+    classifier_detail::validate(cfg_, name());
     const auto& ch = cfg_.channels;
     for (std::size_t i = 0; i < ch.size(); ++i) {
       const std::string p = prefix + "blocks." + std::to_string(i);
@@ -102,7 +200,7 @@ class ConvClassifier {
   bool time_conditioned() const { return cfg_.time_dim > 0; }
   bool flattens() const { return cfg_.image_size > 0; }
   /// H and W must be at least this (every pooling halves them, floor).
-  index_t min_size() const { return index_t{1} << (flattens() ? blocks() : blocks() - 1); }
+  index_t min_size() const { return classifier_detail::min_size(cfg_); }
   /// Side of the flattened map (image_size > 0), image_size halved blocks() times.
   index_t flat_side() const { return flattens() ? cfg_.image_size >> blocks() : 0; }
   /// Inputs of fc: c_last (global average) or c_last S^2 (flatten).
@@ -215,31 +313,6 @@ class ConvClassifier {
     return prefix_.empty() ? std::string("ConvClassifier") : prefix_ + " (ConvClassifier)";
   }
 
-  void validate() const {
-    const auto& ch = cfg_.channels;
-    require<config_error>(cfg_.in_channels >= 1 && !ch.empty() && ch.size() <= 16 &&
-                              cfg_.feature_dim >= 1 && cfg_.num_classes >= 2 && cfg_.groups >= 0 &&
-                              (cfg_.time_dim == 0 || cfg_.time_dim >= 2) && cfg_.image_size >= 0,
-                          name(),
-                          ": need in_channels >= 1, 1 to 16 conv blocks, feature_dim >= 1, "
-                          "num_classes >= 2, groups >= 0 and time_dim = 0 or >= 2; got "
-                          "in_channels = ",
-                          cfg_.in_channels, ", ", ch.size(),
-                          " blocks, feature_dim = ", cfg_.feature_dim,
-                          ", num_classes = ", cfg_.num_classes, ", groups = ", cfg_.groups,
-                          ", time_dim = ", cfg_.time_dim, ", image_size = ", cfg_.image_size);
-    if (cfg_.image_size > 0)
-      require<config_error>(
-          (cfg_.image_size >> ch.size()) >= 1, name(), ": image_size = ", cfg_.image_size,
-          " is too small for ", ch.size(),
-          " blocks, each followed by 2x2 pooling (need >= ", index_t{1} << ch.size(), ")");
-    for (index_t c : ch)
-      require<config_error>(c >= 1 && (cfg_.groups == 0 || c % cfg_.groups == 0), name(),
-                            ": channel count ", c, " must be >= 1",
-                            cfg_.groups > 0 ? " and a multiple of groups = " : "",
-                            cfg_.groups > 0 ? std::to_string(cfg_.groups) : std::string());
-  }
-
   template <class U>
   void check_shape(const char* arg, View<U> v, const Shape& expected) const {
     if (!(v.shape() == expected))
@@ -247,53 +320,15 @@ class ConvClassifier {
   }
 
   void check_forward(View<const T> x, View<const T> t, View<T> logits) const {
-    const index_t m = min_size();
-    if (flattens()) {
-      if (x.rank() != 4 || x.dim(0) < 1 || x.dim(1) != cfg_.in_channels ||
-          x.dim(2) != cfg_.image_size || x.dim(3) != cfg_.image_size)
-        fail<shape_error>(name(), ": x: expected shape [N, ", cfg_.in_channels, ", ",
-                          cfg_.image_size, ", ", cfg_.image_size,
-                          "] with N >= 1 (image_size = ", cfg_.image_size, "), got ", x.shape());
-    } else if (x.rank() != 4 || x.dim(0) < 1 || x.dim(1) != cfg_.in_channels || x.dim(2) < m ||
-               x.dim(3) < m) {
-      fail<shape_error>(name(), ": x: expected shape [N, ", cfg_.in_channels,
-                        ", H, W] with N >= 1 and H, W >= ", m, ", got ", x.shape());
-    }
-    const index_t n = x.dim(0);
-    if (time_conditioned())
-      check_shape("t", t, Shape{n});
-    else if (!absent(t))
-      fail<config_error>(name(), ": times t were given (shape ", t.shape(),
-                         ") but the model has no time input (time_dim = 0)");
-    check_shape("logits", logits, Shape{n, cfg_.num_classes});
+    classifier_detail::check_forward(cfg_, name(), x.shape(), !absent(t), t.shape(),
+                                     logits.shape());
   }
 
   void prepare(Cache& c, const Shape& s) const {
     c.has_forward = false;
     if (c.owner == this && c.in_shape == s) return;
-    const auto& ch = cfg_.channels;
-    const auto L = ch.size();
+    classifier_detail::size_block_buffers(c, cfg_, s);
     const index_t n = s[0];
-    for (auto* v : {&c.a, &c.z, &c.s, &c.g1, &c.g2, &c.tshift, &c.dshift}) v->resize(L);
-    const std::size_t pools = flattens() ? L : L - 1;
-    c.p.resize(pools);
-    c.dp.resize(pools);
-    c.conv.resize(L);
-    c.norm.resize(L);
-    index_t h = s[2], w = s[3];
-    for (std::size_t i = 0; i < L; ++i) {
-      const Shape as{n, ch[i], h, w};
-      for (auto* v : {&c.a, &c.z, &c.s, &c.g1}) (*v)[i].resize(as);
-      c.g2[i].resize(cfg_.groups > 0 ? as : Shape{0});
-      c.tshift[i].resize(time_conditioned() ? Shape{n, ch[i]} : Shape{0});
-      c.dshift[i].resize(time_conditioned() ? Shape{n, ch[i]} : Shape{0});
-      if (i < pools) {
-        h /= 2;
-        w /= 2;
-        c.p[i].resize(Shape{n, ch[i], h, w});
-        c.dp[i].resize(Shape{n, ch[i], h, w});
-      }
-    }
     const index_t td = time_conditioned() ? cfg_.time_dim : 0;
     for (Tensor<T>* e : {&c.emb, &c.demb, &c.tmp_e}) e->resize(Shape{td > 0 ? n : 0, td});
     c.gap.resize(Shape{n, fc_inputs()});
