@@ -59,15 +59,7 @@ class Linear {
     const index_t o = out_;
     auto add_bias = [=](index_t i0, index_t i1, index_t j0, index_t j1) {
       if (b == nullptr) return;
-      for (index_t r = i0; r < i1; ++r) {
-        T* row = py + r * o;
-        simd::vector_loop(
-            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
-              FLOWDIFF_SIMD
-              for (index_t j = lo; j < hi; ++j) row[j] += b[j];
-            },
-            j0, j1);
-      }
+      for (index_t r = i0; r < i1; ++r) add_bias_row(py + r * o, b, j0, j1);
     };
     gemm<T>(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
             y.reshape({m, out_}), add_bias);
@@ -109,27 +101,11 @@ class Linear {
                     ps.param(w_).data() + j0 * in, in, T(0), pre + j0, o);
     const T* b = bias_ ? ps.param(b_).data() : nullptr;
     for (index_t r = 0; r < m; ++r) {
-      T* hr = pre + r * o;
-      if (act == Act::silu) {
-        T* yr = act_out + r * o;
-        simd::vector_loop(
-            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
-              FLOWDIFF_SIMD
-              for (index_t j = lo; j < hi; ++j) {
-                const T v = b != nullptr ? hr[j] + b[j] : hr[j];
-                hr[j] = v;
-                yr[j] = detail::silu_fwd(v);
-              }
-            },
-            j0, j1);
-      } else if (b != nullptr) {
-        simd::vector_loop(
-            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
-              FLOWDIFF_SIMD
-              for (index_t j = lo; j < hi; ++j) hr[j] += b[j];
-            },
-            j0, j1);
-      }
+      if (act == Act::silu)
+        bias_act_row(pre + r * o, act_out + r * o, b, j0, j1,
+                     [](T v) FLOWDIFF_LAMBDA_INLINE { return detail::silu_fwd(v); });
+      else if (b != nullptr)
+        add_bias_row(pre + r * o, b, j0, j1);
     }
   }
 
@@ -180,6 +156,30 @@ class Linear {
   }
 
  private:
+  // row[j] += b[j] for j in [j0, j1).
+  static void add_bias_row(T* row, const T* b, index_t j0, index_t j1) {
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          FLOWDIFF_SIMD
+          for (index_t j = lo; j < hi; ++j) row[j] += b[j];
+        },
+        j0, j1);
+  }
+  // hr[j] = hr[j] (+ b[j]), yr[j] = f(hr[j]) for j in [j0, j1) (b may be null).
+  template <class F>
+  static void bias_act_row(T* hr, T* yr, const T* b, index_t j0, index_t j1, F f) {
+    simd::vector_loop(
+        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+          FLOWDIFF_SIMD
+          for (index_t j = lo; j < hi; ++j) {
+            const T v = b != nullptr ? hr[j] + b[j] : hr[j];
+            hr[j] = v;
+            yr[j] = f(v);
+          }
+        },
+        j0, j1);
+  }
+
   // pre = x W^T + b, act = f(pre), in the product's epilogue.
   template <class F>
   void forward_fused(const Parameters<T>& ps, View<const T> x, View<T> pre, View<T> act,
@@ -194,20 +194,7 @@ class Linear {
     T* pa = act.data();
     const index_t o = out_;
     auto epilogue = [=](index_t i0, index_t i1, index_t j0, index_t j1) {
-      for (index_t r = i0; r < i1; ++r) {
-        T* hr = pp + r * o;
-        T* yr = pa + r * o;
-        simd::vector_loop(
-            [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
-              FLOWDIFF_SIMD
-              for (index_t j = lo; j < hi; ++j) {
-                const T v = b != nullptr ? hr[j] + b[j] : hr[j];
-                hr[j] = v;
-                yr[j] = f(v);
-              }
-            },
-            j0, j1);
-      }
+      for (index_t r = i0; r < i1; ++r) bias_act_row(pp + r * o, pa + r * o, b, j0, j1, f);
     };
     gemm<T>(Trans::no, Trans::yes, T(1), x.reshape({m, in_}), ps.param(w_), T(0),
             pre.reshape({m, out_}), epilogue);
