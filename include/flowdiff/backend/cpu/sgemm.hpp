@@ -662,7 +662,9 @@ __attribute__((target("avx512f"))) inline void dot8_avx512(const float* x, const
 /// memory order: one sequential stream through the weights. Sixteen interleaved row streams (the
 /// accumulators sharing each load of x) ran 25 % slower here (batch-1 Linear, weights in L2); each
 /// row's chain of k / 16 FMAs is independent of the next row's, so out-of-order execution overlaps
-/// them. The per-row arithmetic (lanes summed over p in order) is the same either way.
+/// them. The per-row arithmetic (lanes summed over p in order) is the same either way. Each load
+/// prefetches the line 1 KB ahead (the next 256-float row, for the MLP's weights): the hardware
+/// prefetchers alone left the L2 -> L1 stream at 70 GB/s, this takes it to 85-90 (weights in L2).
 __attribute__((target("avx512f"))) inline void dot16_avx512(const float* x, const float* w,
                                                             index_t ld, index_t k, float* out) {
   __m512 v[16];
@@ -672,8 +674,10 @@ FLOWDIFF_SGEMM_UNROLL
   for (int r = 0; r < 16; ++r) {
     const float* row = w + r * ld;
     __m512 a = _mm512_setzero_ps();
-    for (index_t p = 0; p < kv; p += 16)
+    for (index_t p = 0; p < kv; p += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + p + 256), _MM_HINT_T0);
       a = _mm512_fmadd_ps(_mm512_loadu_ps(row + p), _mm512_loadu_ps(x + p), a);
+    }
     if (kv < k)
       a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, row + kv), _mm512_maskz_loadu_ps(mk, x + kv), a);
     v[4 * (r % 4) + r / 4] = a;
