@@ -1,6 +1,7 @@
 // Dense, normalisation and embedding layers: finite-difference gradient checks in double for every
 // layer (nn/gradcheck.hpp), PyTorch parity from tests/fixtures/layers_dense.safetensors
 // (tools/fixtures/layers_dense.py), and error messages for bad shapes.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -204,6 +205,70 @@ TEST_CASE("GroupNorm: gradients match central differences", "[nn][dense][gradche
         [&] { gn.forward(ps, x, y, cache); },
         [&](const auto& dy) { gn.backward(ps, x, dy[0], dx, cache); }, gen));
   }
+}
+
+TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn][dense]") {
+  // forward_silu == forward then silu_forward, bit for bit; backward_through_silu == silu_backward
+  // (in place) then backward, bit for bit; and the fused pair passes central differences.
+  fd::Generator gen(14);
+  for (const bool affine : {true, false}) {
+    const fd::Shape shape{3, 8, 5, 7};
+    nn::Parameters<float> ps;
+    nn::GroupNorm<float> gn(ps, "gn", 4, 8, 1e-5f, affine);
+    if (affine) {
+      ps.allocate();
+      fd::fill_normal(ps.flat_params(), gen);
+    }
+    auto x = fd::randn<float>(shape, gen);
+    auto dact = fd::randn<float>(shape, gen);
+    nn::GroupNorm<float>::Cache c1, c2;
+    fd::Tensor<float> y1(shape), a1(shape), y2(shape), a2(shape);
+    gn.forward(ps, x, y1, c1);
+    nn::silu_forward<float>(y1, a1);
+    gn.forward_silu(ps, x, y2, a2, c2);
+    CHECK(std::equal(y1.data(), y1.data() + y1.numel(), y2.data()));
+    CHECK(std::equal(a1.data(), a1.data() + a1.numel(), a2.data()));
+
+    auto run = [&](bool fused, fd::Tensor<float>& dy, fd::Tensor<float>& dx) {
+      dy = dact.clone();
+      dx = fd::Tensor<float>(shape);
+      if (affine) ps.zero_grad();
+      if (fused) {
+        gn.backward_through_silu(ps, x, y1, dy, dx, c1);
+      } else {
+        nn::silu_backward<float>(y1, dy, dy);
+        gn.backward(ps, x, dy, dx, c1);
+      }
+      return affine ? std::vector<float>(ps.flat_grads().data(),
+                                         ps.flat_grads().data() + ps.flat_grads().numel())
+                    : std::vector<float>{};
+    };
+    fd::Tensor<float> dy_sep, dx_sep, dy_fused, dx_fused;
+    const auto g_sep = run(false, dy_sep, dx_sep);
+    const auto g_fused = run(true, dy_fused, dx_fused);
+    CHECK(std::equal(dy_sep.data(), dy_sep.data() + dy_sep.numel(), dy_fused.data()));
+    CHECK(std::equal(dx_sep.data(), dx_sep.data() + dx_sep.numel(), dx_fused.data()));
+    CHECK(g_sep == g_fused);
+    CHECK_THROWS_WITH(gn.backward_through_silu(ps, x, y1, dy_fused, dy_fused, c1),
+                      Catch::Contains("dact and dx must be different arrays"));
+  }
+  // Central differences through act = SiLU(GN(x)) with the fused pair (double).
+  nn::Parameters<double> ps;
+  nn::GroupNorm<double> gn(ps, "gn", 2, 4, 1e-5, true);
+  ps.allocate();
+  randomise(ps, gen);
+  nn::GroupNorm<double>::Cache cache;
+  const fd::Shape shape{2, 4, 3, 2};
+  auto x = fd::randn<double>(shape, gen);
+  fd::Tensor<double> y(shape), act(shape), dx(shape), g(shape);
+  require_ok(nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, &ps, {act.view()},
+      [&] { gn.forward_silu(ps, x, y, act, cache); },
+      [&](const auto& dy) {
+        fd::copy(g.view(), dy[0]);
+        gn.backward_through_silu(ps, x, y, g, dx, cache);
+      },
+      gen));
 }
 
 TEST_CASE("Embedding: gradients match central differences; the null row is the last",

@@ -287,11 +287,25 @@ class GroupNorm {
 
   // x: [N, C, ...] -> y: same shape
   void forward(const Parameters<T>& ps, View<const T> x, View<T> y, Cache& cache) const {
+    forward_impl(ps, x, y, View<T>(), cache);
+  }
+  /// forward() and act = SiLU(y) in the same pass (y bit for bit as forward(), act as
+  /// silu_forward(y, act) would give), for a norm followed by SiLU: one pass over memory less.
+  void forward_silu(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
+                    Cache& cache) const {
+    check(x, act, "act");
+    forward_impl(ps, x, y, act, cache);
+  }
+
+ private:
+  void forward_impl(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
+                    Cache& cache) const {
     check(x, y, "y");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
     cache.ensure(n * g_);
     const T* px = x.data();
     T* py = y.data();
+    T* pz = act.empty() ? nullptr : act.data();
     T* mean = cache.mean.data();
     T* rstd = cache.rstd.data();
     const T* gam = affine_ ? ps.param(w_).data() : nullptr;
@@ -305,10 +319,12 @@ class GroupNorm {
           const T* xb = px + ng * k;
           T* yb = py + ng * k;
           detail::moments(xb, k, eps, mean[ng], rstd[ng]);
-          normalise_set(xb, yb, static_cast<T*>(nullptr), mean[ng], rstd[ng], gam, bet,
+          normalise_set(xb, yb, pz ? pz + ng * k : nullptr, mean[ng], rstd[ng], gam, bet,
                         (ng % groups) * cg, cg, s);
         });
   }
+
+ public:
 
   /// forward() again from the statistics it left in `cache` (no reduction): y = GN(x) with
   /// the same bits, and, when `act` is not empty, act = SiLU(y) in the same pass (as
@@ -339,6 +355,28 @@ class GroupNorm {
   // x, dy: [N, C, ...]; dx: same shape or empty. Parameter gradients accumulate.
   void backward(Parameters<T>& ps, View<const T> x, View<const T> dy, View<T> dx,
                 const Cache& cache) const {
+    backward_impl(ps, x, dy.data(), nullptr, nullptr, dx, cache);
+  }
+  /// backward() for a norm followed by SiLU, act = SiLU(y) with y = pre (what forward wrote):
+  /// dact, the gradient w.r.t. act, is overwritten with the gradient w.r.t. y, SiLU'(y) dact (as
+  /// silu_backward(pre, dact, dact) would leave it), one channel at a time inside the norm's own
+  /// pass while the channel is in L1, and backward() follows from it. One pass over memory less.
+  void backward_through_silu(Parameters<T>& ps, View<const T> x, View<const T> pre,
+                             View<T> dact, View<T> dx, const Cache& cache) const {
+    check(x, pre, "pre");
+    check(x, dact, "dact");
+    require<shape_error>(dact.data() != dx.data() || dx.empty(), prefix_,
+                         " (GroupNorm): backward_through_silu: dact and dx must be different "
+                         "arrays");
+    backward_impl(ps, x, dact.data(), dact.data(), pre.data(), dx, cache);
+  }
+
+ private:
+  // dy: the gradient w.r.t. y; when pre is given, dyw (== dy, writable) holds the gradient
+  // w.r.t. SiLU(y) on entry and is turned into dy channel by channel first.
+  void backward_impl(Parameters<T>& ps, View<const T> x, const T* pdy_in, T* dyw,
+                     const T* ppre, View<T> dx, const Cache& cache) const {
+    const View<const T> dy(pdy_in, x.shape());
     check(x, dy, "dy");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
     detail::check_arg(prefix_, "GroupNorm", "cache.mean (run forward first)", cache.mean.view(),
@@ -372,6 +410,11 @@ class GroupNorm {
             const T gm = gam ? gam[c0 + ci] : T(1);
             const T* gc = gb + ci * s;
             const T* xc = xb + ci * s;
+            if (ppre) {  // dy = SiLU'(pre) dact for this channel, in place
+              T* gw = dyw + ng * k + ci * s;
+              const T* pc = ppre + ng * k + ci * s;
+              for (index_t j = 0; j < s; ++j) gw[j] = detail::silu_bwd(pc[j], gw[j]);
+            }
             T pa, pb;
             detail::lane_sums<T>(
                 s, [=](index_t j) FLOWDIFF_LAMBDA_INLINE { return gc[j]; },

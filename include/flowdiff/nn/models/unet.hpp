@@ -187,15 +187,14 @@ struct ResBlock {
     add_inplace<T>(out, x);
   }
 
-  // a1 = GN1(x), s1 = SiLU(a1) / a2 = GN2(h1), s2 = SiLU(a2) (backward recomputes them with
-  // GroupNorm::recompute: the same bits).
+  // a1 = GN1(x), s1 = SiLU(a1) / a2 = GN2(h1), s2 = SiLU(a2), each norm and its SiLU in one
+  // pass (GroupNorm::forward_silu; backward recomputes them with GroupNorm::recompute: the same
+  // bits, and runs SiLU's backward inside the norm's, GroupNorm::backward_through_silu).
   void first_half(const Parameters<T>& ps, View<const T> x, Cache& c, const Act& act) const {
-    gn1.forward(ps, x, act.a1, c.n1);
-    silu_forward<T>(act.a1, act.s1);
+    gn1.forward_silu(ps, x, act.a1, act.s1, c.n1);
   }
   void second_half(const Parameters<T>& ps, Cache& c, const Act& act) const {
-    gn2.forward(ps, c.h1.view(), act.a2, c.n2);
-    silu_forward<T>(act.a2, act.s2);
+    gn2.forward_silu(ps, c.h1.view(), act.a2, act.s2, c.n2);
   }
 
   // dout: [N, C, H, W]; dx overwritten (must not alias dout); det, dey accumulated (+=), using
@@ -211,8 +210,7 @@ struct ResBlock {
     else
       act = own(c);
     conv2.backward(ps, act.s2, dout, g1, c.c2);
-    silu_backward<T>(act.a2, g1, g1);
-    gn2.backward(ps, c.h1.view(), g1, g2, c.n2);  // g2 = dh1
+    gn2.backward_through_silu(ps, c.h1.view(), act.a2, g1, g2, c.n2);  // g2 = dh1
     sum_spatial<T>(g2, c.at.dout.view(), len);
     t_adapter.backward(ps, et, det, tmp_t, c.at);
     if (!y_adapter.empty()) {
@@ -221,8 +219,7 @@ struct ResBlock {
     }
     if (recompute) gn1.recompute(ps, x, act.a1, act.s1, c.n1);
     conv1.backward(ps, act.s1, g2, g1, c.c1);
-    silu_backward<T>(act.a1, g1, g1);
-    gn1.backward(ps, x, g1, dx, c.n1);
+    gn1.backward_through_silu(ps, x, act.a1, g1, dx, c.n1);
     add_inplace<T>(dx, dout);  // the identity path
   }
 };
@@ -350,8 +347,7 @@ class UNet {
     }
     copy(c.x.view(), x);
     init_conv_[0].forward(ps, x, c.c0.view(), c.conv0);
-    init_norm_[0].forward(ps, c.c0.view(), c.g0.view(), c.norm0);
-    silu_forward<T>(c.g0.view(), c.a0.view());
+    init_norm_[0].forward_silu(ps, c.c0.view(), c.g0.view(), c.a0.view(), c.norm0);
 
     View<const T> h = c.a0.view();
     std::size_t b = 0;
