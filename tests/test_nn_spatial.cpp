@@ -397,8 +397,9 @@ TEST_CASE("Workspaces are reused when shapes repeat", "[nn][spatial]") {
 // forward must have the bits of im2col + gemm; dx must match W^T dy + col2im, and dW (col^T
 // packed from the images, the layer's groups summed in its own order) dy col^T, to float
 // rounding. Geometries cover one sample per product (28 x 28), groups of
-// samples side by side (8 x 8), strides (gathered columns), valid and wide padding, non-square
-// images and kernels 1, 4, 5.
+// samples side by side (8 x 8), strides (stride 2 as pairs of 16-pixel loads where 8 lanes share
+// an output row, gathered columns otherwise), valid and wide padding, non-square images and
+// kernels 1, 4, 5.
 TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with im2col",
           "[nn][spatial]") {
   namespace sd = flowdiff::nn::spatial_detail;
@@ -411,7 +412,11 @@ TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with 
   const Case cases[] = {{3, 6, 8, 3, 1, 1, 28, 28},  {20, 8, 16, 3, 1, 1, 8, 8},
                         {5, 7, 9, 3, 2, 1, 16, 16},  {4, 5, 6, 5, 1, 2, 7, 9},
                         {6, 6, 12, 3, 1, 0, 10, 10}, {3, 5, 7, 4, 1, 3, 6, 5},
-                        {4, 6, 8, 1, 2, 0, 9, 9},    {2, 16, 33, 3, 1, 1, 13, 11}};
+                        {4, 6, 8, 1, 2, 0, 9, 9},    {2, 16, 33, 3, 1, 1, 13, 11},
+                        // stride 2 with 8-lane runs (output rows 16, 8 and 9 wide; padding on
+                        // both sides, none, kernel 4)
+                        {3, 4, 5, 3, 2, 1, 32, 32},  {2, 3, 4, 3, 2, 0, 33, 17},
+                        {2, 3, 4, 4, 2, 1, 30, 18}};
   fd::Generator gen(23);
   for (const auto& cs : cases) {
     CAPTURE(cs.n, cs.c, cs.o, cs.k, cs.s, cs.p, cs.h, cs.w);

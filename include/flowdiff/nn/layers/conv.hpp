@@ -215,6 +215,11 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
     }
     __m512i vih[2], viw[2], voff[2];
     bool run[2];  // the 16 lanes are consecutive pixels of one row
+    // Stride 2: each 8-lane quarter of the half lies in one output row, so its lanes read every
+    // other pixel of 16 consecutive ones: two 16-pixel masked loads (lanes 0-7 and 8-15) and one
+    // permute keep the even pixels. pix[v][h]: the input column of pixel u of quarter h's load.
+    bool run2[2];
+    __m512i pix[2][2];
     for (int v = 0; v < 2; ++v) {
       vih[v] = _mm512_load_si512(ih0 + 16 * v);
       viw[v] = _mm512_load_si512(iw0 + 16 * v);
@@ -225,7 +230,15 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
       const bool one_row = first / ow_n == (first + 15) / ow_n;
       const bool one_sample = ow_n == W && first / L == (first + 15) / L;
       run[v] = g.stride == 1 && lanes >= 16 * (v + 1) && (one_row || one_sample);
+      run2[v] = g.stride == 2 && lanes >= 16 * (v + 1) && first / ow_n == (first + 7) / ow_n &&
+                (first + 8) / ow_n == (first + 15) / ow_n;
+      for (int h = 0; h < 2; ++h)
+        pix[v][h] = _mm512_add_epi32(_mm512_set1_epi32(iw0[16 * v + 8 * h]),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                       13, 14, 15));
     }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
     index_t c = p0 / kk, i = (p0 % kk) / k, j = p0 % k;
     if (run[0] && run[1] && kk <= 64) {
       // Both halves are runs: the lanes' masks depend on (i, j) only, so they are computed once
@@ -269,7 +282,22 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
         const __mmask16 inside = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
                                  _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
         __m512 val;
-        if (run[v]) {
+        if (run2[v]) {
+          // Pixel u of quarter h: lane 8 h + u / 2 when u is even and inside the image.
+          __m512 half[2];
+          for (int h = 0; h < 2; ++h) {
+            const index_t lane = 16 * v + 8 * h;
+            const bool row_in = static_cast<std::uint32_t>(ih0[lane] + i) <
+                                static_cast<std::uint32_t>(g.height);
+            const __mmask16 m = _mm512_mask_cmplt_epu32_mask(
+                row_in ? __mmask16(0x5555) : __mmask16(0), _mm512_add_epi32(pix[v][h], vj), vw);
+            const std::intptr_t at = static_cast<std::intptr_t>(off[lane] + delta);
+            half[h] = _mm512_maskz_loadu_ps(
+                m, reinterpret_cast<const float*>(reinterpret_cast<std::intptr_t>(src.x) +
+                                                  at * std::intptr_t(sizeof(float))));
+          }
+          val = _mm512_permutex2var_ps(half[0], even, half[1]);
+        } else if (run[v]) {
           // Masked-off lanes are not read, so the address may lie in the padding.
           const std::intptr_t at = static_cast<std::intptr_t>(off[16 * v] + delta);
           val = _mm512_maskz_loadu_ps(
@@ -296,7 +324,8 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
 /// [p0, p0 + kc), as plain rows (row r - i0 at dst + (r - i0) kc): the broadcast operand of the
 /// weight gradient dW^T = col dy^T. Along a row the columns are consecutive pixels of one image
 /// row within each output row, so stride 1 copies them with masked 16-lane loads (no gathers or
-/// transposes); other strides gather. Padding and columns outside the image are zero: the values
+/// transposes), stride 2 with two masked loads and a permute that keeps every other pixel; other
+/// strides gather. Padding and columns outside the image are zero: the values
 /// of im2col.
 __attribute__((target("avx512f"))) inline void pack_implicit_rows_avx512(const void* ctx,
                                                                          index_t i0, index_t mc,
@@ -307,6 +336,8 @@ __attribute__((target("avx512f"))) inline void pack_implicit_rows_avx512(const v
   const index_t k = g.kernel, kk = k * k, L = g.cols(), ow_n = g.out_w, W = g.width;
   const index_t H = g.height, HW = H * W, s = g.stride, pad = g.padding;
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i even =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   if (s == 1 && ow_n == W && g.out_h == H && L % 16 == 0 && p0 % 16 == 0) {
     // "Same" convolution (stride 1, output the size of the input): output pixel l of a sample
     // reads input pixel l + (i - pad) W + (j - pad) of its channel, so 16 consecutive columns are
@@ -413,6 +444,20 @@ __attribute__((target("avx512f"))) inline void pack_implicit_rows_avx512(const v
             v = _mm512_maskz_loadu_ps(
                 inside, reinterpret_cast<const float*>(srow + std::intptr_t(sizeof(float)) *
                                                                   (ow - pad + j)));
+          } else if (s == 2) {
+            // Lane t reads pixel 2 t of the 32 from 2 ow - pad + j: two masked 16-pixel loads
+            // (the even pixels of lanes [a, b)) and a permute that keeps the even ones.
+            const std::uint64_t span = b > a ? ((std::uint64_t{1} << (2 * b)) - 1u) &
+                                                   ~((std::uint64_t{1} << (2 * a)) - 1u)
+                                             : 0u;
+            const std::uint64_t m32 = span & 0x55555555u;
+            const std::intptr_t at = srow + std::intptr_t(sizeof(float)) * (2 * ow - pad + j);
+            const __m512 e0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m32 & 0xFFFFu),
+                                                    reinterpret_cast<const float*>(at));
+            const __m512 e1 = _mm512_maskz_loadu_ps(
+                static_cast<__mmask16>(m32 >> 16),
+                reinterpret_cast<const float*>(at + std::intptr_t(16 * sizeof(float))));
+            v = _mm512_permutex2var_ps(e0, even, e1);
           } else {
             const __m512i idx = _mm512_add_epi32(
                 _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(std::int32_t(ow))),
