@@ -61,6 +61,8 @@
 
 namespace flowdiff::test::classifier {
 
+using backend_common::compare_same;
+using backend_common::type_name;
 using spatial::compare;
 using spatial::compare_exact;
 using spatial::device_copy;
@@ -74,24 +76,6 @@ using spatial::none;
 using spatial::str;
 using spatial::Tolerance;
 using spatial::upload;
-
-template <class T>
-const char* type_name() {
-  return std::is_same_v<T, float> ? "float" : "double";
-}
-
-/// Layers whose arithmetic is the CPU's, operation for operation: bit-equal with B = Cpu; on a
-/// device DESIGN.md §4's element-wise rule.
-template <class T, Backend B>
-void compare_same(Log& log, const std::string& what, const std::vector<T>& got,
-                  const std::vector<T>& ref) {
-  if constexpr (std::is_same_v<B, Cpu>)
-    compare_exact(log, what, got, ref);
-  else if constexpr (std::is_same_v<T, double>)
-    compare(log, what, got, ref, {true, 1e-12, 1e-12, 0});
-  else
-    compare(log, what, got, ref, {true, 1e-6, 1e-5, 0});
-}
 
 template <class T>
 std::vector<T> to_vec(View<const T> v) {

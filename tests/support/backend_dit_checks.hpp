@@ -63,6 +63,7 @@
 
 namespace flowdiff::test::dit {
 
+using backend_common::type_name;
 using spatial::compare;
 using spatial::compare_exact;
 using spatial::device_copy;
@@ -78,11 +79,6 @@ using spatial::str;
 using spatial::tolerance;
 using spatial::Tolerance;
 using spatial::upload;
-
-template <class T>
-std::string type_name() {
-  return std::is_same_v<T, float> ? "float" : "double";
-}
 
 // ---------------------------------------------------------------------------------------------
 // The layers against the CPU ones.

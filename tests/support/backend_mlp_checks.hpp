@@ -43,23 +43,15 @@
 #include <string>
 #include <vector>
 
+#include "backend_common.hpp"
 #include "files.hpp"
 
 namespace flowdiff::test {
 
-template <class T, Backend B>
-std::vector<T> host_copy(View<const T, B> v) {
-  Tensor<T> h(v.shape());
-  BackendOps<B>::template download<T>(h.view(), v);
-  return h.to_vector();
-}
-
-template <class T, Backend B>
-Tensor<T, B> device_copy(View<const T> v) {
-  Tensor<T, B> d(v.shape());
-  BackendOps<B>::template upload<T>(d.view(), v);
-  return d;
-}
+using backend_common::csv_without_seconds;
+using backend_common::device_copy;
+using backend_common::file_bytes;
+using backend_common::host_copy;
 
 // ---------------------------------------------------------------------------------------------
 // Forward / backward of one batch.
@@ -493,19 +485,6 @@ struct CheckpointRuns {
   std::int64_t cpu_loaded_step = -1;  // and its step (resumed, nothing left to run)
   std::string wrong_seed, bad_every;  // the messages of two refused configurations
 };
-
-inline std::string file_bytes(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
-
-/// The CSV without its last column (the seconds differ between runs).
-inline std::string csv_without_seconds(const std::filesystem::path& p) {
-  std::stringstream in(file_bytes(p)), out;
-  std::string line;
-  while (std::getline(in, line)) out << line.substr(0, line.rfind(',')) << '\n';
-  return out.str();
-}
 
 /// Trainer's and BackendTrainer's checkpoints on B, for the CFG-CFM case (conditional model,
 /// AdamW, EMA 0.9, a stateful source): a straight run of 10 steps with a checkpoint at the end;

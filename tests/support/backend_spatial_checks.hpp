@@ -42,50 +42,28 @@
 #include <utility>
 #include <vector>
 
+#include "backend_common.hpp"
+
 namespace flowdiff::test::spatial {
 
 // ---------------------------------------------------------------------------------------------
-// The log, comparisons and transfers.
+// The log, comparisons and transfers (tests/support/backend_common.hpp).
 // ---------------------------------------------------------------------------------------------
 
-struct Check {
-  bool ok;
-  std::string what;
-};
-
-struct Log {
-  std::vector<Check> checks;
-  void expect(bool ok, std::string what) { checks.push_back({ok, std::move(what)}); }
-  int failures() const {
-    return static_cast<int>(
-        std::count_if(checks.begin(), checks.end(), [](const Check& c) { return !c.ok; }));
-  }
-};
-
-template <class... A>
-std::string str(const A&... a) {
-  std::ostringstream os;
-  os.precision(4);
-  (os << ... << a);
-  return os.str();
-}
-
-/// Runs body; an exception it throws is a failed check naming `what`.
-template <class F>
-void guard(Log& log, const std::string& what, F&& body) {
-  try {
-    body();
-  } catch (const std::exception& e) {
-    log.expect(false, what + ": unexpected exception: " + e.what());
-  }
-}
+using backend_common::Check;
+using backend_common::compare;
+using backend_common::compare_exact;
+using backend_common::device_copy;
+using backend_common::download;
+using backend_common::guard;
+using backend_common::host_copy;
+using backend_common::Log;
+using backend_common::none;
+using backend_common::str;
+using backend_common::Tolerance;
+using backend_common::upload;
 
 /// How a backend's result must agree with the CPU layer's (DESIGN.md §4).
-struct Tolerance {
-  bool elementwise = false;  // |a - b| <= atol + rtol |ref|, else normalised MSE <= nmse
-  double atol = 0, rtol = 0, nmse = 0;
-};
-
 template <class T, Backend B>
 Tolerance tolerance() {
   if constexpr (std::is_same_v<T, double> && std::is_same_v<B, Cpu>)
@@ -94,94 +72,6 @@ Tolerance tolerance() {
     return {false, 0, 0, 1e-24};
   else
     return {false, 0, 0, 1e-7};
-}
-
-/// Values finite and the reference not all zero; then the tolerance rule.
-template <class T>
-void compare(Log& log, const std::string& what, const std::vector<T>& got,
-             const std::vector<T>& ref, const Tolerance& tol) {
-  if (got.size() != ref.size() || ref.empty()) {
-    log.expect(false, str(what, ": sizes ", got.size(), " vs ", ref.size()));
-    return;
-  }
-  double num = 0, den = 0, worst = 0, ref_max = 0;
-  std::size_t at = 0, equal = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double a = static_cast<double>(got[i]), b = static_cast<double>(ref[i]);
-    if (!std::isfinite(a) || !std::isfinite(b)) {
-      log.expect(false, str(what, ": non-finite value at ", i, " (got ", a, ", ref ", b, ")"));
-      return;
-    }
-    ref_max = std::max(ref_max, std::abs(b));
-    num += (a - b) * (a - b);
-    den += b * b;
-    equal += got[i] == ref[i];
-    const double r = std::abs(a - b) / (tol.atol + tol.rtol * std::abs(b));
-    if (tol.elementwise && r > worst) {
-      worst = r;
-      at = i;
-    }
-  }
-  if (ref_max == 0) {
-    log.expect(false, what + ": the reference is all zero");
-    return;
-  }
-  if (tol.elementwise)
-    log.expect(worst <= 1,
-               str(what, ": |got - ref| <= ", tol.atol, " + ", tol.rtol, " |ref|: worst ratio ",
-                   worst, " at ", at, " (", equal, " of ", ref.size(), " bit-equal)"));
-  else
-    log.expect(num / den <= tol.nmse, str(what, ": normalised MSE ", num / den, " <= ", tol.nmse,
-                                          " (", equal, " of ", ref.size(), " bit-equal)"));
-}
-
-/// Values finite, the reference not all zero, and every element bit-equal.
-template <class T>
-void compare_exact(Log& log, const std::string& what, const std::vector<T>& got,
-                   const std::vector<T>& ref) {
-  bool finite = got.size() == ref.size() && !ref.empty(), nonzero = false;
-  for (std::size_t i = 0; finite && i < ref.size(); ++i) {
-    finite =
-        std::isfinite(static_cast<double>(got[i])) && std::isfinite(static_cast<double>(ref[i]));
-    nonzero = nonzero || ref[i] != T(0);
-  }
-  std::size_t differ = 0;
-  if (finite)
-    for (std::size_t i = 0; i < ref.size(); ++i)
-      differ += std::memcmp(&got[i], &ref[i], sizeof(T)) != 0;
-  log.expect(finite && nonzero && differ == 0,
-             str(what, ": bit-equal (finite ", finite, ", non-zero ", nonzero, ", ", differ,
-                 " elements differ)"));
-}
-
-template <class T, Backend B>
-std::vector<T> host_copy(View<const T, B> v) {
-  Tensor<T> h(v.shape());
-  BackendOps<B>::template download<T>(h.view(), v);
-  return h.to_vector();
-}
-
-template <class T, Backend B>
-Tensor<T, B> device_copy(View<const T> v) {
-  Tensor<T, B> d(v.shape());
-  BackendOps<B>::template upload<T>(d.view(), v);
-  return d;
-}
-
-template <class T, Backend B>
-void upload(View<T, B> dst, View<const T> src) {
-  BackendOps<B>::template upload<T>(dst, src);
-}
-
-template <class T, Backend B>
-void download(View<T> dst, View<const T, B> src) {
-  BackendOps<B>::template download<T>(dst, src);
-}
-
-/// A view with no elements: "leave this output out".
-template <class T, Backend B = Cpu>
-View<T, B> none() {
-  return View<T, B>(nullptr, Shape{0});
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@
 
 namespace flowdiff::test::unet_train {
 
+using backend_common::csv_without_seconds;
+using backend_common::file_bytes;
+using backend_common::run_tolerance;
 using spatial::compare;
 using spatial::compare_exact;
 using spatial::device_copy;
@@ -88,15 +91,6 @@ inline nn::UNetConfig tiny_config(index_t num_classes = 3) {
 inline const Shape& image_shape() {
   static const Shape s{1, 8, 8};
   return s;
-}
-
-/// The rule for a trained or sampled BackendUNet against nn::UNet (the header comment).
-template <class T>
-Tolerance run_tolerance() {
-  if constexpr (std::is_same_v<T, double>)
-    return {true, 1e-11, 1e-9, 0};
-  else
-    return {true, 1e-5, 1e-4, 0};
 }
 
 /// Thrown by ImageSource to interrupt a run (as a killed process would).
@@ -286,19 +280,6 @@ void train_checks(Log& log) {
 // ---------------------------------------------------------------------------------------------
 // Checkpoints and resuming.
 // ---------------------------------------------------------------------------------------------
-
-inline std::string file_bytes(const std::filesystem::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
-
-/// The CSV without its last column (the seconds differ between runs).
-inline std::string csv_without_seconds(const std::filesystem::path& p) {
-  std::stringstream in(file_bytes(p)), out;
-  std::string line;
-  while (std::getline(in, line)) out << line.substr(0, line.rfind(',')) << '\n';
-  return out.str();
-}
 
 /// Six float steps on B with a checkpoint at the end, against the same run interrupted during
 /// step 5 (checkpoint_every = 3) and resumed from its step-3 checkpoint by a fresh model with other

@@ -53,6 +53,9 @@
 
 namespace flowdiff::test::vae {
 
+using backend_common::compare_same;
+using backend_common::run_tolerance;
+using backend_common::type_name;
 using spatial::compare;
 using spatial::compare_exact;
 using spatial::device_copy;
@@ -64,11 +67,6 @@ using spatial::none;
 using spatial::str;
 using spatial::Tolerance;
 
-template <class T>
-const char* type_name() {
-  return std::is_same_v<T, float> ? "float" : "double";
-}
-
 /// The loss parts (doubles summed from T values): element-wise, relative.
 template <class T>
 Tolerance loss_tolerance() {
@@ -76,28 +74,6 @@ Tolerance loss_tolerance() {
     return {true, 0, 1e-12, 0};
   else
     return {true, 0, 1e-5, 0};
-}
-
-/// A few training steps: per-step rounding compounded through AdamW (as the U-Net's training).
-template <class T>
-Tolerance run_tolerance() {
-  if constexpr (std::is_same_v<T, double>)
-    return {true, 1e-11, 1e-9, 0};
-  else
-    return {true, 1e-5, 1e-4, 0};
-}
-
-/// fill_normal on B against the CPU's: bit-equal on the CPU; on a device the normals go through
-/// its log / sin / cos (a few ulp), so DESIGN.md §4's element-wise rule.
-template <class T, Backend B>
-void compare_noise(Log& log, const std::string& what, const std::vector<T>& got,
-                   const std::vector<T>& ref) {
-  if constexpr (std::is_same_v<B, Cpu>)
-    compare_exact(log, what, got, ref);
-  else if constexpr (std::is_same_v<T, double>)
-    compare(log, what, got, ref, {true, 1e-12, 1e-12, 0});
-  else
-    compare(log, what, got, ref, {true, 1e-6, 1e-5, 0});
 }
 
 /// Two tiny VAEs. Built member by member (GCC 12 warns maybe-uninitialized on braced configs).
@@ -252,7 +228,8 @@ void model_checks(Log& log) {
     guard(log, what, [&] {
       const auto ref = vae_reference<T>(c);
       const auto got = vae_on_backend<T, B>(c);
-      compare_noise<T, B>(log, what + ": forward's noise eps", got.eps, ref.eps);
+      // fill_normal on B: on a device the normals go through its log / sin / cos (a few ulp).
+      compare_same<T, B>(log, what + ": forward's noise eps", got.eps, ref.eps);
       log.expect(got.offset == ref.offset && ref.offset > 0,
                  str(what, ": generator offset ", got.offset, " == ", ref.offset));
       compare(log, what + ": mu", got.mu, ref.mu, tol);

@@ -25,6 +25,7 @@
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
+#include "flowdiff/nn/layers/layer_check.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
 namespace flowdiff::nn {
@@ -36,11 +37,7 @@ class BatchNorm2d {
   BatchNorm2d(Parameters<T>& ps, const std::string& prefix, index_t channels, T eps = T(1e-5),
               T momentum = T(0.1))
       : prefix_(prefix), c_(channels), eps_(eps), momentum_(momentum) {
-    require<config_error>(channels >= 1, prefix, " (BatchNorm2d): channels must be >= 1, got ",
-                          channels);
-    require<config_error>(eps > T(0), prefix, " (BatchNorm2d): eps must be > 0, got ", eps);
-    require<config_error>(momentum >= T(0) && momentum <= T(1), prefix,
-                          " (BatchNorm2d): momentum must lie in [0, 1], got ", momentum);
+    detail::check_batchnorm_config(prefix, "BatchNorm2d", channels, eps, momentum);
     w_ = ps.add(prefix + ".weight", Shape{channels});
     b_ = ps.add(prefix + ".bias", Shape{channels});
     rm_ = ps.add_buffer(prefix + ".running_mean", Shape{channels});

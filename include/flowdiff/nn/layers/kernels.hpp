@@ -22,6 +22,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "flowdiff/backend/dispatch.hpp"
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/field.hpp"
@@ -273,6 +274,20 @@ void check_backend_labels(std::string_view who, View<const label_t, B> y, index_
     fail<config_error>(who, ": ", static_cast<index_t>(bad), " of the ", n,
                        " labels y lie outside [0, ", num_classes, ") (K = ", num_classes,
                        " classes)");
+}
+
+/// SinusoidalTimeEmbedding's frequencies f_i = exp(-log(max_period) i / half), i < half = dim / 2,
+/// in double on the host by the CPU layer's expression, then on B: the table f of MlpInput for
+/// the backend models (BackendMLP, BackendUNet, BackendDiT, BackendConvClassifier).
+template <class B>
+Tensor<double, B> time_frequencies(index_t dim, double max_period) {
+  const index_t half = dim / 2;
+  Tensor<double> f(Shape{half});
+  for (index_t i = 0; i < half; ++i)
+    f[i] = std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half));
+  Tensor<double, B> on_b(Shape{half});
+  if (half > 0) BackendOps<B>::template upload<double>(on_b.view(), View<const double>(f.view()));
+  return on_b;
 }
 
 }  // namespace flowdiff::nn::detail

@@ -33,4 +33,16 @@ void check_arg_axis(std::string_view layer, std::string_view kind, std::string_v
                       " at axis ", axis, ", got ", x.shape());
 }
 
+/// The configuration checks of BatchNorm2d and BackendBatchNorm2d (`kind` names the layer):
+/// channels >= 1, eps > 0 and momentum in [0, 1]; config_error otherwise.
+template <class T>
+void check_batchnorm_config(std::string_view prefix, std::string_view kind, index_t channels, T eps,
+                            T momentum) {
+  require<config_error>(channels >= 1, prefix, " (", kind, "): channels must be >= 1, got ",
+                        channels);
+  require<config_error>(eps > T(0), prefix, " (", kind, "): eps must be > 0, got ", eps);
+  require<config_error>(momentum >= T(0) && momentum <= T(1), prefix, " (", kind,
+                        "): momentum must lie in [0, 1], got ", momentum);
+}
+
 }  // namespace flowdiff::nn::detail

@@ -939,11 +939,7 @@ class BackendBatchNorm2d {
   BackendBatchNorm2d(Parameters<T, B>& ps, const std::string& prefix, index_t channels,
                      T eps = T(1e-5), T momentum = T(0.1))
       : prefix_(prefix), c_(channels), eps_(eps), momentum_(momentum) {
-    require<config_error>(channels >= 1, prefix, " (", kind, "): channels must be >= 1, got ",
-                          channels);
-    require<config_error>(eps > T(0), prefix, " (", kind, "): eps must be > 0, got ", eps);
-    require<config_error>(momentum >= T(0) && momentum <= T(1), prefix, " (", kind,
-                          "): momentum must lie in [0, 1], got ", momentum);
+    detail::check_batchnorm_config(prefix, kind, channels, eps, momentum);
     w_ = ps.add(prefix + ".weight", Shape{channels});
     b_ = ps.add(prefix + ".bias", Shape{channels});
     rm_ = ps.add_buffer(prefix + ".running_mean", Shape{channels});

@@ -339,12 +339,7 @@ class BackendConvClassifier {
     fc_.emplace_back(ps, prefix + "fc", fc_inputs(), cfg_.feature_dim);
     head_.emplace_back(ps, prefix + "head", cfg_.feature_dim, cfg_.num_classes);
     // SinusoidalTimeEmbedding's frequencies (scale 1000, max_period 10000), on B.
-    const index_t half = cfg_.time_dim / 2;
-    Tensor<double> f(Shape{half});
-    for (index_t i = 0; i < half; ++i)
-      f[i] = std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half));
-    freqs_ = Tensor<double, B>(Shape{half});
-    if (half > 0) BackendOps<B>::template upload<double>(freqs_.view(), f.view());
+    freqs_ = detail::time_frequencies<B>(cfg_.time_dim, max_period);
   }
 
   const ConvClassifierConfig& config() const { return cfg_; }

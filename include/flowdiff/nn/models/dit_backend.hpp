@@ -256,12 +256,7 @@ class BackendDiT {
     if (D % 4 == 0) dit_detail::sincos_pos_embed(table.view(), grid());
     pos_table_ = Tensor<T, B>(Shape{L, D});
     BackendOps<B>::template upload<T>(pos_table_.view(), View<const T>(table.view()));
-    const index_t half = cfg_.frequency_dim / 2;
-    Tensor<double> f(Shape{half});
-    for (index_t i = 0; i < half; ++i)
-      f[i] = std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half));
-    freqs_ = Tensor<double, B>(Shape{half});
-    BackendOps<B>::template upload<double>(freqs_.view(), View<const double>(f.view()));
+    freqs_ = detail::time_frequencies<B>(cfg_.frequency_dim, max_period);
   }
 
   const DiTConfig& config() const { return cfg_; }

@@ -77,12 +77,7 @@ class BackendMLP {
                         Shape{config.num_classes + 1, config.time_dim});
     // SinusoidalTimeEmbedding's frequencies (scale 1000, max_period 10000), in double on the host
     // by the same expression, then on B.
-    const index_t half = config.time_dim / 2;
-    Tensor<double> f(Shape{half});
-    for (index_t i = 0; i < half; ++i)
-      f[i] = std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half));
-    freqs_ = Tensor<double, B>(Shape{half});
-    BackendOps<B>::template upload<double>(freqs_.view(), f.view());
+    freqs_ = detail::time_frequencies<B>(config.time_dim, max_period);
   }
 
   const MLPConfig& config() const { return cfg_; }

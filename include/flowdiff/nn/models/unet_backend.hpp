@@ -260,12 +260,7 @@ class BackendUNet {
     level_of_.insert(level_of_.end(), R, levels - 1);
     for (index_t j = 0; j + 1 < levels; ++j) level_of_.insert(level_of_.end(), R, levels - 2 - j);
     // SinusoidalTimeEmbedding's frequencies (scale 1000, max_period 10000), on B.
-    const index_t half = td / 2;
-    Tensor<double> f(Shape{half});
-    for (index_t i = 0; i < half; ++i)
-      f[i] = std::exp(-std::log(max_period) * static_cast<double>(i) / static_cast<double>(half));
-    freqs_ = Tensor<double, B>(Shape{half});
-    BackendOps<B>::template upload<double>(freqs_.view(), f.view());
+    freqs_ = detail::time_frequencies<B>(td, max_period);
   }
 
   const UNetConfig& config() const { return cfg_; }
