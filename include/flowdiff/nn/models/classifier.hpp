@@ -88,6 +88,17 @@ inline index_t min_size(const ConvClassifierConfig& cfg) {
   return index_t{1} << (cfg.image_size > 0 ? L : L - 1);
 }
 
+/// Side of the flattened map (image_size > 0: image_size halved once per block), else 0.
+inline index_t flat_side(const ConvClassifierConfig& cfg) {
+  return cfg.image_size > 0 ? cfg.image_size >> static_cast<index_t>(cfg.channels.size()) : 0;
+}
+
+/// Inputs of fc: c_last (global average) or c_last S^2 (flatten).
+inline index_t fc_inputs(const ConvClassifierConfig& cfg) {
+  const index_t side = flat_side(cfg);
+  return cfg.image_size > 0 ? cfg.channels.back() * side * side : cfg.channels.back();
+}
+
 /// The shape checks of forward (x, t, logits), for any backend's views; `t_given` is whether t
 /// is present (not empty).
 inline void check_forward(const ConvClassifierConfig& cfg, const std::string& name, const Shape& x,
@@ -202,11 +213,9 @@ class ConvClassifier {
   /// H and W must be at least this (every pooling halves them, floor).
   index_t min_size() const { return classifier_detail::min_size(cfg_); }
   /// Side of the flattened map (image_size > 0), image_size halved blocks() times.
-  index_t flat_side() const { return flattens() ? cfg_.image_size >> blocks() : 0; }
+  index_t flat_side() const { return classifier_detail::flat_side(cfg_); }
   /// Inputs of fc: c_last (global average) or c_last S^2 (flatten).
-  index_t fc_inputs() const {
-    return flattens() ? cfg_.channels.back() * flat_side() * flat_side() : cfg_.channels.back();
-  }
+  index_t fc_inputs() const { return classifier_detail::fc_inputs(cfg_); }
 
   /// PyTorch's defaults: Conv2d / Linear U(±1/sqrt(fan_in)), GroupNorm weight 1, bias 0.
   void init(Parameters<T>& ps, Generator& gen) const {

@@ -351,11 +351,9 @@ class BackendConvClassifier {
   /// H and W must be at least this (every pooling halves them, floor).
   index_t min_size() const { return classifier_detail::min_size(cfg_); }
   /// Side of the flattened map (image_size > 0), image_size halved blocks() times.
-  index_t flat_side() const { return flattens() ? cfg_.image_size >> blocks() : 0; }
+  index_t flat_side() const { return classifier_detail::flat_side(cfg_); }
   /// Inputs of fc: c_last (global average) or c_last S^2 (flatten).
-  index_t fc_inputs() const {
-    return flattens() ? cfg_.channels.back() * flat_side() * flat_side() : cfg_.channels.back();
-  }
+  index_t fc_inputs() const { return classifier_detail::fc_inputs(cfg_); }
 
   /// nn::ConvClassifier::init's draws on B, in its order: with B = Cpu the same values; on a GPU
   /// the uniforms may differ in the last bit (docs/cuda.md, "Random numbers").
