@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
+#include <flowdiff/backend/cpu/isa.hpp>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/io/safetensors.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
@@ -422,6 +423,7 @@ TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with 
     CAPTURE(cs.n, cs.c, cs.o, cs.k, cs.s, cs.p, cs.h, cs.w);
     nn::Parameters<float> ps;
     nn::Conv2d<float> conv(ps, "c", cs.c, cs.o, cs.k, cs.s, cs.p);
+    conv.set_winograd(false);  // the implicit GEMM (Winograd has its own test)
     ps.allocate();
     conv.init(ps, gen);
     auto x = fd::randn<float>({cs.n, cs.c, cs.h, cs.w}, gen);
@@ -477,5 +479,96 @@ TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with 
       dw_scale = std::max(dw_scale, double(std::abs(dwref[q])));
     }
     CHECK(dw_err <= 1e-5 * dw_scale);
+  }
+}
+
+TEST_CASE("Conv2d float: Winograd forward, dx and dW match a double-precision convolution",
+          "[nn][spatial]") {
+  if (fd::simd::best_isa() != fd::simd::Isa::avx512)
+    WARN("this CPU has no AVX-512: Winograd is not taken, the GEMM path is compared instead");
+  struct Case {
+    fd::index_t n, c, o, h, w;
+  };
+  // Odd and even sizes (a last tile of one row or column), images narrower than 16 tiles and
+  // wider (34 x 40: 20 tiles per row), a single row, a batch of several blocks of tile rows.
+  const Case cases[] = {{3, 16, 16, 8, 8},  {2, 16, 33, 13, 11}, {2, 24, 16, 34, 40},
+                        {4, 17, 20, 1, 5},  {1, 16, 16, 2, 3},   {9, 64, 32, 16, 16},
+                        {2, 32, 32, 32, 32}};
+  fd::Generator gen(29);
+  for (const auto& cs : cases) {
+    CAPTURE(cs.n, cs.c, cs.o, cs.h, cs.w);
+    nn::Parameters<float> ps;
+    nn::Conv2d<float> conv(ps, "c", cs.c, cs.o, 3, 1, 1);
+    ps.allocate();
+    conv.init(ps, gen);
+    REQUIRE(conv.winograd());
+    auto x = fd::randn<float>({cs.n, cs.c, cs.h, cs.w}, gen);
+    const fd::Shape ys{cs.n, cs.o, cs.h, cs.w};
+    auto dy = fd::randn<float>(ys, gen);
+    fd::Tensor<float> y(ys), dx(x.shape()), y2(ys), dx2(x.shape());
+    nn::Conv2d<float>::Cache cache, cache2;
+    ps.zero_grad();
+    conv.forward(ps, x.view(), y.view(), cache);
+    conv.backward(ps, x.view(), dy.view(), dx.view(), cache);
+    auto copy = [](fd::View<const float> v) {
+      return std::vector<float>(v.data(), v.data() + v.numel());
+    };
+    const auto dw = copy(ps.grad(conv.weight_id())), db = copy(ps.grad(conv.bias_id()));
+    // The GEMM path on the same parameters (db is computed the same way: bit-equal).
+    conv.set_winograd(false);
+    ps.zero_grad();
+    conv.forward(ps, x.view(), y2.view(), cache2);
+    conv.backward(ps, x.view(), dy.view(), dx2.view(), cache2);
+    const auto dw2 = copy(ps.grad(conv.weight_id()));
+    CHECK(copy(ps.grad(conv.bias_id())) == db);
+
+    // y and dx in double, directly from the definition.
+    const float* w = ps.param(conv.weight_id()).data();
+    const float* b = ps.param(conv.bias_id()).data();
+    const fd::index_t H = cs.h, W = cs.w, C = cs.c, O = cs.o;
+    std::vector<double> yref(static_cast<std::size_t>(y.numel())),
+        dxref(static_cast<std::size_t>(x.numel()), 0.0),
+        dwref(dw.size(), 0.0);
+    for (fd::index_t s = 0; s < cs.n; ++s)
+      for (fd::index_t o = 0; o < O; ++o)
+        for (fd::index_t i = 0; i < H; ++i)
+          for (fd::index_t j = 0; j < W; ++j) {
+            double acc = b[o];
+            const double g = dy[((s * O + o) * H + i) * W + j];
+            for (fd::index_t c = 0; c < C; ++c)
+              for (fd::index_t ki = 0; ki < 3; ++ki)
+                for (fd::index_t kj = 0; kj < 3; ++kj) {
+                  const fd::index_t ii = i + ki - 1, jj = j + kj - 1;
+                  if (ii < 0 || ii >= H || jj < 0 || jj >= W) continue;
+                  const fd::index_t xi = ((s * C + c) * H + ii) * W + jj;
+                  const fd::index_t wi = ((o * C + c) * 3 + ki) * 3 + kj;
+                  const double wv = w[wi];
+                  acc += wv * x[xi];
+                  dxref[static_cast<std::size_t>(xi)] += wv * g;
+                  dwref[static_cast<std::size_t>(wi)] += g * x[xi];
+                }
+            yref[static_cast<std::size_t>(((s * O + o) * H + i) * W + j)] = acc;
+          }
+    // Max error over the scale of the values, for Winograd and for the GEMM path: Winograd's
+    // transforms add a few roundings of the largest terms, not more.
+    auto rel = [](const float* got, const std::vector<double>& ref) {
+      double err = 0, scale = 0;
+      for (std::size_t q = 0; q < ref.size(); ++q) {
+        err = std::max(err, std::abs(double(got[q]) - ref[q]));
+        scale = std::max(scale, std::abs(ref[q]));
+      }
+      return err / scale;
+    };
+    const double ey = rel(y.data(), yref), edx = rel(dx.data(), dxref),
+                 edw = rel(dw.data(), dwref);
+    const double ey2 = rel(y2.data(), yref), edx2 = rel(dx2.data(), dxref),
+                 edw2 = rel(dw2.data(), dwref);
+    CAPTURE(ey, edx, edw, ey2, edx2, edw2);
+    CHECK(ey < 2e-6);
+    CHECK(edx < 2e-6);
+    CHECK(edw < 2e-6);
+    CHECK(ey2 < 2e-6);
+    CHECK(edx2 < 2e-6);
+    CHECK(edw2 < 2e-6);
   }
 }

@@ -1,6 +1,6 @@
 // Thread-count independence of the network engine: the U-Net (with midcoder attention), Conv2d
-// and the MLP give bit-identical outputs, input gradients and parameter gradients on 1 and on 2
-// OpenMP threads (omp_set_num_threads), because GEMM panels, convolution groups and backward
+// (implicit GEMM and Winograd) and the MLP give bit-identical outputs, input gradients and
+// parameter gradients on 1 and on 2 OpenMP threads (omp_set_num_threads), because GEMM panels, convolution groups and backward
 // chunks are cut by shape only and the weight-gradient partials are summed in a fixed order.
 // Batches are chosen so that convolutions run several groups and backward chunks in parallel.
 #include <algorithm>
@@ -115,6 +115,28 @@ TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 thread
   auto run = [&] {
     nn::Conv2d<float>::Cache cache;
     fd::Tensor<float> out(os), dx(x.shape());
+    ps.zero_grad();
+    conv.forward(ps, x, out, cache);
+    conv.backward(ps, x, dy, dx, cache);
+    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+  };
+  check_same(with_threads(1, run), with_threads(2, run));
+}
+
+TEST_CASE("Winograd Conv2d (3 x 3, padding 1) is bit-identical on 1 and 2 threads",
+          "[nn][threads]") {
+  nn::Parameters<float> ps;
+  nn::Conv2d<float> conv(ps, "c", 16, 24, 3, 1, 1);
+  ps.allocate();
+  fd::Generator gen{7};
+  conv.init(ps, gen);
+  // 4096 / 24 = 170 tiles per block, 9 tiles per row (17 wide): 18 tile rows per block, so the
+  // 15 x 9 = 135 tile rows of the batch make 8 blocks (the last one short).
+  auto x = fd::randn<float>({15, 16, 17, 17}, gen);
+  auto dy = fd::randn<float>(conv.output_shape(x.shape()), gen);
+  auto run = [&] {
+    nn::Conv2d<float>::Cache cache;
+    fd::Tensor<float> out(dy.shape()), dx(x.shape());
     ps.zero_grad();
     conv.forward(ps, x, out, cache);
     conv.backward(ps, x, dy, dx, cache);

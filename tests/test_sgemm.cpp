@@ -1,7 +1,8 @@
 // flowdiff's own float GEMM (backend/cpu/sgemm.hpp): every kernel this CPU can run against a
 // double reference over random shapes (packed and unpacked paths, transposes, leading
 // dimensions, alpha, beta), the beta == 0 contract (C not read), bit-identical results on 1
-// and 2 threads, and an op(A) that packs itself (APacker) giving the stored matrix's bits.
+// and 2 threads, an op(A) that packs itself (APacker) and op(B) read as panels in place
+// (BPacker::panels) giving the stored matrix's bits.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -194,6 +195,23 @@ TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][thre
 #endif
 }
 
+namespace {
+// The product p (on s's C, run already into `expected` on all threads) on one thread: same bits.
+void check_one_thread(fd::sgemm::Problem p, const SgemmCase& s, const std::vector<float>& expected) {
+#if defined(_OPENMP)
+  auto c_one = s.c;
+  p.c = c_one.data();
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  fd::sgemm::gemm(fd::sgemm::Isa::avx512, p);
+  omp_set_num_threads(threads);
+  CHECK(std::memcmp(c_one.data(), expected.data(), c_one.size() * sizeof(float)) == 0);
+#else
+  (void)p, (void)s, (void)expected;
+#endif
+}
+}  // namespace
+
 // An APacker (op(A) that packs itself as plain rows; the convolution's weight gradient uses one)
 // must give the bits of the same product from the stored matrix: the row-broadcasting kernel does
 // the same FMAs in the same order. Shapes: partial row tiles, several MC / KC blocks, products
@@ -221,9 +239,6 @@ TEST_CASE("sgemm: an APacker gives the bits of the stored op(A)", "[core][gemm][
   // path (m <= 16, op(A) = A, op(B) = B^T), which is another algorithm with other bits.
   const fd::index_t shapes[][4] = {{13, 40, 38, 1},   {288, 32, 1024, 1}, {1152, 128, 1024, 1},
                                    {300, 77, 600, 0}, {64, 2000, 300, 1}, {9, 5, 3, 0}};
-#if defined(_OPENMP)
-  const int threads = omp_get_max_threads();
-#endif
   for (const auto& sh : shapes)
     for (float beta : {0.f, 1.f}) {
       const bool ta = (sh[0] + sh[2]) % 2 == 1;
@@ -239,14 +254,7 @@ TEST_CASE("sgemm: an APacker gives the bits of the stored op(A)", "[core][gemm][
                 << beta);
       REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
       CHECK(std::memcmp(c_ref.data(), c_packed.data(), c_ref.size() * sizeof(float)) == 0);
-#if defined(_OPENMP)
-      auto c_one = s.c;
-      p.c = c_one.data();
-      omp_set_num_threads(1);
-      fd::sgemm::gemm(fd::sgemm::Isa::avx512, p);
-      omp_set_num_threads(threads);
-      CHECK(std::memcmp(c_one.data(), c_packed.data(), c_one.size() * sizeof(float)) == 0);
-#endif
+      check_one_thread(p, s, c_packed);
     }
   // Thin products and other kernels are refused, nothing done.
   const auto s = make_sgemm_case(g, 3, 40, 20, false, true, 1.f, 0.f);
@@ -343,4 +351,41 @@ void check_epilogue_shapes() {
 TEST_CASE("gemm epilogue: runs once per element of C, on final values", "[core][gemm][sgemm]") {
   check_epilogue_shapes<float>();
   check_epilogue_shapes<double>();
+}
+
+// B's micro-panels stored in place (BPacker::panels, what the Winograd convolution writes): the
+// product reads them instead of packing and gives the bits of the stored op(B). Shapes: a partial
+// last panel, several KC and NC blocks, products threaded by rows and by columns, beta 0 and 1.
+TEST_CASE("sgemm: B panels read in place give the bits of the stored op(B)",
+          "[core][gemm][sgemm]") {
+  if (fd::sgemm::best_isa() != fd::sgemm::Isa::avx512) {
+    WARN("no AVX-512 on this CPU: BPacker products are not taken (gemm returns false)");
+    return;
+  }
+  std::mt19937 g(31);
+  const fd::index_t shapes[][3] = {{32, 100, 32}, {128, 4100, 300}, {300, 77, 600}, {40, 33, 7}};
+  for (const auto& sh : shapes)
+    for (float beta : {0.f, 1.f}) {
+      const fd::index_t m = sh[0], n = sh[1], k = sh[2];
+      const auto s = make_sgemm_case(g, m, n, k, false, false, 1.f, beta);
+      auto c_ref = s.c, c_panels = s.c;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(s, c_ref.data())));
+      // op(B) = B [k, n] as panels of 32 columns over the whole k; the last panel's extra lanes
+      // hold NaN: their columns are discarded, so they must not reach C.
+      const fd::index_t np = (n + 31) / 32;
+      fd::Tensor<float> panels(fd::Shape{np * 32 * k});  // 64-byte aligned, as panels must be
+      fd::fill(panels, std::numeric_limits<float>::quiet_NaN());
+      for (fd::index_t p = 0; p < k; ++p)
+        for (fd::index_t j = 0; j < n; ++j)
+          panels.data()[(j / 32) * 32 * k + 32 * p + j % 32] =
+              s.b[static_cast<std::size_t>(p * s.ldb + j)];
+      const fd::sgemm::BPacker packer{nullptr, nullptr, panels.data()};
+      auto p = sgemm_problem(s, c_panels.data());
+      p.bpack = &packer;
+      p.b = nullptr;  // never read
+      INFO("m " << m << " n " << n << " k " << k << " beta " << beta);
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+      CHECK(std::memcmp(c_ref.data(), c_panels.data(), c_ref.size() * sizeof(float)) == 0);
+      check_one_thread(p, s, c_panels);
+    }
 }

@@ -81,6 +81,7 @@
 #include "flowdiff/nn/layers/spatial_kernels.hpp"
 #include "flowdiff/nn/layers/token_kernels.hpp"
 #include "flowdiff/nn/layers/upsample.hpp"
+#include "flowdiff/nn/layers/winograd.hpp"
 #include "flowdiff/nn/models/classifier.hpp"
 #include "flowdiff/nn/models/classifier_backend.hpp"
 #include "flowdiff/nn/models/dit.hpp"

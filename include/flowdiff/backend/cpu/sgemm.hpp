@@ -74,6 +74,11 @@ struct BPacker {
   static constexpr index_t panel = 32;
   void (*pack)(const void* ctx, index_t p0, index_t kc, index_t j0, index_t nc, float* dst);
   const void* ctx;
+  /// Optional: op(B) stored already as micro-panels over the whole k (panel q, columns
+  /// [32 q, 32 q + 32), at panels + 32 q k, its row p at + 32 p; 64-byte aligned): the product
+  /// reads them in place and pack is not called. Lanes beyond n are read and their columns
+  /// discarded.
+  const float* panels = nullptr;
 };
 
 /// An op(A) that is never stored but packs itself: the column matrix of a convolution read from
@@ -541,19 +546,23 @@ template <class K, bool ROWS>
 void packed_serial_as(const Problem& o) {
   constexpr index_t MR = K::MR, NR = K::NR, MC = K::MC, NC = K::NC, KC = K::KC;
   const index_t kcb = std::min(KC, o.k);
-  float* const bbuf = pack_buffer(0, kcb * std::min(NC, (o.n + NR - 1) / NR * NR));
+  // B's panels in place (BPacker::panels; column bcol0 + j starts at + j k when j % NR = 0).
+  const float* const pre = NR == BPacker::panel && o.bpack != nullptr ? o.bpack->panels : nullptr;
+  float* const bbuf =
+      pre != nullptr ? nullptr : pack_buffer(0, kcb * std::min(NC, (o.n + NR - 1) / NR * NR));
   float* const abuf = pack_buffer(1, kcb * std::min(MC, (o.m + MR - 1) / MR * MR));
   for (index_t jc = 0; jc < o.n; jc += NC) {
     const index_t nc = std::min(NC, o.n - jc);
     for (index_t pc = 0; pc < o.k; pc += KC) {
       const index_t kc = std::min(KC, o.k - pc);
       const bool overwrite = o.beta == 0.f && pc == 0;
-      pack_b<NR>(o, pc, kc, jc, nc, bbuf);
+      if (pre == nullptr) pack_b<NR>(o, pc, kc, jc, nc, bbuf);
       for (index_t ic = 0; ic < o.m; ic += MC) {
         const index_t mc = std::min(MC, o.m - ic);
         pack_a<MR>(o, ic, mc, pc, kc, abuf);
         for (index_t jr = 0; jr < nc; jr += NR) {
-          const float* bp = bbuf + jr * kc;
+          const float* bp = pre != nullptr ? pre + (o.bcol0 + jc + jr) * o.k + pc * NR
+                                           : bbuf + jr * kc;
           const index_t nr = std::min(NR, nc - jr);
           for (index_t ir = 0; ir < mc; ir += MR)
             tile<K, ROWS>(o, kc, abuf + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,

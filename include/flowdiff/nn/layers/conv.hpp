@@ -17,8 +17,11 @@
 // any thread count. A batch of one group runs serially with threaded GEMMs. Float on an AVX-512
 // CPU skips the column matrix (implicit GEMM: sgemm packs its panels straight from the images,
 // the same values, so the same bits), and dx of a stride-1 convolution is the convolution of dy
-// with the flipped kernel (no col2im). This file also holds the im2col / col2im / channel-packing
-// helpers shared with ConvTranspose2d.
+// with the flipped kernel (no col2im). Float 3 x 3, stride-1, padding-1 convolutions with at
+// least 16 input and output channels run forward and dx by Winograd's F(2 x 2, 3 x 3) instead,
+// and dW by F(3 x 3, 2 x 2) on images at least 16 wide (winograd.hpp: 2.25 times fewer
+// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). This file also holds the im2col / col2im / channel-packing helpers shared
+// with ConvTranspose2d.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +41,7 @@
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
 #include "flowdiff/nn/layers/kernels.hpp"
+#include "flowdiff/nn/layers/winograd.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
 namespace flowdiff::nn {
@@ -173,6 +177,14 @@ struct ImplicitColumns {
   index_t plane = 0;  // elements per sample
 };
 
+/// d[0, 16) and d[16, 32) = the 16 floats at a0 and at a1 under masks m[0] and m[1] (zero where
+/// off; masked-off lanes are not read).
+__attribute__((target("avx512f"), always_inline)) inline void masked_row_pair(
+    const __mmask16* m, std::intptr_t a0, std::intptr_t a1, float* d) {
+  _mm512_store_ps(d, _mm512_maskz_loadu_ps(m[0], reinterpret_cast<const float*>(a0)));
+  _mm512_store_ps(d + 16, _mm512_maskz_loadu_ps(m[1], reinterpret_cast<const float*>(a1)));
+}
+
 /// BPacker::pack for ImplicitColumns: rows r = (c, i, j) of columns [j0, j0 + nc) into 32-lane
 /// panels. Each 16-lane half of a panel row is one masked load when its lanes are consecutive
 /// pixels (stride 1, all in one output row, or in one sample of an output as wide as the input),
@@ -251,26 +263,33 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
           mk[ij][v] = _mm512_cmplt_epu32_mask(_mm512_add_epi32(vih[v], vi), vh) &
                       _mm512_cmplt_epu32_mask(_mm512_add_epi32(viw[v], vj), vw);
       }
-      const std::intptr_t base0 =
-          reinterpret_cast<std::intptr_t>(src.x) + std::intptr_t(sizeof(float)) * off[0];
-      const std::intptr_t base1 =
-          reinterpret_cast<std::intptr_t>(src.x) + std::intptr_t(sizeof(float)) * off[16];
-      for (index_t p = 0; p < kc; ++p) {
-        const std::intptr_t delta = std::intptr_t(sizeof(float)) * (c * HW + i * W + j);
-        const index_t ij = i * k + j;
-        _mm512_store_ps(dst + p * NR, _mm512_maskz_loadu_ps(
-                                          mk[ij][0], reinterpret_cast<const float*>(base0 + delta)));
-        _mm512_store_ps(dst + p * NR + 16,
-                        _mm512_maskz_loadu_ps(mk[ij][1],
-                                              reinterpret_cast<const float*>(base1 + delta)));
-        if (++j == k) {
-          j = 0;
-          if (++i == k) {
-            i = 0;
-            ++c;
-          }
-        }
+      // Row p = (c, ij) reads at the channel's base plus the tap's offset; the rows run channel
+      // by channel, the k x k taps of a whole channel as one fixed-length (for 3 x 3 unrolled)
+      // loop without index arithmetic.
+      std::intptr_t tap[64];
+      for (index_t ij = 0; ij < kk; ++ij)
+        tap[ij] = std::intptr_t(sizeof(float)) * ((ij / k) * W + ij % k);
+      const std::intptr_t chan = std::intptr_t(sizeof(float)) * HW;
+      std::intptr_t base0 = reinterpret_cast<std::intptr_t>(src.x) +
+                            std::intptr_t(sizeof(float)) * off[0] + c * chan;
+      std::intptr_t base1 = reinterpret_cast<std::intptr_t>(src.x) +
+                            std::intptr_t(sizeof(float)) * off[16] + c * chan;
+      index_t p = 0;
+      if (const index_t first = i * k + j; first > 0) {  // the rest of a channel begun earlier
+        for (index_t ij = first; ij < kk && p < kc; ++ij, ++p) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);
+        base0 += chan;
+        base1 += chan;
       }
+      if (kk == 9) {
+        for (; p + 9 <= kc; p += 9, base0 += chan, base1 += chan) {
+FLOWDIFF_SGEMM_UNROLL
+          for (index_t ij = 0; ij < 9; ++ij) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
+        }
+      } else {
+        for (; p + kk <= kc; p += kk, base0 += chan, base1 += chan)
+          for (index_t ij = 0; ij < kk; ++ij) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
+      }
+      for (index_t ij = 0; p < kc; ++ij, ++p) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);  // a channel's first taps
       continue;
     }
     for (index_t p = 0; p < kc; ++p) {
@@ -696,7 +715,17 @@ class Conv2d {
     std::vector<Tensor<T>> dw;   // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
     std::vector<Tensor<T>> dwt;  // [C k k, O] per thread: a chunk's dW^T (implicit_gemm_dwt)
     Tensor<T> wf;                // [C, O k k] the flipped kernel of dx's implicit GEMM
+    Tensor<T> wu, wuf;           // [16, O, C] / [16, C, O]: Winograd-transformed W / flipped W
+    std::vector<Tensor<T>> wino;  // per thread: the Winograd workspace
+    Tensor<T> wsum;              // [chunks, 16, O, C]: the weight gradient's Winograd sums
   };
+
+  /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
+  /// channels run forward and dx by Winograd's F(2 x 2, 3 x 3) (winograd.hpp) on a CPU with a
+  /// vector GEMM kernel: 2.25 times fewer multiply-adds, other roundings than im2col + GEMM
+  /// (bit-identical for any thread count either way). On by default.
+  void set_winograd(bool on) { winograd_ = on; }
+  bool winograd() const { return winograd_; }
 
   /// At most this many backward chunks (weight-gradient partials) per call.
   static constexpr index_t max_chunks = 8;
@@ -717,6 +746,10 @@ class Conv2d {
     const index_t team = prepare(cache, G, K, L, groups, 0);
     const T* w = ps.param(w_).data();
     const T* b = bias_ ? ps.param(b_).data() : nullptr;
+    if (uses_winograd(g)) {
+      winograd(cache, w, x.data(), b, y.data(), in_, out_, n, g, cache.wu);
+      return;
+    }
     Cpu::parallel_tasks(groups, team, [&](index_t q, index_t tid) {
       const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
       T* colw = workspace(cache, tid, false);
@@ -754,14 +787,28 @@ class Conv2d {
     const auto g = geometry(x.shape());
     const index_t n = x.dim(0), L = g.cols(), K = g.rows();
     check_exact(prefix_, "Conv2d", "dy", dy, Shape{n, out_, g.out_h, g.out_w});
-    const bool want_dx = !dx.empty();
-    if (want_dx) check_exact(prefix_, "Conv2d", "dx", View<const T>(dx), x.shape());
+    if (!dx.empty()) check_exact(prefix_, "Conv2d", "dx", View<const T>(dx), x.shape());
     const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
     const index_t chunks = std::min(groups, max_chunks);
     const index_t team = prepare(cache, G, K, L, chunks, chunks - 1);
     const T* w = ps.param(w_).data();
     T* dw = ps.grad(w_).data();
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
+    bool want_dx = !dx.empty();
+    if (uses_winograd(g)) {
+      if (want_dx) {  // dx: the convolution of dy with the flipped kernel, O -> C channels
+        flip_kernel(w, cache.wf);
+        winograd(cache, cache.wf.data(), dy.data(), nullptr, dx.data(), out_, in_, n, g,
+                 cache.wuf);
+        want_dx = false;
+      }
+      // dW by Winograd F(3x3, 2x2) where rows have at least 8 tiles (16 pixels): on narrower
+      // images most of the transforms' 16 lanes idle and the implicit GEMM is as fast.
+      if (g.width >= 16) {
+        winograd_weight_gradient(cache, x.data(), dy.data(), dw, n, g);
+        return;
+      }
+    }
     // dx of a stride-1 convolution is the convolution of dy with the flipped, transposed kernel
     // (padding k - 1 - p): one implicit GEMM instead of W^T dy and col2im.
     const bool flipped =
@@ -851,6 +898,69 @@ class Conv2d {
   }
 
  private:
+  bool uses_winograd(const spatial_detail::ConvGeometry& g) const {
+#if FLOWDIFF_X86_DISPATCH
+    if constexpr (std::is_same_v<T, float>)
+      return winograd_ && k_ == 3 && s_ == 1 && p_ == 1 && in_ >= 16 && out_ >= 16 &&
+             g.out_h == g.height && g.out_w == g.width && simd::best_isa() == simd::Isa::avx512;
+#endif
+    (void)g;
+    return false;
+  }
+
+  // The Winograd workspaces of threads 0 .. team - 1 for the plan (grown, kept in the cache).
+  static std::vector<T*> winograd_workspaces(Cache& cache, const winograd_detail::Plan& plan,
+                                             index_t team) {
+    if (cache.wino.size() < static_cast<std::size_t>(team))
+      cache.wino.resize(static_cast<std::size_t>(team));
+    std::vector<T*> ws;
+    for (index_t t = 0; t < team; ++t) {
+      auto& buf = cache.wino[static_cast<std::size_t>(t)];
+      if (buf.numel() < plan.workspace()) buf.resize(Shape{plan.workspace()});
+      ws.push_back(buf.data());
+    }
+    return ws;
+  }
+
+  // y = conv3x3(x, w) (+ bias) by Winograd, w: [co, ci, 3, 3] (W itself, or the flipped kernel
+  // for dx), x: [n, ci, H, W], y: [n, co, H, W]; u takes the transformed kernel.
+  void winograd(Cache& cache, const T* w, const T* x, const T* bias, T* y, index_t ci, index_t co,
+                index_t n, const spatial_detail::ConvGeometry& g, Tensor<T>& u) const {
+#if FLOWDIFF_X86_DISPATCH
+    if constexpr (std::is_same_v<T, float>) {
+      const auto plan = winograd_detail::plan(n, ci, co, g.height, g.width);
+      if (u.numel() != 16 * ci * co) u.resize(Shape{16 * ci * co});
+      winograd_detail::transform_weights(w, co, ci, u.data());
+      const index_t team = std::max<index_t>(1, std::min<index_t>(plan.blocks, Cpu::max_threads()));
+      winograd_detail::convolve(plan, x, u.data(), bias, y, team,
+                                winograd_workspaces(cache, plan, team));
+      return;
+    }
+#endif
+    (void)cache, (void)w, (void)x, (void)bias, (void)y, (void)ci, (void)co, (void)n, (void)g,
+        (void)u;
+    fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
+  }
+
+  // dW += the weight gradient of x [n, C, H, W] and dy [n, O, H, W] by Winograd F(3x3, 2x2).
+  void winograd_weight_gradient(Cache& cache, const T* x, const T* dy, T* dw, index_t n,
+                                const spatial_detail::ConvGeometry& g) const {
+#if FLOWDIFF_X86_DISPATCH
+    if constexpr (std::is_same_v<T, float>) {
+      const auto plan = winograd_detail::plan(n, in_, out_, g.height, g.width);
+      const index_t chunks = std::min(plan.blocks, max_chunks);
+      const index_t team = std::max<index_t>(1, std::min<index_t>(chunks, Cpu::max_threads()));
+      if (cache.wsum.numel() < chunks * 16 * in_ * out_)
+        cache.wsum.resize(Shape{chunks * 16 * in_ * out_});
+      winograd_detail::weight_gradient(plan, x, dy, dw, team, winograd_workspaces(cache, plan, team),
+                                       cache.wsum.data(), chunks);
+      return;
+    }
+#endif
+    (void)cache, (void)x, (void)dy, (void)dw, (void)n, (void)g;
+    fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
+  }
+
   spatial_detail::ConvGeometry geometry(const Shape& s) const {
     if (s.rank() != 4 || s[1] != in_ || s[2] + 2 * p_ < k_ || s[3] + 2 * p_ < k_)
       fail<shape_error>(prefix_, " (Conv2d): x: expected shape [N, ", in_,
@@ -932,6 +1042,7 @@ class Conv2d {
   std::string prefix_;
   index_t in_, out_, k_, s_, p_;
   bool bias_;
+  bool winograd_ = true;
   index_t w_ = -1, b_ = -1;
 };
 

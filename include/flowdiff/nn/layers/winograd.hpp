@@ -1,0 +1,367 @@
+// flowdiff/nn/layers/winograd.hpp — 3 x 3, stride-1, padding-1 convolutions by Winograd's minimal
+// filtering F(2 x 2, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+// 2016): each 2 x 2 block of outputs ("tile") of one output channel o is
+//   Y = A^T [ sum_c (G g_oc G^T) . (B^T d_c B) ] A
+// where d_c is the 4 x 4 input patch of channel c under the tile (zero outside the image), g_oc
+// the 3 x 3 kernel, . the element-wise product, and
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// The sum over c is, for each of the 16 positions e of the 4 x 4 transformed tile, one GEMM
+// M_e[O, T] = U_e[O, C] V_e[C, T] over T tiles: 16 C O products per tile instead of direct
+// convolution's 36 C O (2.25 times fewer multiply-adds), plus the transforms (additions only).
+// V_e is written directly as sgemm's B micro-panels (BPacker::panels: no packing pass).
+// The weight gradient dW[o, c] = sum over pixels of dy[o] x[c] (shifted) is the 3 x 3 correlation
+// of x with dy: F(3 x 3, 2 x 2) over the same tiles, dW_oc = A'^T [sum_t (Gs g_t Gs^T) . V_t] A'
+// with g_t the 2 x 2 block of dy under tile t, Gs = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] and
+// A'^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1] (Gs is F(3, 2)'s G with its last row negated, which makes
+// its input transform the forward's, so V is the same): 16 GEMMs S_e[O, C] += Z_e V_e^T per block.
+// The tiles of a batch are taken in blocks of whole tile rows (R rows of tw tiles, R from the
+// shape only) so that a block's buffers stay in L2; blocks are shared out over the threads, each
+// with its own buffers and single-threaded GEMMs (dW: contiguous runs of blocks into per-run sums
+// added in run order), and every output element is computed by the same operations in the same
+// order whatever the thread count: bit-identical for any number of threads. The result is not
+// bit-identical to im2col + GEMM (other roundings; against a double convolution its error is of
+// the same size, 1-9e-7 of the largest value in the tests); Conv2d uses it for float on AVX-512
+// CPUs with at least 16 input and output channels, and set_winograd(false) turns it off. The
+// transforms take sixteen tiles of a tile row at a time in AVX-512 registers.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
+#include "flowdiff/backend/cpu/linalg.hpp"
+#include "flowdiff/core/tensor.hpp"
+
+#if FLOWDIFF_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace flowdiff::nn::winograd_detail {
+
+/// The shape of one Winograd convolution: x [N, C, H, W] -> y [N, O, H, W] (3 x 3, padding 1).
+struct Plan {
+  index_t n = 0, in = 0, out = 0, h = 0, w = 0;
+  index_t th = 0, tw = 0;  // tile rows and tiles per row: ceil(h / 2), ceil(w / 2)
+  index_t rows = 0;        // tile rows per block
+  index_t blocks = 0;      // blocks over the n th tile rows of the batch
+  index_t tiles() const { return rows * tw; }  // tiles of a whole block (the buffers' T)
+  index_t panels() const { return (tiles() + 31) / 32; }
+  /// Floats of one thread's workspace: V as [16] x sgemm micro-panels ([panels, C, 32]) and
+  /// M [16, O, T].
+  index_t workspace() const { return 16 * in * 32 * panels() + 16 * out * tiles(); }
+};
+
+/// Tile rows per block: about 4096 / max(C, O) tiles (V and M of a block together under 512 KB),
+/// at least one row.
+inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w,
+                 index_t budget = 4096, index_t min_tiles = 32) {
+  Plan p;
+  p.n = n;
+  p.in = in;
+  p.out = out;
+  p.h = h;
+  p.w = w;
+  p.th = (h + 1) / 2;
+  p.tw = (w + 1) / 2;
+  const index_t target = std::max<index_t>(min_tiles, budget / std::max(in, out));
+  p.rows = std::max<index_t>(1, std::min(n * p.th, target / p.tw));
+  p.blocks = (n * p.th + p.rows - 1) / p.rows;
+  return p;
+}
+
+/// U[e, o, c] = (G g_oc G^T)[e / 4, e % 4] for w [O, C, 3, 3]; u: 16 O C floats.
+template <class T>
+void transform_weights(const T* w, index_t out, index_t in, T* u) {
+  const index_t oc = out * in;
+  for (index_t q = 0; q < oc; ++q) {
+    const T* g = w + 9 * q;
+    T t[4][3];  // G g: rows of the 4 x 3 intermediate
+    for (index_t j = 0; j < 3; ++j) {
+      t[0][j] = g[j];
+      t[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
+      t[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
+      t[3][j] = g[6 + j];
+    }
+    for (index_t i = 0; i < 4; ++i) {  // (G g) G^T
+      u[(4 * i + 0) * oc + q] = t[i][0];
+      u[(4 * i + 1) * oc + q] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
+      u[(4 * i + 2) * oc + q] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
+      u[(4 * i + 3) * oc + q] = t[i][2];
+    }
+  }
+}
+
+#if FLOWDIFF_X86_DISPATCH
+/// Lanes [lo, hi) of 16 (clamped to [0, 16]) set.
+inline __mmask16 lane_range(index_t lo, index_t hi) {
+  lo = std::clamp<index_t>(lo, 0, 16);
+  hi = std::clamp<index_t>(hi, 0, 16);
+  if (hi <= lo) return 0;
+  const unsigned bits = (hi == 16 ? 0xFFFFu : ((1u << hi) - 1u)) & ~((1u << lo) - 1u);
+  return static_cast<__mmask16>(bits);
+}
+
+/// V_e(c, t) = (B^T d B)[e / 4, e % 4] for the tiles of tile rows [r0, r1) of the batch
+/// (t = (r - r0) tw + tx) and channels [c0, c1), V_e at v + e ve. ld = 0: as sgemm's B
+/// micro-panels, (c, t) at + (t / 32) 32 C + 32 c + t % 32 (the forward's B); ld > 0: plain rows,
+/// (c, t) at + c ld + t (the weight gradient's op(B)^T). Sixteen tiles
+/// at a time: tile tx reads input columns 2 tx - 1 .. 2 tx + 2 of rows 2 ty - 1 .. 2 ty + 2
+/// (zero outside the image), i.e. 34 consecutive columns for 16 tiles: three masked loads per
+/// row, the vertical transform on them, then even / odd lanes and their shifts (four permutes).
+__attribute__((target("avx512f"))) inline void transform_input(const Plan& p, const float* x,
+                                                               index_t r0, index_t r1,
+                                                               index_t c0, index_t c1, float* v,
+                                                               index_t ve, index_t ld = 0) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const index_t eT = ve, pstride = 32 * p.in;  // floats between positions e, between panels
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // Lanes 1 .. 15 of the first operand, then lane 0 (next) or 1 (next2) of the second.
+  const __m512i next = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
+  const __m512i next2 = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17);
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    bool row_in[4];
+    for (index_t q = 0; q < 4; ++q) {
+      const index_t ih = 2 * ty - 1 + q;
+      row_in[q] = ih >= 0 && ih < H;
+    }
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 16) {
+      const index_t col0 = 2 * tx0 - 1;  // input column of lane 0 of the first load
+      const __mmask16 mk[3] = {lane_range(-col0, W - col0), lane_range(-col0 - 16, W - col0 - 16),
+                               lane_range(-col0 - 32, W - col0 - 32)};
+      // Tiles t0 .. t0 + cnt - 1: lanes [0, k1) in panel t0 / 32, the rest at the start of the
+      // next panel (a row of tiles may cross a panel boundary when 32 % tw != 0).
+      const index_t t0 = (r - r0) * tw + tx0, cnt = std::min<index_t>(16, tw - tx0);
+      const index_t k1 = std::min(cnt, 32 - t0 % 32);
+      const __mmask16 first = lane_range(0, ld > 0 ? cnt : k1),
+                      rest = ld > 0 ? __mmask16(0) : lane_range(k1, cnt);
+      const index_t at0 = ld > 0 ? t0 : (t0 / 32) * pstride + t0 % 32;
+      const index_t at1 = (t0 / 32 + 1) * pstride - k1;
+      const index_t cstride = ld > 0 ? ld : 32;  // floats between channels
+      for (index_t c = c0; c < c1; ++c) {
+        const float* xc = x + (s * p.in + c) * HW + (2 * ty - 1) * W + col0;
+        __m512 d[4][3];
+        for (index_t q = 0; q < 4; ++q)
+          for (int h = 0; h < 3; ++h)
+            d[q][h] = row_in[q] ? _mm512_maskz_loadu_ps(mk[h], xc + q * W + 16 * h)
+                                : _mm512_setzero_ps();
+        float* const vc = v + cstride * c;
+        for (index_t q = 0; q < 4; ++q) {
+          __m512 u[3];  // row q of B^T d over the 34 columns
+          for (int h = 0; h < 3; ++h) {
+            switch (q) {
+              case 0: u[h] = _mm512_sub_ps(d[0][h], d[2][h]); break;
+              case 1: u[h] = _mm512_add_ps(d[1][h], d[2][h]); break;
+              case 2: u[h] = _mm512_sub_ps(d[2][h], d[1][h]); break;
+              default: u[h] = _mm512_sub_ps(d[1][h], d[3][h]); break;
+            }
+          }
+          const __m512 a = _mm512_permutex2var_ps(u[0], even, u[1]);  // columns 2 tx - 1
+          const __m512 b = _mm512_permutex2var_ps(u[0], odd, u[1]);   // 2 tx
+          const __m512 cc = _mm512_permutex2var_ps(a, next, u[2]);   // 2 tx + 1
+          const __m512 dd = _mm512_permutex2var_ps(b, next2, u[2]);  // 2 tx + 2
+          const __m512 res[4] = {_mm512_sub_ps(a, cc), _mm512_add_ps(b, cc),
+                                 _mm512_sub_ps(cc, b), _mm512_sub_ps(b, dd)};
+          for (int k = 0; k < 4; ++k) {
+            float* ve_ = vc + (4 * q + k) * eT;
+            _mm512_mask_storeu_ps(ve_ + at0, first, res[k]);
+            if (rest != 0) _mm512_mask_storeu_ps(ve_ + at1, rest, res[k]);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// y[s, o, 2 ty + a, 2 tx + b] = (A^T M A)[a, b] (+ bias[o]) for the tiles of tile rows [r0, r1)
+/// and output channels [o0, o1); M[e, o, t] with ldm floats per (e, o) row. Sixteen tiles at a
+/// time; their two output rows of 32 columns are interleaved from the tiles' columns by permutes.
+__attribute__((target("avx512f"))) inline void transform_output(const Plan& p, const float* m,
+                                                                index_t ldm, index_t r0,
+                                                                index_t r1, index_t o0,
+                                                                index_t o1, const float* bias,
+                                                                float* y) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const index_t eT = ldm * p.out;  // floats between positions e of M
+  const __m512i lo_idx =
+      _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 16) {
+      const __mmask16 in = lane_range(0, tw - tx0);
+      const __mmask16 w0 = lane_range(0, W - 2 * tx0), w1 = lane_range(0, W - 2 * tx0 - 16);
+      for (index_t o = o0; o < o1; ++o) {
+        const float* mt = m + o * ldm + (r - r0) * tw + tx0;
+        __m512 mv[16];
+        for (int e = 0; e < 16; ++e) mv[e] = _mm512_maskz_loadu_ps(in, mt + e * eT);
+        // Rows of M A: s_q0 = M_q0 + M_q1 + M_q2, s_q1 = M_q1 - M_q2 - M_q3; then A^T.
+        __m512 s0[4], s1[4];
+        for (int q = 0; q < 4; ++q) {
+          s0[q] = _mm512_add_ps(_mm512_add_ps(mv[4 * q], mv[4 * q + 1]), mv[4 * q + 2]);
+          s1[q] = _mm512_sub_ps(_mm512_sub_ps(mv[4 * q + 1], mv[4 * q + 2]), mv[4 * q + 3]);
+        }
+        const __m512 b0 = _mm512_set1_ps(bias ? bias[o] : 0.f);
+        const __m512 v00 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s0[0], s0[1]), s0[2]), b0);
+        const __m512 v01 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s1[0], s1[1]), s1[2]), b0);
+        float* y0 = y + (s * p.out + o) * HW + 2 * ty * W + 2 * tx0;
+        _mm512_mask_storeu_ps(y0, w0, _mm512_permutex2var_ps(v00, lo_idx, v01));
+        _mm512_mask_storeu_ps(y0 + 16, w1, _mm512_permutex2var_ps(v00, hi_idx, v01));
+        if (second) {
+          const __m512 v10 =
+              _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s0[1], s0[2]), s0[3]), b0);
+          const __m512 v11 =
+              _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s1[1], s1[2]), s1[3]), b0);
+          _mm512_mask_storeu_ps(y0 + W, w0, _mm512_permutex2var_ps(v10, lo_idx, v11));
+          _mm512_mask_storeu_ps(y0 + W + 16, w1, _mm512_permutex2var_ps(v10, hi_idx, v11));
+        }
+      }
+    }
+  }
+}
+#endif
+
+#if FLOWDIFF_X86_DISPATCH
+/// Z_e(o, t) = (Gs g Gs^T)[e / 4, e % 4] for the 2 x 2 blocks g of dy (dy[s, o, 2 ty + a,
+/// 2 tx + b], zero outside the image) under the tiles of tile rows [r0, r1), output channels
+/// [o0, o1): Z_e at z + e ze, (o, t) at + o ld + t. Gs = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] is the G
+/// of F(3, 2) with its last row negated, which turns F(3, 2)'s input transform into the forward's
+/// B^T d B (whose last row is the negative of F(3, 2)'s), so V is shared.
+__attribute__((target("avx512f"))) inline void transform_dy(const Plan& p, const float* dy,
+                                                            index_t r0, index_t r1, index_t o0,
+                                                            index_t o1, float* z, index_t ze,
+                                                            index_t ld) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 16) {
+      const __mmask16 m0 = lane_range(0, W - 2 * tx0), m1 = lane_range(0, W - 2 * tx0 - 16);
+      const index_t t0 = (r - r0) * tw + tx0;
+      const __mmask16 out = lane_range(0, tw - tx0);
+      for (index_t o = o0; o < o1; ++o) {
+        const float* g = dy + (s * p.out + o) * HW + 2 * ty * W + 2 * tx0;
+        __m512 h[2][4];  // rows a of g Gs^T: columns q
+        for (int a = 0; a < 2; ++a) {
+          __m512 l0 = _mm512_setzero_ps(), l1 = _mm512_setzero_ps();
+          if (a == 0 || second) {
+            l0 = _mm512_maskz_loadu_ps(m0, g + a * W);
+            l1 = _mm512_maskz_loadu_ps(m1, g + a * W + 16);
+          }
+          const __m512 g0 = _mm512_permutex2var_ps(l0, even, l1);  // column 2 tx
+          const __m512 g1 = _mm512_permutex2var_ps(l0, odd, l1);   // 2 tx + 1
+          h[a][0] = g0;
+          h[a][1] = _mm512_mul_ps(half, _mm512_add_ps(g0, g1));
+          h[a][2] = _mm512_mul_ps(half, _mm512_sub_ps(g0, g1));
+          h[a][3] = _mm512_sub_ps(_mm512_setzero_ps(), g1);
+        }
+        float* zo = z + o * ld + t0;
+        for (int q = 0; q < 4; ++q) {
+          const __m512 zp[4] = {h[0][q], _mm512_mul_ps(half, _mm512_add_ps(h[0][q], h[1][q])),
+                                _mm512_mul_ps(half, _mm512_sub_ps(h[0][q], h[1][q])),
+                                _mm512_sub_ps(_mm512_setzero_ps(), h[1][q])};
+          for (int pp = 0; pp < 4; ++pp) _mm512_mask_storeu_ps(zo + (4 * pp + q) * ze, out, zp[pp]);
+        }
+      }
+    }
+  }
+}
+
+/// dW[o, c] += A^T S_oc A over the batch, S_oc[e] = sum_t Z_e(o, t) V_e(c, t): Winograd's
+/// F(3 x 3, 2 x 2) for dW = sum over pixels of dy x (the 3 x 3 correlation of x with dy), with
+/// A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]. Per block of tile rows 16 GEMMs S_e[O, C] += Z_e V_e^T
+/// over its tiles; `chunks` contiguous runs of blocks (from the shape only) each sum into their
+/// own S in `sums` (chunks x 16 O C floats), which are added in chunk order: bit-identical for
+/// any thread count. ws[tid]: Plan::workspace() floats.
+inline void weight_gradient(const Plan& p, const float* x, const float* dy, float* dw,
+                            index_t team, const std::vector<float*>& ws, float* sums,
+                            index_t chunks) {
+  const index_t T = p.tiles(), total = p.n * p.th, oc = p.out * p.in;
+  const index_t ve = p.in * T, ze = p.out * T;
+  Cpu::parallel_tasks(chunks, team, [&](index_t k, index_t tid) {
+    const index_t b0 = k * p.blocks / chunks, b1 = (k + 1) * p.blocks / chunks;
+    float* v = ws[static_cast<std::size_t>(tid)];
+    float* z = v + 16 * ve;
+    float* sk = sums + k * 16 * oc;
+    for (index_t blk = b0; blk < b1; ++blk) {
+      const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
+      const index_t nt = (r1 - r0) * p.tw;
+      transform_input(p, x, r0, r1, 0, p.in, v, ve, nt);
+      transform_dy(p, dy, r0, r1, 0, p.out, z, ze, nt);
+      for (index_t e = 0; e < 16; ++e)
+        gemm_strided(Trans::no, Trans::yes, p.out, p.in, nt, 1.f, z + e * ze, nt, v + e * ve, nt,
+                     blk == b0 ? 0.f : 1.f, sk + e * oc, p.in);
+    }
+  });
+  Cpu::parallel_chunks(oc, [&](index_t lo, index_t hi) {
+    for (index_t q = lo; q < hi; ++q) {
+      float m[16];
+      for (index_t e = 0; e < 16; ++e) {
+        float acc = sums[e * oc + q];
+        for (index_t k = 1; k < chunks; ++k) acc += sums[(k * 16 + e) * oc + q];
+        m[e] = acc;
+      }
+      float t[3][4];  // A^T S
+      for (int j = 0; j < 4; ++j) {
+        t[0][j] = m[j] + m[4 + j] + m[8 + j];
+        t[1][j] = m[4 + j] - m[8 + j];
+        t[2][j] = m[4 + j] + m[8 + j] + m[12 + j];
+      }
+      float* d = dw + 9 * q;
+      for (int i = 0; i < 3; ++i) {  // (A^T S) A
+        d[3 * i + 0] += t[i][0] + t[i][1] + t[i][2];
+        d[3 * i + 1] += t[i][1] - t[i][2];
+        d[3 * i + 2] += t[i][1] + t[i][2] + t[i][3];
+      }
+    }
+  });
+}
+
+/// y = conv3x3(x, w, padding 1) + bias over the batch, from u = transform_weights(w) (AVX-512
+/// only). One task per block of tile rows, `team` threads at most; ws[tid] is the workspace of
+/// thread tid (Plan::workspace() floats each).
+inline void convolve(const Plan& p, const float* x, const float* u, const float* bias, float* y,
+                     index_t team, const std::vector<float*>& ws) {
+  const index_t T = p.tiles(), total = p.n * p.th, ve = 32 * p.in * p.panels();
+  Cpu::parallel_tasks(p.blocks, team, [&](index_t blk, index_t tid) {
+    const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
+    const index_t nt = (r1 - r0) * p.tw;  // tiles of this block
+    float* v = ws[static_cast<std::size_t>(tid)];
+    float* m = v + 16 * ve;
+    transform_input(p, x, r0, r1, 0, p.in, v, ve);
+    for (index_t e = 0; e < 16; ++e) {
+      // M_e = U_e V_e with V_e's panels read in place (no packing of B).
+      const sgemm::BPacker panels{nullptr, nullptr, v + e * ve};
+      sgemm::Problem pr;
+      pr.m = p.out;
+      pr.n = nt;
+      pr.k = p.in;
+      pr.a = u + e * p.out * p.in;
+      pr.lda = p.in;
+      pr.bpack = &panels;
+      pr.c = m + e * p.out * T;
+      pr.ldc = T;
+      if (sgemm::gemm(sgemm::Isa::avx512, pr, /*allow_threads=*/false)) continue;
+      // A block of at most 4 tiles (sgemm's thin products take no panels): plain sums.
+      for (index_t o = 0; o < p.out; ++o)
+        for (index_t t = 0; t < nt; ++t) {
+          float acc = 0.f;
+          for (index_t c = 0; c < p.in; ++c)
+            acc += pr.a[o * p.in + c] * panels.panels[(t / 32) * 32 * p.in + 32 * c + t % 32];
+          pr.c[o * T + t] = acc;
+        }
+    }
+    transform_output(p, m, T, r0, r1, 0, p.out, bias, y);
+  });
+}
+#endif
+
+}  // namespace flowdiff::nn::winograd_detail
