@@ -20,8 +20,8 @@
 // with the flipped kernel (no col2im). Float 3 x 3, stride-1, padding-1 convolutions with at
 // least 16 input and output channels run forward and dx by Winograd's F(2 x 2, 3 x 3) instead,
 // and dW by F(3 x 3, 2 x 2) on images at least 16 wide (winograd.hpp: 2.25 times fewer
-// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). This file also holds the im2col / col2im / channel-packing helpers shared
-// with ConvTranspose2d.
+// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). This file
+// also holds the im2col / col2im / channel-packing helpers shared with ConvTranspose2d.
 #pragma once
 
 #include <algorithm>
@@ -715,9 +715,6 @@ class Conv2d {
     std::vector<Tensor<T>> dw;   // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
     std::vector<Tensor<T>> dwt;  // [C k k, O] per thread: a chunk's dW^T (implicit_gemm_dwt)
     Tensor<T> wf;                // [C, O k k] the flipped kernel of dx's implicit GEMM
-    Tensor<T> wu, wuf;           // [16, O, C] / [16, C, O]: Winograd-transformed W / flipped W
-    std::vector<Tensor<T>> wino;  // per thread: the Winograd workspace
-    Tensor<T> wsum;              // [chunks, 16, O, C]: the weight gradient's Winograd sums
   };
 
   /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
@@ -742,14 +739,14 @@ class Conv2d {
     const auto g = geometry(x.shape());
     const index_t n = x.dim(0), L = g.cols(), K = g.rows();
     check_exact(prefix_, "Conv2d", "y", View<const T>(y), Shape{n, out_, g.out_h, g.out_w});
-    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
-    const index_t team = prepare(cache, G, K, L, groups, 0);
     const T* w = ps.param(w_).data();
     const T* b = bias_ ? ps.param(b_).data() : nullptr;
-    if (uses_winograd(g)) {
-      winograd(cache, w, x.data(), b, y.data(), in_, out_, n, g, cache.wu);
+    if (uses_winograd(g)) {  // (before prepare: no column workspaces)
+      winograd_conv(w, x.data(), b, y.data(), in_, out_, n, g);
       return;
     }
+    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
+    const index_t team = prepare(cache, G, K, L, groups, 0);
     Cpu::parallel_tasks(groups, team, [&](index_t q, index_t tid) {
       const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
       T* colw = workspace(cache, tid, false);
@@ -788,27 +785,26 @@ class Conv2d {
     const index_t n = x.dim(0), L = g.cols(), K = g.rows();
     check_exact(prefix_, "Conv2d", "dy", dy, Shape{n, out_, g.out_h, g.out_w});
     if (!dx.empty()) check_exact(prefix_, "Conv2d", "dx", View<const T>(dx), x.shape());
-    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
-    const index_t chunks = std::min(groups, max_chunks);
-    const index_t team = prepare(cache, G, K, L, chunks, chunks - 1);
     const T* w = ps.param(w_).data();
     T* dw = ps.grad(w_).data();
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, L, ps.grad(b_).data());
     bool want_dx = !dx.empty();
-    if (uses_winograd(g)) {
+    if (uses_winograd(g)) {  // (before prepare: no column workspaces or partials)
       if (want_dx) {  // dx: the convolution of dy with the flipped kernel, O -> C channels
         flip_kernel(w, cache.wf);
-        winograd(cache, cache.wf.data(), dy.data(), nullptr, dx.data(), out_, in_, n, g,
-                 cache.wuf);
+        winograd_conv(cache.wf.data(), dy.data(), nullptr, dx.data(), out_, in_, n, g);
         want_dx = false;
       }
       // dW by Winograd F(3x3, 2x2) where rows have at least 8 tiles (16 pixels): on narrower
       // images most of the transforms' 16 lanes idle and the implicit GEMM is as fast.
       if (g.width >= 16) {
-        winograd_weight_gradient(cache, x.data(), dy.data(), dw, n, g);
+        winograd_weight_gradient(x.data(), dy.data(), dw, n, g);
         return;
       }
     }
+    const index_t G = group_size(n, K, L), groups = (n + G - 1) / G;
+    const index_t chunks = std::min(groups, max_chunks);
+    const index_t team = prepare(cache, G, K, L, chunks, chunks - 1);
     // dx of a stride-1 convolution is the convolution of dy with the flipped, transposed kernel
     // (padding k - 1 - p): one implicit GEMM instead of W^T dy and col2im.
     const bool flipped =
@@ -908,56 +904,38 @@ class Conv2d {
     return false;
   }
 
-  // The Winograd workspaces of threads 0 .. team - 1 for the plan (grown, kept in the cache).
-  static std::vector<T*> winograd_workspaces(Cache& cache, const winograd_detail::Plan& plan,
-                                             index_t team) {
-    if (cache.wino.size() < static_cast<std::size_t>(team))
-      cache.wino.resize(static_cast<std::size_t>(team));
-    std::vector<T*> ws;
-    for (index_t t = 0; t < team; ++t) {
-      auto& buf = cache.wino[static_cast<std::size_t>(t)];
-      if (buf.numel() < plan.workspace()) buf.resize(Shape{plan.workspace()});
-      ws.push_back(buf.data());
-    }
-    return ws;
-  }
-
   // y = conv3x3(x, w) (+ bias) by Winograd, w: [co, ci, 3, 3] (W itself, or the flipped kernel
   // for dx), x: [n, ci, H, W], y: [n, co, H, W]; u takes the transformed kernel.
-  void winograd(Cache& cache, const T* w, const T* x, const T* bias, T* y, index_t ci, index_t co,
-                index_t n, const spatial_detail::ConvGeometry& g, Tensor<T>& u) const {
+  // (Its buffers are winograd_detail::scratch(), shared by all layers, not the layer's cache.)
+  void winograd_conv(const T* w, const T* x, const T* bias, T* y, index_t ci, index_t co,
+                     index_t n, const spatial_detail::ConvGeometry& g) const {
 #if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, ci, co, g.height, g.width);
-      if (u.numel() != 16 * ci * co) u.resize(Shape{16 * ci * co});
-      winograd_detail::transform_weights(w, co, ci, u.data());
+      float* const u = winograd_detail::scratch(1, 16 * ci * co);
+      winograd_detail::transform_weights(w, co, ci, u);
       const index_t team = std::max<index_t>(1, std::min<index_t>(plan.blocks, Cpu::max_threads()));
-      winograd_detail::convolve(plan, x, u.data(), bias, y, team,
-                                winograd_workspaces(cache, plan, team));
+      winograd_detail::convolve(plan, x, u, bias, y, team);
       return;
     }
 #endif
-    (void)cache, (void)w, (void)x, (void)bias, (void)y, (void)ci, (void)co, (void)n, (void)g,
-        (void)u;
+    (void)w, (void)x, (void)bias, (void)y, (void)ci, (void)co, (void)n, (void)g;
     fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
   }
 
   // dW += the weight gradient of x [n, C, H, W] and dy [n, O, H, W] by Winograd F(3x3, 2x2).
-  void winograd_weight_gradient(Cache& cache, const T* x, const T* dy, T* dw, index_t n,
+  void winograd_weight_gradient(const T* x, const T* dy, T* dw, index_t n,
                                 const spatial_detail::ConvGeometry& g) const {
 #if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, in_, out_, g.height, g.width);
       const index_t chunks = std::min(plan.blocks, max_chunks);
       const index_t team = std::max<index_t>(1, std::min<index_t>(chunks, Cpu::max_threads()));
-      if (cache.wsum.numel() < chunks * 16 * in_ * out_)
-        cache.wsum.resize(Shape{chunks * 16 * in_ * out_});
-      winograd_detail::weight_gradient(plan, x, dy, dw, team, winograd_workspaces(cache, plan, team),
-                                       cache.wsum.data(), chunks);
+      winograd_detail::weight_gradient(plan, x, dy, dw, team, chunks);
       return;
     }
 #endif
-    (void)cache, (void)x, (void)dy, (void)dw, (void)n, (void)g;
+    (void)x, (void)dy, (void)dw, (void)n, (void)g;
     fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
   }
 

@@ -71,6 +71,27 @@ inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w,
   return p;
 }
 
+/// The calling thread's Winograd scratch, slot 0: a block's V and M (or Z), 1: the transformed
+/// kernel, 2: the weight gradient's per-run sums. Grown on demand and kept for the thread's
+/// lifetime, shared by every convolution the thread runs (one layer's buffers are dead once its
+/// call returns): a pure cache, never observable in a result, as sgemm's packing buffers.
+inline float* scratch(int slot, index_t n) {
+  struct Buffer {
+    float* p = nullptr;
+    index_t capacity = 0;
+    ~Buffer() { Cpu::deallocate(p); }
+  };
+  thread_local Buffer buffers[3];
+  Buffer& b = buffers[slot];
+  if (b.capacity < n) {
+    float* q = Cpu::allocate<float>(n);
+    Cpu::deallocate(b.p);
+    b.p = q;
+    b.capacity = n;
+  }
+  return b.p;
+}
+
 /// U[e, o, c] = (G g_oc G^T)[e / 4, e % 4] for w [O, C, 3, 3]; u: 16 O C floats.
 template <class T>
 void transform_weights(const T* w, index_t out, index_t in, T* u) {
@@ -280,15 +301,16 @@ __attribute__((target("avx512f"))) inline void transform_dy(const Plan& p, const
 /// A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]. Per block of tile rows 16 GEMMs S_e[O, C] += Z_e V_e^T
 /// over its tiles; `chunks` contiguous runs of blocks (from the shape only) each sum into their
 /// own S in `sums` (chunks x 16 O C floats), which are added in chunk order: bit-identical for
-/// any thread count. ws[tid]: Plan::workspace() floats.
+/// any thread count. Workspaces: scratch() of each thread.
 inline void weight_gradient(const Plan& p, const float* x, const float* dy, float* dw,
-                            index_t team, const std::vector<float*>& ws, float* sums,
-                            index_t chunks) {
+                            index_t team, index_t chunks) {
+  float* const sums = scratch(2, chunks * 16 * p.out * p.in);
   const index_t T = p.tiles(), total = p.n * p.th, oc = p.out * p.in;
   const index_t ve = p.in * T, ze = p.out * T;
   Cpu::parallel_tasks(chunks, team, [&](index_t k, index_t tid) {
     const index_t b0 = k * p.blocks / chunks, b1 = (k + 1) * p.blocks / chunks;
-    float* v = ws[static_cast<std::size_t>(tid)];
+    (void)tid;
+    float* v = scratch(0, p.workspace());
     float* z = v + 16 * ve;
     float* sk = sums + k * 16 * oc;
     for (index_t blk = b0; blk < b1; ++blk) {
@@ -326,15 +348,15 @@ inline void weight_gradient(const Plan& p, const float* x, const float* dy, floa
 }
 
 /// y = conv3x3(x, w, padding 1) + bias over the batch, from u = transform_weights(w) (AVX-512
-/// only). One task per block of tile rows, `team` threads at most; ws[tid] is the workspace of
-/// thread tid (Plan::workspace() floats each).
+/// only). One task per block of tile rows, `team` threads at most, each with its scratch().
 inline void convolve(const Plan& p, const float* x, const float* u, const float* bias, float* y,
-                     index_t team, const std::vector<float*>& ws) {
+                     index_t team) {
   const index_t T = p.tiles(), total = p.n * p.th, ve = 32 * p.in * p.panels();
   Cpu::parallel_tasks(p.blocks, team, [&](index_t blk, index_t tid) {
     const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
     const index_t nt = (r1 - r0) * p.tw;  // tiles of this block
-    float* v = ws[static_cast<std::size_t>(tid)];
+    (void)tid;
+    float* v = scratch(0, p.workspace());
     float* m = v + 16 * ve;
     transform_input(p, x, r0, r1, 0, p.in, v, ve);
     for (index_t e = 0; e < 16; ++e) {
