@@ -161,8 +161,9 @@ struct Scratch {
   }
 };
 
-/// The packing buffers of the calling thread (slot 0: B panels, slot 1: A panels), grown on
-/// demand and kept for the thread's lifetime: a pure cache, never observable in any result.
+/// The packing buffers of the calling thread (slot 0: B panels, slot 1: A panels; slots 2-4 are
+/// the Winograd convolution's, nn/layers/winograd.hpp), grown on demand and kept for the thread's
+/// lifetime: a pure cache, never observable in any result. 64-byte aligned.
 /// Allocating them per call cost a fresh mmap (and a page fault per 4 KB on first touch) for
 /// every large product and two malloc calls for every small one (the attention's per-head
 /// products). Not re-entrant, and it need not be: packed_serial never calls itself.
@@ -172,7 +173,7 @@ inline float* pack_buffer(int slot, index_t n) {
     index_t capacity = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer buffers[2];
+  thread_local Buffer buffers[5];
   Buffer& b = buffers[slot];
   if (b.capacity < n) {
     float* q = Scratch::allocate(n);

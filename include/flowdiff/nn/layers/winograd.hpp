@@ -55,8 +55,7 @@ struct Plan {
 
 /// Tile rows per block: about 4096 / max(C, O) tiles (V and M of a block together under 512 KB),
 /// at least one row.
-inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w,
-                 index_t budget = 4096, index_t min_tiles = 32) {
+inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w) {
   Plan p;
   p.n = n;
   p.in = in;
@@ -65,7 +64,7 @@ inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w,
   p.w = w;
   p.th = (h + 1) / 2;
   p.tw = (w + 1) / 2;
-  const index_t target = std::max<index_t>(min_tiles, budget / std::max(in, out));
+  const index_t target = std::max<index_t>(32, 4096 / std::max(in, out));
   p.rows = std::max<index_t>(1, std::min(n * p.th, target / p.tw));
   p.blocks = (n * p.th + p.rows - 1) / p.rows;
   return p;
@@ -74,23 +73,8 @@ inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w,
 /// The calling thread's Winograd scratch, slot 0: a block's V and M (or Z), 1: the transformed
 /// kernel, 2: the weight gradient's per-run sums. Grown on demand and kept for the thread's
 /// lifetime, shared by every convolution the thread runs (one layer's buffers are dead once its
-/// call returns): a pure cache, never observable in a result, as sgemm's packing buffers.
-inline float* scratch(int slot, index_t n) {
-  struct Buffer {
-    float* p = nullptr;
-    index_t capacity = 0;
-    ~Buffer() { Cpu::deallocate(p); }
-  };
-  thread_local Buffer buffers[3];
-  Buffer& b = buffers[slot];
-  if (b.capacity < n) {
-    float* q = Cpu::allocate<float>(n);
-    Cpu::deallocate(b.p);
-    b.p = q;
-    b.capacity = n;
-  }
-  return b.p;
-}
+/// call returns): slots 2-4 of sgemm's per-thread packing buffers.
+inline float* scratch(int slot, index_t n) { return sgemm::detail::pack_buffer(2 + slot, n); }
 
 /// U[e, o, c] = (G g_oc G^T)[e / 4, e % 4] for w [O, C, 3, 3]; u: 16 O C floats.
 template <class T>
