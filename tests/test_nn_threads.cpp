@@ -1,7 +1,8 @@
 // Thread-count independence of the network engine: the U-Net (with midcoder attention), Conv2d
 // (implicit GEMM and Winograd) and the MLP give bit-identical outputs, input gradients and
-// parameter gradients on 1 and on 2 OpenMP threads (omp_set_num_threads), because GEMM panels, convolution groups and backward
-// chunks are cut by shape only and the weight-gradient partials are summed in a fixed order.
+// parameter gradients on 1 and on 2 OpenMP threads (omp_set_num_threads), because GEMM panels,
+// convolution groups, Winograd blocks and backward chunks are cut by shape only and the
+// weight-gradient partials are summed in a fixed order.
 // Batches are chosen so that convolutions run several groups and backward chunks in parallel.
 #include <algorithm>
 #include <catch2/catch.hpp>

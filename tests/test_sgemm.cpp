@@ -197,7 +197,8 @@ TEST_CASE("sgemm is bit-identical on 1 and 2 threads", "[core][gemm][sgemm][thre
 
 namespace {
 // The product p (on s's C, run already into `expected` on all threads) on one thread: same bits.
-void check_one_thread(fd::sgemm::Problem p, const SgemmCase& s, const std::vector<float>& expected) {
+void check_one_thread(fd::sgemm::Problem p, const SgemmCase& s,
+                      const std::vector<float>& expected) {
 #if defined(_OPENMP)
   auto c_one = s.c;
   p.c = c_one.data();

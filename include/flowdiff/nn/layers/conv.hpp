@@ -276,20 +276,24 @@ __attribute__((target("avx512f"))) inline void pack_implicit_avx512(const void* 
                             std::intptr_t(sizeof(float)) * off[16] + c * chan;
       index_t p = 0;
       if (const index_t first = i * k + j; first > 0) {  // the rest of a channel begun earlier
-        for (index_t ij = first; ij < kk && p < kc; ++ij, ++p) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);
+        for (index_t ij = first; ij < kk && p < kc; ++ij, ++p)
+          masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);
         base0 += chan;
         base1 += chan;
       }
       if (kk == 9) {
         for (; p + 9 <= kc; p += 9, base0 += chan, base1 += chan) {
 FLOWDIFF_SGEMM_UNROLL
-          for (index_t ij = 0; ij < 9; ++ij) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
+          for (index_t ij = 0; ij < 9; ++ij)
+            masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
         }
       } else {
         for (; p + kk <= kc; p += kk, base0 += chan, base1 += chan)
-          for (index_t ij = 0; ij < kk; ++ij) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
+          for (index_t ij = 0; ij < kk; ++ij)
+            masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + (p + ij) * NR);
       }
-      for (index_t ij = 0; p < kc; ++ij, ++p) masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);  // a channel's first taps
+      for (index_t ij = 0; p < kc; ++ij, ++p)  // a channel's first taps
+        masked_row_pair(mk[ij], base0 + tap[ij], base1 + tap[ij], dst + p * NR);
       continue;
     }
     for (index_t p = 0; p < kc; ++p) {
@@ -718,9 +722,10 @@ class Conv2d {
   };
 
   /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
-  /// channels run forward and dx by Winograd's F(2 x 2, 3 x 3) (winograd.hpp) on a CPU with a
-  /// vector GEMM kernel: 2.25 times fewer multiply-adds, other roundings than im2col + GEMM
-  /// (bit-identical for any thread count either way). On by default.
+  /// channels run by Winograd on an AVX-512 CPU (winograd.hpp: forward and dx F(2 x 2, 3 x 3),
+  /// dW F(3 x 3, 2 x 2) on images at least 16 wide): 2.25 times fewer multiply-adds, other
+  /// roundings than the GEMM path (bit-identical for any thread count either way). On by
+  /// default.
   void set_winograd(bool on) { winograd_ = on; }
   bool winograd() const { return winograd_; }
 
