@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -102,20 +103,21 @@ TEST_CASE("U-Net forward and backward are bit-identical on 1 and 2 threads", "[n
   check_same(one, two);
 }
 
-TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 threads",
-          "[nn][threads]") {
+namespace {
+// A 3 x 3, padding-1 Conv2d (c -> o channels, the given stride) on x of shape xs: forward and
+// backward on 1 and on 2 threads give the same bits.
+void check_conv_threads(fd::index_t c, fd::index_t o, fd::index_t stride, const fd::Shape& xs,
+                        std::uint64_t seed) {
   nn::Parameters<float> ps;
-  nn::Conv2d<float> conv(ps, "c", 3, 5, 3, 2, 1);
+  nn::Conv2d<float> conv(ps, "c", c, o, 3, stride, 1);
   ps.allocate();
-  fd::Generator gen{6};
+  fd::Generator gen{seed};
   conv.init(ps, gen);
-  // 32 x 32 stride 2: 256 columns per sample, 4 samples per group: 21 groups, 8 chunks.
-  auto x = fd::randn<float>({81, 3, 32, 32}, gen);
-  const auto os = conv.output_shape(x.shape());
-  auto dy = fd::randn<float>(os, gen);
+  auto x = fd::randn<float>(xs, gen);
+  auto dy = fd::randn<float>(conv.output_shape(xs), gen);
   auto run = [&] {
     nn::Conv2d<float>::Cache cache;
-    fd::Tensor<float> out(os), dx(x.shape());
+    fd::Tensor<float> out(dy.shape()), dx(xs);
     ps.zero_grad();
     conv.forward(ps, x, out, cache);
     conv.backward(ps, x, dy, dx, cache);
@@ -123,27 +125,19 @@ TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 thread
   };
   check_same(with_threads(1, run), with_threads(2, run));
 }
+}  // namespace
+
+TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 threads",
+          "[nn][threads]") {
+  // 32 x 32 stride 2: 256 columns per sample, 4 samples per group: 21 groups, 8 chunks.
+  check_conv_threads(3, 5, 2, fd::Shape{81, 3, 32, 32}, 6);
+}
 
 TEST_CASE("Winograd Conv2d (3 x 3, padding 1) is bit-identical on 1 and 2 threads",
           "[nn][threads]") {
-  nn::Parameters<float> ps;
-  nn::Conv2d<float> conv(ps, "c", 16, 24, 3, 1, 1);
-  ps.allocate();
-  fd::Generator gen{7};
-  conv.init(ps, gen);
   // 4096 / 24 = 170 tiles per block, 9 tiles per row (17 wide): 18 tile rows per block, so the
   // 15 x 9 = 135 tile rows of the batch make 8 blocks (the last one short).
-  auto x = fd::randn<float>({15, 16, 17, 17}, gen);
-  auto dy = fd::randn<float>(conv.output_shape(x.shape()), gen);
-  auto run = [&] {
-    nn::Conv2d<float>::Cache cache;
-    fd::Tensor<float> out(dy.shape()), dx(x.shape());
-    ps.zero_grad();
-    conv.forward(ps, x, out, cache);
-    conv.backward(ps, x, dy, dx, cache);
-    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
-  };
-  check_same(with_threads(1, run), with_threads(2, run));
+  check_conv_threads(16, 24, 1, fd::Shape{15, 16, 17, 17}, 7);
 }
 
 TEST_CASE("MLP training pass and a large GEMM are bit-identical on 1 and 2 threads",
