@@ -8,14 +8,14 @@
 // classifier's penultimate features, with the real-vs-real value at the same sample size as the
 // floor. Training checkpoints to the output folder and resumes from it, so a second run continues
 // (or, when finished, goes straight to sampling).
-// --device cuda trains and samples the U-Net on a GPU in the nvcc build of this file,
-// fashion_cfg_cuda (examples/fashion_cfg_cuda.cu): nn::BackendUNet<float, Cuda> (nn::UNet without
-// attention, which fashion_cfg never uses) from the same initial weights, train::BackendTrainer
-// with the same steps, random numbers and files (a checkpoint resumes on either device), and
-// nn::as_field of the device model under cfg for the samples; the data batches, the sampler's
-// noise and labels are made on the host and copied over, the samples copied back for the
-// metrics. Without a usable device, and always in the plain C++ build, it says so in one line and
-// runs on the CPU.
+// --device cuda trains and samples the U-Net on a GPU: nn::BackendUNet<float, Cuda> (nn::UNet
+// without attention, which fashion_cfg never uses) from the same initial weights,
+// train::BackendTrainer with the same steps, random numbers and files (a checkpoint resumes on
+// either device), and nn::as_field of the device model under cfg for the samples; the data batches,
+// the sampler's noise and labels are made on the host and copied over, the samples copied back for
+// the metrics. CMake compiles this file with nvcc when it finds the CUDA toolkit; without a usable
+// device, or in a build without the toolkit, it says so in one line and runs on the CPU
+// (examples/common/device.hpp).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -30,11 +30,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__CUDACC__)
-#include <flowdiff/backend/cuda/all.cuh>
-#endif
-
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/fashion.hpp"
 
 namespace fd = flowdiff;
@@ -55,22 +52,13 @@ int main(int argc, char** argv) try {
   auto& channels_text =
       cli.option<std::string>("channels", "16,32,64", "U-Net channels per resolution level");
   auto& res_layers = cli.option<long>("res-layers", 1, "residual blocks per U-Net stage");
-  auto& device_flag = cli.option<std::string>(
-      "device", "cpu",
-      "where the U-Net trains and samples: cpu or cuda (cuda needs the nvcc build, "
-      "fashion_cfg_cuda; the device U-Net is nn::UNet without attention, which fashion_cfg "
-      "never uses, so every configuration runs there; without a GPU: a notice and the CPU)");
+  auto& device_flag = fd::examples::add_device_flag(
+      cli,
+      "the U-Net trains and samples (on cuda: nn::UNet without attention, which fashion_cfg "
+      "never uses)");
   if (!cli.parse(argc, argv)) return 0;
-  fd::Device device = fd::parse_device(device_flag);
-#if defined(__CUDACC__)
-  device = fd::cuda::resolve_device(device, std::cout);
-  if (device == fd::Device::cuda)
-    std::printf("fashion_cfg: training and sampling on the GPU (%s)\n",
-                fd::cuda::device_info().name.c_str());
-#else
-  device = fd::resolve_device(
-      device, 0, "this build of fashion_cfg has no CUDA; use fashion_cfg_cuda", std::cout);
-#endif
+  const fd::Device device =
+      fd::examples::resolve_example_device("fashion_cfg", device_flag, "training and sampling");
   flags.validate();
   const auto channels = parse_list<fd::index_t>("channels", channels_text);
   fd::require<fd::config_error>(res_layers >= 1, "--res-layers must be >= 1, got ", res_layers);
@@ -103,30 +91,13 @@ int main(int argc, char** argv) try {
 
   // Train, then sample: a 10 x 8 grid (one row per class) per w, from the same noise for every w,
   // and --eval-per-class images per class for the metrics; the table, metrics.csv and the files
-  // written. `net` / `net_ps` are the model where it lives (nn::UNet on the CPU, or BackendUNet
-  // with its parameters on the device).
-  auto train_and_report = [&](const auto& net, auto& net_ps, const std::string& where) {
-    const auto result = fd::examples::train_cfm("fashion_cfg", net, net_ps, source, training);
-    fd::examples::sample_cfg_and_report({.program = "fashion_cfg",
-                                         .started = t_start,
-                                         .training = result,
-                                         .weights = training.weights,
-                                         .sampled_where = where},
-                                        flags, net, std::as_const(net_ps), classifier, data.test,
-                                        fd::Shape{1, 28, 28});
-  };
-#if defined(__CUDACC__)
-  if (device == fd::Device::cuda) {
-    nn::Parameters<float, fd::Cuda> dps;
-    const nn::BackendUNet<float, fd::Cuda> dnet(dps, unet.config());
-    dps.allocate();
-    nn::upload_parameters(dps, ps);
-    train_and_report(dnet, dps, ", on the GPU");
-    return 0;
-  }
-#endif
-  (void)device;
-  train_and_report(unet, ps, "");
+  // written. On the device (--device cuda) the model is nn::BackendUNet with the same weights.
+  fd::examples::run_on_device<nn::BackendUNet>(
+      device, unet, ps, [&](const auto& net, auto& net_ps, const std::string& where) {
+        fd::examples::train_cfm_and_report(
+            {.program = "fashion_cfg", .started = t_start, .sampled_where = where}, flags, training,
+            net, net_ps, source, classifier, data.test, fd::Shape{1, 28, 28});
+      });
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "fashion_cfg: error: " << e.what() << '\n';

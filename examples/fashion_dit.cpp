@@ -8,6 +8,13 @@
 // images in its penultimate features, and the real-vs-real floor). The 28 x 28 images are cut
 // into (28 / p)^2 patches (p = 4: 49 tokens). Training checkpoints to the output folder and
 // resumes from it.
+// --device cuda trains and samples the DiT on a GPU: nn::BackendDiT<float, Cuda> from the same
+// initial weights, train::BackendTrainer with the same steps, random numbers and files (a
+// checkpoint resumes on either device), and nn::as_field of the device model under cfg for the
+// samples; the data batches, the sampler's noise and labels are made on the host and copied over,
+// the samples copied back for the metrics. CMake compiles this file with nvcc when it finds the
+// CUDA toolkit; without a usable device, or in a build without the toolkit, it says so in one line
+// and runs on the CPU (examples/common/device.hpp).
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -17,6 +24,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/fashion.hpp"
 
 namespace fd = flowdiff;
@@ -38,7 +46,10 @@ int main(int argc, char** argv) try {
   auto& depth = cli.option<long>("depth", 4, "transformer blocks");
   auto& heads = cli.option<long>("heads", 4, "attention heads");
   auto& mlp_ratio = cli.option<double>("mlp-ratio", 4.0, "MLP width / D");
+  auto& device_flag = fd::examples::add_device_flag(cli, "the DiT trains and samples");
   if (!cli.parse(argc, argv)) return 0;
+  const fd::Device device =
+      fd::examples::resolve_example_device("fashion_dit", device_flag, "training and sampling");
   flags.validate();
   fd::require<fd::config_error>(patch >= 1 && 28 % patch == 0,
                                 "--patch must divide the image size 28, got ", patch);
@@ -72,15 +83,16 @@ int main(int argc, char** argv) try {
   fd::data::Batcher batcher(data.train, flags.seed + 1);
   tr::BatcherSource source(batcher, fd::Shape{1, 28, 28}, k);
   const auto training = flags.training("dit_ema.safetensors");
-  const auto result = fd::examples::train_cfm("fashion_dit", dit, ps, source, training);
 
-  // Sampling: a 10 x 8 grid per w from the same noise for every w, and --eval-per-class images
-  // per class for the metrics; the table, metrics.csv and the files written.
-  fd::examples::sample_cfg_and_report({.program = "fashion_dit",
-                                       .started = t_start,
-                                       .training = result,
-                                       .weights = training.weights},
-                                      flags, dit, ps, classifier, data.test, fd::Shape{1, 28, 28});
+  // Train, then sample: a 10 x 8 grid per w from the same noise for every w, and --eval-per-class
+  // images per class for the metrics; the table, metrics.csv and the files written. On the device
+  // (--device cuda) the model is nn::BackendDiT with the same weights.
+  fd::examples::run_on_device<nn::BackendDiT>(
+      device, dit, ps, [&](const auto& net, auto& net_ps, const std::string& where) {
+        fd::examples::train_cfm_and_report(
+            {.program = "fashion_dit", .started = t_start, .sampled_where = where}, flags, training,
+            net, net_ps, source, classifier, data.test, fd::Shape{1, 28, 28});
+      });
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "fashion_dit: error: " << e.what() << '\n';

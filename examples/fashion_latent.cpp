@@ -12,6 +12,15 @@
 // data set is encoded once, so a draw would freeze one noise sample per image (noise without the
 // augmentation a fresh draw per epoch gives); the run prints the posterior spread next to the
 // latents' so the choice can be judged.
+// --device cuda trains the VAE (when it is not cached) and the latent DiT on a GPU, and samples
+// the DiT there: nn::BackendVAE<float, Cuda> through load_or_train_vae's training hook (upload,
+// train_vae, download: the cache, the latent scale and the test error are computed on the host as
+// before) and nn::BackendDiT<float, Cuda> with train::BackendTrainer and nn::as_field under cfg,
+// from the same initial weights, random numbers and files as on the CPU (a checkpoint resumes on
+// either device). Encoding the training set once and decoding the samples stay on the CPU (a few
+// seconds). CMake compiles this file with nvcc when it finds the CUDA toolkit; without a usable
+// device, or in a build without the toolkit, it says so in one line and runs on the CPU
+// (examples/common/device.hpp).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,9 +30,11 @@
 #include <flowdiff/train/vae.hpp>
 #include <iostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/fashion.hpp"
 
 namespace fd = flowdiff;
@@ -62,7 +73,11 @@ int main(int argc, char** argv) try {
   auto& depth = cli.option<long>("depth", 4, "transformer blocks");
   auto& heads = cli.option<long>("heads", 4, "attention heads");
   auto& mlp_ratio = cli.option<double>("mlp-ratio", 4.0, "MLP width / D");
+  auto& device_flag =
+      fd::examples::add_device_flag(cli, "the VAE and the latent DiT train and the DiT samples");
   if (!cli.parse(argc, argv)) return 0;
+  const fd::Device device =
+      fd::examples::resolve_example_device("fashion_latent", device_flag, "training and sampling");
   flags.validate();
   const auto vae_channels = parse_list<fd::index_t>("vae-channels", vae_channels_text);
   fd::require<fd::config_error>(vae_steps >= 1 && vae_batch >= 1,
@@ -95,14 +110,29 @@ int main(int argc, char** argv) try {
               static_cast<long>(latent[1]), static_cast<long>(latent[2]),
               static_cast<long>(vps.numel()));
   fd::Generator vgen(flags.seed + 7);
+  const tr::VAETrainOptions vae_options{
+      .steps = vae_steps,
+      .batch = vae_batch,
+      .lr = vae_lr,
+      .log_every = std::max<long>(1, std::min<long>(100, vae_steps / 10))};
+  // Training where --device says (the cache and the figures are the host's either way).
+  const auto train_vae_here = [&](nn::Parameters<float>& p, fd::Generator& g) {
+#if defined(__CUDACC__)
+    if (device == fd::Device::cuda) {
+      nn::Parameters<float, fd::Cuda> dps;
+      const nn::BackendVAE<float, fd::Cuda> dvae(dps, vae.config());
+      dps.allocate();
+      nn::upload_parameters(dps, p);
+      const auto rep = tr::train_vae(dvae, dps, data.train.images.view(), vae_options, g);
+      nn::download_parameters(p, dps);
+      return rep;
+    }
+#endif
+    return tr::train_vae(vae, p, data.train.images.view(), vae_options, g);
+  };
   const auto vae_report = tr::load_or_train_vae<float>(
       quick ? std::filesystem::path() : cache / "fashion_vae.safetensors", vae, vps,
-      data.train.images, data.test.images,
-      {.steps = vae_steps,
-       .batch = vae_batch,
-       .lr = vae_lr,
-       .log_every = std::max<long>(1, std::min<long>(100, vae_steps / 10))},
-      vgen);
+      data.train.images, data.test.images, vae_options, vgen, train_vae_here);
   std::printf(
       "fashion_latent: VAE %s: test reconstruction MSE %.5f per pixel (on [-1, 1]), latent "
       "scale %.4f\n",
@@ -173,29 +203,31 @@ int main(int argc, char** argv) try {
   fd::data::Batcher batcher(latents, flags.seed + 1);
   tr::BatcherSource source(batcher, latent, k);
   const auto training = flags.training("dit_ema.safetensors");
-  const auto result = fd::examples::train_cfm("fashion_latent", dit, ps, source, training);
 
-  // Sampling in latent space, decoded to images for the grid and the metrics; the table (with
-  // the VAE's figures), metrics.csv (with the VAE's columns) and the files written.
+  // Train, then sample in latent space, decoded to images for the grid and the metrics; the table
+  // (with the VAE's figures), metrics.csv (with the VAE's columns) and the files written. On the
+  // device (--device cuda) the DiT is nn::BackendDiT with the same weights; the samples come back
+  // to the host for the decoder.
   const auto decode = [&](const fd::Tensor<float>& z) { return codec.decode(z.view()); };
   char vae_line[128];
   std::snprintf(vae_line, sizeof vae_line,
                 "VAE test reconstruction MSE %.5f per pixel; latent scale %.4f\n",
                 vae_report.test_mse, vae_report.latent_scale);
   using fd::examples::csv_value;
-  fd::examples::sample_cfg_and_report(
-      {.program = "fashion_latent",
-       .started = t_start,
-       .training = result,
-       .weights = training.weights,
-       .sampled_where = " in latent space, then decoded",
-       .note = vae_line,
-       .csv = {{"vae_steps", csv_value(vae_report.steps)},
-               {"vae_seconds", csv_value(vae_report.seconds)},
-               {"vae_test_mse", csv_value(vae_report.test_mse)},
-               {"latent_scale", csv_value(vae_report.latent_scale)}},
-       .files = {out / "reconstruction.png"}},
-      flags, dit, ps, classifier, data.test, latent, decode);
+  fd::examples::run_on_device<nn::BackendDiT>(
+      device, dit, ps, [&](const auto& net, auto& net_ps, const std::string& where) {
+        fd::examples::train_cfm_and_report(
+            {.program = "fashion_latent",
+             .started = t_start,
+             .sampled_where = " in latent space" + where + ", then decoded",
+             .note = vae_line,
+             .csv = {{"vae_steps", csv_value(vae_report.steps)},
+                     {"vae_seconds", csv_value(vae_report.seconds)},
+                     {"vae_test_mse", csv_value(vae_report.test_mse)},
+                     {"latent_scale", csv_value(vae_report.latent_scale)}},
+             .files = {out / "reconstruction.png"}},
+            flags, training, net, net_ps, source, classifier, data.test, latent, decode);
+      });
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "fashion_latent: error: " << e.what() << '\n';

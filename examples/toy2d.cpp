@@ -17,9 +17,9 @@
 // CUDA backend, the same steps and random numbers as the CPU trainer) and samples them there too
 // (nn::as_field of the device model, under cfg for guidance: the trained weights stay on the
 // device; the starting noise is drawn on the host from the same generator and copied over, the
-// samples are copied back for the metrics and pictures), in the nvcc build of this file,
-// toy2d_cuda (examples/toy2d_cuda.cu). Without a usable device, and always in this plain C++
-// build, it says so in one line and runs on the CPU.
+// samples are copied back for the metrics and pictures). CMake compiles this file with nvcc when
+// it finds the CUDA toolkit; without a usable device, or in a build without the toolkit, it says
+// so in one line and runs on the CPU (examples/common/device.hpp).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -41,6 +41,7 @@
 #endif
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -198,20 +199,10 @@ int main(int argc, char** argv) try {
   auto& sigma = cli.option<double>("sigma", 0.5, "SDE diffusion coefficient sigma_t");
   auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
   auto& seed = cli.option<unsigned long>("seed", 0, "random seed (training and sampling)");
-  auto& device_flag = cli.option<std::string>(
-      "device", "cpu",
-      "where the MLPs train and sample: cpu or cuda (cuda needs the nvcc build, toy2d_cuda)");
+  auto& device_flag = fd::examples::add_device_flag(cli, "the MLPs train and sample");
   if (!cli.parse(argc, argv)) return 0;
-  fd::Device device = fd::parse_device(device_flag);
-#if defined(__CUDACC__)
-  device = fd::cuda::resolve_device(device, std::cout);
-  if (device == fd::Device::cuda)
-    std::printf("toy2d: training and sampling on the GPU (%s)\n",
-                fd::cuda::device_info().name.c_str());
-#else
-  device = fd::resolve_device(device, 0, "this build of toy2d has no CUDA; use toy2d_cuda",
-                              std::cout);
-#endif
+  const fd::Device device =
+      fd::examples::resolve_example_device("toy2d", device_flag, "training and sampling");
   fd::require<fd::config_error>(train_steps >= 1, "--train-steps must be >= 1, got ", train_steps);
   fd::require<fd::config_error>(batch >= 1, "--batch must be >= 1, got ", batch);
   fd::require<fd::config_error>(width >= 1 && depth >= 1, "--width and --depth must be >= 1");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on this machine (no GPU needed), the CUDA programs a lent GPU machine runs, and stages
-# them for the device tool's `carry`: the CUDA tests (tests/cuda/test_cuda_*), toy2d_cuda and
-# bench_cuda, configured by the `gpu` preset (Release, warnings are errors, sm_90) in build/gpu
+# them for the device tool's `carry`: the CUDA test program (tests/cuda/test_cuda), toy2d (its
+# nvcc build) and bench_cuda, configured by the `gpu` preset (Release, warnings are errors, sm_90) in build/gpu
 # and built as named targets only. The GPU machine has nvcc, CUDA 13's libraries, PyTorch and
 # compute-sanitizer but not this machine's Debian libraries (Google Benchmark, OpenMP, OpenBLAS,
 # zlib, ...), so the programs are copied, stripped, into build/gpu/carry/bin and every shared
@@ -34,15 +34,9 @@ grep -q 'CUDA checks enabled' "$build.configure.log" || {
   exit 1
 }
 
-# The targets: every tests/cuda/test_cuda_*.cu that CMake knows as a target (test_cuda_unet once
-# it exists), toy2d_cuda and bench_cuda.
-targets=()
-all_targets=$(ninja -C "$build" -t targets all | sed -n 's/^\([A-Za-z0-9_]*\): .*/\1/p')
-for src in tests/cuda/test_cuda_*.cu; do
-  t=$(basename "$src" .cu)
-  if grep -qx "$t" <<<"$all_targets"; then targets+=("$t"); fi
-done
-targets+=(toy2d_cuda bench_cuda)
+# The targets: the CUDA test program (tests/cuda/test_cuda.cu, all six parts), toy2d (compiled by
+# nvcc) and bench_cuda.
+targets=(test_cuda toy2d bench_cuda)
 echo "== build: ${targets[*]} (-j$jobs)"
 time ninja -C "$build" -j"$jobs" "${targets[@]}"
 

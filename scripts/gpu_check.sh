@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The one prepared run of issue 6's GPU checks on a lent device machine: from the repository root
 # there, with the programs that scripts/gpu_build.sh built and staged on the development machine
-# carried in build/gpu/carry (bin/: the CUDA tests, toy2d_cuda, bench_cuda; lib/: the Debian
+# carried in build/gpu/carry (bin/: test_cuda, toy2d, bench_cuda; lib/: the Debian
 # libraries they need), it runs, each under its own timeout and within an overall budget (default
 # 450 s, GPU_CHECK_BUDGET), going on after any failure:
-#   1. every CUDA test program (tests/cuda/test_cuda_*: host and device parts),
+#   1. every part of the CUDA test program (tests/cuda/test_cuda: host and device checks),
 #   2. bench_cuda, all benchmarks, as JSON (fused updates vs copy bandwidth, cuBLAS, the models),
 #   3. benchmarks/pytorch_compare_cuda.py: bench_cuda's model and GEMM figures alternating with
 #      PyTorch eager on the same GPU (2 rounds), ratios flowdiff / PyTorch,
-#   4. toy2d_cuda --device cuda on a tiny run (training and sampling on the device),
-#   5. compute-sanitizer --tool memcheck on each test program (docs/cuda.md's flags; last, since it
+#   4. toy2d --device cuda on a tiny run (training and sampling on the device),
+#   5. compute-sanitizer --tool memcheck on each test part (docs/cuda.md's flags; last, since it
 #      is the slowest: it gets what is left of the budget).
 # Everything goes to $OUT (at most 8 files come back from the device tool): summary.txt (each
 # step's status and time, the device), tests.log (environment, library resolution, the tests),
@@ -127,12 +127,14 @@ else
 fi
 echo
 
-# ---- 1. The CUDA tests.
-tests=()
-for t in "$bin"/test_cuda_*; do [[ -x $t ]] && tests+=("$t"); done
-((${#tests[@]})) || note "no test programs in $bin"
-for t in "${tests[@]}"; do
-  step "test $(basename "$t")" 90 "$tests_log" env OMP_WAIT_POLICY=PASSIVE "$t"
+# ---- 1. The CUDA tests: each part of test_cuda (test_cuda --list) on its own, as ctest runs them.
+parts=()
+if [[ -x $bin/test_cuda ]]; then
+  while read -r p _; do parts+=("$p"); done < <("$bin/test_cuda" --list)
+fi
+((${#parts[@]})) || note "no test program (or no parts) in $bin"
+for p in "${parts[@]}"; do
+  step "test_cuda $p" 90 "$tests_log" env OMP_WAIT_POLICY=PASSIVE "$bin/test_cuda" "$p"
 done
 
 # ---- 2. bench_cuda: everything, JSON to bench.json (console errors to bench.log).
@@ -164,19 +166,19 @@ fi
 
 # ---- 4. toy2d on the device, tiny (its pictures go to /tmp: only 8 files come back). Without a
 # GPU it says so in one line and runs on the CPU.
-toy2d_name="toy2d_cuda --device cuda (tiny)"
-((gpu)) || toy2d_name="toy2d_cuda --device cuda (no GPU: on the CPU)"
+toy2d_name="toy2d --device cuda (tiny)"
+((gpu)) || toy2d_name="toy2d --device cuda (no GPU: on the CPU)"
 step "$toy2d_name" 60 "$OUT/toy2d.log" \
-  env OMP_WAIT_POLICY=PASSIVE "$bin/toy2d_cuda" --device cuda --dist moons --train-steps 200 \
+  env OMP_WAIT_POLICY=PASSIVE "$bin/toy2d" --device cuda --dist moons --train-steps 200 \
   --batch 256 --n 500 --steps 10 --out /tmp/gpu_check_toy2d
 
-# ---- 5. compute-sanitizer memcheck on each test. --report-api-errors no: test_cuda_backend
+# ---- 5. compute-sanitizer memcheck on each test part. --report-api-errors no: the backend part
 # provokes two CUDA API errors on purpose (docs/cuda.md); memory errors make the exit code 99.
 if ((gpu)) && command -v compute-sanitizer >/dev/null; then
-  for t in "${tests[@]}"; do
-    step "memcheck $(basename "$t")" 150 "$OUT/sanitizer.log" \
+  for p in "${parts[@]}"; do
+    step "memcheck test_cuda $p" 150 "$OUT/sanitizer.log" \
       env OMP_WAIT_POLICY=PASSIVE compute-sanitizer --tool memcheck --report-api-errors no \
-      --error-exitcode 99 "$t"
+      --error-exitcode 99 "$bin/test_cuda" "$p"
   done
 elif ((gpu)); then
   record "compute-sanitizer" "failed (not on PATH)" 0
@@ -204,7 +206,7 @@ PY
   if [[ -s $OUT/torch.log ]] && grep -q '^| figure' "$OUT/torch.log"; then
     sed -n '/^Rates, median/,/^$/p; /^| /p' "$OUT/torch.log" | awk '!seen[$0]++'
   fi
-  [[ -s $OUT/sanitizer.log ]] && grep -E '^===== memcheck [A-Za-z0-9_]+: |ERROR SUMMARY' "$OUT/sanitizer.log"
+  [[ -s $OUT/sanitizer.log ]] && grep -E '^===== memcheck test_cuda [A-Za-z0-9_]+: |ERROR SUMMARY' "$OUT/sanitizer.log"
   echo
   echo "total $((SECONDS - t_start))s of ${budget}s; $failures step(s) failed or timed out; files in $OUT:"
   ls "$OUT"

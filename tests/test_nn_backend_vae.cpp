@@ -53,6 +53,14 @@ TEST_CASE("BackendVAE<Cpu>: checkpoints both ways and init", "[nn][backend][vae]
   test_nn_backend_vae_detail::report(log);
 }
 
+TEST_CASE("load_or_train_vae trains BackendVAE<Cpu> through its hook and caches the result",
+          "[nn][backend][vae][train]") {
+  namespace vc = flowdiff::test::vae;
+  vc::Log log;
+  vc::cache_checks<fd::Cpu>(log);
+  test_nn_backend_vae_detail::report(log);
+}
+
 TEST_CASE("BackendVAE<Cpu>: errors name the model, the argument and the shapes",
           "[nn][backend][vae][errors]") {
   namespace vc = flowdiff::test::vae;

@@ -7,8 +7,8 @@
 #include <chrono>
 #include <cstdio>
 #include <flowdiff/core/error.hpp>
-#include <iostream>
 #include <functional>
+#include <iostream>
 #include <memory>
 #include <sstream>
 #include <string>

@@ -423,8 +423,8 @@ inline FashionFlags add_fashion_flags(Cli& cli, const FashionFlagDefaults& d) {
 struct CfgReport {
   std::string program;
   std::chrono::steady_clock::time_point started;  ///< the start of the run ("done in")
-  train::TrainResult training;                    ///< its steps and seconds go to the CSV
-  std::string weights;  ///< the EMA weights file train_cfm wrote to out/ (listed at the end)
+  train::TrainResult training = {};               ///< its steps and seconds go to the CSV
+  std::string weights = "";        ///< the EMA weights file train_cfm wrote (listed at the end)
   std::string sampled_where = "";  ///< after "NFE of a 2N batch" in the table's footnote
   std::string note = "";           ///< more lines printed after the footnote
   std::vector<std::pair<std::string, std::string>> csv = {};  ///< after train_seconds
@@ -482,6 +482,20 @@ void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const 
   for (std::size_t i = 0; i < files.size(); ++i)
     list += (i == 0 ? "" : i + 1 == files.size() ? " and " : ", ") + files[i].string();
   std::printf("wrote %s\n", list.c_str());
+}
+
+/// train_cfm, then sample_cfg_and_report, for the model where it lives (nn::UNet / nn::DiT on the
+/// CPU, or a backend model with its parameters on a device): r.training and r.weights come from
+/// the training.
+template <class M, class Source, class ToImages = PixelImages>
+void train_cfm_and_report(CfgReport r, const FashionFlags& flags, const CfmTraining& training,
+                          const M& model, nn::Parameters<float, nn::model_backend_t<M>>& ps,
+                          Source& source, const metrics::TrainedClassifier<float>& classifier,
+                          const data::ImageDataset& test, const Shape& sample,
+                          ToImages to_images = {}) {
+  r.training = train_cfm(r.program, model, ps, source, training);
+  r.weights = training.weights;
+  sample_cfg_and_report(r, flags, model, std::as_const(ps), classifier, test, sample, to_images);
 }
 
 }  // namespace flowdiff::examples

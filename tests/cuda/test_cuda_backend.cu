@@ -4,9 +4,11 @@
 // and uniforms bit-equal to the CPU, normals within a few ulp), cuBLAS GEMM (plain and strided-
 // batched, row-major like the CPU gemm) and the fused CFG + Euler / Euler–Maruyama updates (against
 // the CPU's Cfg adapter and steppers, and against the same generic path running on the GPU).
-// The checks that need no GPU (error messages, the device query) always run. Without a device the
-// program then prints "SKIPPED" and exits with 77, which ctest reports as skipped; 0: all passed,
-// 1: a check failed (each failure is printed with what was compared and by how much).
+// A part of the one CUDA test program (test_cuda.cu includes it; `test_cuda backend` runs it,
+// ctest's cuda_backend). The checks that need no GPU (error messages, the device query) always
+// run. Without a device the part then prints "SKIPPED" and returns 77, which ctest reports as
+// skipped; 0: all passed, 1: a check failed (each failure is printed with what was compared and by
+// how much).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +29,8 @@
 #include <vector>
 
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_backend {
 
 namespace fd = flowdiff;
 using fd::Cpu;
@@ -943,7 +947,7 @@ void fused_updates() {
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA backend tests\n");
   host_checks();
   host_gemm_mapping();
@@ -965,3 +969,5 @@ int main() {
         fused_updates();
       });
 }
+
+}  // namespace flowdiff::test::cuda_backend

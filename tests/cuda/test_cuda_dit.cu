@@ -14,7 +14,9 @@
 //   one strided-batched call per head; GELU element-wise at the fp32 rule: the same explicitly
 //   rounded operations; patches bit-equal), central differences through the device layers, the
 //   trainer and sampler rules as on the host, device labels refused by count.
-// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+// A part of the one CUDA test program (test_cuda.cu includes it): `test_cuda dit` runs it, as
+// ctest's cuda_dit. Without a device: prints "SKIPPED" and returns 77 after the host part (ctest:
+// skipped).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -24,6 +26,8 @@
 
 #include "../support/backend_dit_checks.hpp"
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_dit {
 
 namespace fd = flowdiff;
 namespace dc = flowdiff::test::dit;
@@ -86,8 +90,10 @@ void device_checks() {
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA token-layer and DiT tests\n");
   host_checks();
   return flowdiff::test::cuda_harness::finish([] { device_checks(); });
 }
+
+}  // namespace flowdiff::test::cuda_dit

@@ -21,7 +21,9 @@
 // nn::BackendConvClassifier and classifier_log_prob_grad against nn::ConvClassifier (fp32 NMSE
 // <= 1e-7, fp64 <= 1e-24 on the device), central differences, checkpoints and errors. Compiled,
 // never yet run on a GPU.
-// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+// A part of the one CUDA test program (test_cuda.cu includes it): `test_cuda layers` runs it, as
+// ctest's cuda_layers. Without a device: prints "SKIPPED" and returns 77 after the host part
+// (ctest: skipped).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -32,6 +34,8 @@
 #include "../support/backend_classifier_checks.hpp"
 #include "../support/backend_spatial_checks.hpp"
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_layers {
 
 namespace fd = flowdiff;
 namespace sc = flowdiff::test::spatial;
@@ -121,8 +125,10 @@ void device_checks() {
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA image-layer tests\n");
   host_checks();
   return flowdiff::test::cuda_harness::finish([] { device_checks(); });
 }
+
+}  // namespace flowdiff::test::cuda_layers

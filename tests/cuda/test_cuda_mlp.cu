@@ -16,7 +16,9 @@
 //   straight one on the GPU; Trainer's step-5 checkpoint finished on the GPU within the rule;
 //   the GPU's final checkpoint loaded by the CPU Trainer exactly); Cfg's set_condition range-
 //   checking device labels by a device reduction (the count and the range in the message).
-// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+// A part of the one CUDA test program (test_cuda.cu includes it): `test_cuda mlp` runs it, as
+// ctest's cuda_mlp. Without a device: prints "SKIPPED" and returns 77 after the host part (ctest:
+// skipped).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +35,8 @@
 
 #include "../support/backend_mlp_checks.hpp"
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_mlp {
 
 namespace fd = flowdiff;
 namespace nn = flowdiff::nn;
@@ -334,7 +338,7 @@ void device_training() {
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA MLP tests\n");
   host_checks();
   return flowdiff::test::cuda_harness::finish([] {
@@ -344,3 +348,5 @@ int main() {
     device_training();
   });
 }
+
+}  // namespace flowdiff::test::cuda_mlp

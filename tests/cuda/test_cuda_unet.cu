@@ -12,7 +12,9 @@
 //   rules (the products are cuBLAS's and the reductions the device's fixed-order ones, so the
 //   summation orders differ from nn::UNet's as the CPU backend's do), resume bit for bit on the
 //   device (its kernels and reductions are deterministic), device labels refused by count.
-// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+// A part of the one CUDA test program (test_cuda.cu includes it): `test_cuda unet` runs it, as
+// ctest's cuda_unet. Without a device: prints "SKIPPED" and returns 77 after the host part (ctest:
+// skipped).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -22,6 +24,8 @@
 
 #include "../support/backend_unet_checks.hpp"
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_unet {
 
 namespace fd = flowdiff;
 namespace ut = flowdiff::test::unet_train;
@@ -71,8 +75,10 @@ void device_checks() {
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA U-Net training and sampling tests\n");
   host_checks();
   return flowdiff::test::cuda_harness::finish([] { device_checks(); });
 }
+
+}  // namespace flowdiff::test::cuda_unet

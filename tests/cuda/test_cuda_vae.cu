@@ -8,8 +8,11 @@
 //   |ref|), checkpoints both ways, init, the errors.
 //   device part (with a GPU): the same bodies with B = Cuda against the same CPU references (the
 //   noise within fill_normal's element-wise rule, fp64 by normalised MSE <= 1e-24: cuBLAS and the
-//   device's reductions sum in other orders than nn::VAE), init within fill_uniform's rule.
-// Without a device: prints "SKIPPED" and exits with 77 after the host part (ctest: skipped).
+//   device's reductions sum in other orders than nn::VAE), init within fill_uniform's rule, and
+//   load_or_train_vae training on the device through its hook (fashion_latent --device cuda).
+// A part of the one CUDA test program (test_cuda.cu includes it): `test_cuda vae` runs it, as
+// ctest's cuda_vae. Without a device: prints "SKIPPED" and returns 77 after the host part (ctest:
+// skipped).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -17,6 +20,8 @@
 
 #include "../support/backend_vae_checks.hpp"
 #include "harness.hpp"
+
+namespace flowdiff::test::cuda_vae {
 
 namespace fd = flowdiff;
 namespace vc = flowdiff::test::vae;
@@ -56,13 +61,17 @@ void device_checks() {
   });
   section("checkpoints and init on Cuda", true,
           [](vc::Log& log) { vc::checkpoint_checks<Cuda>(log); });
+  section("load_or_train_vae training on Cuda (its hook)", true,
+          [](vc::Log& log) { vc::cache_checks<Cuda>(log); });
   section("errors on Cuda", true, [](vc::Log& log) { vc::error_checks<Cuda>(log); });
 }
 
 }  // namespace
 
-int main() {
+int run() {
   std::printf("flowdiff CUDA VAE tests\n");
   host_checks();
   return flowdiff::test::cuda_harness::finish([] { device_checks(); });
 }
+
+}  // namespace flowdiff::test::cuda_vae

@@ -21,6 +21,8 @@
 //   checkpoint_checks  a CPU checkpoint loads into BackendVAE's parameters on B and comes back
 //                      bit-equal; a checkpoint written from B (after training there) loads
 //                      strictly into nn::VAE, bit-equal; BackendVAE::init against nn::VAE::init
+//   cache_checks       load_or_train_vae training on B through its hook (fashion_latent --device
+//                      cuda's path) against load_or_train_vae on the CPU; the cache reused
 //   error_checks       shapes, calls out of order, configurations and layouts, by name; the
 //                      cache's buffers reused while N repeats
 // Every comparison first requires finite values and a reference that is not all zero.
@@ -437,6 +439,91 @@ void checkpoint_checks(Log& log) {
               host_copy<T, Cpu>(hp.flat_params()), {true, 1e-6, 1e-5, 0});
     log.expect(g1.offset() == g2.offset(),
                str(what, ": init's generator offset ", g2.offset(), " == ", g1.offset()));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The VAE cache trained on B (fashion_latent --device cuda's path).
+// ---------------------------------------------------------------------------------------------
+
+/// load_or_train_vae with a `train` hook that trains on B: upload the initialised parameters to a
+/// BackendVAE<float, B>, train_vae there, download. Against load_or_train_vae on the CPU from the
+/// same generator: the hook runs once, on exactly the weights nn::VAE::init drew; the trained
+/// parameters, the latent scale and the test error follow the CPU's (run_tolerance: the same four
+/// steps in another summation order); the cache holds exactly the hook's parameters; a second call
+/// loads the cache and does not train.
+template <Backend B>
+void cache_checks(Log& log) {
+  using T = float;
+  const std::string what = str("load_or_train_vae training BackendVAE<float, ", B::name, ">");
+  guard(log, what, [&] {
+    TempDir dir(std::string("backend_vae_cache_") + B::name);
+    const auto images = wave_images<T>(10, 43);
+    const auto test_images = wave_images<T>(6, 44);
+    const train::VAETrainOptions o = train_options();
+
+    // The reference: the CPU's load_or_train_vae (train_vae on nn::VAE).
+    nn::Parameters<T> ref_ps;
+    const nn::VAE<T> ref_vae(ref_ps, two_level_config());
+    ref_ps.allocate();
+    Generator ref_gen(61);
+    const auto ref = train::load_or_train_vae(dir / "cpu.safetensors", ref_vae, ref_ps,
+                                              images.view(), test_images.view(), o, ref_gen);
+
+    nn::Parameters<T> ps;
+    const nn::VAE<T> vae(ps, two_level_config());
+    ps.allocate();
+    int calls = 0;
+    std::vector<T> initial, trained;
+    const auto on_backend = [&](nn::Parameters<T>& p, Generator& g) {
+      ++calls;
+      initial = host_copy<T, Cpu>(p.flat_params());
+      nn::Parameters<T, B> dps;
+      const nn::BackendVAE<T, B> dvae(dps, vae.config());
+      dps.allocate();
+      nn::upload_parameters(dps, p);
+      const auto rep = train::train_vae(dvae, dps, images.view(), o, g);
+      nn::download_parameters(p, dps);
+      trained = host_copy<T, Cpu>(p.flat_params());
+      return rep;
+    };
+    Generator gen(61);
+    const auto file = dir / "backend.safetensors";
+    const auto got = train::load_or_train_vae(file, vae, ps, images.view(), test_images.view(), o,
+                                              gen, on_backend);
+    log.expect(
+        calls == 1 && !got.loaded && got.steps == 4,
+        str(what, ": trained through the hook once (calls ", calls, ", steps ", got.steps, ")"));
+    nn::Parameters<T> init_ps;
+    const nn::VAE<T> init_vae(init_ps, two_level_config());
+    init_ps.allocate();
+    Generator init_gen(61);
+    init_vae.init(init_ps, init_gen);
+    compare_exact(log, what + ": the hook received nn::VAE::init's weights", initial,
+                  host_copy<T, Cpu>(init_ps.flat_params()));
+    compare_exact(log, what + ": the parameters are the hook's",
+                  host_copy<T, Cpu>(ps.flat_params()), trained);
+    const Tolerance tol = run_tolerance<T>();
+    compare(log, what + ": parameters vs the CPU's", trained,
+            host_copy<T, Cpu>(ref_ps.flat_params()), tol);
+    compare(log, what + ": latent scale and test MSE vs the CPU's",
+            std::vector<double>{got.latent_scale, got.test_mse},
+            std::vector<double>{ref.latent_scale, ref.test_mse}, {true, 0, tol.rtol, 0});
+    log.expect(gen.offset() == ref_gen.offset(),
+               str(what, ": generator offset ", gen.offset(), " == the CPU's ", ref_gen.offset()));
+
+    // The cache holds the hook's parameters, and a second call loads it without training.
+    nn::Parameters<T> again;
+    const nn::VAE<T> again_vae(again, two_level_config());
+    again.allocate();
+    Generator gen2(99);
+    const auto rep2 = train::load_or_train_vae(file, again_vae, again, images.view(),
+                                               test_images.view(), o, gen2, on_backend);
+    log.expect(calls == 1 && rep2.loaded && rep2.latent_scale == got.latent_scale,
+               str(what, ": the second call loaded the cache (calls ", calls, ", scale ",
+                   rep2.latent_scale, " == ", got.latent_scale, ")"));
+    compare_exact(log, what + ": the cached parameters", host_copy<T, Cpu>(again.flat_params()),
+                  trained);
   });
 }
 

@@ -186,11 +186,17 @@ VAETrainReport train_vae(const nn::VAE<T>& vae, nn::Parameters<T>& ps, View<cons
 /// MSE is measured on test_images and the latent scale is the checkpoint's (it was measured when
 /// the VAE was trained). An empty cache_path trains and writes nothing. train_images, test_images:
 /// [N, C, S, S].
-template <class T>
+///
+/// `train(ps, gen)`, when given, does the training instead of train_vae(vae, ps, train_images, o,
+/// gen): it receives the initialised parameters and the generator, leaves the trained parameters
+/// in `ps` and returns the report (steps, seconds, final loss parts). This is how the VAE trains
+/// elsewhere, e.g. on a GPU (upload to an nn::BackendVAE, train_vae there, download: the examples'
+/// fashion_latent --device cuda), while the cache, the latent scale and the test error stay here.
+template <class T, class Train>
 VAETrainReport load_or_train_vae(const std::filesystem::path& cache_path, const nn::VAE<T>& vae,
                                  nn::Parameters<T>& ps, View<const T> train_images,
                                  View<const T> test_images, const VAETrainOptions& o,
-                                 Generator& gen) {
+                                 Generator& gen, Train&& train) {
   const std::string desc = vae_detail::describe(vae.config(), o);
   if (!cache_path.empty() && std::filesystem::exists(cache_path)) {
     try {
@@ -216,7 +222,7 @@ VAETrainReport load_or_train_vae(const std::filesystem::path& cache_path, const 
     }
   }
   vae.init(ps, gen);
-  VAETrainReport rep = train_vae(vae, ps, train_images, o, gen);
+  VAETrainReport rep = train(ps, gen);
   const index_t m = std::min<index_t>(train_images.dim(0), std::max<index_t>(2, o.scale_images));
   const Tensor<T> z =
       nn::encode_images(vae, ps, View<const T>(train_images.rows(0, m)), o.eval_batch);
@@ -243,6 +249,17 @@ VAETrainReport load_or_train_vae(const std::filesystem::path& cache_path, const 
     vae_detail::say(o, "vae: wrote " + cache_path.string());
   }
   return rep;
+}
+
+/// load_or_train_vae training with train_vae on the CPU.
+template <class T>
+VAETrainReport load_or_train_vae(const std::filesystem::path& cache_path, const nn::VAE<T>& vae,
+                                 nn::Parameters<T>& ps, View<const T> train_images,
+                                 View<const T> test_images, const VAETrainOptions& o,
+                                 Generator& gen) {
+  return load_or_train_vae(
+      cache_path, vae, ps, train_images, test_images, o, gen,
+      [&](nn::Parameters<T>& p, Generator& g) { return train_vae(vae, p, train_images, o, g); });
 }
 
 }  // namespace flowdiff::train
