@@ -3,9 +3,12 @@
 // combination + Euler step + noise injection in one pass) against the copy bandwidth measured in
 // the same binary. Report: bytes_per_second of BM_fused_update / bytes_per_second of BM_copy at the
 // same size, counting the bytes each one moves (copy: read + write; fused: 4 reads + 1 write).
+// BM_cfg_sampling: integrate() under cfg with the samplers' own fused update against the unfused
+// path (the same bits), Euler and Euler-Maruyama, on a cheap field and on the mixture.
 #include <benchmark/benchmark.h>
 
 #include <cstring>
+#include <string>
 #include <flowdiff/flowdiff.hpp>
 #include <flowdiff/metrics/distances.hpp>
 
@@ -85,6 +88,82 @@ void BM_fused_update(benchmark::State& state) {
 
 BENCHMARK(BM_copy)->Arg(1 << 16)->Arg(1 << 20)->Arg(1 << 24)->UseRealTime();
 BENCHMARK(BM_fused_update)->Arg(1 << 16)->Arg(1 << 20)->Arg(1 << 24)->UseRealTime();
+
+// A cheap conditional field, u(x|y) = (1 + y / 4) x + t: one read and one write per element, so
+// that the sampler's own passes are a visible share of a step.
+struct CheapClassField {
+  using value_type = float;
+  fd::index_t num_classes() const { return 4; }
+  void operator()(fd::View<const float> x, fd::View<float> out, float t,
+                  fd::View<const fd::label_t> y) const {
+    const fd::index_t d = x.row_size();
+    fd::Cpu::parallel_for(x.rows(), [&](fd::index_t i) {
+      const float a = 1.0f + 0.25f * static_cast<float>(y[i]);
+      for (fd::index_t j = 0; j < d; ++j) out[i * d + j] = a * x[i * d + j] + t;
+    });
+  }
+};
+
+// Forwards field(x, out, t) only, hiding Cfg::evaluate_halves: the steppers' unfused path.
+template <class G>
+struct HideHalves {
+  G& g;
+  void operator()(fd::View<const float> x, fd::View<float> out, float t) { g(x, out, t); }
+};
+
+// Guided sampling, integrate(stepper, cfg(field, 3), x, 8 steps), with the samplers' own fusion of
+// the CFG combination into the update (fused = 1) or without it (0: a combination pass, then the
+// update pass; fill_normal in a pass of its own for Euler-Maruyama). Args: particles, d, fused,
+// stochastic (Euler-Maruyama, sigma 0.5), field (0: CheapClassField, 1: the Gaussian mixture).
+// Report: the fused rate over the unfused one at the same arguments (the same bits either way).
+void BM_cfg_sampling(benchmark::State& state) {
+  const fd::index_t n = state.range(0), d = state.range(1);
+  const bool fused = state.range(2) != 0, stochastic = state.range(3) != 0;
+  const bool mixture_field = state.range(4) != 0;
+  fd::Generator gen{2};
+  auto x0 = fd::randn<float>({n, d}, gen);
+  fd::Tensor<float> x(x0.shape());
+  fd::Tensor<fd::label_t> y(fd::Shape{n});
+  for (fd::index_t i = 0; i < n; ++i) y[i] = static_cast<fd::label_t>(i % 5);
+  const auto grid = fd::uniform_grid<float>(8);
+  const auto data = mixture(d);
+  const auto run = [&](auto&& field) {
+    auto guided = fd::cfg(field, 3.0f);
+    guided.set_condition(y);
+    HideHalves<decltype(guided)> hidden{guided};
+    for (auto _ : state) {
+      fd::copy(x, x0);
+      fd::Generator noise{5};
+      const auto sample = [&](auto& f) {
+        if (stochastic)
+          fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, 0.5, noise), f, x, grid);
+        else
+          fd::integrate(fd::Euler{}, f, x, grid);
+      };
+      if (fused)
+        sample(guided);
+      else
+        sample(hidden);
+      benchmark::DoNotOptimize(x.data());
+    }
+  };
+  if (mixture_field)
+    run(data.velocity(fd::schedules::Linear{}));
+  else
+    run(CheapClassField{});
+  state.SetItemsProcessed(state.iterations() * n * 8);  // particle-steps
+  state.SetLabel(std::string(mixture_field ? "mixture" : "cheap") +
+                 (stochastic ? ", EM" : ", Euler") + (fused ? ", fused" : ", unfused"));
+}
+
+void cfg_sampling_args(benchmark::internal::Benchmark* b) {
+  for (long field : {0, 1})
+    for (long stochastic : {0, 1})
+      for (long fused : {0, 1})
+        b->Args({field == 0 ? 100000 : 20000, 64, fused, stochastic, field});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK(BM_cfg_sampling)->Apply(cfg_sampling_args);
 
 }  // namespace
 

@@ -6,6 +6,10 @@
 #include <cmath>
 #include <flowdiff/analytic/analytic.hpp>
 #include <flowdiff/guidance/guidance.hpp>
+#include <flowdiff/samplers/grid.hpp>
+#include <flowdiff/samplers/integrate.hpp>
+#include <flowdiff/samplers/ode.hpp>
+#include <flowdiff/samplers/sde.hpp>
 #include <limits>
 #include <numbers>
 #include <type_traits>
@@ -353,6 +357,100 @@ TEST_CASE("CFG evaluates the field once on a 2N batch in reused scratch", "[guid
   zero(x, out, 0.5f);
   CHECK(r1.last_n == n);
   CHECK(r1.last_labels[0] == 5);
+}
+
+namespace {
+
+// A field that only forwards field(x, out, t): it hides Cfg::evaluate_halves, so the samplers take
+// their unfused path (the combination pass, then the update pass).
+template <class F>
+struct Unfused {
+  F& f;
+  template <class T>
+  void operator()(fd::View<const T> x, fd::View<T> out, T t) {
+    f(x, out, t);
+  }
+};
+template <class F>
+Unfused(F&) -> Unfused<F>;
+
+}  // namespace
+
+static_assert(fd::FusableGuidance<fd::Cfg<Recorder, float>, float, fd::Cpu>);
+static_assert(!fd::FusableGuidance<Unfused<fd::Cfg<Recorder, float>>, float, fd::Cpu>);
+
+TEMPLATE_TEST_CASE("CFG under Euler and Euler-Maruyama: the sampler fuses the combination into "
+                   "its update, bit for bit",
+                   "[guidance][samplers]", float, double) {
+  using T = TestType;
+  auto g = make_mixture<T>();
+  const fd::index_t n = 64;
+  const auto x0 = points<T>(n, 2, 11);
+  const auto y = mixed_labels<T>(n, 3);
+  const auto grid = fd::uniform_grid<T>(12);
+  // Samples with the stepper make(gen) returns, fused (the Cfg itself) and unfused (behind
+  // Unfused): the same bits and the same generator offsets.
+  const auto compare = [&](const char* what, auto&& guided, auto make) {
+    INFO(what);
+    guided.set_condition(y);
+    fd::Generator g1{7}, g2{7};
+    auto fused = x0.clone(), plain = x0.clone();
+    fd::integrate(make(g1), guided, fused, grid);
+    Unfused hidden{guided};
+    fd::integrate(make(g2), hidden, plain, grid);
+    REQUIRE(fd::all_finite(fused));
+    CHECK(g1.offset() == g2.offset());
+    fd::index_t differ = 0, moved = 0;
+    for (fd::index_t i = 0; i < fused.numel(); ++i) {
+      differ += fused[i] != plain[i];
+      moved += fused[i] != x0[i];  // the steps moved every coordinate
+    }
+    CHECK(differ == 0);
+    CHECK(moved == fused.numel());
+  };
+  const auto euler = [](fd::Generator&) { return fd::Euler{}; };
+  const auto em = [](fd::Generator& gen) {
+    return fd::euler_maruyama(fd::schedules::Linear{}, 0.7, gen);
+  };
+  const auto em_off = [](fd::Generator& gen) {  // sigma_t = 0 after t = 0.7: the ODE update
+    return fd::euler_maruyama(
+        fd::schedules::Linear{}, [](double t) { return t < 0.7 ? 1.0 : 0.0; }, gen);
+  };
+  const auto field = [&] { return g.velocity(fd::schedules::Linear{}); };
+  for (double w : {3.0, -0.5, 1.0, 0.0}) {
+    INFO("w = " << w);
+    compare("Euler", fd::cfg(field(), static_cast<T>(w)), euler);
+    compare("Euler-Maruyama", fd::cfg(field(), static_cast<T>(w)), em);
+    compare("Euler-Maruyama, sigma_t", fd::cfg(field(), static_cast<T>(w)), em_off);
+  }
+  // Limited-interval guidance: fused where w = 3, the conditional half alone elsewhere.
+  compare("Euler, guidance interval",
+          fd::cfg<T>(field(), fd::guidance_interval(3.0, 0.3, 0.7)), euler);
+  // CFG rescale is not fused (evaluate_halves declines it): both runs take the same path.
+  compare("Euler-Maruyama, rescale", fd::cfg(field(), T(3), {.rescale = 0.7}), em);
+
+  // evaluate_halves: both halves from one 2N evaluation and w at t; nothing, and no evaluation,
+  // where operator() would not blend them.
+  Recorder rec;
+  auto c = fd::cfg(rec, 2.0f);
+  c.set_condition(fd::Tensor<fd::label_t>::from({2}, {1, 3}));
+  const auto x = points<float>(2, 3, 12);
+  const auto halves = c.evaluate_halves(x.view(), 0.5f);
+  REQUIRE(halves.has_value());
+  CHECK(rec.calls == 1);
+  CHECK(rec.last_n == 4);
+  CHECK(halves->w == 2.0);
+  CHECK(halves->cond(1, 2) == 4.0f * x(1, 2) + 0.5f);
+  CHECK(halves->uncond(1, 2) == 6.0f * x(1, 2) + 0.5f);
+  auto one = fd::cfg(rec, 1.0f);
+  one.set_condition(2, 2);
+  CHECK_FALSE(one.evaluate_halves(x.view(), 0.5f).has_value());
+  auto rescaled = fd::cfg(rec, 2.0f, {.rescale = 0.5});
+  rescaled.set_condition(2, 2);
+  CHECK_FALSE(rescaled.evaluate_halves(x.view(), 0.5f).has_value());
+  CHECK(rec.calls == 1);
+  CHECK_THROWS_WITH(c.evaluate_halves(points<float>(3, 3, 1).view(), 0.5f),
+                    Contains("x has shape [3, 3] but set_condition received 2 labels"));
 }
 
 TEST_CASE("Classifier guidance: t = 0, scratch, and label checks", "[guidance]") {

@@ -47,6 +47,7 @@
 // samplers: time grids, ODE and SDE steppers, integrate(), likelihoods
 #include "flowdiff/samplers/adaptive.hpp"
 #include "flowdiff/samplers/dpm_solver.hpp"
+#include "flowdiff/samplers/fused.hpp"
 #include "flowdiff/samplers/grid.hpp"
 #include "flowdiff/samplers/integrate.hpp"
 #include "flowdiff/samplers/likelihood.hpp"

@@ -3,7 +3,8 @@
 // parallel_for running the CPU's functors, the deterministic sum, Philox fills (integer streams
 // and uniforms bit-equal to the CPU, normals within a few ulp), cuBLAS GEMM (plain and strided-
 // batched, row-major like the CPU gemm) and the fused CFG + Euler / Euler–Maruyama updates (against
-// the CPU's Cfg adapter and steppers, and against the same generic path running on the GPU).
+// the CPU's Cfg adapter and steppers, against the same generic path running on the GPU, and as
+// integrate() picks them by itself under Cfg).
 // A part of the one CUDA test program (test_cuda.cu includes it; `test_cuda backend` runs it,
 // ctest's cuda_backend). The checks that need no GPU (error messages, the device query) always
 // run. Without a device the part then prints "SKIPPED" and returns 77, which ctest reports as
@@ -810,8 +811,9 @@ struct FusedSetup {
   }
 };
 
-/// The fused sampling loop on backend B: per step one 2N evaluation of the conditional field and
-/// one fused pass (sigma = 0: CFG + Euler; sigma > 0: CFG + Euler–Maruyama with in-pass noise).
+/// The fused sampling loop on backend B, by hand: per step one 2N evaluation of the conditional
+/// field and one fused pass (sigma = 0: CFG + Euler; sigma > 0: CFG + Euler–Maruyama with in-pass
+/// noise).
 template <class B>
 std::vector<float> fused_run(const FusedSetup& s, double w, double sigma, index_t steps,
                              fd::Generator& gen) {
@@ -836,20 +838,37 @@ std::vector<float> fused_run(const FusedSetup& s, double w, double sigma, index_
   return to_vector(x);
 }
 
+/// Forwards field(x, out, t) only: hides Cfg::evaluate_halves, so that the steppers take their
+/// unfused path.
+template <class G, class B>
+struct HideHalves {
+  G& g;
+  void operator()(fd::View<const float, B> x, fd::View<float, B> out, float t) { g(x, out, t); }
+};
+
 /// The library's own path on backend B: the Cfg adapter and the Euler / EulerMaruyama stepper
-/// through integrate() (unfused: a combination pass, fill_normal, an update pass).
+/// through integrate(). fused = false hides the halves (a combination pass, fill_normal, an update
+/// pass); fused = true is what integrate() does with a Cfg by itself: the fused update.
 template <class B>
 std::vector<float> library_run(const FusedSetup& s, double w, double sigma, index_t steps,
-                               fd::Generator& gen) {
+                               fd::Generator& gen, bool fused = false) {
   AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
   const auto labels = on<B>(s.labels);
   auto x = on<B>(s.x0);
   auto g = fd::cfg(field, w);
   g.set_condition(labels.view());
-  if (sigma == 0)
-    fd::integrate(fd::Euler{}, g, x, s.sub_grid(steps));
+  HideHalves<decltype(g), B> hidden{g};
+  const auto run = [&](auto& f) {
+    if (sigma == 0)
+      fd::integrate(fd::Euler{}, f, x, s.sub_grid(steps));
+    else
+      fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gen), f, x,
+                    s.sub_grid(steps));
+  };
+  if (fused)
+    run(g);
   else
-    fd::integrate(fd::euler_maruyama(fd::schedules::Linear{}, sigma, gen), g, x, s.sub_grid(steps));
+    run(hidden);
   return to_vector(x);
 }
 
@@ -886,12 +905,15 @@ void host_fused() {
     const FusedSetup s;
     const index_t steps = static_cast<index_t>(s.grid.size()) - 1;
     for_each_case([&](const std::string& what, double w, double sigma) {
-      fd::Generator g1{2026}, g2{2026};
+      fd::Generator g1{2026}, g2{2026}, g3{2026};
       const auto fused = fused_run<Cpu>(s, w, sigma, steps, g1);
       const auto lib = library_run<Cpu>(s, w, sigma, steps, g2);
+      const auto auto_fused = library_run<Cpu>(s, w, sigma, steps, g3, true);
       expect_close("fused functors on the host vs Cfg + stepper (" + what + ")", fused, lib);
       report_bit_equal("host fused vs library, " + what, fused, lib);
-      expect(g1.offset() == g2.offset(),
+      expect(auto_fused == lib, "integrate's own fusion under Cfg gives the unfused bits (" +
+                                    what + ")");
+      expect(g1.offset() == g2.offset() && g3.offset() == g2.offset(),
              "the fused step consumes the generator as EulerMaruyama does (" + what + ")");
     });
     fd::Tensor<float> x({4, 3}), c({4, 3}), u({4, 2});
@@ -922,7 +944,8 @@ void fused_updates() {
     const FusedSetup s;
     const index_t steps = static_cast<index_t>(s.grid.size()) - 1;
     for_each_case([&](const std::string& what, double w, double sigma) {
-      fd::Generator g_cpu1{2026}, g_gpu1{2026}, g_cpu{2026}, g_fused{2026}, g_lib{2026};
+      fd::Generator g_cpu1{2026}, g_gpu1{2026}, g_cpu{2026}, g_fused{2026}, g_lib{2026},
+          g_auto{2026};
       const auto cpu1 = library_run<Cpu>(s, w, sigma, 1, g_cpu1);
       const auto gpu1 = fused_run<Cuda>(s, w, sigma, 1, g_gpu1);
       expect_close("fused kernel, one step vs CPU (" + what + ")", gpu1, cpu1);
@@ -937,7 +960,13 @@ void fused_updates() {
       expect_close("fused kernel vs generic library on the GPU (" + what + ")", fused, lib, 1e-5,
                    1e-4);
       report_bit_equal("GPU fused vs GPU library, " + what, fused, lib);
-      expect(g_fused.offset() == g_cpu.offset() && g_lib.offset() == g_cpu.offset(),
+      // integrate() fuses by itself under Cfg: the same kernel on the same inputs as fused_run.
+      const auto auto_fused = library_run<Cuda>(s, w, sigma, steps, g_auto, true);
+      expect_close("integrate's own fusion vs the fused kernel on the GPU (" + what + ")",
+                   auto_fused, fused, 0, 1e-6);
+      report_bit_equal("GPU integrate's fusion vs the fused kernel, " + what, auto_fused, fused);
+      expect(g_fused.offset() == g_cpu.offset() && g_lib.offset() == g_cpu.offset() &&
+                 g_auto.offset() == g_cpu.offset(),
              "the GPU paths consume the generator as the CPU does (" + what + ")");
     });
     expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -196,13 +197,8 @@ class Cfg {
 
   // x, out: [N, ...] with N the number of labels given to set_condition
   void operator()(View<const T, B> x, View<T, B> out, T t) {
-    const char* who = "cfg";
-    check_time(who, t);
-    require<config_error>(n_ > 0, who, ": call set_condition(labels) before evaluating the field");
-    require<shape_error>(x.rank() >= 1 && x.rows() == n_, who, ": x has shape ", x.shape(),
-                         " but set_condition received ", n_, " labels");
-    check_same_shape(who, "x", x, "out", View<const T, B>(out));
-    const double w = detail::scale_at(who, scale_, static_cast<double>(t));
+    const double w = check_and_scale(x, t);
+    check_same_shape("cfg", "x", x, "out", View<const T, B>(out));
     const index_t n = n_;
     const View<const label_t, B> y = labels_.view();
     // Where the combination is exactly one of the two fields, evaluate only that half: this is
@@ -215,19 +211,26 @@ class Cfg {
       field_(x, out, t, y.rows(n, 2 * n));
       return;
     }
-    const Shape s2 = x.shape().with_rows(2 * n);
-    x2_.resize(s2);
-    out2_.resize(s2);
-    const index_t m = x.numel();
-    B::copy(x2_.data(), x.data(), m);
-    B::copy(x2_.data() + m, x.data(), m);
-    field_(View<const T, B>(x2_.view()), out2_.view(), t, y);
+    evaluate_both(x, t);
     const View<T, B> cond = out2_.view().rows(0, n);
     const View<T, B> uncond = out2_.view().rows(n, 2 * n);
     const T wc = static_cast<T>(w), wu = static_cast<T>(1.0 - w);
     transform(
         out, [wc, wu] FLOWDIFF_HOST_DEVICE(T c, T u) { return wu * u + wc * c; }, cond, uncond);
     if (rescale_ > 0.0) detail::cfg_rescale(View<const T, B>(cond), out, rescale_);
+  }
+
+  /// For samplers that fuse the combination into their update (FusableGuidance: Euler and
+  /// EulerMaruyama, samplers/fused.hpp): u(x|y) and u(x|∅) from one 2N evaluation, and w at t,
+  /// or nothing (and no evaluation) when operator() would not blend them: w = 0 or 1 (one half is
+  /// evaluated) or CFG rescale. The views are valid until the next evaluation.
+  std::optional<GuidedHalves<T, B>> evaluate_halves(View<const T, B> x, T t) {
+    const double w = check_and_scale(x, t);
+    if (w == 1.0 || w == 0.0 || rescale_ > 0.0) return std::nullopt;
+    evaluate_both(x, t);
+    const index_t n = n_;
+    return GuidedHalves<T, B>{View<const T, B>(out2_.view().rows(0, n)),
+                              View<const T, B>(out2_.view().rows(n, 2 * n)), w};
   }
 
   /// w at time t.
@@ -240,6 +243,27 @@ class Cfg {
   const field_type& field() const { return field_; }
 
  private:
+  // The checks of an evaluation at t; returns w(t).
+  double check_and_scale(View<const T, B> x, T t) const {
+    const char* who = "cfg";
+    check_time(who, t);
+    require<config_error>(n_ > 0, who, ": call set_condition(labels) before evaluating the field");
+    require<shape_error>(x.rank() >= 1 && x.rows() == n_, who, ": x has shape ", x.shape(),
+                         " but set_condition received ", n_, " labels");
+    return detail::scale_at(who, scale_, static_cast<double>(t));
+  }
+
+  // out2_ = [u(x|y); u(x|∅)]: the field once on the 2N batch [x; x] with the labels [y; ∅].
+  void evaluate_both(View<const T, B> x, T t) {
+    const Shape s2 = x.shape().with_rows(2 * n_);
+    x2_.resize(s2);
+    out2_.resize(s2);
+    const index_t m = x.numel();
+    B::copy(x2_.data(), x.data(), m);
+    B::copy(x2_.data() + m, x.data(), m);
+    field_(View<const T, B>(x2_.view()), out2_.view(), t, View<const label_t, B>(labels_.view()));
+  }
+
   F field_;
   Scale scale_;
   double rescale_;

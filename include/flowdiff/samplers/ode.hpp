@@ -7,6 +7,7 @@
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/samplers/fused.hpp"
 
 namespace flowdiff {
 
@@ -32,6 +33,13 @@ struct Euler {
 
   template <class T, class B, class F>
   void step(Workspace<T, B>& ws, F& field, View<T, B> x, T t, T h) const {
+    // Under CFG, the combination and the update in one pass (the same bits on the CPU).
+    if constexpr (FusableGuidance<F, T, B>) {
+      if (const auto g = field.evaluate_halves(View<const T, B>(x), t)) {
+        cfg_euler_step<T, B>(x, g->cond, g->uncond, g->w, h);
+        return;
+      }
+    }
     auto k = ws.buf[0].view();
     field(View<const T, B>(x), k, t);
     transform(x, [h] FLOWDIFF_HOST_DEVICE(T xi, T ki) { return xi + h * ki; }, x, k);

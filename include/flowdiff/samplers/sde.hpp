@@ -18,6 +18,7 @@
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/paths/convert.hpp"
 #include "flowdiff/paths/schedule.hpp"
+#include "flowdiff/samplers/fused.hpp"
 #include "flowdiff/samplers/ode.hpp"
 
 namespace flowdiff {
@@ -56,6 +57,14 @@ struct EulerMaruyama {
     const double sig = sigma(static_cast<double>(t));
     require<config_error>(std::isfinite(sig) && sig >= 0, "euler_maruyama: sigma(", t,
                           ") must be finite and >= 0, got ", sig);
+    // Under CFG with the score from the velocity: combination, update and noise in one pass,
+    // consuming the generator as below (the same bits on the CPU).
+    if constexpr (std::is_same_v<ScoreField, ScoreFromVelocity> && FusableGuidance<F, T, B>) {
+      if (const auto g = field.evaluate_halves(View<const T, B>(x), t)) {
+        cfg_euler_maruyama_step<T, B>(x, g->cond, g->uncond, g->w, schedule, sig, t, h, *gen);
+        return;
+      }
+    }
     field(View<const T, B>(x), u, t);
     if (sig == 0) {  // the ODE path, exactly the Euler update
       transform(x, [h] FLOWDIFF_HOST_DEVICE(T xv, T uv) { return xv + h * uv; }, x, u);
