@@ -11,6 +11,13 @@
 // the samples with their conditioning class under the separate evaluation classifier of
 // fashion_cfg, and the Fréchet distance to real test images in its penultimate features.
 // b_t is infinite at t = 0, so both samplers integrate over [t_min, 1] from N(0, I).
+// --device cuda trains the noisy classifier (nn::BackendConvClassifier<float, Cuda>, the same
+// initial weights, batches, times and noise streams as on the CPU) and samples both methods on a
+// GPU (nn::BackendUNet with fashion_cfg's weights, the classifier's gradient by
+// classifier_log_prob_grad on the device); the accuracies, the cache file and the metrics are
+// computed on the host. CMake compiles this file with nvcc when it finds the CUDA toolkit; without
+// a usable device, or in a build without the toolkit, it says so in one line and runs on the CPU
+// (examples/common/device.hpp).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -23,6 +30,8 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -30,6 +39,7 @@
 #endif
 
 #include "common/cli.hpp"
+#include "common/device.hpp"
 #include "common/fashion.hpp"
 
 namespace fd = flowdiff;
@@ -41,39 +51,52 @@ using flowdiff::examples::seconds_since;
 
 namespace {
 
-/// ∇_x log p_t(y | x) of the noisy classifier, as the gradient callable classifier_guidance takes.
+/// ∇_x log p_t(y | x) of the noisy classifier, as the gradient callable classifier_guidance
+/// takes, on the classifier's backend (nn::ConvClassifier on the CPU, nn::BackendConvClassifier
+/// on B).
+template <class Net>
 struct NoisyClassifierGradient {
-  const nn::ConvClassifier<float>* net;
-  nn::Parameters<float>* ps;
-  nn::ConvClassifier<float>::Cache cache;
-  fd::Tensor<float> t, logits, dlogits;
+  using B = nn::model_backend_t<Net>;
+  const Net* net;
+  nn::Parameters<float, B>* ps;
+  typename Net::Cache cache{};
+  fd::Tensor<float, B> t{}, logits{}, dlogits{};
   fd::index_t num_classes() const { return net->num_classes(); }
-  void operator()(fd::View<const float> x, fd::View<float> out, float time,
-                  fd::View<const fd::label_t> y) {
+  void operator()(fd::View<const float, B> x, fd::View<float, B> out, float time,
+                  fd::View<const fd::label_t, B> y) {
     t.resize(fd::Shape{x.dim(0)});
     fd::fill(t.view(), time);
     ps->zero_grad();  // the backward also accumulates parameter gradients; keep them bounded
-    nn::classifier_log_prob_grad<float>(*net, *ps, x, t, y, out, {}, cache, logits, dlogits);
+    nn::classifier_log_prob_grad<float>(*net, *ps, x, fd::View<const float, B>(t.view()), y, out,
+                                        {}, cache, logits, dlogits);
   }
 };
 
 /// Trains the time-conditioned classifier on x_t with t ~ U[t_min, 1]: mean cross-entropy, AdamW,
-/// warmup + cosine. Returns the seconds it took.
-double train_noisy_classifier(const nn::ConvClassifier<float>& net, nn::Parameters<float>& ps,
+/// warmup + cosine, on the classifier's backend B (batches, times and labels drawn on the host and
+/// copied over; the noise drawn on B from the same generator). Returns the seconds it took.
+template <class Net>
+double train_noisy_classifier(const Net& net, nn::Parameters<float, nn::model_backend_t<Net>>& ps,
                               const fd::data::ImageDataset& train, long steps, long batch,
                               double lr, double t_min, std::uint64_t seed) {
+  using B = nn::model_backend_t<Net>;
+  using CrossEntropy =
+      std::conditional_t<std::is_same_v<B, fd::Cpu>, nn::SoftmaxCrossEntropy<float>,
+                         nn::BackendSoftmaxCrossEntropy<float, B>>;
   const auto t0 = Clock::now();
   fd::Generator gen(seed);
   fd::data::Batcher batcher(train, seed + 1);
   const fd::GaussianPath path(fd::schedules::Linear{});
-  tr::AdamW<float> opt({.lr = lr, .weight_decay = 1e-4});
-  nn::SoftmaxCrossEntropy<float> ce;
-  nn::SoftmaxCrossEntropy<float>::Cache ce_cache;
-  nn::ConvClassifier<float>::Cache cache;
-  fd::Tensor<float> z({batch, 1, 28, 28}), eps({batch, 1, 28, 28}), xt({batch, 1, 28, 28});
-  fd::Tensor<float> t({batch}), logits({batch, net.num_classes()}),
-      dlogits({batch, net.num_classes()});
+  tr::AdamW<float, B> opt({.lr = lr, .weight_decay = 1e-4});
+  const CrossEntropy ce;
+  typename CrossEntropy::Cache ce_cache;
+  typename Net::Cache cache;
+  const fd::Shape images{batch, 1, 28, 28};
+  fd::Tensor<float> z(images), t({batch});  // host: the batcher's images and the times
   fd::Tensor<fd::label_t> y({batch});
+  fd::Tensor<float, B> zb(images), eps(images), xt(images), tb({batch});
+  fd::Tensor<fd::label_t, B> yb({batch});
+  fd::Tensor<float, B> logits({batch, net.num_classes()}), dlogits({batch, net.num_classes()});
   const long warmup = std::min<long>(100, steps / 10);
   double window = 0;
   for (long s = 0; s < steps; ++s) {
@@ -81,11 +104,14 @@ double train_noisy_classifier(const nn::ConvClassifier<float>& net, nn::Paramete
                           : tr::cosine_decay(s - warmup, lr, steps - warmup, lr / 20));
     batcher.next(z.view(), y.view());
     tr::UniformTime{t_min, 1.0}.sample(t.view(), gen);
+    fd::BackendOps<B>::template upload<float>(zb.view(), fd::View<const float>(z.view()));
+    fd::BackendOps<B>::template upload<float>(tb.view(), fd::View<const float>(t.view()));
+    fd::BackendOps<B>::template upload<fd::label_t>(yb.view(), y.view());
     fd::fill_normal(eps, gen);
-    path.sample(z, eps, t, xt);
+    path.sample(zb, eps, tb, xt);
     ps.zero_grad();
-    net.forward(ps, xt.view(), t.view(), logits.view(), cache);
-    const double loss = ce.forward(logits.view(), y.view(), ce_cache);
+    net.forward(ps, xt.view(), tb.view(), logits.view(), cache);
+    const double loss = ce.forward(logits.view(), yb.view(), ce_cache);
     fd::require<fd::numeric_error>(std::isfinite(loss),
                                    "classifier_guidance: noisy classifier "
                                    "loss is not finite at step ",
@@ -153,7 +179,12 @@ int main(int argc, char** argv) try {
   auto& quick = cli.option<int>("quick", 0, "1: tiny smoke run (evaluation classifier not cached)");
   auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
   auto& seed = cli.option<unsigned long>("seed", 0, "random seed");
+  auto& device_flag = fd::examples::add_device_flag(
+      cli, "the noisy classifier trains and both methods sample (the U-Net on cuda: nn::UNet "
+           "without attention, as fashion_cfg trains it)");
   if (!cli.parse(argc, argv)) return 0;
+  const fd::Device device = fd::examples::resolve_example_device(
+      "classifier_guidance", device_flag, "training the noisy classifier and sampling");
   const auto channels = parse_list<fd::index_t>("channels", channels_text);
   const auto ws = parse_list<float>("w", ws_text);
   fd::require<fd::config_error>(noisy_steps >= 1 && batch >= 1,
@@ -213,8 +244,15 @@ int main(int argc, char** argv) try {
     std::printf(
         "classifier_guidance: training the noisy classifier p_t(y | x_t), %ld steps of %ld\n",
         noisy_steps, batch);
-    noisy_seconds =
-        train_noisy_classifier(noisy, nps, train, noisy_steps, batch, lr, t_min, seed + 6);
+    // Where --device says (the cache file and the accuracies below are the host's either way).
+    fd::examples::run_on_device<nn::BackendConvClassifier>(
+        device, noisy, nps, [&](const auto& net, auto& net_ps, const std::string&) {
+          noisy_seconds =
+              train_noisy_classifier(net, net_ps, train, noisy_steps, batch, lr, t_min, seed + 6);
+          if constexpr (!std::is_same_v<std::remove_cvref_t<decltype(net_ps)>,
+                                        nn::Parameters<float>>)
+            nn::download_parameters(nps, net_ps);
+        });
     if (!quick) nn::save_parameters(nps, noisy_file);
   }
   const fd::index_t n_acc = std::min<fd::index_t>(test.size(), quick ? 40 : 2000);
@@ -232,22 +270,42 @@ int main(int argc, char** argv) try {
 
   std::vector<fd::examples::WResult> results;
   std::vector<std::string> pictures;
-  NoisyClassifierGradient grad{&noisy, &nps, {}, {}, {}, {}};
-  for (const float w : ws) {
-    char file[64];
-    // CG: u(x|∅) (the U-Net with its null label, as_field's plain Field call) plus the noisy
-    // classifier's gradient.
-    std::snprintf(file, sizeof file, "cg_w%g.png", w);
-    auto cg = fd::classifier_guidance<float>(nn::as_field(unet, ups), grad, schedule, w);
-    results.push_back(fd::examples::sample_and_score("classifier_guidance", "CG", w, cg, noise,
-                                                     eval, tgrid, out / file));
-    pictures.push_back((out / file).string());
-    std::snprintf(file, sizeof file, "cfg_w%g.png", w);
-    auto cfg = fd::cfg(nn::as_field(unet, ups), w);
-    results.push_back(fd::examples::sample_and_score("classifier_guidance", "CFG", w, cfg, noise,
-                                                     eval, tgrid, out / file));
-    pictures.push_back((out / file).string());
+  // Both methods for each w, with the U-Net and the noisy classifier where they live (on the CPU,
+  // or on the GPU with the same weights: sample_and_score copies noise, labels and samples).
+  const auto sample_all = [&](const auto& flow, const auto& flow_ps, const auto& clf,
+                              auto& clf_ps) {
+    NoisyClassifierGradient<std::remove_cvref_t<decltype(clf)>> grad{&clf, &clf_ps};
+    for (const float w : ws) {
+      char file[64];
+      // CG: u(x|∅) (the U-Net with its null label, as_field's plain Field call) plus the noisy
+      // classifier's gradient.
+      std::snprintf(file, sizeof file, "cg_w%g.png", w);
+      auto cg = fd::classifier_guidance<float>(nn::as_field(flow, flow_ps), grad, schedule, w);
+      results.push_back(fd::examples::sample_and_score("classifier_guidance", "CG", w, cg, noise,
+                                                       eval, tgrid, out / file));
+      pictures.push_back((out / file).string());
+      std::snprintf(file, sizeof file, "cfg_w%g.png", w);
+      auto cfg = fd::cfg(nn::as_field(flow, flow_ps), w);
+      results.push_back(fd::examples::sample_and_score("classifier_guidance", "CFG", w, cfg, noise,
+                                                       eval, tgrid, out / file));
+      pictures.push_back((out / file).string());
+    }
+  };
+  bool sampled = false;
+#if defined(__CUDACC__)
+  if (device == fd::Device::cuda) {
+    nn::Parameters<float, fd::Cuda> dups, dnps;
+    const nn::BackendUNet<float, fd::Cuda> dunet(dups, unet.config());
+    const nn::BackendConvClassifier<float, fd::Cuda> dnoisy(dnps, noisy.config());
+    dups.allocate();
+    dnps.allocate();
+    nn::upload_parameters(dups, ups);
+    nn::upload_parameters(dnps, nps);
+    sample_all(dunet, std::as_const(dups), dnoisy, dnps);
+    sampled = true;
   }
+#endif
+  if (!sampled) sample_all(unet, std::as_const(ups), noisy, nps);
 
   fd::examples::print_metrics(results, eval.floor());
   fd::examples::write_metrics_csv(

@@ -345,6 +345,48 @@ TEST_CASE("GaussianPath checks shapes and times with clear messages", "[paths][g
   CHECK_THROWS_WITH(path.values(2.0), Contains("GaussianPath::values: t must lie in [0, 1], got 2"));
 }
 
+namespace {
+// The CPU backend as GaussianPath sees a device: memory it may not read on the host, so the
+// per-sample time checks take the reduction path that the CUDA backend takes.
+struct HostHiddenCpu : fd::Cpu {
+  static constexpr bool host_accessible = false;
+  static constexpr const char* name = "hidden-cpu";
+};
+}  // namespace
+
+TEST_CASE("GaussianPath on a device backend: per-sample times checked by reductions",
+          "[paths][gaussian_path]") {
+  using HB = HostHiddenCpu;
+  const fd::GaussianPath path{sc::Linear{}};
+  fd::Generator gen{3};
+  auto z = fd::randn<double>({4, 3}, gen);
+  auto eps = fd::randn<double>({4, 3}, gen);
+  std::vector<double> times{0.1, 0.5, 0.9, 1.0}, out(12), ref(12);
+  const auto on = [](auto& v, fd::Shape s) { return fd::View<double, HB>(v.data(), s); };
+  const fd::View<const double, HB> zd(z.data(), z.shape()), ed(eps.data(), eps.shape());
+  // The values: those of the host path, bit for bit.
+  path.sample(zd, ed, fd::View<const double, HB>(on(times, {4})), on(out, {4, 3}));
+  fd::Tensor<double> x(fd::Shape{4, 3});
+  path.sample(z, eps, fd::Tensor<double>::from({4}, times), x);
+  for (fd::index_t i = 0; i < 12; ++i) CHECK(out[static_cast<std::size_t>(i)] == x[i]);
+  // Bad times: counted, with the backend's name.
+  std::vector<double> bad{0.1, 1.5, std::nan(""), 0.2};
+  CHECK_THROWS_AS(path.sample(zd, ed, fd::View<const double, HB>(on(bad, {4})), on(out, {4, 3})),
+                  fd::config_error);
+  CHECK_THROWS_WITH(path.sample(zd, ed, fd::View<const double, HB>(on(bad, {4})), on(out, {4, 3})),
+                    Contains("GaussianPath::sample: 2 of the 4 times t (on hidden-cpu) do not lie "
+                             "in [0, 1]"));
+  // Undefined points: the conditional velocity at beta = 0 (t = 1).
+  CHECK_THROWS_AS(path.conditional_velocity(zd, ed, fd::View<const double, HB>(on(times, {4})),
+                                            on(out, {4, 3})),
+                  fd::numeric_error);
+  CHECK_THROWS_WITH(path.conditional_velocity(zd, ed, fd::View<const double, HB>(on(times, {4})),
+                                              on(out, {4, 3})),
+                    Contains("GaussianPath::conditional_velocity: undefined at 1 of the 4 times t "
+                             "(on hidden-cpu)") &&
+                        Contains("beta = 0"));
+}
+
 // ---- conversions ------------------------------------------------------------------------------
 
 TEST_CASE("every conversion matches the exact oracle, or throws where undefined",

@@ -1,9 +1,9 @@
 // examples/common/device.hpp — the --device flag of the examples that can run on a GPU (toy2d,
-// fashion_cfg, fashion_dit, fashion_latent). CMake compiles those examples with nvcc when it finds
-// the CUDA toolkit (examples/CMakeLists.txt); then --device cuda runs on the GPU when the CUDA
-// runtime reports a usable device and otherwise says why in one line and runs on the CPU. A build
-// without the toolkit is plain C++: its --device cuda says that the build has no CUDA and runs on
-// the CPU. Either way a run never fails for want of a GPU.
+// fashion_cfg, fashion_dit, fashion_latent, classifier_guidance). CMake compiles those examples
+// with nvcc when it finds the CUDA toolkit (examples/CMakeLists.txt); then --device cuda runs on
+// the GPU when the CUDA runtime reports a usable device and otherwise says why in one line and
+// runs on the CPU. A build without the toolkit is plain C++: its --device cuda says that the build
+// has no CUDA and runs on the CPU. Either way a run never fails for want of a GPU.
 #pragma once
 
 #include <cstdio>
@@ -63,7 +63,8 @@ inline Device resolve_example_device(const std::string& program, const std::stri
 /// it: `net` and `ps` as they are, where = ""; or, for Device::cuda in an nvcc build,
 /// DeviceModel<float, Cuda> built from net.config() with its parameters uploaded from `ps` (the
 /// same weights), where = ", on the GPU". DeviceModel is the backend twin of the CPU model:
-/// nn::BackendUNet for nn::UNet, nn::BackendDiT for nn::DiT.
+/// nn::BackendUNet for nn::UNet, nn::BackendDiT for nn::DiT, nn::BackendConvClassifier for
+/// nn::ConvClassifier.
 template <template <class, Backend> class DeviceModel, class M, class Run>
 void run_on_device(Device device, const M& net, nn::Parameters<float>& ps, Run&& run) {
 #if defined(__CUDACC__)

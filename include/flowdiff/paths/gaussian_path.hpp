@@ -112,6 +112,30 @@ struct Combine2 {
   FLOWDIFF_HOST_DEVICE T operator()(T x, T y) const { return c1 * x + c2 * y; }
 };
 
+// 1 for a time outside [0, 1] (or NaN), 0 otherwise: summed by B::reduce_sum, the count of bad
+// per-sample times on a backend whose memory the host cannot read.
+template <class T>
+struct TimeOutside {
+  const T* t;
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    return t[i] >= T(0) && t[i] <= T(1) ? 0.0 : 1.0;
+  }
+};
+
+// 1 for a time in [0, 1] where the rule's coefficients are undefined (e.g. a score target at
+// beta = 0), 0 otherwise.
+template <class T, class Sched, class Rule>
+struct RuleUndefined {
+  Sched schedule;
+  Rule rule;
+  const T* t;
+  FLOWDIFF_EXEC_CHECK_DISABLE
+  FLOWDIFF_HOST_DEVICE double operator()(index_t i) const {
+    if (!(t[i] >= T(0) && t[i] <= T(1))) return 0.0;
+    return rule(evaluate(schedule, t[i])).ok ? 0.0 : 1.0;
+  }
+};
+
 }  // namespace detail
 
 template <Schedule S>
@@ -216,18 +240,30 @@ class GaussianPath {
     }
   }
 
-  // Per-sample checks run on the host before the loop (kernels cannot throw). Device backends
-  // would need a reduction here; for now the checks require host-accessible memory.
+  // Per-sample checks before the loop (kernels cannot throw): element by element on the host,
+  // naming the first bad time; on a device backend by two reductions, naming how many are bad.
   template <class T, class B, class Rule>
   void check_rows(std::string_view what, View<const T, B> vt, const Rule& rule) const {
-    static_assert(B::host_accessible,
-                  "GaussianPath: per-sample time checks need host-accessible times");
-    for (index_t i = 0; i < vt.numel(); ++i) {
-      const T ti = vt[i];
-      require<config_error>(ti >= T(0) && ti <= T(1), what, ": t[", i,
-                            "] must lie in [0, 1], got ", ti);
-      require<numeric_error>(rule(evaluate(schedule_, ti)).ok, what, ": undefined at t[", i,
-                             "] = ", ti, ": ", Rule::undefined);
+    if constexpr (B::host_accessible) {
+      for (index_t i = 0; i < vt.numel(); ++i) {
+        const T ti = vt[i];
+        require<config_error>(ti >= T(0) && ti <= T(1), what, ": t[", i,
+                              "] must lie in [0, 1], got ", ti);
+        require<numeric_error>(rule(evaluate(schedule_, ti)).ok, what, ": undefined at t[", i,
+                               "] = ", ti, ": ", Rule::undefined);
+      }
+    } else {
+      const index_t n = vt.numel();
+      const double outside = B::reduce_sum(n, detail::TimeOutside<T>{vt.data()});
+      require<config_error>(outside == 0, what, ": ", static_cast<index_t>(outside), " of the ", n,
+                            " times t (on ", B::name, ") do not lie in [0, 1]");
+      using Sched = std::remove_cvref_t<decltype(detail::kernel_schedule(schedule_))>;
+      const double undefined = B::reduce_sum(
+          n, detail::RuleUndefined<T, Sched, Rule>{detail::kernel_schedule(schedule_), rule,
+                                                   vt.data()});
+      require<numeric_error>(undefined == 0, what, ": undefined at ",
+                             static_cast<index_t>(undefined), " of the ", n, " times t (on ",
+                             B::name, "): ", Rule::undefined);
     }
   }
 
