@@ -49,9 +49,13 @@
 #endif
 
 // Full unrolling of the micro-kernel's register-tile loops (the accumulator arrays then live in
-// registers). nvcc's front end rejects the GCC pragma in host code it sees: plain loops there.
-#if defined(__CUDACC__)
-#define FLOWDIFF_SGEMM_UNROLL
+// registers). nvcc's front end (cudafe++) does not know the GCC pragma and warns (#1675) but passes
+// it on to the host compiler, which unrolls: the warning is silenced around the pragma alone (a
+// plain loop there cost the nvcc builds of the examples about 15 % of their CPU training speed).
+#if defined(__NVCC__)
+#define FLOWDIFF_SGEMM_UNROLL                                                            \
+  _Pragma("nv_diagnostic push") _Pragma("nv_diag_suppress 1675") _Pragma("GCC unroll 16") \
+      _Pragma("nv_diagnostic pop")
 #elif defined(__clang__)
 #define FLOWDIFF_SGEMM_UNROLL _Pragma("unroll")
 #else
