@@ -263,6 +263,7 @@ void conv_shapes(benchmark::internal::Benchmark* b) {
     b->Args({n, 32, 32, 32, 1});
     b->Args({n, 32, 64, 32, 2});
     b->Args({n, 64, 64, 16, 1});
+    b->Args({n, 64, 128, 16, 2});
     b->Args({n, 128, 128, 8, 1});
   }
   b->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -398,9 +398,10 @@ TEST_CASE("Workspaces are reused when shapes repeat", "[nn][spatial]") {
 // forward must have the bits of im2col + gemm; dx must match W^T dy + col2im, and dW (col^T
 // packed from the images, the layer's groups summed in its own order) dy col^T, to float
 // rounding. Geometries cover one sample per product (28 x 28), groups of
-// samples side by side (8 x 8), strides (stride 2 as pairs of 16-pixel loads where 8 lanes share
-// an output row, gathered columns otherwise), valid and wide padding, non-square images and
-// kernels 1, 4, 5.
+// samples side by side (8 x 8), strides (stride 2 over the input's four phases where the image
+// is even and the output half its size, conv_phases.hpp, whose dx takes four phase products
+// instead of col2im; otherwise pairs of 16-pixel loads where 8 lanes share an output row, gathered
+// columns elsewhere), valid and wide padding, non-square images and kernels 1, 2, 4, 5.
 TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with im2col",
           "[nn][spatial]") {
   namespace sd = flowdiff::nn::spatial_detail;
@@ -417,7 +418,14 @@ TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with 
                         // stride 2 with 8-lane runs (output rows 16, 8 and 9 wide; padding on
                         // both sides, none, kernel 4)
                         {3, 4, 5, 3, 2, 1, 32, 32},  {2, 3, 4, 3, 2, 0, 33, 17},
-                        {2, 3, 4, 4, 2, 1, 30, 18}};
+                        {2, 3, 4, 4, 2, 1, 30, 18},
+                        // stride 2 over the input's phases (even image, output half its size):
+                        // groups of samples (16 x 16 -> 64 columns each), kernels 4 and 2,
+                        // non-square, samples of 9 and 1 columns (runs across samples: gathers),
+                        // odd channel counts, dx with few input channels (old path)
+                        {5, 8, 16, 3, 2, 1, 16, 16}, {2, 6, 8, 4, 2, 1, 12, 20},
+                        {3, 6, 8, 2, 2, 0, 8, 8},    {4, 5, 7, 3, 2, 1, 6, 6},
+                        {3, 6, 8, 3, 2, 1, 2, 2},    {2, 4, 9, 3, 2, 1, 32, 32}};
   fd::Generator gen(23);
   for (const auto& cs : cases) {
     CAPTURE(cs.n, cs.c, cs.o, cs.k, cs.s, cs.p, cs.h, cs.w);

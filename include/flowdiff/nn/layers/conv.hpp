@@ -20,7 +20,10 @@
 // with the flipped kernel (no col2im). Float 3 x 3, stride-1, padding-1 convolutions with at
 // least 16 input and output channels run forward and dx by Winograd's F(2 x 2, 3 x 3) instead,
 // and dW by F(3 x 3, 2 x 2) on images at least 16 wide (winograd.hpp: 2.25 times fewer
-// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). This file
+// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). Float
+// stride-2 convolutions of even images with an output half their size (3 x 3 padding 1, the
+// U-Net's downsampling) split each group's input into its four phases and run forward and dW
+// over them with plain masked loads, and dx as four phase products (conv_phases.hpp). This file
 // also holds the im2col / col2im / channel-packing helpers shared with ConvTranspose2d.
 #pragma once
 
@@ -40,6 +43,7 @@
 #include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/nn/layers/conv_phases.hpp"
 #include "flowdiff/nn/layers/kernels.hpp"
 #include "flowdiff/nn/layers/winograd.hpp"
 #include "flowdiff/nn/parameters.hpp"
@@ -718,7 +722,8 @@ class Conv2d {
     std::vector<Tensor<T>> col_t, out_t;
     std::vector<Tensor<T>> dw;   // [O, C k k] weight-gradient partials of backward chunks 1, 2, ...
     std::vector<Tensor<T>> dwt;  // [C k k, O] per thread: a chunk's dW^T (implicit_gemm_dwt)
-    Tensor<T> wf;                // [C, O k k] the flipped kernel of dx's implicit GEMM
+    Tensor<T> wf;  // [C, O k k] the flipped kernel of dx's implicit GEMM (stride 1), or the
+                   // kernel's per-phase blocks of dx's phase products (stride 2)
   };
 
   /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
@@ -760,6 +765,14 @@ class Conv2d {
         const index_t plane = in_ * g.height * g.width;
         const T* xg = x.data() + n0 * plane;
         T* yn = y.data() + n0 * out_ * L;
+        if (phased(g) && phase_forward(w, xg, g, gn, colw, gn == 1 ? yn : outw)) {
+          if (gn == 1) {
+            if (b) add_channel_bias(yn, out_, out_, L, b);
+          } else {
+            unpack_samples(outw, gn, out_, L, yn, b);
+          }
+          return;
+        }
         if (gn == 1 && implicit_gemm(w, out_, xg, g, plane, 1, yn, L)) {
           if (b) add_channel_bias(yn, out_, out_, L, b);
           return;
@@ -827,6 +840,10 @@ class Conv2d {
       flip_kernel(w, cache.wf);
     }
     const T* wf = flipped ? cache.wf.data() : nullptr;
+    // dx of a stride-2 convolution in phase form: four products over shifted planes of dy, one
+    // per phase of dx (conv_phases.hpp), instead of W^T dy and col2im.
+    const bool phased_dx = want_dx && phased(g) && in_ > 4;
+    if (phased_dx) phase_weights(w, cache.wf);
     // dW^T = col dy^T with the columns packed from the images (implicit_gemm_dwt), accumulated
     // in a per-thread [K, O] buffer: chunk 0 starts from dW^T, the others from zero; the result
     // is transposed back at the chunk's end (exact copies, so dW gets the same sums as dy col^T).
@@ -855,7 +872,8 @@ class Conv2d {
         }
         const T beta = c == 0 || q > q0 ? T(1) : T(0);
         if (implicit_dw) {
-          implicit_gemm_dwt(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwt, out_);
+          if (!(phased(g) && phase_dwt(dyg, x.data() + n0 * plane, g, gn, beta, colw, dwt)))
+            implicit_gemm_dwt(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwt, out_);
         } else {
           const T* col = columns(x, g, n0, gn, colw);
           gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
@@ -877,7 +895,9 @@ class Conv2d {
             continue;
           }
         }
-        // The columns are no longer needed: their buffer takes dcol.
+        // The columns are no longer needed: their buffer takes dx's phases or dcol.
+        if (phased_dx && phase_dx(cache.wf.data(), dy.data() + n0 * out_ * L, g, gn, colw, dxn))
+          continue;
         T* dcol = colw;
         gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
              mat(dcol, K, cols));
@@ -899,6 +919,93 @@ class Conv2d {
   }
 
  private:
+  // Whether this convolution runs over the phases of its input (conv_phases.hpp): float on the
+  // AVX-512 kernel, stride 2 in phase form, a kernel of at least 2 x 2 (the phases, as large as
+  // the input, then fit the columns' workspace of C k k G Ho Wo floats).
+  bool phased(const spatial_detail::ConvGeometry& g) const {
+    if constexpr (std::is_same_v<T, float>)
+      return k_ >= 2 &&
+             phase_detail::phase_form(k_, s_, p_, g.height, g.width, g.out_h, g.out_w) &&
+             phase_detail::shifted_available(out_, 0);
+    (void)g;
+    return false;
+  }
+
+  // y's group (gn samples; dst [O, gn Ho Wo]) = W col(x) over the phases of x, split into ws.
+  bool phase_forward(const T* w, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
+                     T* ws, T* dst) const {
+#if FLOWDIFF_SGEMM_X86
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t cols = gn * g.cols();
+      phase_detail::split_phases(xg, gn * in_, g.height, g.width, ws);
+      const auto sp = phase_detail::forward_columns(ws, in_, k_, p_, g.out_h, g.out_w);
+      return phase_detail::shifted_gemm(w, g.rows(), out_, sp, in_, cols, dst, cols);
+    }
+#endif
+    (void)w, (void)xg, (void)g, (void)gn, (void)ws, (void)dst;
+    return false;
+  }
+
+  // dwt [C k k, O] = col(x) dy^T + beta dwt over the phases of the group's x, split into ws;
+  // dyg: [O, gn Ho Wo].
+  bool phase_dwt(const T* dyg, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
+                 T beta, T* ws, T* dwt) const {
+#if FLOWDIFF_SGEMM_X86
+    if constexpr (std::is_same_v<T, float>) {
+      phase_detail::split_phases(xg, gn * in_, g.height, g.width, ws);
+      const auto sp = phase_detail::forward_columns(ws, in_, k_, p_, g.out_h, g.out_w);
+      return phase_detail::shifted_gemm_at(dyg, out_, sp, in_, gn * g.cols(), beta, dwt, out_);
+    }
+#endif
+    (void)dyg, (void)xg, (void)g, (void)gn, (void)beta, (void)ws, (void)dwt;
+    return false;
+  }
+
+  // wp: per phase r = 2 ri + rj of dx, in order, the block [C, O T_r] with
+  // wp_r[c, o T_r + t] = W[o, c, i_t, j_t] over that phase's taps (phase_detail::dx_columns).
+  void phase_weights(const T* w, Tensor<T>& wp) const {
+    if (wp.numel() != in_ * out_ * k_ * k_) wp.resize(Shape{in_, out_ * k_ * k_});
+    T* f = wp.data();
+    index_t ij[phase_detail::max_taps];
+    for (index_t r = 0; r < 4; ++r) {
+      const auto sp = phase_detail::dx_columns(nullptr, out_, k_, p_, 1, 1, r / 2, r % 2, ij);
+      const index_t taps = sp.taps;
+      for (index_t c = 0; c < in_; ++c)
+        for (index_t o = 0; o < out_; ++o)
+          for (index_t t = 0; t < taps; ++t)
+            f[(c * out_ + o) * taps + t] = w[(o * in_ + c) * k_ * k_ + ij[t]];
+      f += in_ * out_ * taps;
+    }
+  }
+
+  // The group's dx [gn, C, H, W] from dy [gn, O, Ho, Wo]: phase r of dx = wp_r times the
+  // shifted planes of dy, into ws (4 blocks [C, gn Ho Wo]), then interleaved into dxn.
+  bool phase_dx(const T* wp, const T* dyg, const spatial_detail::ConvGeometry& g, index_t gn,
+                T* ws, T* dxn) const {
+#if FLOWDIFF_SGEMM_X86
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t cols = gn * g.cols(), block = in_ * cols;
+      index_t ij[phase_detail::max_taps];
+      for (index_t r = 0; r < 4; ++r) {
+        const auto sp =
+            phase_detail::dx_columns(dyg, out_, k_, p_, g.out_h, g.out_w, r / 2, r % 2, ij);
+        T* dst = ws + r * block;
+        if (sp.taps == 0) {  // no tap reads this phase (1 x 1 kernels): its dx is zero
+          std::fill(dst, dst + block, T(0));
+        } else if (!phase_detail::shifted_gemm(wp, out_ * sp.taps, in_, sp, out_, cols, dst,
+                                               cols)) {
+          return false;
+        }
+        wp += in_ * out_ * sp.taps;
+      }
+      phase_detail::merge_phases(ws, block, gn, in_, g.out_h, g.out_w, dxn);
+      return true;
+    }
+#endif
+    (void)wp, (void)dyg, (void)g, (void)gn, (void)ws, (void)dxn;
+    return false;
+  }
+
   bool uses_winograd(const spatial_detail::ConvGeometry& g) const {
 #if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>)
