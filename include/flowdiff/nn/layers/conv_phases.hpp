@@ -76,8 +76,7 @@ inline void split_tap(index_t i, index_t p, index_t& r, index_t& d) {
 __attribute__((target("avx512f"))) inline void split_phases(const float* x, index_t planes,
                                                             index_t H, index_t W, float* xp) {
   const index_t hp = H / 2, wp = W / 2, pp = hp * wp;
-  const __m512i even =
-      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (index_t q = 0; q < planes; ++q) {
     const float* src = x + q * H * W;
@@ -114,8 +113,7 @@ __attribute__((target("avx512f"))) inline void merge_phases(const float* phases,
                                                             index_t channels, index_t hp,
                                                             index_t wp, float* x) {
   const index_t L = hp * wp, W = 2 * wp, ld = n * L;
-  const __m512i lo_idx =
-      _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (index_t s = 0; s < n; ++s)
@@ -123,7 +121,7 @@ __attribute__((target("avx512f"))) inline void merge_phases(const float* phases,
       for (index_t row = 0; row < 2 * hp; ++row) {
         const index_t ri = row & 1, a = row / 2;
         const float* e = phases + (2 * ri) * phase_stride + c * ld + s * L + a * wp;  // rj = 0
-        const float* o = e + phase_stride;                                             // rj = 1
+        const float* o = e + phase_stride;                                            // rj = 1
         float* d = x + ((s * channels + c) * 2 * hp + row) * W;
         index_t b = 0;
         for (; b + 16 <= wp; b += 16) {
@@ -183,8 +181,9 @@ __attribute__((target("avx512f"))) inline Lanes16 lanes16(const ShiftedPlanes& s
 }
 
 /// The lanes of tap t inside its plane.
-__attribute__((target("avx512f"), always_inline)) inline __mmask16 tap_mask(
-    const ShiftedPlanes& sp, const Lanes16& ln, index_t t) {
+__attribute__((target("avx512f"), always_inline)) inline __mmask16 tap_mask(const ShiftedPlanes& sp,
+                                                                            const Lanes16& ln,
+                                                                            index_t t) {
   const __m512i vh = _mm512_set1_epi32(static_cast<std::int32_t>(sp.h));
   const __m512i vw = _mm512_set1_epi32(static_cast<std::int32_t>(sp.w));
   return _mm512_mask_cmplt_epu32_mask(
@@ -195,9 +194,8 @@ __attribute__((target("avx512f"), always_inline)) inline __mmask16 tap_mask(
 
 /// The 16 values of row (group offset go, tap t) at the lanes ln under mask m.
 __attribute__((target("avx512f"), always_inline)) inline __m512 tap_load(const ShiftedPlanes& sp,
-                                                                          const Lanes16& ln,
-                                                                          __mmask16 m,
-                                                                          index_t at) {
+                                                                         const Lanes16& ln,
+                                                                         __mmask16 m, index_t at) {
   if (ln.run)  // masked-off lanes are not read: their addresses may lie outside the planes
     return _mm512_maskz_loadu_ps(
         m, reinterpret_cast<const float*>(reinterpret_cast<std::intptr_t>(sp.x) +
@@ -226,16 +224,16 @@ __attribute__((target("avx512f"))) inline void pack_shifted_b(const void* ctx, i
     index_t g = p0 / T, t = p0 % T;
     index_t base = g * sp.group;
     if (ln[0].run && ln[1].run) {
-      const std::intptr_t a0 = reinterpret_cast<std::intptr_t>(sp.x) +
-                               std::intptr_t(sizeof(float)) * ln[0].first;
-      const std::intptr_t a1 = reinterpret_cast<std::intptr_t>(sp.x) +
-                               std::intptr_t(sizeof(float)) * ln[1].first;
+      const std::intptr_t a0 =
+          reinterpret_cast<std::intptr_t>(sp.x) + std::intptr_t(sizeof(float)) * ln[0].first;
+      const std::intptr_t a1 =
+          reinterpret_cast<std::intptr_t>(sp.x) + std::intptr_t(sizeof(float)) * ln[1].first;
       for (index_t p = 0; p < kc; ++p) {
         const std::intptr_t at = std::intptr_t(sizeof(float)) * (base + sp.off[t]);
         _mm512_store_ps(dst + p * NR,
                         _mm512_maskz_loadu_ps(mk[t][0], reinterpret_cast<const float*>(a0 + at)));
-        _mm512_store_ps(dst + p * NR + 16, _mm512_maskz_loadu_ps(
-                                               mk[t][1], reinterpret_cast<const float*>(a1 + at)));
+        _mm512_store_ps(dst + p * NR + 16,
+                        _mm512_maskz_loadu_ps(mk[t][1], reinterpret_cast<const float*>(a1 + at)));
         if (++t == T) {
           t = 0;
           base += sp.group;
