@@ -68,6 +68,7 @@
 #include "flowdiff/nn/layers/batchnorm.hpp"
 #include "flowdiff/nn/layers/broadcast.hpp"
 #include "flowdiff/nn/layers/conv.hpp"
+#include "flowdiff/nn/layers/conv_phases.hpp"
 #include "flowdiff/nn/layers/conv_transpose.hpp"
 #include "flowdiff/nn/layers/cross_entropy.hpp"
 #include "flowdiff/nn/layers/dropout.hpp"
