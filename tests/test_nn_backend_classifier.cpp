@@ -75,3 +75,12 @@ TEST_CASE("BackendConvClassifier<Cpu>, the loss and the layers: errors name the 
   cc::error_checks<fd::Cpu>(log);
   test_nn_backend_classifier_detail::report(log);
 }
+
+TEST_CASE("load_or_train_classifier trains BackendConvClassifier<Cpu> through its hook as the "
+          "CPU model trains",
+          "[nn][backend][classifier][train]") {
+  namespace cc = flowdiff::test::classifier;
+  cc::Log log;
+  cc::training_checks<fd::Cpu>(log);
+  test_nn_backend_classifier_detail::report(log);
+}

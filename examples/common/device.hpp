@@ -1,8 +1,8 @@
 // examples/common/device.hpp — the --device flag of the examples that can run on a GPU (toy2d,
-// fashion_cfg, fashion_dit, fashion_latent, classifier_guidance). CMake compiles those examples
-// with nvcc when it finds the CUDA toolkit (examples/CMakeLists.txt); then --device cuda runs on
-// the GPU when the CUDA runtime reports a usable device and otherwise says why in one line and
-// runs on the CPU. A build without the toolkit is plain C++: its --device cuda says that the build
+// fashion_cfg, fashion_dit, fashion_latent, classifier_guidance, fashion_classifier). CMake
+// compiles those examples with nvcc when it finds the CUDA toolkit (examples/CMakeLists.txt);
+// then --device cuda runs on the GPU when the CUDA runtime reports a usable device and otherwise
+// says why in one line and runs on the CPU. A build without the toolkit is plain C++: its --device cuda says that the build
 // has no CUDA and runs on the CPU. Either way a run never fails for want of a GPU.
 #pragma once
 

@@ -121,6 +121,8 @@ void device_checks() {
     cc::checkpoint_checks<Cuda>(log);
   });
   section("classifier errors on Cuda", false, [](sc::Log& log) { cc::error_checks<Cuda>(log); });
+  section("load_or_train_classifier training BackendConvClassifier<Cuda>", true,
+          [](sc::Log& log) { cc::training_checks<Cuda>(log); });
 }
 
 }  // namespace

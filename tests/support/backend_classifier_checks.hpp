@@ -29,6 +29,12 @@
 //                      and comes back bit-equal; a file written from B loads strictly into
 //                      nn::ConvClassifier; BatchNorm's running statistics travel with the weights;
 //                      init against nn::ConvClassifier::init
+//   training_checks    metrics::fit_classifier on BackendConvClassifier<float, B> through
+//                      load_or_train_classifier's training hook (fashion_classifier --device
+//                      cuda's path) against the CPU's load_or_train_classifier: the hook gets
+//                      ConvClassifier::init's weights, the trained parameters, final loss and
+//                      test accuracy against the CPU's (run tolerance), the same generator
+//                      offset, the cache reused without training
 //   error_checks       shapes, labels, non-finite logits, calls out of order and configurations,
 //                      by their messages
 // Every comparison first requires finite values and a reference that is not all zero.
@@ -40,6 +46,7 @@
 #include <flowdiff/core/error.hpp>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/core/tensor.hpp>
+#include <flowdiff/metrics/classifier_metrics.hpp>
 #include <flowdiff/nn/checkpoint.hpp>
 #include <flowdiff/nn/gradcheck.hpp>
 #include <flowdiff/nn/layers/batchnorm.hpp>
@@ -62,6 +69,7 @@
 namespace flowdiff::test::classifier {
 
 using backend_common::compare_same;
+using backend_common::run_tolerance;
 using backend_common::type_name;
 using spatial::compare;
 using spatial::compare_exact;
@@ -611,6 +619,121 @@ void checkpoint_checks(Log& log) {
 // ---------------------------------------------------------------------------------------------
 // Errors.
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Training on B: fit_classifier through load_or_train_classifier's hook.
+// ---------------------------------------------------------------------------------------------
+
+/// Two classes a small classifier learns in a few steps: horizontal stripes (class 0) or vertical
+/// ones (class 1) of +-1 on 8 x 8 images, plus N(0, 0.3^2) noise.
+inline void stripe_images(index_t n, std::uint64_t seed, Tensor<float>& x, Tensor<label_t>& y) {
+  Generator gen(seed);
+  x = randn<float>({n, 1, 8, 8}, gen);
+  y = Tensor<label_t>(Shape{n});
+  float* p = x.data();
+  for (index_t i = 0; i < n; ++i) {
+    const index_t c = i % 2;
+    for (index_t r = 0; r < 8; ++r)
+      for (index_t q = 0; q < 8; ++q)
+        p[(i * 8 + r) * 8 + q] =
+            0.3f * p[(i * 8 + r) * 8 + q] + (((c == 0 ? r : q) % 2 == 0) ? 1.0f : -1.0f);
+    y[i] = static_cast<label_t>(c);
+  }
+}
+
+template <Backend B>
+void training_checks(Log& log) {
+  using T = float;
+  const std::string what =
+      str("load_or_train_classifier training BackendConvClassifier<float, ", B::name, ">");
+  guard(log, what, [&] {
+    TempDir dir(std::string("backend_classifier_train_") + B::name);
+    Tensor<T> xtr, xte;
+    Tensor<label_t> ytr, yte;
+    stripe_images(64, 5, xtr, ytr);
+    stripe_images(40, 6, xte, yte);
+    nn::ConvClassifierConfig cfg;  // GroupNorm blocks and a time input (trained at t = 1)
+    cfg.channels = {4, 8};
+    cfg.feature_dim = 8;
+    cfg.num_classes = 2;
+    cfg.groups = 2;
+    cfg.time_dim = 4;
+    metrics::ClassifierTrainOptions o;
+    o.epochs = 2;
+    o.batch = 16;
+    o.lr = 1e-2;
+    o.warmup_steps = 2;
+    o.eval_batch = 20;
+    o.log = nullptr;
+
+    // The reference: the CPU's load_or_train_classifier (fit_classifier on nn::ConvClassifier).
+    nn::Parameters<T> ref_ps;
+    const nn::ConvClassifier<T> ref_net(ref_ps, cfg);
+    ref_ps.allocate();
+    Generator ref_gen(61);
+    const auto ref = metrics::load_or_train_classifier<T>(dir.path / "cpu.safetensors", ref_net,
+                                                          ref_ps, xtr, ytr, xte, yte, o, ref_gen);
+
+    nn::Parameters<T> ps;
+    const nn::ConvClassifier<T> net(ps, cfg);
+    ps.allocate();
+    int calls = 0;
+    std::vector<T> initial, trained;
+    const auto on_backend = [&](const nn::ConvClassifier<T>& n, nn::Parameters<T>& p,
+                                View<const T> x, View<const label_t> y,
+                                const metrics::ClassifierTrainOptions& opt, Generator& g) {
+      ++calls;
+      initial = host_copy<T, Cpu>(p.flat_params());
+      nn::Parameters<T, B> dps;
+      const nn::BackendConvClassifier<T, B> dnet(dps, n.config());
+      dps.allocate();
+      nn::upload_parameters(dps, p);
+      const auto rep = metrics::fit_classifier(dnet, dps, x, y, opt, g);
+      nn::download_parameters(p, dps);
+      trained = host_copy<T, Cpu>(p.flat_params());
+      return rep;
+    };
+    Generator gen(61);
+    const auto file = dir.path / "backend.safetensors";
+    const auto got = metrics::load_or_train_classifier<T>(file, net, ps, xtr, ytr, xte, yte, o,
+                                                          gen, on_backend);
+    log.expect(calls == 1 && !got.loaded && got.steps == 8 && ref.steps == 8,
+               str(what, ": trained through the hook once (calls ", calls, ", steps ", got.steps,
+                   ", the CPU's ", ref.steps, ")"));
+    nn::Parameters<T> init_ps;
+    const nn::ConvClassifier<T> init_net(init_ps, cfg);
+    init_ps.allocate();
+    Generator init_gen(61);
+    init_net.init(init_ps, init_gen);
+    compare_exact(log, what + ": the hook received nn::ConvClassifier::init's weights", initial,
+                  host_copy<T, Cpu>(init_ps.flat_params()));
+    compare_exact(log, what + ": the parameters are the hook's",
+                  host_copy<T, Cpu>(ps.flat_params()), trained);
+    const Tolerance tol = run_tolerance<T>();
+    compare(log, what + ": parameters vs the CPU's", trained,
+            host_copy<T, Cpu>(ref_ps.flat_params()), tol);
+    compare(log, what + ": final loss and test accuracy vs the CPU's",
+            std::vector<double>{got.final_loss, got.test_accuracy},
+            std::vector<double>{ref.final_loss, ref.test_accuracy}, {true, 0, tol.rtol, 0});
+    log.expect(got.test_accuracy >= 0.9 && std::filesystem::exists(file),
+               str(what, ": test accuracy ", got.test_accuracy, " >= 0.9, cached"));
+    log.expect(gen.offset() == ref_gen.offset(),
+               str(what, ": generator offset ", gen.offset(), " == the CPU's ", ref_gen.offset()));
+
+    // The cache holds the hook's parameters, and a second call loads it without training.
+    nn::Parameters<T> again;
+    const nn::ConvClassifier<T> again_net(again, cfg);
+    again.allocate();
+    Generator gen2(99);
+    const auto rep2 = metrics::load_or_train_classifier<T>(file, again_net, again, xtr, ytr, xte,
+                                                           yte, o, gen2, on_backend);
+    log.expect(calls == 1 && rep2.loaded && rep2.test_accuracy == got.test_accuracy,
+               str(what, ": the second call loaded the cache (calls ", calls, ", accuracy ",
+                   rep2.test_accuracy, " == ", got.test_accuracy, ")"));
+    compare_exact(log, what + ": the cached parameters", host_copy<T, Cpu>(again.flat_params()),
+                  trained);
+  });
+}
 
 template <Backend B>
 void error_checks(Log& log) {

@@ -7,10 +7,11 @@
 //    the place of Inception);
 //  - ClassifierEvaluator runs the classifier over any number of images in batches of one fixed
 //    size (the last partial batch is zero-padded), so after the first batch nothing is allocated;
-//  - train_classifier / load_or_train_classifier: AdamW on the mean cross-entropy over shuffled
-//    mini-batches (warm-up + cosine learning rate), test accuracy measured at the end, a bar the
-//    classifier must clear before it is cached (an atomic safetensors checkpoint whose metadata
-//    records the configuration and image geometry it was trained for);
+//  - fit_classifier / train_classifier / load_or_train_classifier: AdamW on the mean cross-entropy
+//    over shuffled mini-batches (warm-up + cosine learning rate; fit_classifier on the CPU's
+//    nn::ConvClassifier or on any backend's nn::BackendConvClassifier), test accuracy measured at
+//    the end, a bar the classifier must clear before it is cached (an atomic safetensors
+//    checkpoint whose metadata records the configuration and image geometry it was trained for);
 //  - load_or_train_fashion_classifier: the same for a data::ImageDataset with the measured
 //    Fashion-MNIST architecture (docs/metrics.md), returning the parameters and the model together.
 #pragma once
@@ -26,8 +27,11 @@
 #include <ostream>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "flowdiff/backend/dispatch.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/ops.hpp"
@@ -38,7 +42,9 @@
 #include "flowdiff/metrics/frechet.hpp"
 #include "flowdiff/nn/checkpoint.hpp"
 #include "flowdiff/nn/layers/cross_entropy.hpp"
+#include "flowdiff/nn/as_field.hpp"
 #include "flowdiff/nn/models/classifier.hpp"
+#include "flowdiff/nn/models/classifier_backend.hpp"
 #include "flowdiff/nn/parameters.hpp"
 #include "flowdiff/train/optimizer.hpp"
 #include "flowdiff/train/schedule.hpp"
@@ -287,21 +293,27 @@ inline std::string percent(double a) {
 
 }  // namespace classifier_detail
 
-/// Trains `net` (its parameters `ps` as they are: call net.init first) with AdamW on the mean
-/// cross-entropy over shuffled mini-batches (a fresh permutation per epoch drawn from `gen`; the
-/// last partial batch of an epoch is dropped), then measures the test accuracy. A
-/// time-conditioned classifier is trained at t = 1 (clean data). Progress lines go to
-/// options.log. Does not enforce the accuracy bar (load_or_train_classifier does).
-/// train_x: [N, C, H, W], train_y: [N], test_x: [M, C, H, W], test_y: [M].
-template <class T>
-ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Parameters<T>& ps,
-                                       View<const T> train_x, View<const label_t> train_y,
-                                       View<const T> test_x, View<const label_t> test_y,
-                                       const ClassifierTrainOptions& o, Generator& gen) {
+/// The training loop of train_classifier on the model's backend: `net` is nn::ConvClassifier<T>
+/// (the CPU) or nn::BackendConvClassifier<T, B> (e.g. B = Cuda), `ps` its parameters on that
+/// backend as they are (call net.init or upload them first). AdamW on the mean cross-entropy over
+/// shuffled mini-batches (a fresh permutation per epoch drawn from `gen`; the last partial batch
+/// of an epoch is dropped), linear warm-up then cosine decay to lr / 100. The images stay on the
+/// host: each batch is gathered there and uploaded (on the CPU gathered in place). A
+/// time-conditioned classifier is trained at t = 1 (clean data). Progress lines go to options.log.
+/// Fills steps, seconds and final_loss of the report, not the test accuracy (train_classifier
+/// and load_or_train_classifier measure it on the CPU).   train_x: [N, C, H, W], train_y: [N]
+template <class Net>
+ClassifierTrainReport fit_classifier(
+    const Net& net, nn::Parameters<typename Net::value_type, nn::model_backend_t<Net>>& ps,
+    View<const typename Net::value_type> train_x, View<const label_t> train_y,
+    const ClassifierTrainOptions& o, Generator& gen) {
+  using T = typename Net::value_type;
+  using B = nn::model_backend_t<Net>;
+  using CrossEntropy = std::conditional_t<std::is_same_v<B, Cpu>, nn::SoftmaxCrossEntropy<T>,
+                                          nn::BackendSoftmaxCrossEntropy<T, B>>;
   using classifier_detail::say;
   const index_t k = net.num_classes();
   classifier_detail::check_dataset<T>("train", train_x, train_y, k);
-  classifier_detail::check_dataset<T>("test", test_x, test_y, k);
   require<config_error>(o.epochs >= 1 && o.batch >= 1 && o.max_steps >= 0 && o.lr > 0,
                         "train_classifier: need epochs >= 1, batch >= 1, max_steps >= 0 and "
                         "lr > 0, got epochs = ",
@@ -313,15 +325,22 @@ ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Par
   index_t total = per_epoch * o.epochs;
   if (o.max_steps > 0) total = std::min(total, o.max_steps);
   const index_t row = train_x.row_size();
+  const Shape images = train_x.shape().with_rows(batch);
 
-  train::AdamW<T> opt({.lr = o.lr, .weight_decay = o.weight_decay});
-  nn::SoftmaxCrossEntropy<T> ce;
-  typename nn::SoftmaxCrossEntropy<T>::Cache ce_cache;
-  typename nn::ConvClassifier<T>::Cache cache;
-  Tensor<T> xb(train_x.shape().with_rows(batch)), logits(Shape{batch, k}), dlogits(Shape{batch, k});
-  Tensor<label_t> yb(Shape{batch});
-  Tensor<T> tb = Tensor<T>::full(Shape{batch}, T(1));
-  const View<const T> tv = net.time_conditioned() ? View<const T>(tb) : View<const T>();
+  train::AdamW<T, B> opt({.lr = o.lr, .weight_decay = o.weight_decay});
+  const CrossEntropy ce;
+  typename CrossEntropy::Cache ce_cache;
+  typename Net::Cache cache;
+  Tensor<T, B> xb(images), logits(Shape{batch, k}), dlogits(Shape{batch, k});
+  Tensor<label_t, B> yb(Shape{batch});
+  Tensor<T, B> tb = Tensor<T, B>::full(Shape{batch}, T(1));
+  const View<const T, B> tv = net.time_conditioned() ? View<const T, B>(tb) : View<const T, B>();
+  // The host side of a batch: the device tensors themselves on the CPU, staging copies elsewhere.
+  constexpr bool host = std::is_same_v<B, Cpu>;
+  Tensor<T> xh(host ? Shape{0} : images);
+  Tensor<label_t> yh(host ? Shape{0} : Shape{batch});
+  T* const xdst = host ? reinterpret_cast<T*>(xb.data()) : xh.data();
+  label_t* const ydst = host ? reinterpret_cast<label_t*>(yb.data()) : yh.data();
   std::vector<index_t> perm(static_cast<std::size_t>(n));
 
   ClassifierTrainReport rep;
@@ -345,9 +364,12 @@ ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Par
     for (index_t b = 0; b < per_epoch && step < total; ++b, ++step) {
       for (index_t j = 0; j < batch; ++j) {
         const index_t src = perm[static_cast<std::size_t>(b * batch + j)];
-        std::copy(train_x.data() + src * row, train_x.data() + (src + 1) * row,
-                  xb.data() + j * row);
-        yb[j] = train_y[src];
+        std::copy(train_x.data() + src * row, train_x.data() + (src + 1) * row, xdst + j * row);
+        ydst[j] = train_y[src];
+      }
+      if constexpr (!host) {
+        BackendOps<B>::template upload<T>(xb.view(), View<const T>(xh.view()));
+        BackendOps<B>::template upload<label_t>(yb.view(), View<const label_t>(yh.view()));
       }
       net.forward(ps, xb.view(), tv, logits.view(), cache);
       const double loss = ce.forward(logits.view(), yb.view(), ce_cache);
@@ -378,14 +400,41 @@ ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Par
   rep.steps = step;
   rep.seconds = elapsed();
   rep.final_loss = epoch_steps > 0 ? epoch_loss / static_cast<double>(epoch_steps) : rep.final_loss;
+  return rep;
+}
+
+namespace classifier_detail {
+
+/// The test accuracy of a trained classifier (on the CPU), into `rep`, and its line on the log.
+template <class T>
+void measure_test(const nn::ConvClassifier<T>& net, const nn::Parameters<T>& ps,
+                  View<const T> test_x, View<const label_t> test_y,
+                  const ClassifierTrainOptions& o, ClassifierTrainReport& rep) {
   ClassifierEvaluator<T> eval(net, ps, std::min(o.eval_batch, test_x.dim(0)));
   Tensor<T> tt;
   if (net.time_conditioned()) tt = Tensor<T>::full(Shape{test_x.dim(0)}, T(1));
   rep.test = eval.agreement(test_x, test_y, tt.view());
   rep.test_accuracy = rep.test.rate();
-  say(o, "classifier: trained in " + std::to_string(rep.seconds) + " s, test accuracy " +
-             classifier_detail::percent(rep.test_accuracy) + " on " +
-             std::to_string(test_x.dim(0)) + " images");
+}
+
+}  // namespace classifier_detail
+
+/// Trains `net` (its parameters `ps` as they are: call net.init first) on the CPU by
+/// fit_classifier, then measures the test accuracy. Progress lines go to options.log. Does not
+/// enforce the accuracy bar (load_or_train_classifier does).
+/// train_x: [N, C, H, W], train_y: [N], test_x: [M, C, H, W], test_y: [M].
+template <class T>
+ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Parameters<T>& ps,
+                                       View<const T> train_x, View<const label_t> train_y,
+                                       View<const T> test_x, View<const label_t> test_y,
+                                       const ClassifierTrainOptions& o, Generator& gen) {
+  classifier_detail::check_dataset<T>("test", test_x, test_y, net.num_classes());
+  ClassifierTrainReport rep = fit_classifier(net, ps, train_x, train_y, o, gen);
+  classifier_detail::measure_test(net, ps, test_x, test_y, o, rep);
+  classifier_detail::say(o, "classifier: trained in " + std::to_string(rep.seconds) +
+                                " s, test accuracy " +
+                                classifier_detail::percent(rep.test_accuracy) + " on " +
+                                std::to_string(test_x.dim(0)) + " images");
   return rep;
 }
 
@@ -397,14 +446,21 @@ ClassifierTrainReport train_classifier(const nn::ConvClassifier<T>& net, nn::Par
 /// writes the checkpoint atomically. With options.require_accuracy a classifier below
 /// options.min_accuracy is a config_error naming the accuracy and nothing is written; without
 /// it the bar is skipped and nothing is cached (tiny runs). An empty cache_path disables the
-/// cache. Arguments as train_classifier.
-template <class T>
+/// cache. Arguments as train_classifier; `fit` (optional) does the training:
+///   fit(net, ps, train_x, train_y, options, gen) -> ClassifierTrainReport (steps, seconds,
+///   final_loss) trains the host parameters `ps` in place, already initialised from `gen`;
+/// the default is fit_classifier on the CPU. A program with a GPU passes one that uploads `ps`,
+/// runs fit_classifier with nn::BackendConvClassifier there and downloads the result (the
+/// fashion_classifier example's --device cuda). The test accuracy is measured on the CPU either
+/// way.
+template <class T, class Fit>
 ClassifierTrainReport load_or_train_classifier(const std::filesystem::path& cache_path,
                                                const nn::ConvClassifier<T>& net,
                                                nn::Parameters<T>& ps, View<const T> train_x,
                                                View<const label_t> train_y, View<const T> test_x,
                                                View<const label_t> test_y,
-                                               const ClassifierTrainOptions& o, Generator& gen) {
+                                               const ClassifierTrainOptions& o, Generator& gen,
+                                               Fit&& fit) {
   using classifier_detail::say;
   classifier_detail::check_dataset<T>("test", test_x, test_y, net.num_classes());
   const std::string desc = classifier_detail::describe(net.config(), test_x.dim(2), test_x.dim(3));
@@ -437,7 +493,12 @@ ClassifierTrainReport load_or_train_classifier(const std::filesystem::path& cach
     }
   }
   net.init(ps, gen);
-  ClassifierTrainReport rep = train_classifier(net, ps, train_x, train_y, test_x, test_y, o, gen);
+  classifier_detail::check_dataset<T>("train", train_x, train_y, net.num_classes());
+  ClassifierTrainReport rep = fit(net, ps, train_x, train_y, o, gen);
+  classifier_detail::measure_test(net, ps, test_x, test_y, o, rep);
+  say(o, "classifier: trained in " + std::to_string(rep.seconds) + " s, test accuracy " +
+             classifier_detail::percent(rep.test_accuracy) + " on " +
+             std::to_string(test_x.dim(0)) + " images");
   if (!o.require_accuracy) return rep;
   require<config_error>(rep.test_accuracy >= o.min_accuracy,
                         "load_or_train_classifier: test accuracy ",
@@ -453,6 +514,22 @@ ClassifierTrainReport load_or_train_classifier(const std::filesystem::path& cach
     say(o, "classifier: wrote " + cache_path.string());
   }
   return rep;
+}
+
+/// load_or_train_classifier training on the CPU (fit_classifier).
+template <class T>
+ClassifierTrainReport load_or_train_classifier(const std::filesystem::path& cache_path,
+                                               const nn::ConvClassifier<T>& net,
+                                               nn::Parameters<T>& ps, View<const T> train_x,
+                                               View<const label_t> train_y, View<const T> test_x,
+                                               View<const label_t> test_y,
+                                               const ClassifierTrainOptions& o, Generator& gen) {
+  return load_or_train_classifier(
+      cache_path, net, ps, train_x, train_y, test_x, test_y, o, gen,
+      [](const nn::ConvClassifier<T>& n, nn::Parameters<T>& p, View<const T> x,
+         View<const label_t> y, const ClassifierTrainOptions& opt, Generator& g) {
+        return fit_classifier(n, p, x, y, opt, g);
+      });
 }
 
 /// The classifier architecture measured on Fashion-MNIST (docs/metrics.md) for images of
@@ -491,9 +568,12 @@ struct TrainedClassifier {
 /// geometry the generative model produces): builds fashion_classifier_config(S, num_classes, C),
 /// then loads the cache at `cache_path` or trains and caches (see load_or_train_classifier for
 /// what is checked and when the cache is replaced).
-inline TrainedClassifier<float> load_or_train_fashion_classifier(
-    const std::filesystem::path& cache_path, const data::ImageDataset& train,
-    const data::ImageDataset& test, const ClassifierTrainOptions& options, Generator& gen) {
+template <class Fit>
+TrainedClassifier<float> load_or_train_fashion_classifier(const std::filesystem::path& cache_path,
+                                                          const data::ImageDataset& train,
+                                                          const data::ImageDataset& test,
+                                                          const ClassifierTrainOptions& options,
+                                                          Generator& gen, Fit&& fit) {
   const Shape s = test.images.shape();
   require<shape_error>(s.rank() == 4 && s[2] == s[3] && s[2] >= 4,
                        "load_or_train_fashion_classifier: test images: expected shape [N, C, S, "
@@ -507,8 +587,21 @@ inline TrainedClassifier<float> load_or_train_fashion_classifier(
                         " classes, test ", test.num_classes);
   TrainedClassifier<float> c(fashion_classifier_config(s[2], test.num_classes, s[1]));
   c.report = load_or_train_classifier<float>(cache_path, c.net, c.params, train.images,
-                                             train.labels, test.images, test.labels, options, gen);
+                                             train.labels, test.images, test.labels, options, gen,
+                                             std::forward<Fit>(fit));
   return c;
+}
+
+/// load_or_train_fashion_classifier training on the CPU (fit_classifier).
+inline TrainedClassifier<float> load_or_train_fashion_classifier(
+    const std::filesystem::path& cache_path, const data::ImageDataset& train,
+    const data::ImageDataset& test, const ClassifierTrainOptions& options, Generator& gen) {
+  return load_or_train_fashion_classifier(
+      cache_path, train, test, options, gen,
+      [](const nn::ConvClassifier<float>& n, nn::Parameters<float>& p, View<const float> x,
+         View<const label_t> y, const ClassifierTrainOptions& opt, Generator& g) {
+        return fit_classifier(n, p, x, y, opt, g);
+      });
 }
 
 }  // namespace flowdiff::metrics
