@@ -849,13 +849,14 @@ struct HideHalves {
 /// The library's own path on backend B: the Cfg adapter and the Euler / EulerMaruyama stepper
 /// through integrate(). fused = false hides the halves (a combination pass, fill_normal, an update
 /// pass); fused = true is what integrate() does with a Cfg by itself: the fused update.
+/// rescale > 0: CFG rescale with that phi (integrate() then takes the unfused path itself).
 template <class B>
 std::vector<float> library_run(const FusedSetup& s, double w, double sigma, index_t steps,
-                               fd::Generator& gen, bool fused = false) {
+                               fd::Generator& gen, bool fused = false, double rescale = 0) {
   AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
   const auto labels = on<B>(s.labels);
   auto x = on<B>(s.x0);
-  auto g = fd::cfg(field, w);
+  auto g = fd::cfg(field, w, fd::CfgOptions{.rescale = rescale});
   g.set_condition(labels.view());
   HideHalves<decltype(g), B> hidden{g};
   const auto run = [&](auto& f) {
@@ -915,6 +916,12 @@ void host_fused() {
                                     what + ")");
       expect(g1.offset() == g2.offset() && g3.offset() == g2.offset(),
              "the fused step consumes the generator as EulerMaruyama does (" + what + ")");
+      // CFG rescale (phi 0.7): integrate() declines the fusion, so both calls take one path.
+      fd::Generator g4{2026}, g5{2026};
+      const auto rescaled = library_run<Cpu>(s, w, sigma, steps, g4, false, 0.7);
+      const auto rescaled_auto = library_run<Cpu>(s, w, sigma, steps, g5, true, 0.7);
+      expect(rescaled == rescaled_auto,
+             "CFG rescale: integrate() under Cfg gives the unfused bits (" + what + ")");
     });
     fd::Tensor<float> x({4, 3}), c({4, 3}), u({4, 2});
     expect(throws_with<fd::shape_error>(
@@ -971,6 +978,23 @@ void fused_updates() {
     });
     expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),
                  heun_run<Cpu>(s), 1e-5, 1e-4);
+  });
+  section("CFG rescale on the GPU", [] {
+    // The per-row standard deviations (double sums, one thread per row) against the CPU's,
+    // through Euler and Euler-Maruyama (integrate() does not fuse under rescale).
+    const FusedSetup s;
+    const index_t steps = static_cast<index_t>(s.grid.size()) - 1;
+    for (const double phi : {0.7, 1.0})
+      for_each_case([&](const std::string& what, double w, double sigma) {
+        fd::Generator g_cpu{2026}, g_gpu{2026};
+        const auto cpu = library_run<Cpu>(s, w, sigma, steps, g_cpu, true, phi);
+        const auto gpu = library_run<Cuda>(s, w, sigma, steps, g_gpu, true, phi);
+        expect_close("CFG rescale phi = " + str(phi) + ", " + str(steps) + " steps, GPU vs CPU (" +
+                         what + ")",
+                     gpu, cpu, 1e-5, 1e-4);
+        expect(g_gpu.offset() == g_cpu.offset(),
+               "CFG rescale: the GPU consumes the generator as the CPU does (" + what + ")");
+      });
   });
 }
 

@@ -80,6 +80,7 @@ void host_checks() {
     cc::layer_checks<float, Cpu>(log);
     cc::model_checks<float, Cpu>(log);
     cc::error_checks<Cpu>(log);
+    cc::training_checks<Cpu>(log);
   });
 }
 
