@@ -25,6 +25,7 @@
 #include <cstring>
 #include <flowdiff/backend/cpu/linalg.hpp>
 #include <flowdiff/nn/layers/attention.hpp>
+#include <flowdiff/nn/layers/conv_transpose.hpp>
 #include <flowdiff/nn/models/dit.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/unet.hpp>
@@ -273,6 +274,58 @@ void conv_shapes(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_conv_forward)->Apply(conv_shapes);
 BENCHMARK(BM_conv_backward)->Apply(conv_shapes);
+
+// ConvTranspose2d 4 x 4, stride 2, padding 1 (a DCGAN-style upsampling: H -> 2H). Arguments: N,
+// C_in, C_out, H (= W) of the input.
+struct ConvTData {
+  nn::Parameters<float> ps;
+  std::vector<nn::ConvTranspose2d<float>> convt;
+  fd::Tensor<float> x, y, dy, dx;
+  nn::ConvTranspose2d<float>::Cache cache;
+  double flops = 0;
+  ConvTData(const benchmark::State& s) {
+    const fd::index_t n = s.range(0), ci = s.range(1), co = s.range(2), h = s.range(3);
+    convt.emplace_back(ps, "up", ci, co, 4, 2, 1);
+    ps.allocate();
+    fd::Generator gen{3};
+    convt[0].init(ps, gen);
+    x = fd::randn<float>({n, ci, h, h}, gen);
+    const auto os = convt[0].output_shape(x.shape());
+    y = fd::Tensor<float>(os);
+    dy = fd::randn<float>(os, gen);
+    dx = fd::Tensor<float>(x.shape());
+    flops = 2.0 * n * ci * co * 16 * h * h;  // every input pixel meets every tap once
+  }
+};
+
+void BM_convt_forward(benchmark::State& state) {
+  ConvTData d(state);
+  for (auto _ : state) {
+    d.convt[0].forward(d.ps, d.x, d.y, d.cache);
+    benchmark::DoNotOptimize(d.y.data());
+  }
+  set_gemm_counters(state, d.flops);
+}
+
+void BM_convt_backward(benchmark::State& state) {
+  ConvTData d(state);
+  d.convt[0].forward(d.ps, d.x, d.y, d.cache);
+  for (auto _ : state) {
+    d.ps.zero_grad();
+    d.convt[0].backward(d.ps, d.x, d.dy, d.dx, d.cache);
+    benchmark::DoNotOptimize(d.dx.data());
+  }
+  set_gemm_counters(state, 2 * d.flops);
+}
+
+void convt_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "Ci", "Co", "H"});
+  b->Args({64, 64, 32, 16});
+  b->Args({64, 128, 64, 8});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+BENCHMARK(BM_convt_forward)->Apply(convt_shapes);
+BENCHMARK(BM_convt_backward)->Apply(convt_shapes);
 
 // ---------------------------------------------------------------------------------------------
 // Models: one training step = forward, MSE gradient dout = 2 (out - target) / numel, backward,

@@ -490,6 +490,84 @@ TEST_CASE("Conv2d float: implicit GEMM forward and flipped-kernel dx agree with 
   }
 }
 
+// A float ConvTranspose2d with stride 2 and an output twice its input (k + op - 2p = 2) and more
+// than 4 channels each way runs over the phases of its output (conv_phases.hpp) on an AVX-512
+// CPU: y as four phase products (to float rounding of col2im(W^T x)), dx with the bits of
+// W im2col(dy), dW (groups summed in the layer's order) to float rounding of x im2col(dy)^T.
+// Kernels 4, 3 (output_padding 1) and 2; groups of several samples; non-square images.
+TEST_CASE("ConvTranspose2d float: the phase path agrees with col2im and im2col",
+          "[nn][spatial]") {
+  namespace sd = flowdiff::nn::spatial_detail;
+  struct Case {
+    fd::index_t n, cin, cout, k, p, op, h, w;
+  };
+  const Case cases[] = {{3, 6, 8, 4, 1, 0, 8, 8},
+                        {2, 8, 6, 3, 1, 1, 5, 7},
+                        {20, 5, 7, 2, 0, 0, 4, 4},
+                        {2, 6, 5, 4, 1, 0, 16, 16}};
+  fd::Generator gen(29);
+  for (const auto& cs : cases) {
+    CAPTURE(cs.n, cs.cin, cs.cout, cs.k, cs.p, cs.op, cs.h, cs.w);
+    nn::Parameters<float> ps;
+    nn::ConvTranspose2d<float> convt(ps, "t", cs.cin, cs.cout, cs.k, 2, cs.p, cs.op);
+    ps.allocate();
+    convt.init(ps, gen);
+    auto x = fd::randn<float>({cs.n, cs.cin, cs.h, cs.w}, gen);
+    const fd::Shape ys = convt.output_shape(x.shape());
+    REQUIRE(ys[2] == 2 * cs.h);
+    fd::Tensor<float> y(ys), dx(x.shape());
+    auto dy = fd::randn<float>(ys, gen);
+    nn::ConvTranspose2d<float>::Cache cache;
+    convt.forward(ps, x.view(), y.view(), cache);
+    ps.zero_grad();
+    convt.backward(ps, x.view(), dy.view(), dx.view(), cache);
+
+    // The explicit path, one sample at a time: the convolution over the output image.
+    sd::ConvGeometry g;
+    g.channels = cs.cout;
+    g.height = ys[2];
+    g.width = ys[3];
+    g.kernel = cs.k;
+    g.stride = 2;
+    g.padding = cs.p;
+    g.out_h = cs.h;
+    g.out_w = cs.w;
+    const fd::index_t K = g.rows(), L = g.cols(), plane_y = cs.cout * ys[2] * ys[3];
+    const float* w = ps.param(convt.weight_id()).data();
+    const float* b = ps.param(convt.bias_id()).data();
+    fd::Tensor<float> col({K, L}), yref({cs.cout, ys[2], ys[3]}), dxref({cs.cin, L});
+    fd::Tensor<float> dwref({cs.cin, K});
+    fd::fill(dwref, 0.0f);
+    double y_err = 0, y_scale = 0;
+    for (fd::index_t i = 0; i < cs.n; ++i) {
+      const float* xi = x.data() + i * cs.cin * L;
+      fd::gemm(fd::Trans::yes, fd::Trans::no, 1.0f, sd::mat(w, cs.cin, K), sd::mat(xi, cs.cin, L),
+               0.0f, col.view());
+      sd::col2im(col.data(), L, g, yref.data());
+      for (fd::index_t q = 0; q < plane_y; ++q) {
+        const float expect = yref[q] + b[q / (ys[2] * ys[3])];
+        y_err = std::max(y_err, double(std::abs(y[i * plane_y + q] - expect)));
+        y_scale = std::max(y_scale, double(std::abs(expect)));
+      }
+      sd::im2col(dy.data() + i * plane_y, g, col.data(), L);
+      fd::gemm(fd::Trans::no, fd::Trans::no, 1.0f, sd::mat(w, cs.cin, K),
+               sd::mat(col.data(), K, L), 0.0f, dxref.view());
+      for (fd::index_t q = 0; q < cs.cin * L; ++q)
+        REQUIRE(dx[i * cs.cin * L + q] == dxref[q]);  // bit-equal
+      fd::gemm(fd::Trans::no, fd::Trans::yes, 1.0f, sd::mat(xi, cs.cin, L),
+               sd::mat(col.data(), K, L), 1.0f, dwref.view());
+    }
+    CHECK(y_err <= 1e-5 * y_scale);
+    const auto& dw = ps.grad(convt.weight_id());
+    double dw_err = 0, dw_scale = 0;
+    for (fd::index_t q = 0; q < dw.numel(); ++q) {
+      dw_err = std::max(dw_err, double(std::abs(dw[q] - dwref[q])));
+      dw_scale = std::max(dw_scale, double(std::abs(dwref[q])));
+    }
+    CHECK(dw_err <= 1e-5 * dw_scale);
+  }
+}
+
 TEST_CASE("Conv2d float: Winograd forward, dx and dW match a double-precision convolution",
           "[nn][spatial]") {
   if (fd::simd::best_isa() != fd::simd::Isa::avx512)

@@ -17,6 +17,7 @@
 
 #include <flowdiff/backend/cpu/linalg.hpp>
 #include <flowdiff/nn/layers/conv.hpp>
+#include <flowdiff/nn/layers/conv_transpose.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/unet.hpp>
 
@@ -129,8 +130,32 @@ void check_conv_threads(fd::index_t c, fd::index_t o, fd::index_t stride, const 
 
 TEST_CASE("Conv2d with many groups and chunks is bit-identical on 1 and 2 threads",
           "[nn][threads]") {
-  // 32 x 32 stride 2: 256 columns per sample, 4 samples per group: 21 groups, 8 chunks.
+  // 32 x 32 stride 2: 256 columns per sample, 4 samples per group: 21 groups, 8 chunks. Over the
+  // input's phases (forward and dW; dx too with more than 4 input channels).
   check_conv_threads(3, 5, 2, fd::Shape{81, 3, 32, 32}, 6);
+  check_conv_threads(6, 8, 2, fd::Shape{23, 6, 32, 32}, 8);
+}
+
+TEST_CASE("ConvTranspose2d over phases is bit-identical on 1 and 2 threads", "[nn][threads]") {
+  // 4 x 4, stride 2, padding 1, 8 x 8 -> 16 x 16: 64 columns per sample, 16 samples per group:
+  // 3 groups shared out over the threads in forward, threaded products in backward.
+  nn::Parameters<float> ps;
+  nn::ConvTranspose2d<float> convt(ps, "t", 6, 8, 4, 2, 1);
+  ps.allocate();
+  fd::Generator gen{12};
+  convt.init(ps, gen);
+  const fd::Shape xs{37, 6, 8, 8};
+  auto x = fd::randn<float>(xs, gen);
+  auto dy = fd::randn<float>(convt.output_shape(xs), gen);
+  auto run = [&] {
+    nn::ConvTranspose2d<float>::Cache cache;
+    fd::Tensor<float> out(dy.shape()), dx(xs);
+    ps.zero_grad();
+    convt.forward(ps, x, out, cache);
+    convt.backward(ps, x, dy, dx, cache);
+    return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+  };
+  check_same(with_threads(1, run), with_threads(2, run));
 }
 
 TEST_CASE("Winograd Conv2d (3 x 3, padding 1) is bit-identical on 1 and 2 threads",

@@ -5,14 +5,24 @@
 // the im2col / col2im of a convolution over the *output* image (which produces H x W columns):
 //   forward   y_n = col2im(W^T x_n) + b                     x_n: [Cin, H W]
 //   backward  dW += x_n im2col(dy_n)^T,  db += sum_{n,hw} dy,  dx_n = W im2col(dy_n)
-// Groups of samples share one GEMM (their H W columns side by side), as in Conv2d.
+// Groups of samples share one GEMM (their H W columns side by side), as in Conv2d. Float on an
+// AVX-512 CPU, stride 2 with an output twice the input (k + op - 2p = 2: 4 x 4 with padding 1,
+// 3 x 3 with padding 1 and output_padding 1, 2 x 2) and a kernel of at least 2 x 2 runs over
+// phases (conv_phases.hpp): the forward is the adjoint convolution's dx, four products over
+// shifted planes of x merged into y (no W^T x column matrix, no col2im); backward splits dy into
+// its phases and takes dx and dW^T from them with masked loads (no im2col), dx with the bits
+// of W im2col(dy), dW with those of x im2col(dy)^T.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "flowdiff/nn/layers/conv.hpp"
+#include "flowdiff/nn/layers/conv_phases.hpp"
 
 namespace flowdiff::nn {
 
@@ -59,8 +69,11 @@ class ConvTranspose2d {
   }
 
   struct Cache {
-    Tensor<T> col;  // [Cout k k, G H W]: W^T x in forward, im2col(dy) in backward
+    Tensor<T> col;  // [Cout k k, G H W]: W^T x in forward, im2col(dy) in backward (or phases)
     Tensor<T> in;   // [Cin, G H W]: packed x (and packed dx) of a group (G > 1 only)
+    Tensor<T> wp;   // phase path: the kernel's per-phase blocks of the forward's products
+    Tensor<T> dwt;  // phase path: [Cout k k, Cin] the transposed weight gradient
+    std::vector<Tensor<T>> col_t;  // phase path, forward: threads 1, 2, ...: their own col
   };
 
   /// [N, in, H, W] -> [N, out, Ho, Wo]
@@ -80,8 +93,30 @@ class ConvTranspose2d {
     const index_t G = group_size(n, K, L);
     prepare(cache, G, K, L);
     const T* w = ps.param(w_).data();
+    // The phase path shares the groups out over the threads (each with its own workspace and
+    // serial products: one phase's product is too small to thread); a group it declined (it
+    // cannot, phased() checks what the products need) would take the explicit path below.
+    const index_t groups = (n + G - 1) / G;
+    std::vector<char> done(static_cast<std::size_t>(groups), 0);
+    if (phased(g)) {
+      phase_weights(w, cache.wp);
+      const index_t team = std::max<index_t>(1, std::min<index_t>(groups, Cpu::max_threads()));
+      if (cache.col_t.size() < static_cast<std::size_t>(team - 1))
+        cache.col_t.resize(static_cast<std::size_t>(team - 1));
+      for (auto& t : cache.col_t)
+        if (t.numel() < K * G * L) t.resize(Shape{K * G * L});
+      Cpu::parallel_tasks(groups, team, [&](index_t q, index_t tid) {
+        T* ws = tid == 0 ? cache.col.data()
+                         : cache.col_t[static_cast<std::size_t>(tid - 1)].data();
+        const index_t n0 = q * G;
+        done[static_cast<std::size_t>(q)] = phase_forward(
+            cache.wp.data(), x.data() + n0 * in_ * L, g, std::min(G, n - n0), ws,
+            y.data() + n0 * plane_y);
+      });
+    }
     for (index_t n0 = 0; n0 < n; n0 += G) {
       const index_t gn = std::min(G, n - n0), cols = gn * L;
+      if (done[static_cast<std::size_t>(n0 / G)]) continue;
       const T* xg = x.data() + n0 * in_ * L;
       if (gn > 1) {
         pack_samples(xg, gn, in_, L, cache.in.data());
@@ -110,19 +145,33 @@ class ConvTranspose2d {
     const T* w = ps.param(w_).data();
     T* dw = ps.grad(w_).data();
     if (bias_) accumulate_channel_sums(dy.data(), n, out_, ys[2] * ys[3], ps.grad(b_).data());
+    // The phase path accumulates dW^T [K, Cin] over the groups and transposes it back at the end
+    // (exact copies: dW gets the same sums as x im2col(dy)^T).
+    const bool phases = phased(g);
+    if (phases) {
+      if (cache.dwt.numel() < K * in_) cache.dwt.resize(Shape{K * in_});
+      transpose(dw, in_, K, cache.dwt.data());
+    }
     for (index_t n0 = 0; n0 < n; n0 += G) {
       const index_t gn = std::min(G, n - n0), cols = gn * L;
       T* col = cache.col.data();
-      for (index_t i = 0; i < gn; ++i) im2col(dy.data() + (n0 + i) * plane_y, g, col + i * L, cols);
       const T* xg = x.data() + n0 * in_ * L;
       if (gn > 1) {
         pack_samples(xg, gn, in_, L, cache.in.data());
         xg = cache.in.data();
       }
+      T* dxg = want_dx ? dx.data() + n0 * in_ * L : nullptr;
+      if (phases && phase_backward(w, xg, dy.data() + n0 * plane_y, g, gn, col, cache.dwt.data(),
+                                   dxg == nullptr ? nullptr : gn == 1 ? dxg : cache.in.data())) {
+        if (dxg != nullptr && gn > 1)
+          unpack_samples(cache.in.data(), gn, in_, L, dxg, static_cast<const T*>(nullptr));
+        continue;
+      }
+      if (phases) fail<std::logic_error>(prefix_, " (ConvTranspose2d): the phase path declined");
+      for (index_t i = 0; i < gn; ++i) im2col(dy.data() + (n0 + i) * plane_y, g, col + i * L, cols);
       gemm(Trans::no, Trans::yes, T(1), mat(xg, in_, cols), mat(col, K, cols), T(1),
            mat(dw, in_, K));
       if (!want_dx) continue;
-      T* dxg = dx.data() + n0 * in_ * L;
       if (gn == 1) {
         gemm(Trans::no, Trans::no, T(1), mat(w, in_, K), mat(col, K, cols), T(0),
              mat(dxg, in_, cols));
@@ -132,9 +181,95 @@ class ConvTranspose2d {
         unpack_samples(cache.in.data(), gn, in_, L, dxg, static_cast<const T*>(nullptr));
       }
     }
+    if (phases) transpose(cache.dwt.data(), K, in_, dw);
   }
 
  private:
+  // Whether this layer runs over phases (see the file comment): float on the AVX-512 kernel, the
+  // adjoint convolution (over the output image) in phase form, a kernel of at least 2 x 2, more
+  // than 4 input and output channels and input pixels, and offsets within 31 bits (two samples
+  // of x or of y; groups of more samples are bounded by group_size's workspace). Decided once
+  // per call, so the products never decline midway.
+  bool phased(const spatial_detail::ConvGeometry& g) const {
+    if constexpr (std::is_same_v<T, float>)
+      return k_ >= 2 && in_ > 4 && out_ > 4 && g.cols() > 4 &&
+             phase_detail::phase_form(k_, s_, p_, g.height, g.width, g.out_h, g.out_w) &&
+             phase_detail::shifted_available(out_, 0) &&
+             2 * std::max(in_ * g.cols(), out_ * g.height * g.width) < (index_t{1} << 30);
+    (void)g;
+    return false;
+  }
+
+  // wp: per phase r = 2 ri + rj of y, in order, the block [Cout, Cin T_r] with
+  // wp_r[c, o T_r + t] = W[o, c, i_t, j_t] over that phase's taps (W: [Cin, Cout, k, k]).
+  void phase_weights(const T* w, Tensor<T>& wp) const {
+    if (wp.numel() != in_ * out_ * k_ * k_) wp.resize(Shape{out_, in_ * k_ * k_});
+    T* f = wp.data();
+    index_t ij[phase_detail::max_taps];
+    for (index_t r = 0; r < 4; ++r) {
+      const auto sp = phase_detail::dx_columns(nullptr, in_, k_, p_, 1, 1, r / 2, r % 2, ij);
+      for (index_t c = 0; c < out_; ++c)
+        for (index_t o = 0; o < in_; ++o)
+          for (index_t t = 0; t < sp.taps; ++t)
+            f[(c * in_ + o) * sp.taps + t] = w[(o * out_ + c) * k_ * k_ + ij[t]];
+      f += in_ * out_ * sp.taps;
+    }
+  }
+
+  // y of a group [gn, Cout, Ho, Wo] (before the bias): phase r of y = wp_r times the shifted
+  // planes of x [gn, Cin, H, W], into ws (4 blocks [Cout, gn H W]), interleaved into yg.
+  bool phase_forward(const T* wp, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
+                     T* ws, T* yg) const {
+#if FLOWDIFF_SGEMM_X86
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t cols = gn * g.cols(), block = out_ * cols;
+      index_t ij[phase_detail::max_taps];
+      for (index_t r = 0; r < 4; ++r) {
+        const auto sp =
+            phase_detail::dx_columns(xg, in_, k_, p_, g.out_h, g.out_w, r / 2, r % 2, ij);
+        T* dst = ws + r * block;
+        if (sp.taps == 0) {
+          std::fill(dst, dst + block, T(0));
+        } else if (!phase_detail::shifted_gemm(wp, in_ * sp.taps, out_, sp, in_, cols, dst,
+                                               cols)) {
+          return false;
+        }
+        wp += in_ * out_ * sp.taps;
+      }
+      phase_detail::merge_phases(ws, block, gn, out_, g.out_h, g.out_w, yg);
+      return true;
+    }
+#endif
+    (void)wp, (void)xg, (void)g, (void)gn, (void)ws, (void)yg;
+    return false;
+  }
+
+  // A group's backward over the phases of dy [gn, Cout, Ho, Wo] (split into ws): dwt [K, Cin] +=
+  // im2col(dy) x^T with x packed [Cin, gn H W] (xg), and, when dxp is set, dxp [Cin, gn H W] =
+  // W im2col(dy).
+  bool phase_backward(const T* w, const T* xg, const T* dyg, const spatial_detail::ConvGeometry& g,
+                      index_t gn, T* ws, T* dwt, T* dxp) const {
+#if FLOWDIFF_SGEMM_X86
+    if constexpr (std::is_same_v<T, float>) {
+      const index_t cols = gn * g.cols(), K = g.rows();
+      phase_detail::split_phases(dyg, gn * out_, g.height, g.width, ws);
+      const auto sp = phase_detail::forward_columns(ws, out_, k_, p_, g.out_h, g.out_w);
+      if (!phase_detail::shifted_gemm_at(xg, in_, sp, out_, cols, T(1), dwt, in_)) return false;
+      if (dxp != nullptr && !phase_detail::shifted_gemm(w, K, in_, sp, out_, cols, dxp, cols))
+        return false;
+      return true;
+    }
+#endif
+    (void)w, (void)xg, (void)dyg, (void)g, (void)gn, (void)ws, (void)dwt, (void)dxp;
+    return false;
+  }
+
+  // dst[j, i] = src[i, j] for src [rows, cols].
+  static void transpose(const T* src, index_t rows, index_t cols, T* dst) {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  }
+
   void check_input(const Shape& s) const {
     if (s.rank() != 4 || s[1] != in_ || s[2] < 1 || s[3] < 1 ||
         (s[2] - 1) * s_ + k_ + op_ <= 2 * p_ || (s[3] - 1) * s_ + k_ + op_ <= 2 * p_)
