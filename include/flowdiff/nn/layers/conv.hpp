@@ -961,46 +961,20 @@ class Conv2d {
     return false;
   }
 
-  // wp: per phase r = 2 ri + rj of dx, in order, the block [C, O T_r] with
-  // wp_r[c, o T_r + t] = W[o, c, i_t, j_t] over that phase's taps (phase_detail::dx_columns).
+  // The kernel's per-phase blocks of dx's phase products (phase_detail::adjoint_weights).
   void phase_weights(const T* w, Tensor<T>& wp) const {
     if (wp.numel() != in_ * out_ * k_ * k_) wp.resize(Shape{in_, out_ * k_ * k_});
-    T* f = wp.data();
-    index_t ij[phase_detail::max_taps];
-    for (index_t r = 0; r < 4; ++r) {
-      const auto sp = phase_detail::dx_columns(nullptr, out_, k_, p_, 1, 1, r / 2, r % 2, ij);
-      const index_t taps = sp.taps;
-      for (index_t c = 0; c < in_; ++c)
-        for (index_t o = 0; o < out_; ++o)
-          for (index_t t = 0; t < taps; ++t)
-            f[(c * out_ + o) * taps + t] = w[(o * in_ + c) * k_ * k_ + ij[t]];
-      f += in_ * out_ * taps;
-    }
+    phase_detail::adjoint_weights(w, out_, in_, k_, p_, wp.data());
   }
 
-  // The group's dx [gn, C, H, W] from dy [gn, O, Ho, Wo]: phase r of dx = wp_r times the
-  // shifted planes of dy, into ws (4 blocks [C, gn Ho Wo]), then interleaved into dxn.
+  // The group's dx [gn, C, H, W] from dy [gn, O, Ho, Wo]: the adjoint's phase products
+  // (phase_detail::adjoint_products) into ws, interleaved into dxn.
   bool phase_dx(const T* wp, const T* dyg, const spatial_detail::ConvGeometry& g, index_t gn,
                 T* ws, T* dxn) const {
 #if FLOWDIFF_SGEMM_X86
-    if constexpr (std::is_same_v<T, float>) {
-      const index_t cols = gn * g.cols(), block = in_ * cols;
-      index_t ij[phase_detail::max_taps];
-      for (index_t r = 0; r < 4; ++r) {
-        const auto sp =
-            phase_detail::dx_columns(dyg, out_, k_, p_, g.out_h, g.out_w, r / 2, r % 2, ij);
-        T* dst = ws + r * block;
-        if (sp.taps == 0) {  // no tap reads this phase (1 x 1 kernels): its dx is zero
-          std::fill(dst, dst + block, T(0));
-        } else if (!phase_detail::shifted_gemm(wp, out_ * sp.taps, in_, sp, out_, cols, dst,
-                                               cols)) {
-          return false;
-        }
-        wp += in_ * out_ * sp.taps;
-      }
-      phase_detail::merge_phases(ws, block, gn, in_, g.out_h, g.out_w, dxn);
-      return true;
-    }
+    if constexpr (std::is_same_v<T, float>)
+      return phase_detail::adjoint_products(wp, dyg, out_, in_, k_, p_, g.out_h, g.out_w, gn, ws,
+                                            dxn);
 #endif
     (void)wp, (void)dyg, (void)g, (void)gn, (void)ws, (void)dxn;
     return false;

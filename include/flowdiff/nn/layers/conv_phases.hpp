@@ -393,4 +393,47 @@ inline ShiftedPlanes dx_columns(const float* dy, index_t out_channels, index_t k
   return sp;
 }
 
+/// The kernel of a stride-2 convolution's adjoint (its dx; a ConvTranspose2d's forward) in phase
+/// form, per phase r = 2 ri + rj of the adjoint's output, in order: the block [co, ci T_r] with
+/// wp_r[c, o T_r + t] = w[(o co + c) k k + ij_t] over the T_r taps of the phase (dx_columns'
+/// order). w holds tap (i, j) from adjoint input channel o < ci to output channel c < co at
+/// (o co + c) k k + i k + j: Conv2d's weight [O, C, k, k] (ci = O, co = C) and
+/// ConvTranspose2d's [Cin, Cout, k, k] (ci = Cin, co = Cout) alike.   wp: ci co k k values
+template <class T>
+void adjoint_weights(const T* w, index_t ci, index_t co, index_t k, index_t p, T* wp) {
+  index_t ij[max_taps];
+  for (index_t r = 0; r < 4; ++r) {
+    const auto sp = dx_columns(nullptr, ci, k, p, 1, 1, r / 2, r % 2, ij);
+    for (index_t c = 0; c < co; ++c)
+      for (index_t o = 0; o < ci; ++o)
+        for (index_t t = 0; t < sp.taps; ++t)
+          wp[(c * ci + o) * sp.taps + t] = w[(o * co + c) * k * k + ij[t]];
+    wp += ci * co * sp.taps;
+  }
+}
+
+#if FLOWDIFF_SGEMM_X86
+/// The adjoint of a k x k, padding-p, stride-2 convolution in phase form, for n samples:
+/// out [n, co, 2h, 2w] from in [n, ci, h, w] (a Conv2d's dx from dy, a ConvTranspose2d's y
+/// before its bias from x). Phase r of out is adjoint_weights' block r times the shifted planes
+/// of `in` (dx_columns), into ws (4 blocks [co, n h w]); merge_phases interleaves them into out.
+/// Returns false (out untouched) where a product declines (shifted_gemm).
+inline bool adjoint_products(const float* wp, const float* in, index_t ci, index_t co, index_t k,
+                             index_t p, index_t h, index_t w, index_t n, float* ws, float* out) {
+  const index_t cols = n * h * w, block = co * cols;
+  index_t ij[max_taps];
+  for (index_t r = 0; r < 4; ++r) {
+    const auto sp = dx_columns(in, ci, k, p, h, w, r / 2, r % 2, ij);
+    float* dst = ws + r * block;
+    if (sp.taps == 0)  // no tap reads this phase (1 x 1 kernels): it is zero
+      std::fill(dst, dst + block, 0.0f);
+    else if (!shifted_gemm(wp, ci * sp.taps, co, sp, ci, cols, dst, cols))
+      return false;
+    wp += ci * co * sp.taps;
+  }
+  merge_phases(ws, block, n, co, h, w, out);
+  return true;
+}
+#endif
+
 }  // namespace flowdiff::nn::phase_detail

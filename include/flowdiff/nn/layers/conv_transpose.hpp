@@ -200,45 +200,21 @@ class ConvTranspose2d {
     return false;
   }
 
-  // wp: per phase r = 2 ri + rj of y, in order, the block [Cout, Cin T_r] with
-  // wp_r[c, o T_r + t] = W[o, c, i_t, j_t] over that phase's taps (W: [Cin, Cout, k, k]).
+  // The kernel's per-phase blocks of the forward's phase products (phase_detail::adjoint_weights;
+  // W: [Cin, Cout, k, k]).
   void phase_weights(const T* w, Tensor<T>& wp) const {
     if (wp.numel() != in_ * out_ * k_ * k_) wp.resize(Shape{out_, in_ * k_ * k_});
-    T* f = wp.data();
-    index_t ij[phase_detail::max_taps];
-    for (index_t r = 0; r < 4; ++r) {
-      const auto sp = phase_detail::dx_columns(nullptr, in_, k_, p_, 1, 1, r / 2, r % 2, ij);
-      for (index_t c = 0; c < out_; ++c)
-        for (index_t o = 0; o < in_; ++o)
-          for (index_t t = 0; t < sp.taps; ++t)
-            f[(c * in_ + o) * sp.taps + t] = w[(o * out_ + c) * k_ * k_ + ij[t]];
-      f += in_ * out_ * sp.taps;
-    }
+    phase_detail::adjoint_weights(w, in_, out_, k_, p_, wp.data());
   }
 
-  // y of a group [gn, Cout, Ho, Wo] (before the bias): phase r of y = wp_r times the shifted
-  // planes of x [gn, Cin, H, W], into ws (4 blocks [Cout, gn H W]), interleaved into yg.
+  // y of a group [gn, Cout, Ho, Wo] (before the bias) from x [gn, Cin, H, W]: the adjoint
+  // convolution's phase products (phase_detail::adjoint_products) into ws, interleaved into yg.
   bool phase_forward(const T* wp, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
                      T* ws, T* yg) const {
 #if FLOWDIFF_SGEMM_X86
-    if constexpr (std::is_same_v<T, float>) {
-      const index_t cols = gn * g.cols(), block = out_ * cols;
-      index_t ij[phase_detail::max_taps];
-      for (index_t r = 0; r < 4; ++r) {
-        const auto sp =
-            phase_detail::dx_columns(xg, in_, k_, p_, g.out_h, g.out_w, r / 2, r % 2, ij);
-        T* dst = ws + r * block;
-        if (sp.taps == 0) {
-          std::fill(dst, dst + block, T(0));
-        } else if (!phase_detail::shifted_gemm(wp, in_ * sp.taps, out_, sp, in_, cols, dst,
-                                               cols)) {
-          return false;
-        }
-        wp += in_ * out_ * sp.taps;
-      }
-      phase_detail::merge_phases(ws, block, gn, out_, g.out_h, g.out_w, yg);
-      return true;
-    }
+    if constexpr (std::is_same_v<T, float>)
+      return phase_detail::adjoint_products(wp, xg, in_, out_, k_, p_, g.out_h, g.out_w, gn, ws,
+                                            yg);
 #endif
     (void)wp, (void)xg, (void)g, (void)gn, (void)ws, (void)yg;
     return false;
