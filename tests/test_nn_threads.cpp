@@ -198,11 +198,13 @@ TEST_CASE("MLP training pass and a large GEMM are bit-identical on 1 and 2 threa
   check_same(with_threads(1, gemm_run), with_threads(2, gemm_run));
 }
 
-TEST_CASE("MLP batch-1 forward split over threads is bit-identical to the serial one",
+TEST_CASE("MLP small-batch forward split over threads is bit-identical to the serial one",
           "[nn][threads]") {
   // Weights above split_min_weight_bytes, so 2 and 3 threads take the split path (each thread a
-  // range of every layer's features); widths whose tails are not multiples of 16 and an output
-  // wider than one block check the ranges. Backward after a split forward uses its cache.
+  // range of every layer's features) for batches of 1 to split_max_rows; widths whose tails are
+  // not multiples of 16 and an output wider than one block check the ranges; batch 1 takes the
+  // dot-product kernels, 5 and 16 the small-batch tiles (5: a partial group of rows). Backward
+  // after a split forward uses its cache.
   for (const fd::index_t width : {fd::index_t{256}, fd::index_t{328}}) {
     const nn::MLPConfig cfg{.dim = 20, .width = width, .depth = 4, .time_dim = 30,
                             .num_classes = 5};
@@ -216,33 +218,39 @@ TEST_CASE("MLP batch-1 forward split over threads is bit-identical to the serial
     REQUIRE(bytes >= nn::MLP<float>::split_min_weight_bytes);
     fd::Generator gen{9};
     mlp.init(ps, gen);
-    auto x = fd::randn<float>({1, cfg.dim}, gen);
-    auto dout = fd::randn<float>(x.shape(), gen);
-    fd::Tensor<float> t({1});
-    fd::fill_uniform(t, gen);
-    fd::Tensor<fd::label_t> y({1});
-    y.data()[0] = 3;
-    auto run = [&] {
+    constexpr fd::index_t most = nn::MLP<float>::split_max_rows;
+    for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{5}, most}) {
+      INFO("width " << width << ", batch " << rows);
+      auto x = fd::randn<float>({rows, cfg.dim}, gen);
+      auto dout = fd::randn<float>(x.shape(), gen);
+      fd::Tensor<float> t({rows});
+      fd::fill_uniform(t, gen);
+      fd::Tensor<fd::label_t> y({rows});
+      for (fd::index_t r = 0; r < rows; ++r) y.data()[r] = static_cast<fd::label_t>((r + 3) % 6);
+      auto run = [&] {
+        nn::MLP<float>::Cache cache;
+        fd::Tensor<float> out(x.shape()), dx(x.shape());
+        ps.zero_grad();
+        mlp.forward(ps, x, t, y, out, cache);
+        mlp.backward(ps, dout, dx, cache);
+        return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
+      };
+      const Result one = with_threads(1, run);
+      check_same(one, with_threads(2, run));
+      check_same(one, with_threads(3, run));
+      if (rows != 1) continue;
+      // The same row inside a batch of 3 goes through other kernels: equal to rounding only.
       nn::MLP<float>::Cache cache;
-      fd::Tensor<float> out(x.shape()), dx(x.shape());
-      ps.zero_grad();
-      mlp.forward(ps, x, t, y, out, cache);
-      mlp.backward(ps, dout, dx, cache);
-      return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
-    };
-    const Result one = with_threads(1, run);
-    check_same(one, with_threads(2, run));
-    check_same(one, with_threads(3, run));
-    // The same row inside a batch of 3 goes through other kernels: equal to rounding only.
-    nn::MLP<float>::Cache cache;
-    auto x3 = fd::randn<float>({3, cfg.dim}, gen);
-    for (fd::index_t j = 0; j < cfg.dim; ++j) x3.data()[j] = x.data()[j];
-    fd::Tensor<float> t3({3}), out3(x3.shape());
-    fd::fill(t3, t.data()[0]);
-    fd::Tensor<fd::label_t> y3({3});
-    fd::fill(y3.view(), fd::label_t{3});
-    mlp.forward(ps, x3, t3, y3, out3, cache);
-    for (fd::index_t j = 0; j < cfg.dim; ++j)
-      CHECK(out3.data()[j] == Approx(one.out[static_cast<std::size_t>(j)]).epsilon(1e-5).margin(1e-6));
+      auto x3 = fd::randn<float>({3, cfg.dim}, gen);
+      for (fd::index_t j = 0; j < cfg.dim; ++j) x3.data()[j] = x.data()[j];
+      fd::Tensor<float> t3({3}), out3(x3.shape());
+      fd::fill(t3, t.data()[0]);
+      fd::Tensor<fd::label_t> y3({3});
+      fd::fill(y3.view(), fd::label_t{3});
+      mlp.forward(ps, x3, t3, y3, out3, cache);
+      for (fd::index_t j = 0; j < cfg.dim; ++j)
+        CHECK(out3.data()[j] ==
+              Approx(one.out[static_cast<std::size_t>(j)]).epsilon(1e-5).margin(1e-6));
+    }
   }
 }

@@ -917,7 +917,14 @@ FLOWDIFF_SGEMM_UNROLL
   _mm512_store_ps(t, sums);
   for (index_t r = 0; r < mr; ++r) {
     float* cr = c + r * ldc;
-    for (index_t cc = 0; cc < nc; ++cc) cr[cc] = overwrite ? t[4 * r + cc] : cr[cc] + t[4 * r + cc];
+    if (nc == 4) {  // a whole row of the tile: one 128-bit store (the loop became a memmove call)
+      __m128 row = _mm_load_ps(t + 4 * r);
+      if (!overwrite) row = _mm_add_ps(_mm_loadu_ps(cr), row);
+      _mm_storeu_ps(cr, row);
+    } else {
+      for (index_t cc = 0; cc < nc; ++cc)
+        cr[cc] = overwrite ? t[4 * r + cc] : cr[cc] + t[4 * r + cc];
+    }
   }
 }
 

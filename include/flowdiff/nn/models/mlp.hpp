@@ -143,10 +143,14 @@ class MLP {
     cache.has_forward = true;
   }
 
-  /// Batch-1 forwards with at least this many bytes of weights split every layer's outputs over
-  /// the OpenMP threads (forward_split). Below it the weights sit in one core's L2 and the
-  /// threads' start and barriers cost more than they save.
+  /// Forwards of at most split_max_rows rows with at least this many bytes of weights split
+  /// every layer's outputs over the OpenMP threads (forward_split). Below it the weights sit in
+  /// one core's L2 and the threads' start and barriers cost more than they save.
   static constexpr std::size_t split_min_weight_bytes = std::size_t(384) << 10;
+  /// The largest batch forward_split takes: sgemm's unpacked small-batch products go up to 16
+  /// rows, run serially (far below its threading threshold), and cut at any multiple of 16
+  /// output features into the same bits. Larger batches thread inside each product.
+  static constexpr index_t split_max_rows = 16;
 
   // dout: [N, d] (N of the last forward), dx: [N, d] or empty / {} (skipped). Parameter gradients
   // accumulate
@@ -216,13 +220,16 @@ class MLP {
     return n;
   }
 
-  // Batch 1 (float, more than one OpenMP thread, outside a parallel region, weights of at least
-  // split_min_weight_bytes): one parallel region for the whole chain of products, each thread
-  // computing a range of every layer's output features (multiples of 16, so the same bits as the
-  // serial forward on any thread count). A batch-1 product streams its weights once and does one
-  // FMA per weight loaded, so it runs at the speed of the cache that holds them: split this way,
-  // each core keeps its share of every layer in its own L2 (0.43 MB each for the 4 x 256 MLP,
-  // whose 0.86 MB spill one core's 1 MB L2 into L3) and the shares stream in parallel. Between
+  // Batches of 1 to split_max_rows (float, more than one OpenMP thread, outside a parallel
+  // region, weights of at least split_min_weight_bytes): one parallel region for the whole chain
+  // of products, each thread computing a range of every layer's output features (multiples of
+  // 16, so the same bits as the serial forward on any thread count). A batch-1 product streams
+  // its weights once and does one FMA per weight loaded, so it runs at the speed of the cache
+  // that holds them: split this way, each core keeps its share of every layer in its own L2
+  // (0.43 MB each for the 4 x 256 MLP, whose 0.86 MB spill one core's 1 MB L2 into L3) and the
+  // shares stream in parallel. A batch of 2 to 16 rows does that many FMAs per weight, and its
+  // products, serial inside sgemm (far below its threading threshold), gain the second core's
+  // FMA units as well. Between
   // layers each thread publishes how many layers it has finished (its own cache line, release)
   // and waits for the others' counts (acquire) instead of a full barrier: one cache-line transfer
   // each way per layer, which matters when the two cores sit far apart (a barrier there cost
@@ -231,7 +238,8 @@ class MLP {
   bool forward_split(const Parameters<T>& ps, View<T> out, Cache& cache) const {
 #if defined(_OPENMP)
     if constexpr (std::is_same_v<T, float>) {
-      if (cache.n != 1 || omp_get_max_threads() < 2 || omp_in_parallel()) return false;
+      const index_t n = cache.n;
+      if (n > split_max_rows || omp_get_max_threads() < 2 || omp_in_parallel()) return false;
       std::size_t bytes = 0;
       for (const auto& l : linears_)
         bytes += static_cast<std::size_t>(l.in_features() * l.out_features()) * sizeof(T);
@@ -264,14 +272,14 @@ class MLP {
         for (index_t i = 0; i < depth; ++i) {
           const auto k = static_cast<std::size_t>(i);
           range(linears_[k].out_features(), j0, j1);
-          linears_[k].forward_columns(ps, h, 1, cache.pre[k].data(), cache.act[k].data(), j0, j1,
+          linears_[k].forward_columns(ps, h, n, cache.pre[k].data(), cache.act[k].data(), j0, j1,
                                       Linear<T>::Act::silu);
           progress[t].layers.store(i + 1, std::memory_order_release);
           wait_for(i + 1);
           h = cache.act[k].data();
         }
         range(cfg_.dim, j0, j1);
-        linears_.back().forward_columns(ps, h, 1, out.data(), nullptr, j0, j1,
+        linears_.back().forward_columns(ps, h, n, out.data(), nullptr, j0, j1,
                                         Linear<T>::Act::none);
       }
       return true;
