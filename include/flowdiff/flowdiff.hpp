@@ -22,6 +22,7 @@
 #include "flowdiff/backend/cpu/linalg.hpp"
 #include "flowdiff/backend/cpu/sgemm.hpp"
 #include "flowdiff/backend/dispatch.hpp"
+#include "flowdiff/backend/segment_reduce.hpp"
 
 // paths: schedules, Gaussian paths, parametrisation converters
 #include "flowdiff/paths/check_schedule.hpp"

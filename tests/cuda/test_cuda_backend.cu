@@ -1,6 +1,7 @@
 // tests/cuda/test_cuda_backend.cu — the CUDA backend against its CPU reference, kernel by kernel,
 // with DESIGN.md §4's tolerances: error conversion, device tensors and copies, the grid-stride
-// parallel_for running the CPU's functors, the deterministic sum, Philox fills (integer streams
+// parallel_for running the CPU's functors, the deterministic sum, segment_reduce (a block per
+// segment, against its host reference), Philox fills (integer streams
 // and uniforms bit-equal to the CPU, normals within a few ulp), cuBLAS GEMM (plain and strided-
 // batched, row-major like the CPU gemm) and the fused CFG + Euler / Euler–Maruyama updates (against
 // the CPU's Cfg adapter and steppers, against the same generic path running on the GPU, and as
@@ -20,6 +21,8 @@
 #include <exception>
 #include <flowdiff/backend/cuda/all.cuh>
 #include <flowdiff/guidance/cfg.hpp>
+#include <flowdiff/nn/layers/kernels.hpp>
+#include <flowdiff/nn/layers/spatial_kernels.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -409,6 +412,78 @@ void reductions() {
            "check_finite names the first non-finite device element; got: " + m);
     fd::Tensor<float, Cuda> none({0});
     expect(fd::max_abs(none) == 0.0f && fd::all_finite(none), "max_abs / all_finite of nothing");
+  });
+}
+
+// Cuda::segment_reduce against its host reference (segment_reduce_reference<reduce_threads>,
+// the block's order on the host): GroupNorm statistics (two passes) over sets shorter and longer
+// than the block, GroupNorm parameter gradients (two sums per element, accumulating), a Linear
+// bias gradient, and more segments than the grid has blocks (grid-stride). nvcc may contract the
+// element arithmetic into FMAs, so within 1e-12 (double sums), float outputs within 2 ulp; the
+// same bits when repeated.
+void segment_reductions() {
+  section("segment_reduce (a block per segment) vs its host reference", [] {
+    namespace kn = fd::nn::kernels;
+    fd::Generator gen{17};
+    for (const index_t len : {index_t{37}, index_t{1000}}) {
+      const index_t n = 3, channels = 8, groups = 4, cg = channels / groups, sets = n * groups;
+      fd::Tensor<float, Cuda> xd({n, channels, len}), dyd({n, channels, len});
+      fd::fill_normal(xd, gen);
+      fd::fill_normal(dyd, gen);
+      const auto x = fd::to_host(xd);
+      const auto dy = fd::to_host(dyd);
+      const std::string tag = "[" + str(n) + ", " + str(channels) + ", " + str(len) + "]";
+      // Statistics: device vs host reference, then repeated (same bits).
+      fd::Tensor<float, Cuda> mean_d({sets}), rstd_d({sets});
+      Cuda::segment_reduce(sets, kn::GroupNormStats<float>{mean_d.data(), rstd_d.data(),
+                                                           xd.data(), cg * len, 1e-5});
+      fd::Tensor<float> mean({sets}), rstd({sets});
+      fd::segment_reduce_reference<Cuda::reduce_threads>(
+          sets, kn::GroupNormStats<float>{mean.data(), rstd.data(), x.data(), cg * len, 1e-5});
+      const auto mg = host_vector(mean_d), rg = host_vector(rstd_d);
+      expect_close("GroupNormStats mean " + tag, mg, mean.to_vector(), 1e-12, 2.5e-7);
+      expect_close("GroupNormStats rstd " + tag, rg, rstd.to_vector(), 1e-12, 2.5e-7);
+      Cuda::segment_reduce(sets, kn::GroupNormStats<float>{mean_d.data(), rstd_d.data(),
+                                                           xd.data(), cg * len, 1e-5});
+      expect(host_vector(mean_d) == mg && host_vector(rstd_d) == rg,
+             "GroupNormStats " + tag + " is the same bits when repeated");
+      // Parameter gradients, accumulated onto nonzero values (the host statistics on both).
+      const auto mean_h = fd::to_device(mean), rstd_h = fd::to_device(rstd);
+      fd::Tensor<float> dg = fd::randn<float>({channels}, gen);
+      fd::Tensor<float> db = fd::randn<float>({channels}, gen);
+      auto dg_d = fd::to_device(dg), db_d = fd::to_device(db);
+      Cuda::segment_reduce(channels, kn::GroupNormParamGrad<float>{
+                                         dg_d.data(), db_d.data(), xd.data(), dyd.data(),
+                                         mean_h.data(), rstd_h.data(), n, channels, groups, len});
+      fd::segment_reduce_reference<Cuda::reduce_threads>(
+          channels, kn::GroupNormParamGrad<float>{dg.data(), db.data(), x.data(), dy.data(),
+                                                  mean.data(), rstd.data(), n, channels, groups,
+                                                  len});
+      expect_close("GroupNormParamGrad dgamma " + tag, host_vector(dg_d), dg.to_vector(), 1e-12,
+                   2.5e-7);
+      expect_close("GroupNormParamGrad dbeta " + tag, host_vector(db_d), db.to_vector(), 1e-12,
+                   2.5e-7);
+      // A bias gradient: dy as [n len rows, channels columns].
+      fd::Tensor<float> bias = fd::randn<float>({channels}, gen);
+      auto bias_d = fd::to_device(bias);
+      Cuda::segment_reduce(channels, kn::BiasGrad<float>{bias_d.data(), dyd.data(), n * len,
+                                                         channels});
+      fd::segment_reduce_reference<Cuda::reduce_threads>(
+          channels, kn::BiasGrad<float>{bias.data(), dy.data(), n * len, channels});
+      expect_close("BiasGrad " + tag, host_vector(bias_d), bias.to_vector(), 1e-12, 2.5e-7);
+    }
+    // More segments than Cuda::max_blocks: the blocks stride over them.
+    const index_t segs = Cuda::max_blocks + 4321, len = 5;
+    fd::Tensor<double, Cuda> yd({1, segs, len});
+    fd::fill_normal(yd, gen);
+    const auto y = fd::to_host(yd);
+    fd::Tensor<double> sums = fd::randn<double>({segs}, gen);
+    auto sums_d = fd::to_device(sums);
+    Cuda::segment_reduce(segs, kn::ChannelGradSum<double>{sums_d.data(), yd.data(), 1, segs, len});
+    fd::segment_reduce_reference<Cuda::reduce_threads>(
+        segs, kn::ChannelGradSum<double>{sums.data(), y.data(), 1, segs, len});
+    expect_close("ChannelGradSum over " + str(segs) + " segments", host_vector(sums_d),
+                 sums.to_vector(), 1e-12, 1e-12);
   });
 }
 
@@ -1017,6 +1092,7 @@ int run() {
         device_tensors();
         parallel_loops();
         reductions();
+        segment_reductions();
         philox();
         gemm();
         fused_updates();

@@ -67,6 +67,13 @@ struct Cpu {
     for (index_t i = 0; i < n; ++i) f(i);
   }
 
+  /// r's segmented reduction (backend/segment_reduce.hpp): r(s) for every segment s in
+  /// [0, segs), each on one thread, its sums in element order. `work_per_item` as parallel_for's.
+  template <class R>
+  static void segment_reduce(index_t segs, const R& r, index_t work_per_item = 1) {
+    parallel_for(segs, r, work_per_item);
+  }
+
   /// Calls f(i, thread) for i in [0, n): coarse tasks shared out dynamically, one at a time, over
   /// at most `max_team` threads (one parallel region), so a thread the OS deschedules on a busy
   /// machine delays only the task it holds. `thread` is below min(max_team, max_threads()) and

@@ -28,6 +28,7 @@
 
 #include "flowdiff/backend/backend.hpp"
 #include "flowdiff/backend/cuda/error.cuh"
+#include "flowdiff/backend/segment_reduce.hpp"
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/tensor.hpp"
@@ -64,6 +65,44 @@ __global__ void __launch_bounds__(Threads)
     __syncthreads();
   }
   if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+}
+
+/// segment_reduce (backend/segment_reduce.hpp's protocol): block b takes segments b, b + gridDim,
+/// ...; for each pass thread t sums elements t, t + Threads, ... of the segment in double, the
+/// block adds the Threads partial sums in a fixed tree (s[t] += s[t + w], w = Threads / 2, ..., 1)
+/// and thread 0 writes the segment's results with r.put. The order is
+/// segment_reduce_reference<Threads>'s.
+template <int Threads, class R>
+__global__ void __launch_bounds__(Threads) segment_reduce(index_t segs, R r) {
+  static_assert((Threads & (Threads - 1)) == 0, "segment_reduce: Threads must be a power of two");
+  constexpr int K = R::width;
+  __shared__ double part[K][Threads];
+  __shared__ double sums[segment_reduce_max_sums];
+  const int t = static_cast<int>(threadIdx.x);
+  const index_t len = r.size();
+  for (index_t s = blockIdx.x; s < segs; s += gridDim.x) {
+    for (int p = 0; p < R::passes; ++p) {
+      double acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = 0.0;
+      for (index_t i = t; i < len; i += Threads) {
+        double v[K];
+        r.element(s, i, p, sums, v);
+        for (int k = 0; k < K; ++k) acc[k] += v[k];
+      }
+      for (int k = 0; k < K; ++k) part[k][t] = acc[k];
+      __syncthreads();
+      for (int w = Threads / 2; w > 0; w /= 2) {
+        if (t < w)
+          for (int k = 0; k < K; ++k) part[k][t] += part[k][t + w];
+        __syncthreads();
+      }
+      if (t == 0)
+        for (int k = 0; k < K; ++k) sums[p * K + k] = part[k][0];
+      __syncthreads();  // every thread sees this pass's sums before the next pass reads them
+    }
+    if (t == 0) r.put(s, sums);
+    __syncthreads();  // sums is rewritten by the next segment
+  }
 }
 
 /// The combinations reduce() offers: a + b; the larger / smaller, NaN winning (so a NaN anywhere
@@ -152,6 +191,24 @@ struct Cuda {
   static void parallel_for(index_t n, F f, index_t work_per_item = 1) {
     (void)work_per_item;
     parallel_for(cudaStreamPerThread, n, f);
+  }
+
+  /// r's segmented reduction (backend/segment_reduce.hpp) over segments [0, segs) on `stream`,
+  /// asynchronously: one block of reduce_threads threads per segment (the order of
+  /// segment_reduce_reference<reduce_threads>). r is copied to the device by value.
+  template <class R>
+  static void segment_reduce(cudaStream_t stream, index_t segs, const R& r) {
+    static_assert(R::passes * R::width <= segment_reduce_max_sums, "segment_reduce: too many sums");
+    if (segs <= 0) return;
+    const auto blocks = static_cast<unsigned>(segs < max_blocks ? segs : max_blocks);
+    cuda::kernels::segment_reduce<reduce_threads><<<blocks, reduce_threads, 0, stream>>>(segs, r);
+    FLOWDIFF_CUDA_CHECK_LAUNCH("flowdiff::cuda::kernels::segment_reduce", stream);
+  }
+  /// The Backend form, on the per-thread default stream (`work_per_item`: a CPU hint).
+  template <class R>
+  static void segment_reduce(index_t segs, const R& r, index_t work_per_item = 1) {
+    (void)work_per_item;
+    segment_reduce(cudaStreamPerThread, segs, r);
   }
 
   /// Device-to-device copy of n elements, ordered on `stream`.

@@ -159,18 +159,42 @@ struct SiluBackwardInPlace {
   FLOWDIFF_HOST_DEVICE void operator()(index_t k) const { dh[k] = silu_grad(a[k], dh[k]); }
 };
 
-/// db[j] += dy[0, j] + dy[1, j] + ... (one thread per column j, rows in order as the CPU).
+/// db[j] += dy[0, j] + dy[1, j] + ... Sequential form (one thread per column j): rows in order
+/// in T, as the CPU. Also a segmented reduction over the columns (segment_reduce.hpp; block form:
+/// the rows' sum in double, added to db[j] once): see accumulate_bias_grad.
 template <class T>
 struct BiasGrad {
   T* db;
   const T* dy;  // [M, out]
   index_t rows, out;
+  static constexpr int passes = 1, width = 1;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return rows; }
+  FLOWDIFF_HOST_DEVICE void element(index_t j, index_t r, int, const double*, double* v) const {
+    v[0] = static_cast<double>(dy[r * out + j]);
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t j, const double* sums) const {
+    db[j] = add_rn(db[j], static_cast<T>(sums[0]));
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t j) const {
     T s = db[j];
     for (index_t r = 0; r < rows; ++r) s = add_rn(s, dy[r * out + j]);
     db[j] = s;
   }
 };
+
+/// db[j] += the sum over the rows of dy[:, j] (a Linear's bias gradient) on B. The CPU runs
+/// BiasGrad's sequential form, one thread per column. A GPU does too when the columns are many or
+/// the rows few (coalesced loads, threads enough); with at least 256 rows and at most 4096
+/// columns (a Linear over a batch of tokens or samples) each column gets a block instead
+/// (B::segment_reduce): one thread per column would add thousands of rows one after another.
+template <class T, class B>
+void accumulate_bias_grad(T* db, const T* dy, index_t rows, index_t out) {
+  const BiasGrad<T> f{db, dy, rows, out};
+  if (rows >= 256 && out <= 4096)
+    B::segment_reduce(out, f, rows);
+  else
+    B::parallel_for(out, f, rows);
+}
 
 // ---------------------------------------------------------------------------------------------
 // The MLP's input h0 = [x, e] and its gradient.

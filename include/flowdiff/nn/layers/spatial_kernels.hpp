@@ -21,7 +21,10 @@
 //              dx = gamma rstd (dy - mean dy - xh mean(dy xh))  (eval: gamma rstd dy)
 //   per-channel broadcast  y[n, c, h, w] += v[n, c],  dv[n, c] = sum_{h, w} dy[n, c, h, w]
 // Every functor writes each output element from exactly one thread and sums in a fixed order:
-// no atomics, so results are deterministic on every backend. col2im is a gather (one thread per
+// no atomics, so results are deterministic on every backend. The per-set and per-channel sums
+// (GroupNorm, BatchNorm, the bias gradient) are segmented reductions, B::segment_reduce
+// (backend/segment_reduce.hpp): one thread per segment in element order on the CPU, one block
+// per segment with a fixed tree on a GPU. col2im is a gather (one thread per
 // input pixel adding its k x k contributions in (i, j) order, which is the CPU col2im's order of
 // additions). GroupNorm's and BatchNorm's statistics are accumulated in double (BatchNorm: one
 // thread per channel, samples then positions in order, nn::BatchNorm2d's order). The element-wise
@@ -153,14 +156,22 @@ struct ChannelBias {
   }
 };
 
-/// db[c] += (sum over n in order of sum8(dy[n, c, :])) in T, as the CPU's
-/// accumulate_channel_sums: one thread per channel. (A GPU would rather give each channel a block
-/// and a fixed-order tree; with C threads this pass is latency-bound there.)
+/// db[c] += the sum of dy[:, c, :], a segmented reduction over channels (segment_reduce.hpp).
+/// Sequential form: (sum over n in order of sum8(dy[n, c, :])) in T, as the CPU's
+/// accumulate_channel_sums; block form (CUDA): the N L values in double, rounded once.
 template <class T>
 struct ChannelGradSum {
   T* db;        // [C]
   const T* dy;  // [N, C, L]
   index_t n, channels, len;
+  static constexpr int passes = 1, width = 1;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return n * len; }
+  FLOWDIFF_HOST_DEVICE void element(index_t c, index_t i, int, const double*, double* v) const {
+    v[0] = static_cast<double>(dy[((i / len) * channels + c) * len + i % len]);
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t c, const double* sums) const {
+    db[c] = add_rn(db[c], static_cast<T>(sums[0]));
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
     T acc = T(0);
     for (index_t i = 0; i < n; ++i) acc = add_rn(acc, sum8(dy + (i * channels + c) * len, len));
@@ -172,9 +183,9 @@ struct ChannelGradSum {
 // GroupNorm over sets (sample n, group g) of k = (C / G) S contiguous elements.
 // ---------------------------------------------------------------------------------------------
 
-/// mean[ng] and rstd[ng] = 1 / sqrt(biased variance + eps) of x's set ng, two-pass (no
-/// cancellation of sum x^2), each sum in double in element order. One thread per set: correct on
-/// any backend; a GPU wants one block per set with a fixed-order tree (N G threads are few).
+/// mean[ng] and rstd[ng] = 1 / sqrt(biased variance + eps) of x's set ng, two-pass (the mean,
+/// then the squared deviations from it: no cancellation of sum x^2), each sum in double: a
+/// segmented reduction over the sets (segment_reduce.hpp; sequential form: element order).
 template <class T>
 struct GroupNormStats {
   T* mean;     // [N G]
@@ -182,8 +193,22 @@ struct GroupNormStats {
   const T* x;  // [N, C, S] = N G sets of k elements
   index_t k;
   double eps;
+  static constexpr int passes = 2, width = 1;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return k; }
+  FLOWDIFF_HOST_DEVICE void element(index_t ng, index_t i, int pass, const double* prev,
+                                    double* v) const {
+    const double xv = static_cast<double>(x[ng * k + i]);
+    if (pass == 0) {
+      v[0] = xv;
+    } else {
+      const double d = xv - prev[0] / static_cast<double>(k);
+      v[0] = d * d;
+    }
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t ng, const double* sums) const {
+    store(ng, sums[0] / static_cast<double>(k), sums[1]);
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t ng) const {
-    using std::sqrt;
     const T* xb = x + ng * k;
     double s = 0;
     for (index_t i = 0; i < k; ++i) s += static_cast<double>(xb[i]);
@@ -193,6 +218,11 @@ struct GroupNormStats {
       const double d = static_cast<double>(xb[i]) - mu;
       v += d * d;
     }
+    store(ng, mu, v);
+  }
+  // mu: the mean; v: the sum of squared deviations from it.
+  FLOWDIFF_HOST_DEVICE void store(index_t ng, double mu, double v) const {
+    using std::sqrt;
     mean[ng] = static_cast<T>(mu);
     rstd[ng] = static_cast<T>(1.0 / sqrt(v / static_cast<double>(k) + eps));
   }
@@ -222,8 +252,8 @@ struct GroupNormApply {
 };
 
 /// dgamma[c] += sum dy (x - mu) rstd, dbeta[c] += sum dy over every sample and position of
-/// channel c, accumulated in double (samples in order, positions in order). One thread per
-/// channel (a GPU wants a block per channel here too).
+/// channel c, accumulated in double: a segmented reduction over channels (segment_reduce.hpp;
+/// sequential form: samples in order, positions in order).
 template <class T>
 struct GroupNormParamGrad {
   T* dgamma;      // [C]
@@ -233,6 +263,20 @@ struct GroupNormParamGrad {
   const T* mean;  // [N G]
   const T* rstd;  // [N G]
   index_t n, channels, groups, len;
+  static constexpr int passes = 1, width = 2;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return n * len; }
+  FLOWDIFF_HOST_DEVICE void element(index_t c, index_t i, int, const double*, double* v) const {
+    const index_t smp = i / len, set = smp * groups + c / (channels / groups);
+    const index_t q = (smp * channels + c) * len + i % len;
+    const double g = static_cast<double>(dy[q]);
+    v[0] = g * ((static_cast<double>(x[q]) - static_cast<double>(mean[set])) *
+                static_cast<double>(rstd[set]));
+    v[1] = g;
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t c, const double* sums) const {
+    dgamma[c] = static_cast<T>(static_cast<double>(dgamma[c]) + sums[0]);
+    dbeta[c] = static_cast<T>(static_cast<double>(dbeta[c]) + sums[1]);
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
     const index_t grp = c / (channels / groups);
     double sg = 0, sb = 0;
@@ -247,13 +291,14 @@ struct GroupNormParamGrad {
         sb += g;
       }
     }
-    dgamma[c] = static_cast<T>(static_cast<double>(dgamma[c]) + sg);
-    dbeta[c] = static_cast<T>(static_cast<double>(dbeta[c]) + sb);
+    const double sums[2] = {sg, sb};
+    put(c, sums);
   }
 };
 
-/// The two means of the input gradient per set ng, in double over the set's elements in order:
-/// ga[ng] = mean_S (dy gamma_c), gb[ng] = mean_S (dy gamma_c xh), xh = (x - mu) rstd.
+/// The two means of the input gradient per set ng, in double over the set's elements:
+/// ga[ng] = mean_S (dy gamma_c), gb[ng] = mean_S (dy gamma_c xh), xh = (x - mu) rstd. A segmented
+/// reduction over the sets (segment_reduce.hpp; sequential form: element order).
 template <class T>
 struct GroupNormGradMeans {
   double* ga;      // [N G]
@@ -264,6 +309,22 @@ struct GroupNormGradMeans {
   const T* rstd;   // [N G]
   const T* gamma;  // [C] or null
   index_t groups, cg, len;
+  static constexpr int passes = 1, width = 2;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return cg * len; }
+  FLOWDIFF_HOST_DEVICE void element(index_t ng, index_t i, int, const double*, double* v) const {
+    const index_t q = ng * cg * len + i;
+    const double gm =
+        gamma != nullptr ? static_cast<double>(gamma[(ng % groups) * cg + i / len]) : 1.0;
+    const double g = static_cast<double>(dy[q]) * gm;
+    v[0] = g;
+    v[1] = g * ((static_cast<double>(x[q]) - static_cast<double>(mean[ng])) *
+                static_cast<double>(rstd[ng]));
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t ng, const double* sums) const {
+    const double k = static_cast<double>(cg * len);
+    ga[ng] = sums[0] / k;
+    gb[ng] = sums[1] / k;
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t ng) const {
     const index_t k = cg * len, c0 = (ng % groups) * cg;
     const double mu = static_cast<double>(mean[ng]), rs = static_cast<double>(rstd[ng]);
@@ -278,8 +339,8 @@ struct GroupNormGradMeans {
         b += g * ((static_cast<double>(xb[l]) - mu) * rs);
       }
     }
-    ga[ng] = a / static_cast<double>(k);
-    gb[ng] = b / static_cast<double>(k);
+    const double sums[2] = {a, b};
+    put(ng, sums);
   }
 };
 
@@ -428,10 +489,10 @@ struct AvgPoolBackward {
 // ---------------------------------------------------------------------------------------------
 
 /// The statistics of channel c that the normalisation uses: in training the batch's, two passes
-/// in double (the mean, then the squared deviations: no cancellation), samples then positions in
-/// order, and (when run_mean_out is not null) the running statistics' update in T; in eval the
-/// running ones. mean[c] = mu, rstd[c] = 1 / sqrt(var + eps) in T. One thread per channel (a GPU
-/// would rather give each channel a block and a fixed-order tree).
+/// in double (the mean, then the squared deviations: no cancellation), and (when run_mean_out is
+/// not null) the running statistics' update in T; in eval the running ones. mean[c] = mu,
+/// rstd[c] = 1 / sqrt(var + eps) in T. A segmented reduction over channels (segment_reduce.hpp;
+/// sequential form: samples then positions in order; no elements in eval).
 template <class T>
 struct BatchNormStats {
   T* mean;            // [C]
@@ -444,17 +505,30 @@ struct BatchNormStats {
   index_t n, channels, len;
   T eps, momentum;
   bool training;
+  static constexpr int passes = 2, width = 1;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return training ? n * len : 0; }
+  FLOWDIFF_HOST_DEVICE void element(index_t c, index_t i, int pass, const double* prev,
+                                    double* v) const {
+    const double xv = static_cast<double>(x[((i / len) * channels + c) * len + i % len]);
+    if (pass == 0) {
+      v[0] = xv;
+    } else {
+      const double d = xv - prev[0] / static_cast<double>(n * len);
+      v[0] = d * d;
+    }
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t c, const double* sums) const {
+    store(c, sums[0] / static_cast<double>(n * len), sums[1]);
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
-    using std::sqrt;
-    T mu, var;
+    double md = 0, q = 0;
     if (training) {
       double s = 0;
       for (index_t i = 0; i < n; ++i) {
         const T* xr = x + (i * channels + c) * len;
         for (index_t l = 0; l < len; ++l) s += static_cast<double>(xr[l]);
       }
-      const double cnt = static_cast<double>(n * len), md = s / cnt;
-      double q = 0;
+      md = s / static_cast<double>(n * len);
       for (index_t i = 0; i < n; ++i) {
         const T* xr = x + (i * channels + c) * len;
         for (index_t l = 0; l < len; ++l) {
@@ -462,6 +536,15 @@ struct BatchNormStats {
           q += d * d;
         }
       }
+    }
+    store(c, md, q);
+  }
+  // Training: md the batch mean, q the sum of squared deviations from it (unused in eval).
+  FLOWDIFF_HOST_DEVICE void store(index_t c, double md, double q) const {
+    using std::sqrt;
+    T mu, var;
+    if (training) {
+      const double cnt = static_cast<double>(n * len);
       mu = static_cast<T>(md);
       var = static_cast<T>(q / cnt);
       if (run_mean_out != nullptr) {
@@ -497,9 +580,10 @@ struct BatchNormApply {
   }
 };
 
-/// sg = sum dy and sgx = sum dy xh over channel c (double, samples then positions in order, xh =
-/// (x - mu) rstd in T): dgamma[c] += sgx, dbeta[c] += sg (in T), and the input gradient's means
-/// ga[c] = sg / M, gb[c] = sgx / M (M = N S). One thread per channel.
+/// sg = sum dy and sgx = sum dy xh over channel c (double, xh = (x - mu) rstd in T): dgamma[c] +=
+/// sgx, dbeta[c] += sg (in T), and the input gradient's means ga[c] = sg / M, gb[c] = sgx / M
+/// (M = N S). A segmented reduction over channels (segment_reduce.hpp; sequential form: samples
+/// then positions in order).
 template <class T>
 struct BatchNormParamGrad {
   T* dgamma;      // [C]
@@ -511,6 +595,22 @@ struct BatchNormParamGrad {
   const T* mean;  // [C]
   const T* rstd;  // [C]
   index_t n, channels, len;
+  static constexpr int passes = 1, width = 2;
+  FLOWDIFF_HOST_DEVICE index_t size() const { return n * len; }
+  FLOWDIFF_HOST_DEVICE void element(index_t c, index_t i, int, const double*, double* v) const {
+    const index_t q = ((i / len) * channels + c) * len + i % len;
+    const double g = static_cast<double>(dy[q]);
+    v[0] = g;
+    v[1] = g * static_cast<double>(mul_rn(add_rn(x[q], -mean[c]), rstd[c]));
+  }
+  FLOWDIFF_HOST_DEVICE void put(index_t c, const double* sums) const {
+    const double sg = sums[0], sgx = sums[1];
+    dgamma[c] = add_rn(dgamma[c], static_cast<T>(sgx));
+    dbeta[c] = add_rn(dbeta[c], static_cast<T>(sg));
+    const double m = static_cast<double>(n * len);
+    ga[c] = sg / m;
+    gb[c] = sgx / m;
+  }
   FLOWDIFF_HOST_DEVICE void operator()(index_t c) const {
     const T mu = mean[c], rs = rstd[c];
     double sg = 0, sgx = 0;
@@ -522,11 +622,8 @@ struct BatchNormParamGrad {
         sgx += static_cast<double>(gr[l]) * static_cast<double>(mul_rn(add_rn(xr[l], -mu), rs));
       }
     }
-    dgamma[c] = add_rn(dgamma[c], static_cast<T>(sgx));
-    dbeta[c] = add_rn(dbeta[c], static_cast<T>(sg));
-    const double m = static_cast<double>(n * len);
-    ga[c] = sg / m;
-    gb[c] = sgx / m;
+    const double sums[2] = {sg, sgx};
+    put(c, sums);
   }
 };
 
@@ -697,8 +794,8 @@ class BackendConv2d {
     const index_t G = group_size(n, K, L);
     prepare(cache, G, K, L);
     if (bias_)
-      B::parallel_for(out_, kernels::ChannelGradSum<T>{ps.grad(b_).data(), dy.data(), n, out_, L},
-                      n * L);
+      B::segment_reduce(out_, kernels::ChannelGradSum<T>{ps.grad(b_).data(), dy.data(), n, out_, L},
+                        n * L);
     const View<const T, B> w = cmat<T, B>(ps.param(w_).data(), out_, K);
     const View<T, B> dw = mat<T, B>(ps.grad(w_).data(), out_, K);
     for (index_t n0 = 0; n0 < n; n0 += G) {
@@ -840,18 +937,18 @@ class BackendGroupNorm {
     const T* gam = nullptr;
     if (affine_) {
       gam = ps.param(w_).data();
-      B::parallel_for(c_,
-                      kernels::GroupNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
-                                                     x.data(), dy.data(), cache.mean.data(),
-                                                     cache.rstd.data(), d.n, c_, g_, d.s},
-                      2 * d.n * d.s);
+      B::segment_reduce(c_,
+                        kernels::GroupNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
+                                                       x.data(), dy.data(), cache.mean.data(),
+                                                       cache.rstd.data(), d.n, c_, g_, d.s},
+                        2 * d.n * d.s);
     }
     if (spatial_backend_detail::absent(dx)) return;
     detail::check_arg(prefix_, kind, "dx", dx, x.shape());
     const index_t sets = d.n * g_, cg = c_ / g_;
     if (cache.ga.numel() != sets) cache.ga.resize(Shape{sets});
     if (cache.gb.numel() != sets) cache.gb.resize(Shape{sets});
-    B::parallel_for(
+    B::segment_reduce(
         sets,
         kernels::GroupNormGradMeans<T>{cache.ga.data(), cache.gb.data(), x.data(), dy.data(),
                                        cache.mean.data(), cache.rstd.data(), gam, g_, cg, d.s},
@@ -895,10 +992,10 @@ class BackendGroupNorm {
     const index_t sets = d.n * g_, cg = c_ / g_;
     if (cache.mean.numel() != sets) cache.mean.resize(Shape{sets});
     if (cache.rstd.numel() != sets) cache.rstd.resize(Shape{sets});
-    B::parallel_for(sets,
-                    kernels::GroupNormStats<T>{cache.mean.data(), cache.rstd.data(), x.data(),
-                                               cg * d.s, static_cast<double>(eps_)},
-                    3 * cg * d.s);
+    B::segment_reduce(sets,
+                      kernels::GroupNormStats<T>{cache.mean.data(), cache.rstd.data(), x.data(),
+                                                 cg * d.s, static_cast<double>(eps_)},
+                      3 * cg * d.s);
     const T* gam = affine_ ? ps.param(w_).data() : nullptr;
     const T* bet = affine_ ? ps.param(b_).data() : nullptr;
     T* pa = spatial_backend_detail::absent(act) ? nullptr : act.data();
@@ -994,12 +1091,12 @@ class BackendBatchNorm2d {
     const index_t n = x.dim(0), L = x.dim(2) * x.dim(3);
     if (cache.ga.numel() != c_) cache.ga.resize(Shape{c_});
     if (cache.gb.numel() != c_) cache.gb.resize(Shape{c_});
-    B::parallel_for(c_,
-                    kernels::BatchNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
-                                                   cache.ga.data(), cache.gb.data(), x.data(),
-                                                   dy.data(), cache.mean.data(),
-                                                   cache.inv_std.data(), n, c_, L},
-                    2 * n * L);
+    B::segment_reduce(c_,
+                      kernels::BatchNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
+                                                     cache.ga.data(), cache.gb.data(), x.data(),
+                                                     dy.data(), cache.mean.data(),
+                                                     cache.inv_std.data(), n, c_, L},
+                      2 * n * L);
     if (!want_dx) return;
     B::parallel_for(x.numel(),
                     kernels::BatchNormInputGrad<T>{dx.data(), x.data(), dy.data(),
@@ -1026,13 +1123,13 @@ class BackendBatchNorm2d {
       cache.inv_std.resize(Shape{c_});
     }
     const bool update = training_ && rm_out != nullptr;
-    B::parallel_for(c_,
-                    kernels::BatchNormStats<T>{cache.mean.data(), cache.inv_std.data(),
-                                               update ? rm_out : nullptr,
-                                               update ? rv_out : nullptr, x.data(),
-                                               ps.param(rm_).data(), ps.param(rv_).data(), n, c_,
-                                               L, eps_, momentum_, training_},
-                    3 * n * L);
+    B::segment_reduce(c_,
+                      kernels::BatchNormStats<T>{cache.mean.data(), cache.inv_std.data(),
+                                                 update ? rm_out : nullptr,
+                                                 update ? rv_out : nullptr, x.data(),
+                                                 ps.param(rm_).data(), ps.param(rv_).data(), n, c_,
+                                                 L, eps_, momentum_, training_},
+                      3 * n * L);
     B::parallel_for(x.numel(),
                     kernels::BatchNormApply<T>{y.data(), x.data(), cache.mean.data(),
                                                cache.inv_std.data(), ps.param(w_).data(),

@@ -28,9 +28,11 @@
 // writes each output element from exactly one thread and sums in a fixed order: no atomics, so
 // results are deterministic on every backend. Statistics and reductions over tokens accumulate in
 // double; the element-wise arithmetic uses kernels::mul_rn / add_rn (no FMA contraction on the
-// device), in the CPU layers' order of operations. Per-row and per-(sample, channel) sums run one
-// thread each: correct everywhere, latency-bound on a GPU (block reductions would come next). This
-// header names no CUDA type: include backend/cuda/dispatch.cuh (nvcc) for B = Cuda.
+// device), in the CPU layers' order of operations. LayerNorm's statistics, gradient means and
+// parameter gradients are segmented reductions (B::segment_reduce: a block per row or feature on
+// a GPU); the softmax and modulation sums still run one thread per row or per (sample, channel):
+// correct everywhere, latency-bound on a GPU. This header names no CUDA type: include
+// backend/cuda/dispatch.cuh (nvcc) for B = Cuda.
 #pragma once
 
 #include <cmath>
@@ -349,7 +351,7 @@ index_t rows_of(const std::string& layer, const char* kind, View<T, B> x, index_
 template <class T, Backend B>
 void row_stats(View<const T, B> x, index_t d, double eps, T* mean, T* rstd) {
   const index_t m = x.numel() / d;
-  B::parallel_for(m, kernels::GroupNormStats<T>{mean, rstd, x.data(), d, eps}, 3 * d);
+  B::segment_reduce(m, kernels::GroupNormStats<T>{mean, rstd, x.data(), d, eps}, 3 * d);
 }
 
 /// dx = rstd (g - mean_D g - xh mean_D(g xh)) with g = dy gamma (or dy) per row of [M, D]: the
@@ -358,7 +360,7 @@ template <class T, Backend B>
 void row_norm_input_grad(View<const T, B> x, View<const T, B> dy, const T* mean, const T* rstd,
                          const T* gamma, index_t d, double* ga, double* gb, T* dx) {
   const index_t m = x.numel() / d;
-  B::parallel_for(
+  B::segment_reduce(
       m, kernels::GroupNormGradMeans<T>{ga, gb, x.data(), dy.data(), mean, rstd, gamma, 1, d, 1},
       4 * d);
   B::parallel_for(
@@ -432,7 +434,7 @@ class BackendLinear {
     const View<const T, B> x2 = x.reshape({m, in_}), dy2 = dy.reshape({m, out_});
     BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), dy2, x2, T(1), ps.grad(w_));
     if (b_ >= 0)
-      B::parallel_for(out_, kernels::BiasGrad<T>{ps.grad(b_).data(), dy.data(), m, out_}, m);
+      kernels::accumulate_bias_grad<T, B>(ps.grad(b_).data(), dy.data(), m, out_);
     if (token_detail::absent(dx)) return;
     detail::check_arg(prefix_, kind, "dx", dx, x.shape());
     BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), dy2,
@@ -543,11 +545,11 @@ class BackendLayerNorm {
     if (affine_) {
       gam = ps.param(w_).data();
       // One group per row, the D features as channels: dgamma[j] += sum_rows dy xh.
-      B::parallel_for(c_,
-                      kernels::GroupNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
-                                                     x.data(), dy.data(), cache.mean.data(),
-                                                     cache.rstd.data(), m, c_, 1, 1},
-                      2 * m);
+      B::segment_reduce(c_,
+                        kernels::GroupNormParamGrad<T>{ps.grad(w_).data(), ps.grad(b_).data(),
+                                                       x.data(), dy.data(), cache.mean.data(),
+                                                       cache.rstd.data(), m, c_, 1, 1},
+                        2 * m);
     }
     if (token_detail::absent(dx)) return;
     detail::check_arg(prefix_, kind, "dx", dx, x.shape());
@@ -789,7 +791,7 @@ class BackendPatchEmbed {
     BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), dy2,
                                     View<const T, B>(cache.patches.reshape({rows, patch_dim()})),
                                     T(1), ps.grad(w_).reshape({d_, patch_dim()}));
-    B::parallel_for(d_, kernels::BiasGrad<T>{ps.grad(b_).data(), dy.data(), rows, d_}, rows);
+    kernels::accumulate_bias_grad<T, B>(ps.grad(b_).data(), dy.data(), rows, d_);
     if (token_detail::absent(dx)) return;
     detail::check_arg(prefix_, kind, "dx", dx, x.shape());
     token_detail::resize_if(cache.dpatches, pshape);
@@ -923,7 +925,7 @@ class BackendMultiheadSelfAttention {
     const View<const T, B> dy2 = dy.reshape({rows, D});
     BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), dy2,
                                     cmat<T, B>(cache.o.data(), rows, D), T(1), ps.grad(wproj_));
-    B::parallel_for(D, kernels::BiasGrad<T>{ps.grad(bproj_).data(), dy.data(), rows, D}, rows);
+    kernels::accumulate_bias_grad<T, B>(ps.grad(bproj_).data(), dy.data(), rows, D);
     BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), dy2,
                                     View<const T, B>(ps.param(wproj_)), T(0),
                                     mat<T, B>(dout, rows, D));
@@ -960,7 +962,7 @@ class BackendMultiheadSelfAttention {
     BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), dqkv2, x.reshape({rows, D}),
                                     T(1), ps.grad(wqkv_));
     if (qkv_bias_)
-      B::parallel_for(3 * D, kernels::BiasGrad<T>{ps.grad(bqkv_).data(), dqkv, rows, 3 * D}, rows);
+      kernels::accumulate_bias_grad<T, B>(ps.grad(bqkv_).data(), dqkv, rows, 3 * D);
     if (want_dx)
       BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), dqkv2,
                                       View<const T, B>(ps.param(wqkv_)), T(0),

@@ -155,7 +155,7 @@ class BackendMLP {
       // Linear backward: dW += dy^T x, db += sum_rows dy, dx = dy W (nn::Linear's calls).
       BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), g, input, T(1),
                                       ps.grad(l.w));
-      B::parallel_for(l.out, kernels::BiasGrad<T>{ps.grad(l.b).data(), g.data(), n, l.out});
+      kernels::accumulate_bias_grad<T, B>(ps.grad(l.b).data(), g.data(), n, l.out);
       if (i == 0) break;
       View<T, B> dh = bufs[i % 2]->view();
       BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), g,

@@ -77,7 +77,7 @@ struct Linear {
   void backward(typename BackendOps<B>::Context& ctx, Parameters<T, B>& ps, View<const T, B> x,
                 View<const T, B> dy, View<T, B> dx) const {
     BackendOps<B>::template gemm<T>(ctx, Trans::yes, Trans::no, T(1), dy, x, T(1), ps.grad(w));
-    B::parallel_for(out, kernels::BiasGrad<T>{ps.grad(b).data(), dy.data(), x.dim(0), out});
+    kernels::accumulate_bias_grad<T, B>(ps.grad(b).data(), dy.data(), x.dim(0), out);
     BackendOps<B>::template gemm<T>(ctx, Trans::no, Trans::no, T(1), dy,
                                     View<const T, B>(ps.param(w)), T(0), dx);
   }
