@@ -17,6 +17,7 @@
 #include <flowdiff/nn/layers/upsample.hpp>
 #include <flowdiff/nn/parameters.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support/compare.hpp"
@@ -566,6 +567,28 @@ TEST_CASE("ConvTranspose2d float: the phase path agrees with col2im and im2col",
     }
     CHECK(dw_err <= 1e-5 * dw_scale);
   }
+}
+
+TEST_CASE("Winograd kernel transform: the AVX-512 form is the scalar one, bit for bit",
+          "[nn][spatial]") {
+#if FLOWDIFF_X86_DISPATCH
+  if (fd::simd::best_isa() != fd::simd::Isa::avx512) {
+    WARN("this CPU has no AVX-512: the vector transform is not taken");
+    return;
+  }
+  fd::Generator gen(31);
+  // O C kernels a multiple of 16, and two with a tail of sixteen (the masked gathers and stores).
+  for (const auto& [o, c] : {std::pair<fd::index_t, fd::index_t>{16, 16}, {33, 16}, {17, 20}}) {
+    CAPTURE(o, c);
+    const auto w = fd::randn<float>({o, c, 3, 3}, gen);
+    std::vector<float> scalar(static_cast<std::size_t>(16 * o * c)), vec(scalar.size(), -1.f);
+    nn::winograd_detail::transform_weights(w.data(), o, c, scalar.data());
+    nn::winograd_detail::transform_weights_avx512(w.data(), o, c, vec.data());
+    CHECK(vec == scalar);
+  }
+#else
+  WARN("not an x86-64 build: the vector transform is not compiled");
+#endif
 }
 
 TEST_CASE("Conv2d float: Winograd forward, dx and dW match a double-precision convolution",

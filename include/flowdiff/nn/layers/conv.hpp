@@ -999,7 +999,7 @@ class Conv2d {
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, ci, co, g.height, g.width);
       float* const u = winograd_detail::scratch(1, 16 * ci * co);
-      winograd_detail::transform_weights(w, co, ci, u);
+      winograd_detail::transform_weights_avx512(w, co, ci, u);
       const index_t team = std::max<index_t>(1, std::min<index_t>(plan.blocks, Cpu::max_threads()));
       winograd_detail::convolve(plan, x, u, bias, y, team);
       return;
