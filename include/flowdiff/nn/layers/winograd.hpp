@@ -54,7 +54,9 @@ struct Plan {
 };
 
 /// Tile rows per block: about 4096 / max(C, O) tiles (V and M of a block together under 512 KB),
-/// at least one row.
+/// at least one row; and, where that leaves fewer than 4 blocks (a small batch), fewer rows, down
+/// to one 32-tile micro-panel's worth, so that the blocks can keep several threads busy. From the
+/// shape alone (the results do not depend on the thread count).
 inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w) {
   Plan p;
   p.n = n;
@@ -65,8 +67,10 @@ inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w) {
   p.th = (h + 1) / 2;
   p.tw = (w + 1) / 2;
   const index_t target = std::max<index_t>(32, 4096 / std::max(in, out));
-  p.rows = std::max<index_t>(1, std::min(n * p.th, target / p.tw));
-  p.blocks = (n * p.th + p.rows - 1) / p.rows;
+  const index_t total = n * p.th, panel_rows = (32 + p.tw - 1) / p.tw;
+  p.rows = std::max<index_t>(1, std::min(total, target / p.tw));
+  p.rows = std::min(p.rows, std::max((total + 3) / 4, panel_rows));
+  p.blocks = (total + p.rows - 1) / p.rows;
   return p;
 }
 
