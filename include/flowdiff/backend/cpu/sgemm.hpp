@@ -7,7 +7,10 @@
 //   AVX-512F: 8 x 32 (16 zmm accumulators), AVX2 + FMA: 6 x 16 (12 ymm accumulators).
 // Either operand may pack itself instead of being stored (BPacker / APacker: a convolution's
 // column matrix read straight from the images, "implicit GEMM"; APacker rows are broadcast by a
-// kernel variant reading MR plain rows, the same FMAs in the same order).
+// kernel variant reading MR plain rows, the same FMAs in the same order). The AVX-512 kernel
+// takes a stored row-major A as such plain rows too (copied, or in place when a row is one K
+// block), so only a transposed A and a transposed B need transposing packs (8 x 8 AVX blocks).
+// When A is a single MC block, B is packed one micro-panel at a time, just before its tiles.
 // Products with at most 4 rows or columns skip the packing (batch-1 inference: matrix-vector
 // products through dot products or row updates), and so do small batches against a weight
 // matrix, C = A B^T with 2 <= m <= 16 (AVX-512: 4 x 4 tiles of dot products sharing their
@@ -188,13 +191,55 @@ inline float* pack_buffer(int slot, index_t n) {
   return b.p;
 }
 
+#if FLOWDIFF_SGEMM_X86
+/// pack_transposed's 8 x 8 blocks (rows r0 + [0, 8), all p with p + 8 <= kc; returns the first p
+/// it left): each block is four 128-bit loads of rows 0-3 joined with rows 4-7 in the upper lane
+/// (the loads do the cross-lane step), then an in-lane 4 x 4 transpose (unpack, shuffle), so
+/// every 256-bit result is one whole column p of the block, stored as one lane-row of the
+/// panel. Eight shuffles per 32 floats, which AVX2 cores run on two ports (the 4 x 4 SSE
+/// transposes took twice the shuffles and loads per float: 10 % of a U-Net training step on a
+/// Xeon went to them). Called only by the AVX2 and AVX-512 kernels' packing.
+template <index_t W>
+__attribute__((target("avx2"))) inline index_t pack_transposed8(const float* src, index_t ld,
+                                                                index_t kc, float* dst) {
+  const float* s[8];
+  for (int i = 0; i < 8; ++i) s[i] = src + i * ld;
+  index_t p = 0;
+  for (; p + 8 <= kc; p += 8) {
+    __m256 t[8];
+    for (int h = 0; h < 2; ++h)  // h = 0: columns p .. p+3, h = 1: p+4 .. p+7
+      for (int i = 0; i < 4; ++i)
+        t[4 * h + i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(s[i] + p + 4 * h)),
+                                            _mm_loadu_ps(s[i + 4] + p + 4 * h), 1);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a0 = _mm256_unpacklo_ps(t[4 * h], t[4 * h + 1]);
+      const __m256 a1 = _mm256_unpackhi_ps(t[4 * h], t[4 * h + 1]);
+      const __m256 a2 = _mm256_unpacklo_ps(t[4 * h + 2], t[4 * h + 3]);
+      const __m256 a3 = _mm256_unpackhi_ps(t[4 * h + 2], t[4 * h + 3]);
+      float* d = dst + (p + 4 * h) * W;
+      _mm256_storeu_ps(d, _mm256_shuffle_ps(a0, a2, 0x44));
+      _mm256_storeu_ps(d + W, _mm256_shuffle_ps(a0, a2, 0xEE));
+      _mm256_storeu_ps(d + 2 * W, _mm256_shuffle_ps(a1, a3, 0x44));
+      _mm256_storeu_ps(d + 3 * W, _mm256_shuffle_ps(a1, a3, 0xEE));
+    }
+  }
+  return p;
+}
+#endif
+
 /// dst[p W + r] = src[r ld + p] for r < rows, p < kc; rows [rows, W) zero. The transposing pack
-/// (rows of the stored matrix become the interleaved lanes of a micro-panel), by 4 x 4 SSE
-/// transposes where the block is whole.
+/// (rows of the stored matrix become the interleaved lanes of a micro-panel), by 8 x 8 AVX
+/// transposes where the block is whole (pack_transposed8; only the AVX2 / AVX-512 kernels pack),
+/// 4 x 4 SSE transposes for the rest.
 template <index_t W>
 inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t kc, float* dst) {
   index_t r = 0;
 #if FLOWDIFF_SGEMM_X86
+  for (; r + 8 <= rows && kc >= 8; r += 8) {
+    const index_t p8 = pack_transposed8<W>(src + r * ld, ld, kc, dst + r);
+    for (index_t p = p8; p < kc; ++p)
+      for (index_t i = 0; i < 8; ++i) dst[p * W + r + i] = src[(r + i) * ld + p];
+  }
   for (; r + 4 <= rows; r += 4) {
     const float* s0 = src + r * ld;
     const float* s1 = s0 + ld;
@@ -237,7 +282,8 @@ inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t 
 template <index_t W>
 inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, float* dst) {
   // Panels go in pairs when two of them make one 64-byte line (W = 8), so every source line is
-  // fetched once; the rows are far apart, so the next ones are prefetched.
+  // fetched once; the rows are far apart (often a page: the hardware prefetchers do not follow),
+  // so the next ones are prefetched, every line of them.
   constexpr index_t G = W * sizeof(float) < 64 ? 64 / (W * sizeof(float)) : 1;
   constexpr index_t ahead = 8;  // rows of prefetch distance
   const index_t whole = len / (G * W) * (G * W);
@@ -245,7 +291,8 @@ inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, flo
   for (; x < whole; x += G * W, dst += G * W * kc) {
     const float* sp = src + x;
     for (index_t p = 0; p < kc; ++p, sp += ld) {
-      if (p + ahead < kc) __builtin_prefetch(sp + ahead * ld);
+      if (p + ahead < kc)  // every line of the row (W = 32: two)
+        for (index_t q = 0; q < G * W; q += 16) __builtin_prefetch(sp + ahead * ld + q);
       for (index_t g = 0; g < G; ++g)
         std::memcpy(dst + g * W * kc + p * W, sp + g * W, W * sizeof(float));
     }
@@ -268,10 +315,23 @@ inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, flo
 /// op(A)[i0 : i0 + mc, p0 : p0 + kc] into its MR-row micro-panels (panel r at dst + r kc).
 /// With an APacker: its plain rows (row r at dst + r kc), the rows up to the next multiple of MR
 /// zero (a partial tile's kernel reads them; its extra rows are never stored).
-template <index_t MR>
+/// ROWS (the kernel broadcasts from MR plain rows): a stored row-major A (not transposed) is
+/// copied row by row, with no transposes.
+template <index_t MR, bool ROWS = false>
 inline void pack_a(const Problem& o, index_t i0, index_t mc, index_t p0, index_t kc, float* dst) {
-  if (o.apack) {
-    o.apack->pack(o.apack->ctx, o.arow0 + i0, mc, p0, kc, dst);
+  if constexpr (ROWS) {
+    if (o.apack) {
+      o.apack->pack(o.apack->ctx, o.arow0 + i0, mc, p0, kc, dst);
+    } else {
+      const float* src = o.a + i0 * o.lda + p0;
+      for (index_t r = 0; r < mc; ++r) {  // fixed-size chunks: inline moves, no memcpy calls
+        const float* sr = src + r * o.lda;
+        float* dr = dst + r * kc;
+        index_t p = 0;
+        for (; p + 16 <= kc; p += 16) std::memcpy(dr + p, sr + p, 16 * sizeof(float));
+        for (; p < kc; ++p) dr[p] = sr[p];
+      }
+    }
     const index_t padded = (mc + MR - 1) / MR * MR;
     if (padded > mc) std::memset(dst + mc * kc, 0, sizeof(float) * std::size_t((padded - mc) * kc));
     return;
@@ -553,24 +613,37 @@ void packed_serial_as(const Problem& o) {
   const index_t kcb = std::min(KC, o.k);
   // B's panels in place (BPacker::panels; column bcol0 + j starts at + j k when j % NR = 0).
   const float* const pre = NR == BPacker::panel && o.bpack != nullptr ? o.bpack->panels : nullptr;
+  // When A is one MC block, each packed B micro-panel is used once, right after its packing:
+  // pack one panel at a time into a buffer that stays in L1, instead of the whole [KC, NC] block
+  // (a megabyte for NC = 2048, written and read back through L2 or beyond: a thin product, 32
+  // rows, ran at 56 % of peak for it).
+  const bool by_panel = pre == nullptr && o.m <= MC;
   float* const bbuf =
-      pre != nullptr ? nullptr : pack_buffer(0, kcb * std::min(NC, (o.n + NR - 1) / NR * NR));
+      pre != nullptr
+          ? nullptr
+          : pack_buffer(0, kcb * (by_panel ? NR : std::min(NC, (o.n + NR - 1) / NR * NR)));
   float* const abuf = pack_buffer(1, kcb * std::min(MC, (o.m + MR - 1) / MR * MR));
   for (index_t jc = 0; jc < o.n; jc += NC) {
     const index_t nc = std::min(NC, o.n - jc);
     for (index_t pc = 0; pc < o.k; pc += KC) {
       const index_t kc = std::min(KC, o.k - pc);
       const bool overwrite = o.beta == 0.f && pc == 0;
-      if (pre == nullptr) pack_b<NR>(o, pc, kc, jc, nc, bbuf);
+      if (pre == nullptr && !by_panel) pack_b<NR>(o, pc, kc, jc, nc, bbuf);
       for (index_t ic = 0; ic < o.m; ic += MC) {
         const index_t mc = std::min(MC, o.m - ic);
-        pack_a<MR>(o, ic, mc, pc, kc, abuf);
+        // Plain rows of a stored A whose rows are kc long are already in place (whole tiles
+        // only: a partial one reads MR rows).
+        const bool in_place = ROWS && o.apack == nullptr && !o.ta && o.lda == kc && mc % MR == 0;
+        if (!in_place) pack_a<MR, ROWS>(o, ic, mc, pc, kc, abuf);
+        const float* const ablk = in_place ? o.a + ic * o.lda : abuf;
         for (index_t jr = 0; jr < nc; jr += NR) {
-          const float* bp = pre != nullptr ? pre + (o.bcol0 + jc + jr) * o.k + pc * NR
-                                           : bbuf + jr * kc;
           const index_t nr = std::min(NR, nc - jr);
+          if (by_panel) pack_b<NR>(o, pc, kc, jc + jr, nr, bbuf);
+          const float* bp = pre != nullptr ? pre + (o.bcol0 + jc + jr) * o.k + pc * NR
+                            : by_panel     ? bbuf
+                                           : bbuf + jr * kc;
           for (index_t ir = 0; ir < mc; ir += MR)
-            tile<K, ROWS>(o, kc, abuf + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
+            tile<K, ROWS>(o, kc, ablk + ir * kc, bp, ic + ir, jc + jr, std::min(MR, mc - ir), nr,
                           overwrite);
         }
         if (pc + kc == o.k) o.finish(ic, ic + mc, jc, jc + nc);  // the block is final
@@ -579,10 +652,12 @@ void packed_serial_as(const Problem& o) {
   }
 }
 
+/// A kernel that takes plain rows of A runs them for an APacker and for a stored row-major A,
+/// whose micro-panels would otherwise need a transposing pack (the same bits either way).
 template <class K>
 void packed_serial(const Problem& o) {
   if constexpr (K::has_rows) {
-    if (o.apack) {
+    if (o.apack || !o.ta) {
       packed_serial_as<K, true>(o);
       return;
     }
