@@ -226,6 +226,7 @@ struct ConvData {
     const fd::index_t n = s.range(0), ci = s.range(1), co = s.range(2), h = s.range(3),
                       st = s.range(4);
     conv.emplace_back(ps, "conv", ci, co, 3, st, 1);
+    if (s.range(5) == 0) conv[0].set_winograd(false);
     ps.allocate();
     fd::Generator gen{3};
     conv[0].init(ps, gen);
@@ -258,18 +259,21 @@ void BM_conv_backward(benchmark::State& state) {
   set_gemm_counters(state, 2 * d.flops);
 }
 
+// wino: 1 = the layer's default (Winograd for the stride-1 shapes on AVX-512), 0 = the GEMM path
+// (set_winograd(false)), for comparing the two on the machine at hand.
 void conv_shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "Ci", "Co", "H", "s"});
+  b->ArgNames({"N", "Ci", "Co", "H", "s", "wino"});
   for (long n : {64, 250}) {
-    b->Args({n, 32, 32, 32, 1});
-    b->Args({n, 32, 64, 32, 2});
-    b->Args({n, 64, 64, 16, 1});
-    b->Args({n, 64, 128, 16, 2});
-    b->Args({n, 128, 128, 8, 1});
+    b->Args({n, 32, 32, 32, 1, 1});
+    b->Args({n, 32, 64, 32, 2, 1});
+    b->Args({n, 64, 64, 16, 1, 1});
+    b->Args({n, 64, 128, 16, 2, 1});
+    b->Args({n, 128, 128, 8, 1, 1});
   }
+  for (long h : {32, 16, 8}) b->Args({64, 32 * 32 / h, 32 * 32 / h, h, 1, 0});
   // The first downsampling at batch 8: one group of 4 samples per thread, input and output
   // staying in the caches between iterations (the rate without the trip to memory).
-  b->Args({8, 32, 64, 32, 2});
+  b->Args({8, 32, 64, 32, 2, 1});
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 BENCHMARK(BM_conv_forward)->Apply(conv_shapes);
