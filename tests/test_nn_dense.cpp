@@ -209,10 +209,13 @@ TEST_CASE("GroupNorm: gradients match central differences", "[nn][dense][gradche
 
 TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn][dense]") {
   // forward_silu == forward then silu_forward, bit for bit; backward_through_silu == silu_backward
-  // (in place) then backward, bit for bit; and the fused pair passes central differences.
+  // (in place) then backward, bit for bit; backward_silu (y recomputed from x, dact left alone)
+  // the same bits again; forward_silu / recompute without y the same act; and the fused pair
+  // passes central differences. The second shape's sets are larger than the first's (the
+  // per-thread scratch of backward_silu grows).
   fd::Generator gen(14);
+  for (const auto& shape : {fd::Shape{3, 8, 5, 7}, fd::Shape{2, 8, 33, 40}})
   for (const bool affine : {true, false}) {
-    const fd::Shape shape{3, 8, 5, 7};
     nn::Parameters<float> ps;
     nn::GroupNorm<float> gn(ps, "gn", 4, 8, 1e-5f, affine);
     if (affine) {
@@ -228,12 +231,26 @@ TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn
     gn.forward_silu(ps, x, y2, a2, c2);
     CHECK(std::equal(y1.data(), y1.data() + y1.numel(), y2.data()));
     CHECK(std::equal(a1.data(), a1.data() + a1.numel(), a2.data()));
+    {  // act alone: forward_silu and recompute without y
+      nn::GroupNorm<float>::Cache c3;
+      fd::Tensor<float> a3(shape), a4(shape);
+      gn.forward_silu(ps, x, fd::View<float>(), a3, c3);
+      CHECK(std::equal(a1.data(), a1.data() + a1.numel(), a3.data()));
+      CHECK(std::equal(c1.mean.data(), c1.mean.data() + c1.mean.numel(), c3.mean.data()));
+      gn.recompute(ps, x, fd::View<float>(), a4, c1);
+      CHECK(std::equal(a1.data(), a1.data() + a1.numel(), a4.data()));
+      CHECK_THROWS_WITH(gn.recompute(ps, x, fd::View<float>(), fd::View<float>(), c1),
+                        Catch::Contains("y"));
+    }
 
-    auto run = [&](bool fused, fd::Tensor<float>& dy, fd::Tensor<float>& dx) {
+    // mode 0: silu_backward then backward; 1: backward_through_silu; 2: backward_silu
+    auto run = [&](int mode, fd::Tensor<float>& dy, fd::Tensor<float>& dx) {
       dy = dact.clone();
       dx = fd::Tensor<float>(shape);
       if (affine) ps.zero_grad();
-      if (fused) {
+      if (mode == 2) {
+        gn.backward_silu(ps, x, dy, dx, c1);
+      } else if (mode == 1) {
         gn.backward_through_silu(ps, x, y1, dy, dx, c1);
       } else {
         nn::silu_backward<float>(y1, dy, dy);
@@ -243,12 +260,16 @@ TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn
                                          ps.flat_grads().data() + ps.flat_grads().numel())
                     : std::vector<float>{};
     };
-    fd::Tensor<float> dy_sep, dx_sep, dy_fused, dx_fused;
-    const auto g_sep = run(false, dy_sep, dx_sep);
-    const auto g_fused = run(true, dy_fused, dx_fused);
+    fd::Tensor<float> dy_sep, dx_sep, dy_fused, dx_fused, dact_x, dx_x;
+    const auto g_sep = run(0, dy_sep, dx_sep);
+    const auto g_fused = run(1, dy_fused, dx_fused);
+    const auto g_x = run(2, dact_x, dx_x);
     CHECK(std::equal(dy_sep.data(), dy_sep.data() + dy_sep.numel(), dy_fused.data()));
     CHECK(std::equal(dx_sep.data(), dx_sep.data() + dx_sep.numel(), dx_fused.data()));
     CHECK(g_sep == g_fused);
+    CHECK(std::equal(dx_sep.data(), dx_sep.data() + dx_sep.numel(), dx_x.data()));
+    CHECK(g_sep == g_x);
+    CHECK(std::equal(dact.data(), dact.data() + dact.numel(), dact_x.data()));  // untouched
     CHECK_THROWS_WITH(gn.backward_through_silu(ps, x, y1, dy_fused, dy_fused, c1),
                       Catch::Contains("dact and dx must be different arrays"));
   }
@@ -269,6 +290,10 @@ TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn
         gn.backward_through_silu(ps, x, y, g, dx, cache);
       },
       gen));
+  require_ok(nn::gradcheck(
+      {{"x", x.view(), dx.view()}}, &ps, {act.view()},
+      [&] { gn.forward_silu(ps, x, fd::View<double>(), act, cache); },
+      [&](const auto& dy) { gn.backward_silu(ps, x, dy[0], dx, cache); }, gen));
 }
 
 TEST_CASE("Embedding: gradients match central differences; the null row is the last",

@@ -258,7 +258,7 @@ TEST_CASE("UNet: recomputing the blocks' GroupNorm / SiLU outputs gives the same
     outs[mode].assign(out.data(), out.data() + out.numel());
     dxs[mode].assign(dx.data(), dx.data() + dx.numel());
     grads[mode].assign(g.data(), g.data() + g.numel());
-    for (const auto& b : cache.rb) CHECK((b.a1.numel() == 0) == cfg.recompute);
+    for (const auto& b : cache.rb) CHECK((b.s1.numel() == 0) == cfg.recompute);
   }
   CHECK(outs[0] == outs[1]);
   CHECK(dxs[0] == dxs[1]);

@@ -291,6 +291,7 @@ class GroupNorm {
   }
   /// forward() and act = SiLU(y) in the same pass (y bit for bit as forward(), act as
   /// silu_forward(y, act) would give), for a norm followed by SiLU: one pass over memory less.
+  /// y may be empty (not written) when only act is needed: backward_silu recomputes y itself.
   void forward_silu(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
                     Cache& cache) const {
     check(x, act, "act");
@@ -300,11 +301,11 @@ class GroupNorm {
  private:
   void forward_impl(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
                     Cache& cache) const {
-    check(x, y, "y");
+    if (act.empty() || !y.empty()) check(x, y, "y");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
     cache.ensure(n * g_);
     const T* px = x.data();
-    T* py = y.data();
+    T* py = y.empty() ? nullptr : y.data();
     T* pz = act.empty() ? nullptr : act.data();
     T* mean = cache.mean.data();
     T* rstd = cache.rstd.data();
@@ -317,10 +318,9 @@ class GroupNorm {
         n * groups, 4 * k,
         [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
           const T* xb = px + ng * k;
-          T* yb = py + ng * k;
           detail::moments(xb, k, eps, mean[ng], rstd[ng]);
-          normalise_set(xb, yb, pz ? pz + ng * k : nullptr, mean[ng], rstd[ng], gam, bet,
-                        (ng % groups) * cg, cg, s);
+          normalise_set(xb, py ? py + ng * k : nullptr, pz ? pz + ng * k : nullptr, mean[ng],
+                        rstd[ng], gam, bet, (ng % groups) * cg, cg, s);
         });
   }
 
@@ -329,15 +329,16 @@ class GroupNorm {
   /// forward() again from the statistics it left in `cache` (no reduction): y = GN(x) with
   /// the same bits, and, when `act` is not empty, act = SiLU(y) in the same pass (as
   /// silu_forward would give). For recomputing activations in backward instead of keeping them.
+  /// y may be empty (not written) when act is not.
   void recompute(const Parameters<T>& ps, View<const T> x, View<T> y, View<T> act,
                  const Cache& cache) const {
-    check(x, y, "y");
+    if (act.empty() || !y.empty()) check(x, y, "y");
     if (!act.empty()) check(x, act, "act");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
     detail::check_arg(prefix_, "GroupNorm", "cache.mean (run forward first)", cache.mean.view(),
                       Shape{n * g_});
     const T* px = x.data();
-    T* py = y.data();
+    T* py = y.empty() ? nullptr : y.data();
     T* pz = act.empty() ? nullptr : act.data();
     const T* mean = cache.mean.data();
     const T* rstd = cache.rstd.data();
@@ -347,8 +348,8 @@ class GroupNorm {
     detail::vector_rows(
         n * groups, 3 * k,
         [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
-          normalise_set(px + ng * k, py + ng * k, pz ? pz + ng * k : nullptr, mean[ng],
-                        rstd[ng], gam, bet, (ng % groups) * cg, cg, s);
+          normalise_set(px + ng * k, py ? py + ng * k : nullptr, pz ? pz + ng * k : nullptr,
+                        mean[ng], rstd[ng], gam, bet, (ng % groups) * cg, cg, s);
         });
   }
 
@@ -370,12 +371,24 @@ class GroupNorm {
                          "arrays");
     backward_impl(ps, x, dact.data(), dact.data(), pre.data(), dx, cache);
   }
+  /// backward_through_silu without `pre` and without writing to dact: each set's y = GN(x) is
+  /// recomputed from x and the statistics in `cache` (normalise_set's expression: forward's
+  /// bits) and SiLU'(y) dact goes to a per-thread scratch the size of one set, which stays in
+  /// the cache. The same results bit for bit, with two streams over memory less (no y to read,
+  /// no dact written back), and forward_silu / recompute need not keep y at all.
+  void backward_silu(Parameters<T>& ps, View<const T> x, View<const T> dact, View<T> dx,
+                     const Cache& cache) const {
+    check(x, dact, "dact");
+    backward_impl(ps, x, dact.data(), nullptr, nullptr, dx, cache, /*silu_of_x=*/true);
+  }
 
  private:
   // dy: the gradient w.r.t. y; when pre is given, dyw (== dy, writable) holds the gradient
-  // w.r.t. SiLU(y) on entry and is turned into dy channel by channel first.
+  // w.r.t. SiLU(y) on entry and is turned into dy channel by channel first. silu_of_x: dy holds
+  // the gradient w.r.t. SiLU(y) and y is recomputed from x; SiLU'(y) dy goes to a scratch set.
   void backward_impl(Parameters<T>& ps, View<const T> x, const T* pdy_in, T* dyw,
-                     const T* ppre, View<T> dx, const Cache& cache) const {
+                     const T* ppre, View<T> dx, const Cache& cache,
+                     bool silu_of_x = false) const {
     const View<const T> dy(pdy_in, x.shape());
     check(x, dy, "dy");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
@@ -398,6 +411,7 @@ class GroupNorm {
     T* sdy = affine_ ? sums.data() : nullptr;
     T* sdxh = affine_ ? sums.data() + n * c : nullptr;
     T* pdx = want_dx ? dx.data() : nullptr;
+    const T* bet = affine_ ? ps.param(b_).data() : nullptr;
     detail::vector_rows(
         n * groups, (want_dx ? 6 : 3) * k,
         [=](index_t ng) FLOWDIFF_LAMBDA_INLINE {
@@ -405,6 +419,8 @@ class GroupNorm {
           const T* gb = pdy + ng * k;
           const T mu = mean[ng], rs = rstd[ng];
           const index_t c0 = (ng % groups) * cg, row = (ng / groups) * c + c0;
+          T* const scratch = silu_of_x ? set_scratch(k) : nullptr;
+          if (silu_of_x) gb = scratch;
           T a = 0, bsum = 0;
           for (index_t ci = 0; ci < cg; ++ci) {  // per channel in lane order, then channel order
             const T gm = gam ? gam[c0 + ci] : T(1);
@@ -414,6 +430,12 @@ class GroupNorm {
               T* gw = dyw + ng * k + ci * s;
               const T* pc = ppre + ng * k + ci * s;
               for (index_t j = 0; j < s; ++j) gw[j] = detail::silu_bwd(pc[j], gw[j]);
+            } else if (silu_of_x) {  // dy = SiLU'(y) dact with y as normalise_set computes it
+              const T ya = gam ? rs * gam[c0 + ci] : rs;
+              const T yb = gam ? bet[c0 + ci] - mu * ya : -mu * ya;
+              const T* dc = pdy + ng * k + ci * s;
+              T* sc = scratch + ci * s;
+              for (index_t j = 0; j < s; ++j) sc[j] = detail::silu_bwd(xc[j] * ya + yb, dc[j]);
             }
             T pa, pb;
             detail::lane_sums<T>(
@@ -453,6 +475,14 @@ class GroupNorm {
   }
 
  private:
+  // The calling thread's scratch of at least n elements (grown on demand, kept: backward_silu
+  // needs one set's worth per call, and allocating it per set would cost more than the set).
+  static T* set_scratch(index_t n) {
+    thread_local std::vector<T> buf;
+    if (static_cast<index_t>(buf.size()) < n) buf.resize(static_cast<std::size_t>(n));
+    return buf.data();
+  }
+
   // One set (sample, group) of cg channels of s elements: y = x a + b per channel with
   // a = rstd gamma, b = beta - mean a; z = SiLU(y) too when z is not null. forward() and
   // recompute() share it, so their y bits agree by construction.
@@ -462,12 +492,14 @@ class GroupNorm {
     for (index_t ci = 0; ci < cg; ++ci) {
       const T a = gam ? rs * gam[c0 + ci] : rs;
       const T b = gam ? bet[c0 + ci] - mu * a : -mu * a;
-      if (zb) {
+      if (zb && yb) {
         for (index_t j = ci * s; j < (ci + 1) * s; ++j) {
           const T v = xb[j] * a + b;
           yb[j] = v;
           zb[j] = detail::silu_fwd(v);
         }
+      } else if (zb) {
+        for (index_t j = ci * s; j < (ci + 1) * s; ++j) zb[j] = detail::silu_fwd(xb[j] * a + b);
       } else {
         for (index_t j = ci * s; j < (ci + 1) * s; ++j) yb[j] = xb[j] * a + b;
       }

@@ -51,10 +51,10 @@ struct UNetConfig {
   bool attention = false;                         ///< self-attention at the lowest resolution
   index_t attention_heads = 4;                    ///< heads of that attention
   index_t groups = 8;  ///< GroupNorm groups (must divide every channel count)
-  /// Training memory: recompute each residual block's GroupNorm and SiLU outputs in backward
-  /// from the block input and conv1's output (kept) instead of keeping four activations per
+  /// Training memory: recompute each residual block's SiLU(GroupNorm) outputs in backward
+  /// from the block input and conv1's output (kept) instead of keeping two activations per
   /// block; the recomputed values are bit-identical, so are the gradients. false keeps them
-  /// (a few per cent faster, about twice the activation memory).
+  /// (a few per cent faster, more activation memory). The norms' own outputs are never kept.
   bool recompute = true;
 };
 
@@ -141,18 +141,19 @@ struct ResBlock {
     typename Conv2d<T>::Cache c1, c2;
     typename Adapter<T>::Cache at, ay;
     Tensor<T> h1;  // [N, C, H, W]: conv1 + adapters
-    // [N, C, H, W] each: GN1 out, SiLU, GN2 out, SiLU; left empty when the block recomputes
-    // them (the level's shared Recompute buffers hold them while they are needed).
-    Tensor<T> a1, s1, a2, s2;
+    // [N, C, H, W] each: SiLU(GN1 out), SiLU(GN2 out) (the norms' own outputs are never kept:
+    // GroupNorm::backward_silu recomputes them); left empty when the block recomputes them
+    // (its level's shared buffer holds them while they are needed).
+    Tensor<T> s1, s2;
   };
 
-  /// Where a block's GroupNorm / SiLU outputs live: its own cache, or (recompute) two buffers
+  /// Where a block's SiLU(GroupNorm) outputs live: its own cache, or (recompute) one buffer
   /// shared by the blocks of a level, refilled in backward.
   struct Act {
-    View<T> a1, s1, a2, s2;
+    View<T> s1, s2;
   };
-  static Act own(Cache& c) { return {c.a1.view(), c.s1.view(), c.a2.view(), c.s2.view()}; }
-  static Act shared(View<T> a, View<T> s) { return {a, s, a, s}; }
+  static Act own(Cache& c) { return {c.s1.view(), c.s2.view()}; }
+  static Act shared(View<T> s) { return {s, s}; }
 
   void init(Parameters<T>& ps, Generator& gen) const {
     gn1.init(ps, gen);
@@ -170,7 +171,7 @@ struct ResBlock {
     const Shape s = x.shape();
     resize_if(c.h1, s);
     if (!recompute) {
-      for (Tensor<T>* t : {&c.a1, &c.s1, &c.a2, &c.s2}) resize_if(*t, s);
+      for (Tensor<T>* t : {&c.s1, &c.s2}) resize_if(*t, s);
       act = own(c);
     }
     const index_t len = s[2] * s[3];
@@ -187,14 +188,15 @@ struct ResBlock {
     add_inplace<T>(out, x);
   }
 
-  // a1 = GN1(x), s1 = SiLU(a1) / a2 = GN2(h1), s2 = SiLU(a2), each norm and its SiLU in one
-  // pass (GroupNorm::forward_silu; backward recomputes them with GroupNorm::recompute: the same
-  // bits, and runs SiLU's backward inside the norm's, GroupNorm::backward_through_silu).
+  // s1 = SiLU(GN1(x)) / s2 = SiLU(GN2(h1)), each norm and its SiLU in one pass
+  // (GroupNorm::forward_silu, the norm's output not written; backward recomputes s with
+  // GroupNorm::recompute: the same bits, and runs SiLU's backward inside the norm's,
+  // GroupNorm::backward_silu, which recomputes the norm's output from x).
   void first_half(const Parameters<T>& ps, View<const T> x, Cache& c, const Act& act) const {
-    gn1.forward_silu(ps, x, act.a1, act.s1, c.n1);
+    gn1.forward_silu(ps, x, View<T>(), act.s1, c.n1);
   }
   void second_half(const Parameters<T>& ps, Cache& c, const Act& act) const {
-    gn2.forward_silu(ps, c.h1.view(), act.a2, act.s2, c.n2);
+    gn2.forward_silu(ps, c.h1.view(), View<T>(), act.s2, c.n2);
   }
 
   // dout: [N, C, H, W]; dx overwritten (must not alias dout); det, dey accumulated (+=), using
@@ -206,20 +208,20 @@ struct ResBlock {
                 Act act) const {
     const index_t len = x.dim(2) * x.dim(3);
     if (recompute)  // GN2 from its kept statistics, SiLU in the same pass
-      gn2.recompute(ps, c.h1.view(), act.a2, act.s2, c.n2);
+      gn2.recompute(ps, c.h1.view(), View<T>(), act.s2, c.n2);
     else
       act = own(c);
     conv2.backward(ps, act.s2, dout, g1, c.c2);
-    gn2.backward_through_silu(ps, c.h1.view(), act.a2, g1, g2, c.n2);  // g2 = dh1
+    gn2.backward_silu(ps, c.h1.view(), g1, g2, c.n2);  // g2 = dh1
     sum_spatial<T>(g2, c.at.dout.view(), len);
     t_adapter.backward(ps, et, det, tmp_t, c.at);
     if (!y_adapter.empty()) {
       sum_spatial<T>(g2, c.ay.dout.view(), len);
       y_adapter[0].backward(ps, ey, dey, tmp_y, c.ay);
     }
-    if (recompute) gn1.recompute(ps, x, act.a1, act.s1, c.n1);
+    if (recompute) gn1.recompute(ps, x, View<T>(), act.s1, c.n1);
     conv1.backward(ps, act.s1, g2, g1, c.c1);
-    gn1.backward_through_silu(ps, x, act.a1, g1, dx, c.n1);
+    gn1.backward_silu(ps, x, g1, dx, c.n1);
     add_inplace<T>(dx, dout);  // the identity path
   }
 };
@@ -252,8 +254,8 @@ class UNet {
     std::vector<Tensor<T>> rb_grad;
     std::vector<typename Block::Cache> rb;
     std::vector<Tensor<T>> scratch1, scratch2;  // per level: the blocks' backward scratch
-    // Per level, with config().recompute: the blocks' GroupNorm / SiLU outputs while in use.
-    std::vector<Tensor<T>> act_a, act_s;
+    // Per level, with config().recompute: the blocks' SiLU(GroupNorm) outputs while in use.
+    std::vector<Tensor<T>> act_s;
     // Per encoder level: the downsampled output s_i (also the skip) and its gradient.
     std::vector<Tensor<T>> down, ddown;
     std::vector<typename Conv2d<T>::Cache> down_c;
@@ -474,7 +476,7 @@ class UNet {
   typename Block::Act shared_act(Cache& c, std::size_t b) const {
     if (!cfg_.recompute) return {};
     const auto level = static_cast<std::size_t>(level_of_[b]);
-    return Block::shared(c.act_a[level].view(), c.act_s[level].view());
+    return Block::shared(c.act_s[level].view());
   }
 
   void validate() const {
@@ -542,12 +544,8 @@ class UNet {
       c.scratch1[static_cast<std::size_t>(i)].resize(at(i));
       c.scratch2[static_cast<std::size_t>(i)].resize(at(i));
     }
-    c.act_a.resize(cfg_.recompute ? static_cast<std::size_t>(levels) : 0);
     c.act_s.resize(cfg_.recompute ? static_cast<std::size_t>(levels) : 0);
-    for (std::size_t i = 0; i < c.act_a.size(); ++i) {
-      c.act_a[i].resize(at(static_cast<index_t>(i)));
-      c.act_s[i].resize(at(static_cast<index_t>(i)));
-    }
+    for (std::size_t i = 0; i < c.act_s.size(); ++i) c.act_s[i].resize(at(static_cast<index_t>(i)));
     std::size_t b = 0;
     const auto stage = [&](index_t level) {
       for (index_t r = 0; r < R; ++r, ++b) {
