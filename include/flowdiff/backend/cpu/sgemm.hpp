@@ -279,6 +279,29 @@ inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t 
 /// panel in turn, and the panels lie W kc floats apart (8 KB for W = 8, kc = 256), so all their
 /// write streams fall into one L1 set (4K aliasing) and stall. The W-float runs are fixed-size
 /// copies (vector moves; the element loop does not vectorise because src and dst may alias).
+#if FLOWDIFF_SGEMM_X86
+/// pack_rows' whole groups with 256-bit moves (the baseline build copies a row's W floats with
+/// 16-byte moves: an eighth of a thin product's time went to packing B that way). Called only by
+/// the AVX2 and AVX-512 kernels' packing.
+template <index_t W, index_t G>
+__attribute__((target("avx2"))) inline void pack_rows_avx(const float* src, index_t ld,
+                                                          index_t whole, index_t kc,
+                                                          float* dst) {
+  static_assert(W % 8 == 0);
+  constexpr index_t ahead = 8;  // rows of prefetch distance
+  for (index_t x = 0; x < whole; x += G * W, dst += G * W * kc) {
+    const float* sp = src + x;
+    for (index_t p = 0; p < kc; ++p, sp += ld) {
+      if (p + ahead < kc)  // every line of the row (W = 32: two)
+        for (index_t q = 0; q < G * W; q += 16) __builtin_prefetch(sp + ahead * ld + q);
+      for (index_t g = 0; g < G; ++g)
+        for (index_t q = 0; q < W; q += 8)
+          _mm256_storeu_ps(dst + g * W * kc + p * W + q, _mm256_loadu_ps(sp + g * W + q));
+    }
+  }
+}
+#endif
+
 template <index_t W>
 inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, float* dst) {
   // Panels go in pairs when two of them make one 64-byte line (W = 8), so every source line is
@@ -288,6 +311,13 @@ inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, flo
   constexpr index_t ahead = 8;  // rows of prefetch distance
   const index_t whole = len / (G * W) * (G * W);
   index_t x = 0;
+#if FLOWDIFF_SGEMM_X86
+  if constexpr (W % 8 == 0) {
+    pack_rows_avx<W, G>(src, ld, whole, kc, dst);
+    x = whole;
+    dst += whole * kc;
+  }
+#endif
   for (; x < whole; x += G * W, dst += G * W * kc) {
     const float* sp = src + x;
     for (index_t p = 0; p < kc; ++p, sp += ld) {
