@@ -153,6 +153,55 @@ TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16
       }
 }
 
+TEST_CASE("sgemm: the packed product's bits do not depend on how A and B are stored",
+          "[core][gemm][sgemm]") {
+  // The same logical op(A) op(B) with A and B stored plain or transposed, and with leading
+  // dimensions equal to the row length (a row-major A's rows used in place) or longer: the
+  // packings differ (plain rows, 8 x 8 transposes, panel-at-a-time B for at most 128 rows, whole
+  // blocks beyond) but the packed values and the kernels' FMA order do not, so neither do the
+  // bits. m > 16 keeps every case on the packed kernel (C = A B^T with m <= 16 takes the
+  // small-batch dot products).
+  std::mt19937 g(11);
+  std::normal_distribution<float> nd;
+  for (auto isa : sgemm_kernels_here()) {
+    for (const fd::index_t m : {17, 24, 64, 130})
+      for (const fd::index_t n : {5, 33, 100})
+        for (const fd::index_t k : {7, 64, 256, 300}) {
+          std::vector<float> a(static_cast<std::size_t>(m * k)), b(static_cast<std::size_t>(k * n));
+          for (auto& x : a) x = nd(g);
+          for (auto& x : b) x = nd(g);
+          std::vector<float> first;
+          for (int ta = 0; ta < 2; ++ta)
+            for (int tb = 0; tb < 2; ++tb)
+              for (const fd::index_t pad : {0, 3}) {
+                // op(A) = A (m x k), stored as [m, k] or as its transpose [k, m], rows pad longer
+                const fd::index_t lda = (ta ? m : k) + pad, ldb = (tb ? k : n) + pad;
+                std::vector<float> sa(static_cast<std::size_t>((ta ? k : m) * lda)),
+                    sb(static_cast<std::size_t>((tb ? n : k) * ldb));
+                for (fd::index_t i = 0; i < m; ++i)
+                  for (fd::index_t p = 0; p < k; ++p)
+                    sa[static_cast<std::size_t>(ta ? p * lda + i : i * lda + p)] =
+                        a[static_cast<std::size_t>(i * k + p)];
+                for (fd::index_t p = 0; p < k; ++p)
+                  for (fd::index_t j = 0; j < n; ++j)
+                    sb[static_cast<std::size_t>(tb ? j * ldb + p : p * ldb + j)] =
+                        b[static_cast<std::size_t>(p * n + j)];
+                std::vector<float> c(static_cast<std::size_t>(m * n));
+                fd::sgemm::Problem pr{ta == 1, tb == 1, m, n, k, 1.f, sa.data(), lda,
+                                      sb.data(), ldb, 0.f, c.data(), n};
+                REQUIRE(fd::sgemm::gemm(isa, pr, /*allow_threads=*/false));
+                if (first.empty()) {
+                  first = c;
+                } else {
+                  INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k "
+                                 << k << " ta " << ta << " tb " << tb << " pad " << pad);
+                  CHECK(c == first);
+                }
+              }
+        }
+  }
+}
+
 TEST_CASE("sgemm: k = 0 and alpha = 0 scale C by beta", "[core][gemm][sgemm]") {
   for (auto isa : sgemm_kernels_here()) {
     std::vector<float> c(12, 2.f), a(1, 1.f), b(1, 1.f);
