@@ -270,6 +270,15 @@ TEST_CASE("GroupNorm + SiLU fused: forward_silu and backward_through_silu", "[nn
     CHECK(std::equal(dx_sep.data(), dx_sep.data() + dx_sep.numel(), dx_x.data()));
     CHECK(g_sep == g_x);
     CHECK(std::equal(dact.data(), dact.data() + dact.numel(), dact_x.data()));  // untouched
+    {  // with a residual: dx + r in the same pass, the bits of a separate add
+      auto r = fd::randn<float>(shape, gen);
+      fd::Tensor<float> dxr(shape);
+      gn.backward_silu(ps, x, dact, dxr, c1, r);
+      bool same = true;
+      for (fd::index_t i = 0; i < r.numel(); ++i) same = same && dxr[i] == dx_x[i] + r[i];
+      CHECK(same);
+      CHECK_THROWS_WITH(gn.backward_silu(ps, x, dact, r, c1, r), Catch::Contains("residual"));
+    }
     CHECK_THROWS_WITH(gn.backward_through_silu(ps, x, y1, dy_fused, dy_fused, c1),
                       Catch::Contains("dact and dx must be different arrays"));
   }

@@ -376,10 +376,19 @@ class GroupNorm {
   /// bits) and SiLU'(y) dact goes to a per-thread scratch the size of one set, which stays in
   /// the cache. The same results bit for bit, with two streams over memory less (no y to read,
   /// no dact written back), and forward_silu / recompute need not keep y at all.
+  /// With `residual` (x's shape, not dx's storage), dx = that gradient + residual in the same
+  /// pass (bit for bit a separate add: a residual block's identity path, one pass over memory
+  /// less).
   void backward_silu(Parameters<T>& ps, View<const T> x, View<const T> dact, View<T> dx,
-                     const Cache& cache) const {
+                     const Cache& cache, View<const T> residual = {}) const {
     check(x, dact, "dact");
-    backward_impl(ps, x, dact.data(), nullptr, nullptr, dx, cache, /*silu_of_x=*/true);
+    if (!residual.empty()) {
+      check(x, residual, "residual");
+      require<shape_error>(!dx.empty() && residual.data() != dx.data(), prefix_,
+                           " (GroupNorm): backward_silu: a residual needs dx, in another array");
+    }
+    backward_impl(ps, x, dact.data(), nullptr, nullptr, dx, cache, /*silu_of_x=*/true,
+                  residual.empty() ? nullptr : residual.data());
   }
 
  private:
@@ -388,7 +397,7 @@ class GroupNorm {
   // the gradient w.r.t. SiLU(y) and y is recomputed from x; SiLU'(y) dy goes to a scratch set.
   void backward_impl(Parameters<T>& ps, View<const T> x, const T* pdy_in, T* dyw,
                      const T* ppre, View<T> dx, const Cache& cache,
-                     bool silu_of_x = false) const {
+                     bool silu_of_x = false, const T* pres = nullptr) const {
     const View<const T> dy(pdy_in, x.shape());
     check(x, dy, "dy");
     const index_t n = x.dim(0), s = x.row_size() / c_, cg = c_ / g_, k = cg * s;
@@ -453,10 +462,16 @@ class GroupNorm {
           a /= static_cast<T>(k);
           bsum /= static_cast<T>(k);
           T* dxb = pdx + ng * k;
+          const T* rb = pres ? pres + ng * k : nullptr;
           for (index_t ci = 0; ci < cg; ++ci) {
             const T gm = gam ? gam[c0 + ci] : T(1);
-            for (index_t j = ci * s; j < (ci + 1) * s; ++j)
-              dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum);
+            if (rb) {  // (the dispatched loops do not contract: the bits of a separate add)
+              for (index_t j = ci * s; j < (ci + 1) * s; ++j)
+                dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum) + rb[j];
+            } else {
+              for (index_t j = ci * s; j < (ci + 1) * s; ++j)
+                dxb[j] = rs * (gb[j] * gm - a - (xb[j] - mu) * rs * bsum);
+            }
           }
         });
     if (affine_) {

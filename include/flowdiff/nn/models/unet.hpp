@@ -221,8 +221,7 @@ struct ResBlock {
     }
     if (recompute) gn1.recompute(ps, x, View<T>(), act.s1, c.n1);
     conv1.backward(ps, act.s1, g2, g1, c.c1);
-    gn1.backward_silu(ps, x, g1, dx, c.n1);
-    add_inplace<T>(dx, dout);  // the identity path
+    gn1.backward_silu(ps, x, g1, dx, c.n1, dout);  // + dout: the identity path
   }
 };
 
