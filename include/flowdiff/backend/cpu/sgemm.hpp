@@ -273,12 +273,6 @@ inline void pack_transposed(const float* src, index_t ld, index_t rows, index_t 
       for (index_t q = rows; q < W; ++q) dst[p * W + q] = 0.f;
 }
 
-/// Row-wise copy into consecutive micro-panels: for p < kc, src[p ld + x] for x < len goes to
-/// panel x / W (each W kc long), lane x % W; lanes beyond len zero. Panel by panel, so the writes
-/// run front to back through one panel at a time: row by row would write W floats into every
-/// panel in turn, and the panels lie W kc floats apart (8 KB for W = 8, kc = 256), so all their
-/// write streams fall into one L1 set (4K aliasing) and stall. The W-float runs are fixed-size
-/// copies (vector moves; the element loop does not vectorise because src and dst may alias).
 #if FLOWDIFF_SGEMM_X86
 /// pack_rows' whole groups with 256-bit moves (the baseline build copies a row's W floats with
 /// 16-byte moves: an eighth of a thin product's time went to packing B that way). Called only by
@@ -302,6 +296,12 @@ __attribute__((target("avx2"))) inline void pack_rows_avx(const float* src, inde
 }
 #endif
 
+/// Row-wise copy into consecutive micro-panels: for p < kc, src[p ld + x] for x < len goes to
+/// panel x / W (each W kc long), lane x % W; lanes beyond len zero. Panel by panel, so the writes
+/// run front to back through one panel at a time: row by row would write W floats into every
+/// panel in turn, and the panels lie W kc floats apart (8 KB for W = 8, kc = 256), so all their
+/// write streams fall into one L1 set (4K aliasing) and stall. The W-float runs are fixed-size
+/// copies (vector moves; the element loop does not vectorise because src and dst may alias).
 template <index_t W>
 inline void pack_rows(const float* src, index_t ld, index_t len, index_t kc, float* dst) {
   // Panels go in pairs when two of them make one 64-byte line (W = 8), so every source line is

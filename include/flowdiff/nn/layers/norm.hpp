@@ -440,11 +440,12 @@ class GroupNorm {
               const T* pc = ppre + ng * k + ci * s;
               for (index_t j = 0; j < s; ++j) gw[j] = detail::silu_bwd(pc[j], gw[j]);
             } else if (silu_of_x) {  // dy = SiLU'(y) dact with y as normalise_set computes it
-              const T ya = gam ? rs * gam[c0 + ci] : rs;
-              const T yb = gam ? bet[c0 + ci] - mu * ya : -mu * ya;
+              const T scale = gam ? rs * gam[c0 + ci] : rs;
+              const T shift = gam ? bet[c0 + ci] - mu * scale : -mu * scale;
               const T* dc = pdy + ng * k + ci * s;
               T* sc = scratch + ci * s;
-              for (index_t j = 0; j < s; ++j) sc[j] = detail::silu_bwd(xc[j] * ya + yb, dc[j]);
+              for (index_t j = 0; j < s; ++j)
+                sc[j] = detail::silu_bwd(xc[j] * scale + shift, dc[j]);
             }
             T pa, pb;
             detail::lane_sums<T>(
