@@ -229,10 +229,23 @@ struct GroupNormStats {
 };
 
 /// y = x a + b per channel with a = rstd gamma_c, b = beta_c - mean a (norm.hpp's normalise_set,
-/// the same operations), and act = SiLU(y) when act is not null. One thread per element.
+/// the same operations): element q of a GroupNorm's output from its input and statistics.
+template <class T>
+FLOWDIFF_INLINE T group_norm_value(const T* x, const T* mean, const T* rstd, const T* gamma,
+                                   const T* beta, index_t channels, index_t cg, index_t len,
+                                   index_t q) {
+  const index_t row = q / len, c = row % channels, ng = row / cg;
+  const T mu = mean[ng], rs = rstd[ng];
+  const T a = gamma != nullptr ? mul_rn(rs, gamma[c]) : rs;
+  const T b = gamma != nullptr ? add_rn(beta[c], -mul_rn(mu, a)) : -mul_rn(mu, a);
+  return add_rn(mul_rn(x[q], a), b);
+}
+
+/// y = GN(x) (group_norm_value) when y is not null, and act = SiLU(y) when act is not null. One
+/// thread per element.
 template <class T>
 struct GroupNormApply {
-  T* y;            // [N, C, S]
+  T* y;            // [N, C, S] or null
   T* act;          // [N, C, S] or null
   const T* x;      // [N, C, S]
   const T* mean;   // [N G]
@@ -241,13 +254,26 @@ struct GroupNormApply {
   const T* beta;   // [C] or null
   index_t channels, cg, len;
   FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
-    const index_t row = q / len, c = row % channels, ng = row / cg;
-    const T mu = mean[ng], rs = rstd[ng];
-    const T a = gamma != nullptr ? mul_rn(rs, gamma[c]) : rs;
-    const T b = gamma != nullptr ? add_rn(beta[c], -mul_rn(mu, a)) : -mul_rn(mu, a);
-    const T v = add_rn(mul_rn(x[q], a), b);
-    y[q] = v;
+    const T v = group_norm_value(x, mean, rstd, gamma, beta, channels, cg, len, q);
+    if (y != nullptr) y[q] = v;
     if (act != nullptr) act[q] = silu(v);
+  }
+};
+
+/// dy = silu'(y) dact with y = GN(x) recomputed (group_norm_value: the forward's bits), so the
+/// norm's output need not be kept for the SiLU's backward.
+template <class T>
+struct GroupNormSiluGrad {
+  T* dy;           // [N, C, S]
+  const T* dact;   // [N, C, S]: the gradient of SiLU(y)
+  const T* x;      // [N, C, S]
+  const T* mean;   // [N G]
+  const T* rstd;   // [N G]
+  const T* gamma;  // [C] or null
+  const T* beta;   // [C] or null
+  index_t channels, cg, len;
+  FLOWDIFF_HOST_DEVICE void operator()(index_t q) const {
+    dy[q] = silu_grad(group_norm_value(x, mean, rstd, gamma, beta, channels, cg, len, q), dact[q]);
   }
 };
 
@@ -920,7 +946,8 @@ class BackendGroupNorm {
     run_forward(ps, x, y, View<T, B>{}, cache);
   }
 
-  // x: [N, C, ...] -> y = GN(x) and act = SiLU(y), both of x's shape (y is backward_silu's input).
+  // x: [N, C, ...] -> y = GN(x) and act = SiLU(y), both of x's shape. y may be empty / {} (not
+  // written): the backward_silu without y recomputes it.
   void forward_silu(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, View<T, B> act,
                     Cache& cache) const {
     detail::check_arg(prefix_, kind, "act", act, x.shape());
@@ -970,6 +997,23 @@ class BackendGroupNorm {
     B::parallel_for(x.numel(), kernels::SiluGradOut<T>{cache.dy.data(), y.data(), dact.data()}, 8);
     backward(ps, x, View<const T, B>(cache.dy.view()), dx, cache);
   }
+  // The same without y: y = GN(x) is recomputed from x and the statistics in the cache (the
+  // forward's operations, so the same bits), so forward_silu need not keep it.
+  void backward_silu(Parameters<T, B>& ps, View<const T, B> x, View<const T, B> dact,
+                     View<T, B> dx, Cache& cache) const {
+    const Dims d = check(x, dact, "dact");
+    detail::check_arg(prefix_, kind, "cache.mean (run forward first)", cache.mean.view(),
+                      Shape{d.n * g_});
+    if (!(cache.dy.shape() == x.shape())) cache.dy.resize(x.shape());
+    const T* gam = affine_ ? ps.param(w_).data() : nullptr;
+    const T* bet = affine_ ? ps.param(b_).data() : nullptr;
+    B::parallel_for(x.numel(),
+                    kernels::GroupNormSiluGrad<T>{cache.dy.data(), dact.data(), x.data(),
+                                                  cache.mean.data(), cache.rstd.data(), gam, bet,
+                                                  c_, c_ / g_, d.s},
+                    14);
+    backward(ps, x, View<const T, B>(cache.dy.view()), dx, cache);
+  }
 
  private:
   static constexpr const char* kind = "BackendGroupNorm";
@@ -988,7 +1032,8 @@ class BackendGroupNorm {
 
   void run_forward(const Parameters<T, B>& ps, View<const T, B> x, View<T, B> y, View<T, B> act,
                    Cache& cache) const {
-    const Dims d = check(x, y, "y");
+    const bool no_y = spatial_backend_detail::absent(y) && !spatial_backend_detail::absent(act);
+    const Dims d = no_y ? check(x, View<const T, B>(act), "act") : check(x, y, "y");
     const index_t sets = d.n * g_, cg = c_ / g_;
     if (cache.mean.numel() != sets) cache.mean.resize(Shape{sets});
     if (cache.rstd.numel() != sets) cache.rstd.resize(Shape{sets});
@@ -1000,8 +1045,9 @@ class BackendGroupNorm {
     const T* bet = affine_ ? ps.param(b_).data() : nullptr;
     T* pa = spatial_backend_detail::absent(act) ? nullptr : act.data();
     B::parallel_for(x.numel(),
-                    kernels::GroupNormApply<T>{y.data(), pa, x.data(), cache.mean.data(),
-                                               cache.rstd.data(), gam, bet, c_, cg, d.s},
+                    kernels::GroupNormApply<T>{no_y ? nullptr : y.data(), pa, x.data(),
+                                               cache.mean.data(), cache.rstd.data(), gam, bet,
+                                               c_, cg, d.s},
                     pa != nullptr ? 12 : 3);
   }
 

@@ -129,7 +129,9 @@ struct ResBlock {
     typename BackendGroupNorm<T, B>::Cache n1, n2;
     typename BackendConv2d<T, B>::Cache c1, c2;
     typename Adapter<T, B>::Cache at, ay;
-    Tensor<T, B> a1, s1, h1, a2, s2;  // [N, C, H, W]: GN1, SiLU, conv1 + adapters, GN2, SiLU
+    // [N, C, H, W]: SiLU(GN1), conv1 + adapters, SiLU(GN2); the norms' outputs are not kept
+    // (backward_silu recomputes them from the norms' inputs and statistics)
+    Tensor<T, B> s1, h1, s2;
   };
 
   ResBlock(Parameters<T, B>& ps, const std::string& p, index_t c, index_t groups, index_t td,
@@ -145,8 +147,8 @@ struct ResBlock {
   // x, out: [N, C, H, W]; et: [N, td]; ey: [N, yd] (unused when unconditional)
   void forward(typename BackendOps<B>::Context& ctx, const Parameters<T, B>& ps, View<const T, B> x,
                View<const T, B> et, View<const T, B> ey, View<T, B> out, Cache& c) const {
-    for (Tensor<T, B>* t : {&c.a1, &c.s1, &c.h1, &c.a2, &c.s2}) resize_if(*t, x.shape());
-    gn1.forward_silu(ps, x, c.a1.view(), c.s1.view(), c.n1);
+    for (Tensor<T, B>* t : {&c.s1, &c.h1, &c.s2}) resize_if(*t, x.shape());
+    gn1.forward_silu(ps, x, View<T, B>{}, c.s1.view(), c.n1);
     conv1.forward(ctx, ps, c.s1.view(), c.h1.view(), c.c1);
     t_adapter.forward(ctx, ps, et, c.at);
     add_per_channel<T, B>(c.h1.view(), c.at.out.view());
@@ -154,7 +156,7 @@ struct ResBlock {
       y_adapter[0].forward(ctx, ps, ey, c.ay);
       add_per_channel<T, B>(c.h1.view(), c.ay.out.view());
     }
-    gn2.forward_silu(ps, c.h1.view(), c.a2.view(), c.s2.view(), c.n2);
+    gn2.forward_silu(ps, c.h1.view(), View<T, B>{}, c.s2.view(), c.n2);
     conv2.forward(ctx, ps, c.s2.view(), out, c.c2);
     add_in_place<T, B>(out, x);
   }
@@ -166,7 +168,7 @@ struct ResBlock {
                 View<T, B> det, View<T, B> dey, View<T, B> tmp_t, View<T, B> tmp_y, View<T, B> g1,
                 View<T, B> g2, Cache& c) const {
     conv2.backward(ctx, ps, c.s2.view(), dout, g1, c.c2);
-    gn2.backward_silu(ps, c.h1.view(), c.a2.view(), View<const T, B>(g1), g2, c.n2);  // dh1
+    gn2.backward_silu(ps, c.h1.view(), View<const T, B>(g1), g2, c.n2);  // dh1
     sum_per_channel<T, B>(View<const T, B>(g2), c.at.dout.view());
     t_adapter.backward(ctx, ps, et, det, tmp_t, c.at);
     if (!y_adapter.empty()) {
@@ -174,7 +176,7 @@ struct ResBlock {
       y_adapter[0].backward(ctx, ps, ey, dey, tmp_y, c.ay);
     }
     conv1.backward(ctx, ps, c.s1.view(), View<const T, B>(g2), g1, c.c1);
-    gn1.backward_silu(ps, x, c.a1.view(), View<const T, B>(g1), dx, c.n1);
+    gn1.backward_silu(ps, x, View<const T, B>(g1), dx, c.n1);
     add_in_place<T, B>(dx, dout);  // the identity path
   }
 };
