@@ -11,7 +11,8 @@
 //            dx = the encoder's input gradient - dx^ (x is also the reconstruction target)
 // with every tensor (input, activations, noise, gradients) on B. The layers are the
 // backend-generic ones of nn/layers/spatial_kernels.hpp (BackendConv2d with stride 2 for the
-// downsampling, BackendGroupNorm with the SiLU fused, BackendUpsampleNearest2d); the posterior
+// downsampling, BackendGroupNorm with the SiLU fused (its output not kept: the y-less
+// backward_silu recomputes it), BackendUpsampleNearest2d); the posterior
 // split, the reparameterisation and the loss's element-wise gradients are the named functors
 // below, in the CPU VAE's order of operations with explicitly rounded arithmetic (no FMA
 // contraction on the device); the two loss sums are B's deterministic reductions in double (one
@@ -170,9 +171,9 @@ class BackendVAE {
     std::optional<Context> ctx;
     Tensor<T, B> x;                     // the input
     Tensor<T, B> a0, da0;               // conv_in out [N, base, S, S]
-    std::vector<Tensor<T, B>> n, s, d;  // per level: GN out, SiLU out, conv out
+    std::vector<Tensor<T, B>> s, d;  // per level: SiLU(GN) out, conv out (GN out not kept)
     std::vector<Tensor<T, B>> ds, dd;   // gradients of s and d
-    Tensor<T, B> no, so, dso;           // GN_out, SiLU and its gradient
+    Tensor<T, B> so, dso;               // SiLU(GN_out) and its gradient
     Tensor<T, B> mom, dmom;             // [mu | logvar] and its gradient
     typename Conv::Cache cin, cout;
     std::vector<typename Conv::Cache> cd;
@@ -190,9 +191,9 @@ class BackendVAE {
     std::optional<Context> ctx;
     Tensor<T, B> z;                        // the input latent
     Tensor<T, B> b0, db0;                  // conv_in out [N, c_K, h, w]
-    std::vector<Tensor<T, B>> n, s, u, c;  // per level: GN, SiLU, upsampled, conv out
+    std::vector<Tensor<T, B>> s, u, c;  // per level: SiLU(GN), upsampled, conv out
     std::vector<Tensor<T, B>> ds, du, dc;  // gradients
-    Tensor<T, B> no, so, dso;              // GN_out, SiLU and its gradient
+    Tensor<T, B> so, dso;                  // SiLU(GN_out) and its gradient
     typename Conv::Cache cin, cout;
     std::vector<typename Conv::Cache> cu;
     std::vector<typename Norm::Cache> gn;
@@ -274,11 +275,11 @@ class BackendVAE {
     enc_in_[0].forward(ctx, ps, x, c.a0.view(), c.cin);
     View<const T, B> h = c.a0.view();
     for (std::size_t i = 0; i < c.d.size(); ++i) {
-      enc_norm_[i].forward_silu(ps, h, c.n[i].view(), c.s[i].view(), c.gn[i]);
+      enc_norm_[i].forward_silu(ps, h, View<T, B>{}, c.s[i].view(), c.gn[i]);
       enc_down_[i].forward(ctx, ps, c.s[i].view(), c.d[i].view(), c.cd[i]);
       h = c.d[i].view();
     }
-    enc_norm_out_[0].forward_silu(ps, h, c.no.view(), c.so.view(), c.gno);
+    enc_norm_out_[0].forward_silu(ps, h, View<T, B>{}, c.so.view(), c.gno);
     enc_out_[0].forward(ctx, ps, c.so.view(), c.mom.view(), c.cout);
     const index_t r = mu.numel() / n;
     B::parallel_for(mu.numel(),
@@ -302,13 +303,13 @@ class BackendVAE {
     enc_out_[0].backward(ctx, ps, c.so.view(), c.dmom.view(), c.dso.view(), c.cout);
     const std::size_t K = c.d.size();
     enc_norm_out_[0].backward_silu(ps, K > 0 ? View<const T, B>(c.d[K - 1]) : c.a0.view(),
-                                   c.no.view(), c.dso.view(),
+                                   c.dso.view(),
                                    K > 0 ? c.dd[K - 1].view() : c.da0.view(), c.gno);
     for (std::size_t i = K; i-- > 0;) {
       const View<const T, B> in = i > 0 ? View<const T, B>(c.d[i - 1]) : c.a0.view();
       const View<T, B> gin = i > 0 ? c.dd[i - 1].view() : c.da0.view();
       enc_down_[i].backward(ctx, ps, c.s[i].view(), c.dd[i].view(), c.ds[i].view(), c.cd[i]);
-      enc_norm_[i].backward_silu(ps, in, c.n[i].view(), c.ds[i].view(), gin, c.gn[i]);
+      enc_norm_[i].backward_silu(ps, in, c.ds[i].view(), gin, c.gn[i]);
     }
     enc_in_[0].backward(ctx, ps, c.x.view(), c.da0.view(), dx, c.cin);
   }
@@ -325,12 +326,12 @@ class BackendVAE {
     dec_in_[0].forward(ctx, ps, z, c.b0.view(), c.cin);
     View<const T, B> h = c.b0.view();
     for (std::size_t j = 0; j < c.c.size(); ++j) {
-      dec_norm_[j].forward_silu(ps, h, c.n[j].view(), c.s[j].view(), c.gn[j]);
+      dec_norm_[j].forward_silu(ps, h, View<T, B>{}, c.s[j].view(), c.gn[j]);
       up_.forward(c.s[j].view(), c.u[j].view());
       dec_up_[j].forward(ctx, ps, c.u[j].view(), c.c[j].view(), c.cu[j]);
       h = c.c[j].view();
     }
-    dec_norm_out_[0].forward_silu(ps, h, c.no.view(), c.so.view(), c.gno);
+    dec_norm_out_[0].forward_silu(ps, h, View<T, B>{}, c.so.view(), c.gno);
     dec_out_[0].forward(ctx, ps, c.so.view(), xhat, c.cout);
   }
 
@@ -347,14 +348,14 @@ class BackendVAE {
     dec_out_[0].backward(ctx, ps, c.so.view(), dxhat, c.dso.view(), c.cout);
     const std::size_t K = c.c.size();
     dec_norm_out_[0].backward_silu(ps, K > 0 ? View<const T, B>(c.c[K - 1]) : c.b0.view(),
-                                   c.no.view(), c.dso.view(),
+                                   c.dso.view(),
                                    K > 0 ? c.dc[K - 1].view() : c.db0.view(), c.gno);
     for (std::size_t j = K; j-- > 0;) {
       const View<const T, B> in = j > 0 ? View<const T, B>(c.c[j - 1]) : c.b0.view();
       const View<T, B> gin = j > 0 ? c.dc[j - 1].view() : c.db0.view();
       dec_up_[j].backward(ctx, ps, c.u[j].view(), c.dc[j].view(), c.du[j].view(), c.cu[j]);
       up_.backward(c.s[j].view(), c.du[j].view(), c.ds[j].view());
-      dec_norm_[j].backward_silu(ps, in, c.n[j].view(), c.ds[j].view(), gin, c.gn[j]);
+      dec_norm_[j].backward_silu(ps, in, c.ds[j].view(), gin, c.gn[j]);
     }
     dec_in_[0].backward(ctx, ps, c.z.view(), c.db0.view(), dz, c.cin);
   }
@@ -509,19 +510,19 @@ class BackendVAE {
     const auto& ch = cfg_.channels;
     resize_if(c.x, s);
     for (Tensor<T, B>* t : {&c.a0, &c.da0}) resize_if(*t, Shape{n, cfg_.base_channels, S, S});
-    for (auto* v : {&c.n, &c.s, &c.d, &c.ds, &c.dd}) v->resize(static_cast<std::size_t>(K));
+    for (auto* v : {&c.s, &c.d, &c.ds, &c.dd}) v->resize(static_cast<std::size_t>(K));
     c.cd.resize(static_cast<std::size_t>(K));
     c.gn.resize(static_cast<std::size_t>(K));
     for (index_t i = 0; i < K; ++i) {
       const auto k = static_cast<std::size_t>(i);
       const index_t cin = i == 0 ? cfg_.base_channels : ch[k - 1];
       const Shape in{n, cin, S >> i, S >> i};
-      for (Tensor<T, B>* t : {&c.n[k], &c.s[k], &c.ds[k]}) resize_if(*t, in);
+      for (Tensor<T, B>* t : {&c.s[k], &c.ds[k]}) resize_if(*t, in);
       for (Tensor<T, B>* t : {&c.d[k], &c.dd[k]})
         resize_if(*t, Shape{n, ch[k], S >> (i + 1), S >> (i + 1)});
     }
     const index_t h = S >> K;
-    for (Tensor<T, B>* t : {&c.no, &c.so, &c.dso}) resize_if(*t, Shape{n, ch.back(), h, h});
+    for (Tensor<T, B>* t : {&c.so, &c.dso}) resize_if(*t, Shape{n, ch.back(), h, h});
     for (Tensor<T, B>* t : {&c.mom, &c.dmom})
       resize_if(*t, Shape{n, 2 * cfg_.latent_channels, h, h});
     c.in_shape = s;
@@ -533,7 +534,7 @@ class BackendVAE {
     const auto& ch = cfg_.channels;
     resize_if(c.z, s);
     for (Tensor<T, B>* t : {&c.b0, &c.db0}) resize_if(*t, Shape{n, ch.back(), h, h});
-    for (auto* v : {&c.n, &c.s, &c.u, &c.c, &c.ds, &c.du, &c.dc})
+    for (auto* v : {&c.s, &c.u, &c.c, &c.ds, &c.du, &c.dc})
       v->resize(static_cast<std::size_t>(K));
     c.cu.resize(static_cast<std::size_t>(K));
     c.gn.resize(static_cast<std::size_t>(K));
@@ -542,12 +543,12 @@ class BackendVAE {
       const index_t cin = ch[static_cast<std::size_t>(K - 1 - j)];
       const index_t cout = K - 2 - j >= 0 ? ch[static_cast<std::size_t>(K - 2 - j)] : b;
       const index_t r = h << j;
-      for (Tensor<T, B>* t : {&c.n[k], &c.s[k], &c.ds[k]}) resize_if(*t, Shape{n, cin, r, r});
+      for (Tensor<T, B>* t : {&c.s[k], &c.ds[k]}) resize_if(*t, Shape{n, cin, r, r});
       for (Tensor<T, B>* t : {&c.u[k], &c.du[k]}) resize_if(*t, Shape{n, cin, 2 * r, 2 * r});
       for (Tensor<T, B>* t : {&c.c[k], &c.dc[k]}) resize_if(*t, Shape{n, cout, 2 * r, 2 * r});
     }
     const index_t S = h << K;
-    for (Tensor<T, B>* t : {&c.no, &c.so, &c.dso}) resize_if(*t, Shape{n, b, S, S});
+    for (Tensor<T, B>* t : {&c.so, &c.dso}) resize_if(*t, Shape{n, b, S, S});
     c.in_shape = s;
   }
 
