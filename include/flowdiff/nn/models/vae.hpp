@@ -90,9 +90,9 @@ class VAE {
     Shape in_shape;
     Tensor<T> x;                     // the input
     Tensor<T> a0, da0;               // conv_in out [N, base, S, S]
-    std::vector<Tensor<T>> n, s, d;  // per level: GN out, SiLU out, conv out
+    std::vector<Tensor<T>> s, d;  // per level: SiLU(GN) out (GN out not kept), conv out
     std::vector<Tensor<T>> ds, dd;   // gradients of s and d
-    Tensor<T> no, so, dso;           // GN_out, SiLU and its gradient
+    Tensor<T> so, dso;               // SiLU(GN_out) and its gradient
     Tensor<T> mom, dmom;             // [mu | logvar] and its gradient
     typename Conv2d<T>::Cache cin, cout;
     std::vector<typename Conv2d<T>::Cache> cd;
@@ -104,9 +104,9 @@ class VAE {
     Shape in_shape;
     Tensor<T> z;                        // the input latent
     Tensor<T> b0, db0;                  // conv_in out [N, c_K, h, w]
-    std::vector<Tensor<T>> n, s, u, c;  // per level: GN, SiLU, upsampled, conv out
+    std::vector<Tensor<T>> s, u, c;  // per level: SiLU(GN) (GN not kept), upsampled, conv out
     std::vector<Tensor<T>> ds, du, dc;  // gradients
-    Tensor<T> no, so, dso;              // GN_out, SiLU and its gradient
+    Tensor<T> so, dso;                  // SiLU(GN_out) and its gradient
     typename Conv2d<T>::Cache cin, cout;
     std::vector<typename Conv2d<T>::Cache> cu;
     std::vector<typename GroupNorm<T>::Cache> gn;
@@ -178,13 +178,11 @@ class VAE {
     enc_in_[0].forward(ps, x, c.a0.view(), c.cin);
     View<const T> h = c.a0.view();
     for (std::size_t i = 0; i < c.d.size(); ++i) {
-      enc_norm_[i].forward(ps, h, c.n[i].view(), c.gn[i]);
-      silu_forward<T>(c.n[i].view(), c.s[i].view());
+      enc_norm_[i].forward_silu(ps, h, View<T>(), c.s[i].view(), c.gn[i]);
       enc_down_[i].forward(ps, c.s[i].view(), c.d[i].view(), c.cd[i]);
       h = c.d[i].view();
     }
-    enc_norm_out_[0].forward(ps, h, c.no.view(), c.gno);
-    silu_forward<T>(c.no.view(), c.so.view());
+    enc_norm_out_[0].forward_silu(ps, h, View<T>(), c.so.view(), c.gno);
     enc_out_[0].forward(ps, c.so.view(), c.mom.view(), c.cout);
     split_channels<T>(c.mom.view(), mu, logvar);
   }
@@ -201,17 +199,15 @@ class VAE {
     if (!dx.empty()) check_shape("dx", View<const T>(dx), c.in_shape);
     concat_channels<T>(dmu, dlogvar, c.dmom.view());
     enc_out_[0].backward(ps, c.so.view(), c.dmom.view(), c.dso.view(), c.cout);
-    silu_backward<T>(c.no.view(), c.dso.view(), c.dso.view());
     const std::size_t K = c.d.size();
     View<T> g = K > 0 ? c.dd[K - 1].view() : c.da0.view();
-    enc_norm_out_[0].backward(ps, K > 0 ? View<const T>(c.d[K - 1]) : View<const T>(c.a0),
-                              c.dso.view(), g, c.gno);
+    enc_norm_out_[0].backward_silu(ps, K > 0 ? View<const T>(c.d[K - 1]) : View<const T>(c.a0),
+                                   c.dso.view(), g, c.gno);
     for (std::size_t i = K; i-- > 0;) {
       const View<const T> in = i > 0 ? View<const T>(c.d[i - 1]) : View<const T>(c.a0);
       View<T> gin = i > 0 ? c.dd[i - 1].view() : c.da0.view();
       enc_down_[i].backward(ps, c.s[i].view(), c.dd[i].view(), c.ds[i].view(), c.cd[i]);
-      silu_backward<T>(c.n[i].view(), c.ds[i].view(), c.ds[i].view());
-      enc_norm_[i].backward(ps, in, c.ds[i].view(), gin, c.gn[i]);
+      enc_norm_[i].backward_silu(ps, in, c.ds[i].view(), gin, c.gn[i]);
     }
     enc_in_[0].backward(ps, c.x.view(), c.da0.view(), dx, c.cin);
   }
@@ -226,14 +222,12 @@ class VAE {
     dec_in_[0].forward(ps, z, c.b0.view(), c.cin);
     View<const T> h = c.b0.view();
     for (std::size_t j = 0; j < c.c.size(); ++j) {
-      dec_norm_[j].forward(ps, h, c.n[j].view(), c.gn[j]);
-      silu_forward<T>(c.n[j].view(), c.s[j].view());
+      dec_norm_[j].forward_silu(ps, h, View<T>(), c.s[j].view(), c.gn[j]);
       up_.forward(c.s[j].view(), c.u[j].view());
       dec_up_[j].forward(ps, c.u[j].view(), c.c[j].view(), c.cu[j]);
       h = c.c[j].view();
     }
-    dec_norm_out_[0].forward(ps, h, c.no.view(), c.gno);
-    silu_forward<T>(c.no.view(), c.so.view());
+    dec_norm_out_[0].forward_silu(ps, h, View<T>(), c.so.view(), c.gno);
     dec_out_[0].forward(ps, c.so.view(), xhat, c.cout);
   }
 
@@ -246,18 +240,16 @@ class VAE {
     check_shape("dxhat", dxhat, image_shape(n));
     if (!dz.empty()) check_shape("dz", View<const T>(dz), c.in_shape);
     dec_out_[0].backward(ps, c.so.view(), dxhat, c.dso.view(), c.cout);
-    silu_backward<T>(c.no.view(), c.dso.view(), c.dso.view());
     const std::size_t K = c.c.size();
     View<T> g = K > 0 ? c.dc[K - 1].view() : c.db0.view();
-    dec_norm_out_[0].backward(ps, K > 0 ? View<const T>(c.c[K - 1]) : View<const T>(c.b0),
-                              c.dso.view(), g, c.gno);
+    dec_norm_out_[0].backward_silu(ps, K > 0 ? View<const T>(c.c[K - 1]) : View<const T>(c.b0),
+                                   c.dso.view(), g, c.gno);
     for (std::size_t j = K; j-- > 0;) {
       const View<const T> in = j > 0 ? View<const T>(c.c[j - 1]) : View<const T>(c.b0);
       View<T> gin = j > 0 ? c.dc[j - 1].view() : c.db0.view();
       dec_up_[j].backward(ps, c.u[j].view(), c.dc[j].view(), c.du[j].view(), c.cu[j]);
       up_.backward(c.s[j].view(), c.du[j].view(), c.ds[j].view());
-      silu_backward<T>(c.n[j].view(), c.ds[j].view(), c.ds[j].view());
-      dec_norm_[j].backward(ps, in, c.ds[j].view(), gin, c.gn[j]);
+      dec_norm_[j].backward_silu(ps, in, c.ds[j].view(), gin, c.gn[j]);
     }
     dec_in_[0].backward(ps, c.z.view(), c.db0.view(), dz, c.cin);
   }
@@ -401,19 +393,19 @@ class VAE {
     const auto& ch = cfg_.channels;
     c.x.resize(s);
     for (Tensor<T>* t : {&c.a0, &c.da0}) t->resize(Shape{n, cfg_.base_channels, S, S});
-    for (auto* v : {&c.n, &c.s, &c.d, &c.ds, &c.dd}) v->resize(static_cast<std::size_t>(K));
+    for (auto* v : {&c.s, &c.d, &c.ds, &c.dd}) v->resize(static_cast<std::size_t>(K));
     c.cd.resize(static_cast<std::size_t>(K));
     c.gn.resize(static_cast<std::size_t>(K));
     for (index_t i = 0; i < K; ++i) {
       const auto k = static_cast<std::size_t>(i);
       const index_t cin = i == 0 ? cfg_.base_channels : ch[k - 1];
       const Shape in{n, cin, S >> i, S >> i};
-      for (Tensor<T>* t : {&c.n[k], &c.s[k], &c.ds[k]}) t->resize(in);
+      for (Tensor<T>* t : {&c.s[k], &c.ds[k]}) t->resize(in);
       for (Tensor<T>* t : {&c.d[k], &c.dd[k]})
         t->resize(Shape{n, ch[k], S >> (i + 1), S >> (i + 1)});
     }
     const index_t h = S >> K;
-    for (Tensor<T>* t : {&c.no, &c.so, &c.dso}) t->resize(Shape{n, ch.back(), h, h});
+    for (Tensor<T>* t : {&c.so, &c.dso}) t->resize(Shape{n, ch.back(), h, h});
     for (Tensor<T>* t : {&c.mom, &c.dmom}) t->resize(Shape{n, 2 * cfg_.latent_channels, h, h});
     c.in_shape = s;
   }
@@ -424,7 +416,7 @@ class VAE {
     const auto& ch = cfg_.channels;
     c.z.resize(s);
     for (Tensor<T>* t : {&c.b0, &c.db0}) t->resize(Shape{n, ch.back(), h, h});
-    for (auto* v : {&c.n, &c.s, &c.u, &c.c, &c.ds, &c.du, &c.dc})
+    for (auto* v : {&c.s, &c.u, &c.c, &c.ds, &c.du, &c.dc})
       v->resize(static_cast<std::size_t>(K));
     c.cu.resize(static_cast<std::size_t>(K));
     c.gn.resize(static_cast<std::size_t>(K));
@@ -433,12 +425,12 @@ class VAE {
       const index_t cin = ch[static_cast<std::size_t>(K - 1 - j)];
       const index_t cout = K - 2 - j >= 0 ? ch[static_cast<std::size_t>(K - 2 - j)] : b;
       const index_t r = h << j;
-      for (Tensor<T>* t : {&c.n[k], &c.s[k], &c.ds[k]}) t->resize(Shape{n, cin, r, r});
+      for (Tensor<T>* t : {&c.s[k], &c.ds[k]}) t->resize(Shape{n, cin, r, r});
       for (Tensor<T>* t : {&c.u[k], &c.du[k]}) t->resize(Shape{n, cin, 2 * r, 2 * r});
       for (Tensor<T>* t : {&c.c[k], &c.dc[k]}) t->resize(Shape{n, cout, 2 * r, 2 * r});
     }
     const index_t S = h << K;
-    for (Tensor<T>* t : {&c.no, &c.so, &c.dso}) t->resize(Shape{n, b, S, S});
+    for (Tensor<T>* t : {&c.so, &c.dso}) t->resize(Shape{n, b, S, S});
     c.in_shape = s;
   }
 
