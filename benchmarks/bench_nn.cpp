@@ -6,8 +6,8 @@
 // (6.S184 config: channels [32, 64, 128], 2 residual layers, embeddings 40, 1 x 32 x 32, 10
 // classes) training steps/s (forward + MSE gradient + backward + AdamW); forward latency at batch
 // 1, 4, 16; a small DiT (1 x 32 x 32, patch 4 or 2, width 128, depth 6, 4 heads) training step
-// and forward (sampling) throughput at batch 1..64, and multi-head self-attention forward and
-// backward at the DiT's shapes. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a
+// and forward (sampling) throughput at batch 1..64, multi-head self-attention forward and
+// backward at the DiT's shapes, and a training step of the latent examples' VAE. A GEMM C[m, n] = A[m, k] B[k, n] counts 2 m n k flops; a
 // convolution's forward 2 N O (C k k) (Ho Wo), its backward twice that (dW and dx). The model
 // benchmarks also report the CPU time of the whole process (all threads): on a shared machine it
 // says what the work costs, while the wall time also says how much of the cores the scheduler gave
@@ -29,6 +29,7 @@
 #include <flowdiff/nn/models/dit.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/unet.hpp>
+#include <flowdiff/nn/models/vae.hpp>
 #include <flowdiff/train/optimizer.hpp>
 #include <string>
 #include <vector>
@@ -421,6 +422,33 @@ void BM_unet_train(benchmark::State& state) {
 BENCHMARK(BM_unet_train)
     ->Arg(64)
     ->Arg(250)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMillisecond);
+
+// One training step of the convolutional VAE of the latent examples (28 x 28, channels {32, 64},
+// 4 latent channels): forward with fresh noise, the loss's backward, AdamW. Argument: N.
+void BM_vae_train(benchmark::State& state) {
+  nn::Parameters<float> ps;
+  nn::VAE<float> vae(ps, {.image_size = 28, .channels = {32, 64}, .latent_channels = 4});
+  ps.allocate();
+  fd::Generator gen{12};
+  vae.init(ps, gen);
+  const auto x = fd::randn<float>({state.range(0), 1, 28, 28}, gen);
+  nn::VAE<float>::Cache cache;
+  fd::train::AdamW<float> opt{fd::train::AdamWOptions{.lr = 1e-4}};
+  auto step = [&] {
+    vae.forward(ps, x, gen, cache);
+    ps.zero_grad();
+    vae.backward(ps, x, fd::View<float>{}, cache);
+    opt.step(ps);
+  };
+  step();
+  for (auto _ : state) step();
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_vae_train)
+    ->Arg(128)
     ->UseRealTime()
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);
