@@ -90,7 +90,7 @@ class VAE {
     Shape in_shape;
     Tensor<T> x;                     // the input
     Tensor<T> a0, da0;               // conv_in out [N, base, S, S]
-    std::vector<Tensor<T>> s, d;  // per level: SiLU(GN) out (GN out not kept), conv out
+    std::vector<Tensor<T>> s, d;     // per level: SiLU(GN) out (GN out not kept), conv out
     std::vector<Tensor<T>> ds, dd;   // gradients of s and d
     Tensor<T> so, dso;               // SiLU(GN_out) and its gradient
     Tensor<T> mom, dmom;             // [mu | logvar] and its gradient
@@ -104,7 +104,7 @@ class VAE {
     Shape in_shape;
     Tensor<T> z;                        // the input latent
     Tensor<T> b0, db0;                  // conv_in out [N, c_K, h, w]
-    std::vector<Tensor<T>> s, u, c;  // per level: SiLU(GN) (GN not kept), upsampled, conv out
+    std::vector<Tensor<T>> s, u, c;     // per level: SiLU(GN) (not GN), upsampled, conv out
     std::vector<Tensor<T>> ds, du, dc;  // gradients
     Tensor<T> so, dso;                  // SiLU(GN_out) and its gradient
     typename Conv2d<T>::Cache cin, cout;
