@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -123,6 +124,39 @@ TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][g
     }
   }
   CHECK(cases >= 120);
+}
+
+TEST_CASE("sgemm: the dot-product products (m <= 4 against B^T, n <= 4) for every k remainder",
+          "[core][gemm][sgemm]") {
+  // AVX-512's dot16 kernel: four rows at a time, the even and odd 16-float vectors of k in two
+  // accumulators, an extra even vector and a masked tail where k asks for them; 16-row blocks
+  // and an 8-row remainder; a batch-1 Linear (m = 1, B^T) and a one-column output (n = 1, B
+  // gathered), beta 0 (C not read) and 1.
+  const auto kernels = sgemm_kernels_here();
+  if (kernels.empty()) {
+    WARN("no AVX2/AVX-512 kernel on this CPU: float products go through Eigen (tested elsewhere)");
+    return;
+  }
+  std::mt19937 g(11);
+  for (const fd::index_t k : {1, 15, 16, 17, 31, 32, 33, 47, 48, 49, 66, 80, 255, 256, 257, 300}) {
+    for (const auto& [m, n, tb] : {std::tuple<fd::index_t, fd::index_t, bool>{1, 48, true},
+                                   {3, 40, true}, {1, 256, true}, {56, 1, false}}) {
+      for (const float beta : {0.f, 1.f}) {
+        const auto s = make_sgemm_case(g, m, n, k, false, tb, 1.f, beta);
+        for (auto isa : kernels) {
+          auto c = s.c;
+          if (beta == 0.f)
+            for (fd::index_t i = 0; i < m; ++i)
+              for (fd::index_t j = 0; j < n; ++j)
+                c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
+          REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
+          INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
+                         << " tb " << tb << " beta " << beta);
+          CHECK(sgemm_error(s, c) < 1e-5);
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16)",
