@@ -969,9 +969,13 @@ void thin(const Problem& o, bool parallel) {
     index_t q = q0;
     if constexpr (I == Isa::avx512) {
       for (; q + 16 <= q1; q += 16) {
+        float* cq = c + q * cstride;
+        if (cstride == 1 && overwrite && alpha == 1.f) {  // straight into C (1 v = v)
+          dot16_avx512(v, base + q * stride, stride, o.k, cq);
+          continue;
+        }
         float out[16];
         dot16_avx512(v, base + q * stride, stride, o.k, out);
-        float* cq = c + q * cstride;
         if (cstride == 1 && overwrite) {
           for (index_t r = 0; r < 16; ++r) cq[r] = alpha * out[r];
         } else {
