@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -202,11 +203,13 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
           "[nn][threads]") {
   // Weights above split_min_weight_bytes, so 2 and 3 threads take the split path (each thread a
   // range of every layer's features) for batches of 1 to split_max_rows; widths whose tails are
-  // not multiples of 16 and an output wider than one block check the ranges; batch 1 takes the
-  // dot-product kernels, 5 and 16 the small-batch tiles (5: a partial group of rows). Backward
-  // after a split forward uses its cache.
-  for (const fd::index_t width : {fd::index_t{256}, fd::index_t{328}}) {
-    const nn::MLPConfig cfg{.dim = 20, .width = width, .depth = 4, .time_dim = 30,
+  // not multiples of 16 and an output wider than one block check the ranges (an output of at
+  // most 16 features, dim 2, runs on thread 0 alone); batch 1 takes the dot-product kernels, 5
+  // and 16 the small-batch tiles (5: a partial group of rows). Backward after a split forward
+  // uses its cache.
+  for (const auto& [width, dim] : {std::pair<fd::index_t, fd::index_t>{256, 20}, {328, 20},
+                                   {256, 2}}) {
+    const nn::MLPConfig cfg{.dim = dim, .width = width, .depth = 4, .time_dim = 30,
                             .num_classes = 5};
     nn::Parameters<float> ps;
     nn::MLP<float> mlp(ps, cfg);
@@ -220,7 +223,7 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
     mlp.init(ps, gen);
     constexpr fd::index_t most = nn::MLP<float>::split_max_rows;
     for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{5}, most}) {
-      INFO("width " << width << ", batch " << rows);
+      INFO("width " << width << ", dim " << dim << ", batch " << rows);
       auto x = fd::randn<float>({rows, cfg.dim}, gen);
       auto dout = fd::randn<float>(x.shape(), gen);
       fd::Tensor<float> t({rows});
