@@ -359,6 +359,30 @@ TEST_CASE("Time embeddings: DiT values and d/dt match central differences",
   CHECK(y(1, 5) == Approx(std::cos(a)).epsilon(1e-12));
 }
 
+TEST_CASE("SinusoidalTimeEmbedding (float): std::cos / std::sin's values, in and beyond "
+          "fast_sincos' range",
+          "[nn][dense]") {
+  // fast_sincos for arguments up to fast_sincos_limit, std:: beyond (t = 2000: 1000 t = 2e6, so
+  // the first frequencies' arguments exceed it and the last ones do not); every value rounded to
+  // float equals float(std::cos(a)) / float(std::sin(a)), odd and even dims, ragged halves.
+  for (const fd::index_t dim : {64, 41}) {
+    nn::SinusoidalTimeEmbedding<float> te(dim);
+    const std::vector<float> ts = {0.f, 1e-4f, 0.37f, 1.f, -0.25f, 2000.f, -1500.f};
+    fd::Tensor<float> t({fd::index_t(ts.size())}), y({fd::index_t(ts.size()), dim});
+    for (std::size_t n = 0; n < ts.size(); ++n) t.data()[n] = ts[n];
+    te.forward(t, y);
+    const fd::index_t half = dim / 2;
+    for (fd::index_t n = 0; n < t.numel(); ++n)
+      for (fd::index_t i = 0; i < half; ++i) {
+        const double f = std::exp(-std::log(10000.0) * double(i) / double(half));
+        const double a = 1000.0 * static_cast<double>(ts[static_cast<std::size_t>(n)]) * f;
+        INFO("t " << ts[static_cast<std::size_t>(n)] << ", i " << i << ", a " << a);
+        CHECK(y(n, i) == static_cast<float>(std::cos(a)));
+        CHECK(y(n, half + i) == static_cast<float>(std::sin(a)));
+      }
+  }
+}
+
 TEST_CASE("Dropout: inverted scaling, reproducible mask, identity at p = 0 and in eval",
           "[nn][dense][gradcheck]") {
   fd::Generator gen(7);

@@ -4,6 +4,7 @@
 // activations built on them (SiLU, GELU tanh, forward and backward, and the fused bias + GELU)
 // against the textbook formulas in double, and bit-identical on 1 and 2 threads (the vector body
 // and the scalar remainder of a chunk compute the same function).
+#include <algorithm>
 #include <bit>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <flowdiff/nn/layers/activation.hpp>
 #include <limits>
 #include <numbers>
+#include <random>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -106,6 +108,35 @@ TEST_CASE("fast_exp (float) is within 2 ulp of exp on [-87, 88]", "[nn][fast_mat
   CHECK(std::isnan(fd::fast_exp(std::numeric_limits<float>::quiet_NaN())));
   // double is std::exp itself.
   CHECK(fd::fast_exp(0.3) == std::exp(0.3));
+}
+
+TEST_CASE("fast_sincos (double) is within 2.5e-16 of sin / cos; rounded to float, equal to them",
+          "[nn][fast_math]") {
+  // The sinusoidal time embeddings' arguments (scale 1000 t times frequencies <= 1), the
+  // quadrant boundaries k pi / 4, and random ones up to fast_sincos_limit. Rounded to float
+  // (what the embeddings keep) no value may differ from std::sin / std::cos's.
+  double worst = 0;
+  long float_diffs = 0, count = 0;
+  auto check = [&](double x) {
+    double s = 0, c = 0;
+    flowdiff::fast_sincos(x, s, c);
+    const double es = std::fabs(s - std::sin(x)), ec = std::fabs(c - std::cos(x));
+    worst = std::max({worst, es, ec});
+    float_diffs += (static_cast<float>(s) != static_cast<float>(std::sin(x))) +
+                   (static_cast<float>(c) != static_cast<float>(std::cos(x)));
+    ++count;
+  };
+  for (double x = -1000.0; x <= 1000.0; x += 0.00731) check(x);
+  for (int k = -4000; k <= 4000; ++k) check(k * std::numbers::pi / 4);
+  std::mt19937_64 g(3);
+  std::uniform_real_distribution<double> u(-flowdiff::fast_sincos_limit, flowdiff::fast_sincos_limit);
+  for (int i = 0; i < 200000; ++i) check(u(g));
+  INFO(count << " arguments");
+  CHECK(worst < 2.5e-16);
+  CHECK(float_diffs == 0);
+  double s = 0, c = 0;
+  flowdiff::fast_sincos(std::numeric_limits<double>::quiet_NaN(), s, c);
+  CHECK((std::isnan(s) && std::isnan(c)));
 }
 
 TEST_CASE("fast_tanh (float) is within 2 ulp of tanh on [-12, 12] and +-1 beyond",

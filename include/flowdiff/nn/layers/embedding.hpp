@@ -20,7 +20,9 @@
 #include <string>
 
 #include "flowdiff/backend/cpu/cpu.hpp"
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
@@ -128,16 +130,32 @@ class SinusoidalTimeEmbedding {
     const double* f = freqs_.data();
     const index_t d = d_, h = half_;
     const double sc = scale_;
+    // sin and cos by fast_sincos (a vectorised loop), std:: beyond its range (every f_i <= 1, so
+    // only rows with |tn| > fast_sincos_limit have such arguments); kernels::MlpInput, the
+    // backend models' embedding, decides per argument the same way.
     Cpu::parallel_for(
         t.numel(),
         [=](index_t n) {
           const double tn = sc * static_cast<double>(pt[n]);
           T* row = py + n * d;
-          for (index_t i = 0; i < h; ++i) {
-            const double a = tn * f[i];
-            row[i] = static_cast<T>(std::cos(a));
-            row[h + i] = static_cast<T>(std::sin(a));
-          }
+          simd::vector_loop(
+              [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+                FLOWDIFF_SIMD
+                for (index_t i = lo; i < hi; ++i) {
+                  double sa, ca;
+                  fast_sincos(tn * f[i], sa, ca);
+                  row[i] = static_cast<T>(ca);
+                  row[h + i] = static_cast<T>(sa);
+                }
+              },
+              0, h);
+          if (!(std::fabs(tn) <= fast_sincos_limit))
+            for (index_t i = 0; i < h; ++i) {
+              const double a = tn * f[i];
+              if (std::fabs(a) <= fast_sincos_limit) continue;
+              row[i] = static_cast<T>(std::cos(a));
+              row[h + i] = static_cast<T>(std::sin(a));
+            }
           if (d % 2) row[d - 1] = T(0);
         },
         4 * d);

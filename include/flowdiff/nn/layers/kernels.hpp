@@ -25,6 +25,7 @@
 #include "flowdiff/backend/dispatch.hpp"
 #include "flowdiff/core/config.hpp"
 #include "flowdiff/core/error.hpp"
+#include "flowdiff/core/fast_math.hpp"
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/tensor.hpp"
 
@@ -226,7 +227,18 @@ struct MlpInput {
     if (i < 2 * half) {
       const double tn = scale * static_cast<double>(t[r]);
       const double a = tn * f[i < half ? i : i - half];
+#if defined(__CUDA_ARCH__)
       e = static_cast<T>(i < half ? cos(a) : sin(a));
+#else
+      // SinusoidalTimeEmbedding's choice, per argument: fast_sincos within its range.
+      if (std::fabs(a) <= fast_sincos_limit) {
+        double sa, ca;
+        fast_sincos(a, sa, ca);
+        e = static_cast<T>(i < half ? ca : sa);
+      } else {
+        e = static_cast<T>(i < half ? cos(a) : sin(a));
+      }
+#endif
     }
     if (label_w != nullptr) e = add_rn(e, label_w[static_cast<index_t>(y[r]) * td + i]);
     h0[k] = e;
