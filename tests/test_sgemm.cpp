@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -87,6 +88,22 @@ double sgemm_error(const SgemmCase& s, const std::vector<float>& got) {
   return worst;
 }
 
+// s on each of `kernels` (C poisoned with NaN where beta = 0: it must not be read), checked
+// against the double reference; `what` names the case in a failure.
+void check_kernels(const SgemmCase& s, const std::vector<fd::sgemm::Isa>& kernels,
+                   const std::string& what) {
+  for (auto isa : kernels) {
+    auto c = s.c;
+    if (s.beta == 0.f)
+      for (fd::index_t i = 0; i < s.m; ++i)
+        for (fd::index_t j = 0; j < s.n; ++j)
+          c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
+    REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
+    INFO("kernel " << fd::sgemm::isa_name(isa) << ", " << what);
+    CHECK(sgemm_error(s, c) < 1e-5);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][gemm][sgemm]") {
@@ -110,18 +127,11 @@ TEST_CASE("sgemm kernels match a double reference over random shapes", "[core][g
     const float alpha = trial % 5 == 0 ? -0.5f : 1.f;
     const float beta = trial % 3 == 0 ? 0.f : (trial % 3 == 1 ? 1.f : 0.25f);
     const auto s = make_sgemm_case(g, m, n, k, ta, tb, alpha, beta);
-    for (auto isa : kernels) {
-      auto c = s.c;
-      if (beta == 0.f)  // must not be read
-        for (fd::index_t i = 0; i < m; ++i)
-          for (fd::index_t j = 0; j < n; ++j)
-            c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
-      REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
-      INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
-                     << " ta " << ta << " tb " << tb << " alpha " << alpha << " beta " << beta);
-      CHECK(sgemm_error(s, c) < 1e-5);
-      ++cases;
-    }
+    check_kernels(s, kernels,
+                  "m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) +
+                      " ta " + std::to_string(ta) + " tb " + std::to_string(tb) + " alpha " +
+                      std::to_string(alpha) + " beta " + std::to_string(beta));
+    cases += static_cast<int>(kernels.size());
   }
   CHECK(cases >= 120);
 }
@@ -143,17 +153,10 @@ TEST_CASE("sgemm: the dot-product products (m <= 4 against B^T, n <= 4) for ever
                                    {3, 40, true}, {1, 256, true}, {56, 1, false}}) {
       for (const float beta : {0.f, 1.f}) {
         const auto s = make_sgemm_case(g, m, n, k, false, tb, 1.f, beta);
-        for (auto isa : kernels) {
-          auto c = s.c;
-          if (beta == 0.f)
-            for (fd::index_t i = 0; i < m; ++i)
-              for (fd::index_t j = 0; j < n; ++j)
-                c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
-          REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
-          INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
-                         << " tb " << tb << " beta " << beta);
-          CHECK(sgemm_error(s, c) < 1e-5);
-        }
+        check_kernels(s, kernels,
+                      "m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                          std::to_string(k) + " tb " + std::to_string(tb) + " beta " +
+                          std::to_string(beta));
       }
     }
   }
@@ -173,17 +176,10 @@ TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16
         const float alpha = (m + n) % 3 == 0 ? -0.5f : 1.f;
         const float beta = k % 2 == 0 ? 0.f : (n % 2 == 0 ? 1.f : 0.25f);
         const auto s = make_sgemm_case(g, m, n, k, false, true, alpha, beta);
-        for (auto isa : kernels) {
-          auto c = s.c;
-          if (beta == 0.f)
-            for (fd::index_t i = 0; i < m; ++i)
-              for (fd::index_t j = 0; j < n; ++j)
-                c[static_cast<std::size_t>(i * s.ldc + j)] = std::numeric_limits<float>::quiet_NaN();
-          REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, c.data())));
-          INFO("kernel " << fd::sgemm::isa_name(isa) << ", m " << m << " n " << n << " k " << k
-                         << " alpha " << alpha << " beta " << beta);
-          CHECK(sgemm_error(s, c) < 1e-5);
-        }
+        check_kernels(s, kernels,
+                      "m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                          std::to_string(k) + " alpha " + std::to_string(alpha) + " beta " +
+                          std::to_string(beta));
       }
 }
 
