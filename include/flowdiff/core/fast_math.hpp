@@ -135,7 +135,10 @@ inline constexpr double fast_sincos_limit = 1.0e6;
 /// __kernel_sin / __kernel_cos polynomials (degree 13 and 14); the quadrant k mod 4 picks and
 /// signs them. Within a few ulp of std::sin / std::cos in double (tests/test_nn_fast_math.cpp),
 /// so rounded to float they nearly always agree bit for bit. The same result in a vector body
-/// and in a scalar remainder (no FMA contraction: vector_loop's functions are compiled without).
+/// and in a scalar remainder, and in kernels::MlpInput's host path, as long as no a * b + c is
+/// contracted into an FMA: vector_loop's functions are compiled without contraction and the
+/// library's baseline x86-64 code has no FMA (a build with -mfma / -march=native may contract the
+/// kernel's copy and break that equality, not the accuracy).
 FLOWDIFF_ALWAYS_INLINE void fast_sincos(double x, double& s, double& c) {
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52
   const double k = (x * 6.36619772367581382433e-01 + shifter) - shifter;
