@@ -200,7 +200,7 @@ class BackendUNet {
     std::optional<Context> ctx;
     Tensor<label_t, B> labels;                    // [N]
     Tensor<T, B> et, ey, det, dey, tmp_t, tmp_y;  // [N, td] / [N, yd]
-    Tensor<T, B> x, c0, g0, a0, dc0;              // the input; init conv, GN, SiLU, d(conv)
+    Tensor<T, B> x, c0, a0, dc0;                  // the input; init conv, SiLU(GN), d(conv)
     typename BackendConv2d<T, B>::Cache conv0;
     typename BackendGroupNorm<T, B>::Cache norm0;
     std::vector<typename Block::Cache> rb;
@@ -294,7 +294,7 @@ class BackendUNet {
     }
     copy(c.x.view(), x);
     init_conv_[0].forward(ctx, ps, x, c.c0.view(), c.conv0);
-    init_norm_[0].forward_silu(ps, c.c0.view(), c.g0.view(), c.a0.view(), c.norm0);
+    init_norm_[0].forward_silu(ps, c.c0.view(), View<T, B>{}, c.a0.view(), c.norm0);
 
     View<const T, B> h = c.a0.view();
     std::size_t b = 0;
@@ -385,7 +385,7 @@ class BackendUNet {
                         c.down_c[k]);
       g = back_blocks(c.ddown_in[k].view());
     }
-    init_norm_[0].backward_silu(ps, c.c0.view(), c.g0.view(), g, c.dc0.view(), c.norm0);
+    init_norm_[0].backward_silu(ps, c.c0.view(), g, c.dc0.view(), c.norm0);  // y recomputed
     init_conv_[0].backward(ctx, ps, c.x.view(), c.dc0.view(), dx, c.conv0);
     if (conditional())
       B::parallel_for((cfg_.num_classes + 1) * cfg_.y_embed_dim,
@@ -451,7 +451,7 @@ class BackendUNet {
     for (auto* e : {&c.et, &c.det, &c.tmp_t}) resize_if(*e, Shape{n, cfg_.t_embed_dim});
     for (auto* e : {&c.ey, &c.dey, &c.tmp_y}) resize_if(*e, Shape{n, cfg_.y_embed_dim});
     resize_if(c.x, s);
-    for (auto* a : {&c.c0, &c.g0, &c.a0, &c.dc0, &c.dlast}) resize_if(*a, at(0));
+    for (auto* a : {&c.c0, &c.a0, &c.dc0, &c.dlast}) resize_if(*a, at(0));
     if (cfg_.attention)
       for (auto* a : {&c.an, &c.ao, &c.mid, &c.dan, &c.dao}) resize_if(*a, at(levels - 1));
     const auto nb = blocks_.size();
