@@ -469,6 +469,26 @@ BENCHMARK(BM_mlp_forward)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMicrosecond);
 
+// The same forward with a flowdiff::ThreadTeam (as many threads as OpenMP would use) in the
+// cache instead of OpenMP's parallel region: spinning workers, no fork or join.
+void BM_mlp_forward_team(benchmark::State& state) {
+  Model<nn::MLP<float>> m(mlp_config(), {state.range(0), 2});
+  fd::ThreadTeam team(fd::Cpu::max_threads());
+  m.cache.team = &team;
+  m.forward();
+  for (auto _ : state) {
+    m.forward();
+    benchmark::DoNotOptimize(m.out.data());
+  }
+}
+BENCHMARK(BM_mlp_forward_team)
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime()
+    ->Unit(benchmark::kMicrosecond);
+
 void BM_unet_forward(benchmark::State& state) {
   Model<nn::UNet<float>> m(unet_config(), {state.range(0), 1, 32, 32});
   m.forward();

@@ -233,6 +233,9 @@ CPP_NAMES = {
     "BM_mlp_forward/1": "mlp_forward/1",
     "BM_mlp_forward/4": "mlp_forward/4",
     "BM_mlp_forward/16": "mlp_forward/16",
+    "BM_mlp_forward_team/1": "mlp_forward_team/1",
+    "BM_mlp_forward_team/4": "mlp_forward_team/4",
+    "BM_mlp_forward_team/16": "mlp_forward_team/16",
     "BM_unet_forward/1": "unet_forward/1",
     "BM_unet_forward/4": "unet_forward/4",
     "BM_unet_forward/16": "unet_forward/16",
@@ -312,13 +315,21 @@ def main():
     print()
     print("| figure | PyTorch wall | flowdiff wall | wall ratio | PyTorch cpu | flowdiff cpu | cpu ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    # flowdiff's rows: its figure of the same name, and for the MLP forwards also the one with a
+    # flowdiff::ThreadTeam in the cache (BM_mlp_forward_team) against the same PyTorch figure.
+    rows = []
     for k in runs_t[0]:
-        if k not in runs_c[0]:
+        rows.append((k, k))
+        if k.startswith("mlp_forward/"):
+            rows.append((k + ", ThreadTeam", k.replace("mlp_forward/", "mlp_forward_team/")))
+    for label, ck in rows:
+        k = label.split(",")[0]
+        if ck not in runs_c[0]:
             continue
         tw, tc = med(runs_t, k, 0), med(runs_t, k, 1)
-        cw, cc = med(runs_c, k, 0), med(runs_c, k, 1)
+        cw, cc = med(runs_c, ck, 0), med(runs_c, ck, 1)
         unit, sc = ("us", 1e6) if k.startswith("mlp_forward") else ("ms", 1e3)
-        print(f"| {k} | {tw * sc:.1f} {unit} | {cw * sc:.1f} {unit} | {tw / cw:.2f} "
+        print(f"| {label} | {tw * sc:.1f} {unit} | {cw * sc:.1f} {unit} | {tw / cw:.2f} "
               f"| {tc * sc:.1f} {unit} | {cc * sc:.1f} {unit} | {tc / cc:.2f} |")
     print(f"\nload after: {load()}")
 

@@ -6,6 +6,7 @@
 // Batches are chosen so that convolutions run several groups and backward chunks in parallel.
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -17,6 +18,7 @@
 #endif
 
 #include <flowdiff/backend/cpu/linalg.hpp>
+#include <flowdiff/core/thread_team.hpp>
 #include <flowdiff/nn/layers/conv.hpp>
 #include <flowdiff/nn/layers/conv_transpose.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
@@ -230,17 +232,28 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
       fd::fill_uniform(t, gen);
       fd::Tensor<fd::label_t> y({rows});
       for (fd::index_t r = 0; r < rows; ++r) y.data()[r] = static_cast<fd::label_t>((r + 3) % 6);
+      fd::ThreadTeam* team = nullptr;
       auto run = [&] {
         nn::MLP<float>::Cache cache;
+        cache.team = team;
         fd::Tensor<float> out(x.shape()), dx(x.shape());
         ps.zero_grad();
         mlp.forward(ps, x, t, y, out, cache);
+        mlp.forward(ps, x, t, y, out, cache);  // a second call reuses the team's closure copy
         mlp.backward(ps, dout, dx, cache);
         return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
       };
       const Result one = with_threads(1, run);
       check_same(one, with_threads(2, run));
       check_same(one, with_threads(3, run));
+      // A ThreadTeam instead of OpenMP's threads (the OpenMP setting then does not matter).
+      for (const int size : {2, 3}) {
+        INFO("ThreadTeam of " << size);
+        fd::ThreadTeam threads(size, std::chrono::microseconds(50));
+        team = &threads;
+        check_same(one, with_threads(1, run));
+        team = nullptr;
+      }
       if (rows != 1) continue;
       // The same row inside a batch of 3 goes through other kernels: equal to rounding only.
       nn::MLP<float>::Cache cache;

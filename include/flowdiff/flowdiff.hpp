@@ -14,6 +14,7 @@
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/shape.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/core/thread_team.hpp"
 
 // backend: the Backend concept and the CPU backend (OpenMP, own AVX2/AVX-512 float GEMM, Eigen)
 #include "flowdiff/backend/backend.hpp"

@@ -28,23 +28,13 @@
 #include "flowdiff/core/ops.hpp"
 #include "flowdiff/core/random.hpp"
 #include "flowdiff/core/tensor.hpp"
+#include "flowdiff/core/thread_team.hpp"
 #include "flowdiff/nn/layers/activation.hpp"
 #include "flowdiff/nn/layers/embedding.hpp"
 #include "flowdiff/nn/layers/linear.hpp"
 #include "flowdiff/nn/parameters.hpp"
 
 namespace flowdiff::nn {
-
-namespace detail {
-/// One step of a spin-wait loop: tells the core this thread is waiting (x86 PAUSE, Arm YIELD).
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-}  // namespace detail
 
 /// Configuration of nn::MLP.
 struct MLPConfig {
@@ -72,6 +62,10 @@ class MLP {
     std::vector<Tensor<T>> act;  // depth × [N, width]: silu(a_i)
     Tensor<T> g0, g1;            // [N, width]: backward ping-pong buffers
     Tensor<T> dh0, de;           // [N, d + time_dim], [N, time_dim]
+    /// Threads for the small-batch forward (forward_split below), or nullptr: OpenMP's. Not
+    /// owned; the team must outlive the forward calls that use it, and two threads must not
+    /// run forwards with the same team at once (ThreadTeam::run throws).
+    ThreadTeam* team = nullptr;
   };
 
   MLP(Parameters<T>& ps, const MLPConfig& config, const std::string& prefix = "")
@@ -220,9 +214,10 @@ class MLP {
     return n;
   }
 
-  // Batches of 1 to split_max_rows (float, more than one OpenMP thread, outside a parallel
-  // region, weights of at least split_min_weight_bytes): one parallel region for the whole chain
-  // of products, each thread computing a range of every layer's output features (multiples of
+  // Batches of 1 to split_max_rows (float, weights of at least split_min_weight_bytes, and
+  // cache.team of two or more threads, or else more than one OpenMP thread outside a parallel
+  // region): one job of the team / one parallel region for the whole chain of products, each
+  // thread computing a range of every layer's output features (multiples of
   // 16, so the same bits as the serial forward on any thread count). A batch-1 product streams
   // its weights once and does one FMA per weight loaded, so it runs at the speed of the cache
   // that holds them: split this way, each core keeps its share of every layer in its own L2
@@ -233,29 +228,40 @@ class MLP {
   // layers each thread publishes how many layers it has finished (its own cache line, release)
   // and waits for the others' counts (acquire) instead of a full barrier: one cache-line transfer
   // each way per layer, which matters when the two cores sit far apart (a barrier there cost
-  // about 1 us). At most one thread per split_min_weight_bytes / 2 of weights takes part.
-  // Returns false (nothing done) where the serial forward applies.
+  // about 1 us). At most one thread per split_min_weight_bytes / 2 of weights takes part. A
+  // ThreadTeam's spinning workers start the job sooner than libgomp's fork, and its end waits
+  // only for their "done" lines, not a barrier: 5.1 against 5.4-5.7 us for the 4 x 256 MLP at
+  // batch 1 on a 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the serial forward applies.
   bool forward_split(const Parameters<T>& ps, View<T> out, Cache& cache) const {
-#if defined(_OPENMP)
     if constexpr (std::is_same_v<T, float>) {
       const index_t n = cache.n;
-      if (n > split_max_rows || omp_get_max_threads() < 2 || omp_in_parallel()) return false;
+      if (n > split_max_rows) return false;
+      int available = 1;
+      if (cache.team != nullptr) {
+        available = cache.team->size();
+      } else {
+#if defined(_OPENMP)
+        if (!omp_in_parallel()) available = omp_get_max_threads();
+#endif
+      }
+      if (available < 2) return false;
       std::size_t bytes = 0;
       for (const auto& l : linears_)
         bytes += static_cast<std::size_t>(l.in_features() * l.out_features()) * sizeof(T);
       if (bytes < split_min_weight_bytes) return false;
       constexpr int max_team = 8;
-      const int team = static_cast<int>(std::min<std::size_t>(
-          {static_cast<std::size_t>(omp_get_max_threads()), std::size_t(max_team),
-           bytes / (split_min_weight_bytes / 2)}));
+      const int team = static_cast<int>(
+          std::min<std::size_t>({static_cast<std::size_t>(available), std::size_t(max_team),
+                                 bytes / (split_min_weight_bytes / 2)}));
       struct alignas(64) Progress {
         std::atomic<index_t> layers{0};
       };
       Progress progress[max_team];
-      const index_t depth = cfg_.depth;
-#pragma omp parallel num_threads(team)
-      {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      // Captures by value but for ps and cache, whose objects the caller does not write during
+      // the job: a worker reads the closure, and a ThreadTeam copies it into its own cache line
+      // (at the same stack address from call to call, the copy is not even rewritten).
+      auto body = [this, &ps, &cache, prog = &progress[0], n, pout = out.data()](int t, int nt) {
+        const index_t depth = cfg_.depth;
         // Thread t's share of `width` features: whole blocks of 16, the tail to the last thread.
         auto range = [t, nt](index_t width, index_t& j0, index_t& j1) {
           const index_t blocks = width / 16;
@@ -264,8 +270,8 @@ class MLP {
         };
         auto wait_for = [&](index_t layers) {
           for (int u = 0; u < nt; ++u)
-            while (u != t && progress[u].layers.load(std::memory_order_acquire) < layers)
-              detail::spin_pause();
+            while (u != t && prog[u].layers.load(std::memory_order_acquire) < layers)
+              flowdiff::detail::spin_pause();
         };
         const T* h = cache.h0.data();
         index_t j0 = 0, j1 = 0;
@@ -274,9 +280,9 @@ class MLP {
           range(linears_[k].out_features(), j0, j1);
           linears_[k].forward_columns(ps, h, n, cache.pre[k].data(), cache.act[k].data(), j0, j1,
                                       Linear<T>::Act::silu);
-          progress[t].layers.store(i + 1, std::memory_order_release);
+          prog[t].layers.store(i + 1, std::memory_order_release);
           // An output layer of at most 16 features runs on thread 0 alone (below): the others
-          // go straight on to the region's end, where thread 0 would otherwise wait for them
+          // go straight on to the job's end, where thread 0 would otherwise wait for them
           // (90 ns less per call, timed by the TSC on the Xeon of 2026-12-07).
           if (i + 1 < depth || t == 0 || cfg_.dim > 16) wait_for(i + 1);
           h = cache.act[k].data();
@@ -287,12 +293,18 @@ class MLP {
           j0 = 0;
           j1 = t == 0 ? cfg_.dim : 0;
         }
-        linears_.back().forward_columns(ps, h, n, out.data(), nullptr, j0, j1,
-                                        Linear<T>::Act::none);
+        linears_.back().forward_columns(ps, h, n, pout, nullptr, j0, j1, Linear<T>::Act::none);
+      };
+      if (cache.team != nullptr) {
+        cache.team->run(body, team);
+      } else {
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(team)
+        body(omp_get_thread_num(), omp_get_num_threads());
+#endif
       }
       return true;
     }
-#endif
     (void)ps;
     (void)out;
     (void)cache;
