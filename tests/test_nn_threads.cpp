@@ -20,6 +20,7 @@
 #include <flowdiff/backend/cpu/linalg.hpp>
 #include <flowdiff/core/thread_team.hpp>
 #include <flowdiff/nn/layers/conv.hpp>
+#include <flowdiff/nn/as_field.hpp>
 #include <flowdiff/nn/layers/conv_transpose.hpp>
 #include <flowdiff/nn/models/mlp.hpp>
 #include <flowdiff/nn/models/unet.hpp>
@@ -268,5 +269,37 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
         CHECK(out3.data()[j] ==
               Approx(one.out[static_cast<std::size_t>(j)]).epsilon(1e-5).margin(1e-6));
     }
+  }
+}
+
+TEST_CASE("An MLP field on a ThreadTeam integrates to the same bits as on OpenMP's threads",
+          "[nn][threads]") {
+  // docs/nn.md's usage: as_field(mlp, ps).cache().team = &team, then a sampler. Batch 1 and 16
+  // take the split forward (weights above split_min_weight_bytes), batch 17 the ordinary one.
+  const nn::MLPConfig cfg{.dim = 2, .width = 256, .depth = 4};
+  nn::Parameters<float> ps;
+  nn::MLP<float> mlp(ps, cfg);
+  ps.allocate();
+  fd::Generator gen{21};
+  mlp.init(ps, gen);
+  fd::ThreadTeam team(2, std::chrono::microseconds(50));
+  for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{16}, fd::index_t{17}}) {
+    INFO("batch " << rows);
+    const auto x0 = fd::randn<float>({rows, cfg.dim}, gen);
+    auto sample = [&](fd::ThreadTeam* t) {
+      auto field = nn::as_field(mlp, ps);
+      field.cache().team = t;
+      fd::Tensor<float> x = x0.clone();
+      fd::Tensor<float> u(x.shape());
+      for (int step = 0; step < 20; ++step) {  // Euler from t = 0 to 1
+        field(x.view(), u.view(), 0.05f * static_cast<float>(step));
+        for (fd::index_t i = 0; i < x.numel(); ++i) x.data()[i] += 0.05f * u.data()[i];
+      }
+      return copy_of(x.view());
+    };
+    const auto openmp = with_threads(2, [&] { return Result{sample(nullptr), {}, {}}; }).out;
+    const auto on_team = sample(&team);
+    CHECK(on_team == openmp);
+    CHECK(on_team != copy_of(x0.view()));
   }
 }
