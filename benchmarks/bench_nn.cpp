@@ -31,6 +31,7 @@
 #include <flowdiff/nn/models/unet.hpp>
 #include <flowdiff/nn/models/vae.hpp>
 #include <flowdiff/train/optimizer.hpp>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -453,41 +454,30 @@ BENCHMARK(BM_vae_train)
     ->MeasureProcessCPUTime()
     ->Unit(benchmark::kMillisecond);
 
-void BM_mlp_forward(benchmark::State& state) {
+// MLP forward latency at batch state.range(0); with `team`, a flowdiff::ThreadTeam (as many
+// threads as OpenMP would use) in the cache instead of OpenMP's parallel region: spinning
+// workers, no fork or join.
+void mlp_forward(benchmark::State& state, bool team) {
   Model<nn::MLP<float>> m(mlp_config(), {state.range(0), 2});
+  std::unique_ptr<fd::ThreadTeam> threads;
+  if (team) {
+    threads = std::make_unique<fd::ThreadTeam>(fd::Cpu::max_threads());
+    m.cache.team = threads.get();
+  }
   m.forward();
   for (auto _ : state) {
     m.forward();
     benchmark::DoNotOptimize(m.out.data());
   }
 }
-BENCHMARK(BM_mlp_forward)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(16)
-    ->UseRealTime()
-    ->MeasureProcessCPUTime()
-    ->Unit(benchmark::kMicrosecond);
-
-// The same forward with a flowdiff::ThreadTeam (as many threads as OpenMP would use) in the
-// cache instead of OpenMP's parallel region: spinning workers, no fork or join.
-void BM_mlp_forward_team(benchmark::State& state) {
-  Model<nn::MLP<float>> m(mlp_config(), {state.range(0), 2});
-  fd::ThreadTeam team(fd::Cpu::max_threads());
-  m.cache.team = &team;
-  m.forward();
-  for (auto _ : state) {
-    m.forward();
-    benchmark::DoNotOptimize(m.out.data());
-  }
+void BM_mlp_forward(benchmark::State& state) { mlp_forward(state, false); }
+void BM_mlp_forward_team(benchmark::State& state) { mlp_forward(state, true); }
+// Batches 1, 4, 16; wall time and the CPU time of the whole process, in microseconds.
+void latency_batches(benchmark::internal::Benchmark* b) {
+  b->Arg(1)->Arg(4)->Arg(16)->UseRealTime()->MeasureProcessCPUTime()->Unit(benchmark::kMicrosecond);
 }
-BENCHMARK(BM_mlp_forward_team)
-    ->Arg(1)
-    ->Arg(4)
-    ->Arg(16)
-    ->UseRealTime()
-    ->MeasureProcessCPUTime()
-    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_mlp_forward)->Apply(latency_batches);
+BENCHMARK(BM_mlp_forward_team)->Apply(latency_batches);
 
 void BM_unet_forward(benchmark::State& state) {
   Model<nn::UNet<float>> m(unet_config(), {state.range(0), 1, 32, 32});
