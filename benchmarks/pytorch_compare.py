@@ -203,7 +203,8 @@ def torch_figures(min_time, groups):
             tr = Trainer(f"dit{patch}", 64)
             f[f"dit_train/p{patch}/64"] = timed(tr.step, min_time)
     with torch.no_grad():
-        for kind, batches in (("mlp", (1, 4, 16)), ("unet", (1, 4, 16)), ("dit4", (1, 4, 16, 64))):
+        for kind, batches in (("mlp", (1, 2, 4, 16)), ("unet", (1, 4, 16)),
+                              ("dit4", (1, 4, 16, 64))):
             if kind.rstrip("0123456789") not in groups:
                 continue
             model = make(kind)
@@ -231,6 +232,8 @@ CPP_NAMES = {
     "BM_unet_train/64": "unet_train/64",
     "BM_unet_train/250": "unet_train/250",
     "BM_mlp_forward/1": "mlp_forward/1",
+    "BM_mlp_forward/2": "mlp_forward/2",
+    "BM_mlp_forward_team/2": "mlp_forward_team/2",
     "BM_mlp_forward/4": "mlp_forward/4",
     "BM_mlp_forward/16": "mlp_forward/16",
     "BM_mlp_forward_team/1": "mlp_forward_team/1",

@@ -207,9 +207,9 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
   // Weights above split_min_weight_bytes, so 2 and 3 threads take the split path (each thread a
   // range of every layer's features) for batches of 1 to split_max_rows; widths whose tails are
   // not multiples of 16 and an output wider than one block check the ranges (an output of at
-  // most 16 features, dim 2, runs on thread 0 alone); batch 1 takes the dot-product kernels, 5
-  // and 16 the small-batch tiles (5: a partial group of rows). Backward after a split forward
-  // uses its cache.
+  // most 16 features, dim 2, runs on thread 0 alone); batch 1 takes the dot-product kernels, 2,
+  // 5 and 16 the small-batch tiles (2: 2 x 8 tiles; 5: a group of four and a 1 x 16 row).
+  // Backward after a split forward uses its cache.
   for (const auto& [width, dim] : {std::pair<fd::index_t, fd::index_t>{256, 20}, {328, 20},
                                    {256, 2}}) {
     const nn::MLPConfig cfg{.dim = dim, .width = width, .depth = 4, .time_dim = 30,
@@ -225,7 +225,7 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
     fd::Generator gen{9};
     mlp.init(ps, gen);
     constexpr fd::index_t most = nn::MLP<float>::split_max_rows;
-    for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{5}, most}) {
+    for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{2}, fd::index_t{5}, most}) {
       INFO("width " << width << ", dim " << dim << ", batch " << rows);
       auto x = fd::randn<float>({rows, cfg.dim}, gen);
       auto dout = fd::randn<float>(x.shape(), gen);

@@ -164,14 +164,15 @@ TEST_CASE("sgemm: the dot-product products (m <= 4 against B^T, n <= 4) for ever
 
 TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16)",
           "[core][gemm][sgemm]") {
-  // The unpacked 4 x 4 dot-product tiles of the AVX-512 kernel: ragged rows and columns, k not a
-  // multiple of 16 (masked tail) and shorter than one vector, padded leading dimensions, alpha
-  // and beta; m = 1 and 17 are the neighbouring paths.
+  // The unpacked dot-product tiles of the AVX-512 kernel (4 x 4 for groups of four rows, 4 x 4
+  // with a row repeated for a remainder of three, 2 x 8 for two, 1 x 16 for one; blocks of 16
+  // columns): ragged rows and columns, k not a multiple of 16 (masked tail) and shorter than one
+  // vector, padded leading dimensions, alpha and beta; m = 1 and 17 are the neighbouring paths.
   const auto kernels = sgemm_kernels_here();
   if (kernels.empty()) return;
   std::mt19937 g(13);
-  for (fd::index_t m : {1, 2, 3, 4, 5, 8, 13, 16, 17})
-    for (fd::index_t n : {4, 5, 7, 33, 256})
+  for (fd::index_t m : {1, 2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 16, 17})
+    for (fd::index_t n : {4, 5, 7, 20, 24, 33, 256})
       for (fd::index_t k : {1, 15, 16, 17, 256, 300}) {
         const float alpha = (m + n) % 3 == 0 ? -0.5f : 1.f;
         const float beta = k % 2 == 0 ? 0.f : (n % 2 == 0 ? 1.f : 0.25f);
@@ -181,6 +182,36 @@ TEST_CASE("sgemm: small batches against a weight matrix (C = A B^T, 2 <= m <= 16
                           std::to_string(k) + " alpha " + std::to_string(alpha) + " beta " +
                           std::to_string(beta));
       }
+}
+
+TEST_CASE("sgemm: a small batch's rows have the same bits in every batch from 2 to 16 rows",
+          "[core][gemm][sgemm]") {
+  // Every tile shape computes an element as one accumulator over k and the same reduction, so a
+  // row of A gives the same bits whether it sits in a group of four, a remainder of three, two
+  // or one: C = A B^T for the first m rows of one A, against the rows of the 16-row product.
+  const auto kernels = sgemm_kernels_here();
+  if (std::find(kernels.begin(), kernels.end(), fd::sgemm::Isa::avx512) == kernels.end()) return;
+  std::mt19937 g(29);
+  for (const fd::index_t k : {7, 64, 66, 257}) {
+    for (const fd::index_t n : {20, 37}) {
+      const auto s = make_sgemm_case(g, 16, n, k, false, true, 1.f, 0.f);
+      std::vector<float> all(s.c.size());
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(s, all.data())));
+      for (fd::index_t m = 2; m < 16; ++m) {
+        auto part = s;
+        part.m = m;
+        std::vector<float> c(static_cast<std::size_t>(m * s.ldc), 0.f);
+        REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(part, c.data())));
+        bool same = true;
+        for (fd::index_t i = 0; i < m; ++i)
+          for (fd::index_t j = 0; j < n; ++j)
+            same = same && c[static_cast<std::size_t>(i * s.ldc + j)] ==
+                               all[static_cast<std::size_t>(i * s.ldc + j)];
+        INFO("k " << k << " n " << n << " m " << m);
+        CHECK(same);
+      }
+    }
+  }
 }
 
 TEST_CASE("sgemm: the packed product's bits do not depend on how A and B are stored",

@@ -707,7 +707,7 @@ void packed(const Problem& o, bool parallel) {
 /// 16 vectors -> one vector of their 16 horizontal sums, lane 4 e + l = sum(v[4 l + e]) (a
 /// transposing tree: 256-bit halves, then 128-bit quarters across pairs, then within 128-bit
 /// lanes twice; the all-lanes maskz forms because g++ 12's plain ones trip -Wuninitialized inside
-/// its own header). Shared by dot16_avx512 and dots4x4_avx512.
+/// its own header). Shared by dot16_avx512 and dots_avx512.
 __attribute__((target("avx512f"))) inline __m512 reduce16_avx512(const __m512* v) {
   const __mmask16 all = 0xFFFF;
   __m512 x[8], z[4], q[2];
@@ -1029,80 +1029,126 @@ void thin(const Problem& o, bool parallel) {
 /// Rows per block of the small-batch kernel and the largest m it takes.
 inline constexpr index_t small_rows = 4, small_m_max = 16;
 
-/// C[r, c] (r < mr, c < nc of a 4 x 4 tile) = alpha <a_r, b_c> (+ C): 16 dot products over k
-/// that share their loads (each row of A meets four rows of B per vector), then one transposing
-/// reduction tree that leaves the tile row-major in one register. Rows r >= mr repeat row 0 and
-/// columns c >= nc repeat column 0 (computed, not stored).
-__attribute__((target("avx512f"))) inline void dots4x4_avx512(const float* const* a,
-                                                              const float* const* b, index_t k,
-                                                              float* c, index_t ldc, index_t mr,
-                                                              index_t nc, float alpha,
-                                                              bool overwrite) {
-  // v[4 c + r] accumulates <a_r, b_c>: the order the reduction below turns into lane 4 r + c.
+/// C[r, c] (r < mr, c < nc of an R x C tile, R C = 16) = alpha <a_r, b_c> (+ C): 16 dot
+/// products over k that share their loads (each row of A meets C rows of B per vector), then one
+/// transposing reduction tree that leaves the tile row-major in one register. Rows r >= mr repeat
+/// row 0 and columns c >= nc repeat column 0 (computed, not stored). Every element is one
+/// accumulator over k in 16-float steps (the masked tail last) and the same reduction pattern, so
+/// its bits do not depend on the tile's shape: 4 x 4 tiles for groups of four rows of A, 2 x 8
+/// and 1 x 16 for a remainder of two rows or one (which 4 x 4 tiles computed twice or four times
+/// over: a batch of 2, classifier-free guidance of one sample, took as long as a batch of 4).
+template <int R, int C>
+__attribute__((target("avx512f"))) inline void dots_avx512(const float* const* a,
+                                                           const float* const* b, index_t k,
+                                                           float* c, index_t ldc, index_t mr,
+                                                           index_t nc, float alpha,
+                                                           bool overwrite) {
+  static_assert(R * C == 16, "one 16-lane reduction per tile");
+  // Element (r, c) of the tile is lane L = C r + c of the reduction, which reduce16_avx512 takes
+  // from vector 4 (L % 4) + L / 4.
+  constexpr auto slot = [](int r, int cc) { return 4 * ((C * r + cc) % 4) + (C * r + cc) / 4; };
   __m512 v[16];
 FLOWDIFF_SGEMM_UNROLL
   for (int i = 0; i < 16; ++i) v[i] = _mm512_setzero_ps();
   index_t p = 0;
   for (; p + 16 <= k; p += 16) {
-    const __m512 a0 = _mm512_loadu_ps(a[0] + p), a1 = _mm512_loadu_ps(a[1] + p),
-                 a2 = _mm512_loadu_ps(a[2] + p), a3 = _mm512_loadu_ps(a[3] + p);
+    __m512 av[R];
 FLOWDIFF_SGEMM_UNROLL
-    for (int cc = 0; cc < 4; ++cc) {
-      const __m512 w = _mm512_loadu_ps(b[cc] + p);
-      v[4 * cc + 0] = _mm512_fmadd_ps(a0, w, v[4 * cc + 0]);
-      v[4 * cc + 1] = _mm512_fmadd_ps(a1, w, v[4 * cc + 1]);
-      v[4 * cc + 2] = _mm512_fmadd_ps(a2, w, v[4 * cc + 2]);
-      v[4 * cc + 3] = _mm512_fmadd_ps(a3, w, v[4 * cc + 3]);
+    for (int r = 0; r < R; ++r) av[r] = _mm512_loadu_ps(a[r] + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int cc = 0; cc < C; ++cc) {
+      __m512 w = _mm512_loadu_ps(b[cc] + p);
+      // In a register: g++ otherwise folds the load into each of the R FMAs as a memory operand,
+      // loading the vector R times (2 x 8 tiles ran at 63 instead of 84 GB/s from L2). 4 x 4
+      // tiles load it into a register by themselves, and run 2-3 % slower with the barrier.
+      if constexpr (R == 2) asm("" : "+v"(w));
+FLOWDIFF_SGEMM_UNROLL
+      for (int r = 0; r < R; ++r) v[slot(r, cc)] = _mm512_fmadd_ps(av[r], w, v[slot(r, cc)]);
     }
   }
   if (p < k) {
     const __mmask16 mk = static_cast<__mmask16>((1u << (k - p)) - 1u);
-    const __m512 a0 = _mm512_maskz_loadu_ps(mk, a[0] + p), a1 = _mm512_maskz_loadu_ps(mk, a[1] + p),
-                 a2 = _mm512_maskz_loadu_ps(mk, a[2] + p), a3 = _mm512_maskz_loadu_ps(mk, a[3] + p);
+    __m512 av[R];
 FLOWDIFF_SGEMM_UNROLL
-    for (int cc = 0; cc < 4; ++cc) {
+    for (int r = 0; r < R; ++r) av[r] = _mm512_maskz_loadu_ps(mk, a[r] + p);
+FLOWDIFF_SGEMM_UNROLL
+    for (int cc = 0; cc < C; ++cc) {
       const __m512 w = _mm512_maskz_loadu_ps(mk, b[cc] + p);
-      v[4 * cc + 0] = _mm512_fmadd_ps(a0, w, v[4 * cc + 0]);
-      v[4 * cc + 1] = _mm512_fmadd_ps(a1, w, v[4 * cc + 1]);
-      v[4 * cc + 2] = _mm512_fmadd_ps(a2, w, v[4 * cc + 2]);
-      v[4 * cc + 3] = _mm512_fmadd_ps(a3, w, v[4 * cc + 3]);
+FLOWDIFF_SGEMM_UNROLL
+      for (int r = 0; r < R; ++r) v[slot(r, cc)] = _mm512_fmadd_ps(av[r], w, v[slot(r, cc)]);
     }
   }
-  // lane 4 e + l = sum(v[4 l + e])
   const __m512 sums = _mm512_mul_ps(reduce16_avx512(v), _mm512_set1_ps(alpha));
   alignas(64) float t[16];
   _mm512_store_ps(t, sums);
   for (index_t r = 0; r < mr; ++r) {
     float* cr = c + r * ldc;
-    if (nc == 4) {  // a whole row of the tile: one 128-bit store (the loop became a memmove call)
-      __m128 row = _mm_load_ps(t + 4 * r);
-      if (!overwrite) row = _mm_add_ps(_mm_loadu_ps(cr), row);
-      _mm_storeu_ps(cr, row);
+    if constexpr (C == 4) {
+      if (nc == 4) {  // a whole row of the tile: one 128-bit store (the loop became a memmove call)
+        __m128 row = _mm_load_ps(t + 4 * r);
+        if (!overwrite) row = _mm_add_ps(_mm_loadu_ps(cr), row);
+        _mm_storeu_ps(cr, row);
+        continue;
+      }
     } else {
-      for (index_t cc = 0; cc < nc; ++cc)
-        cr[cc] = overwrite ? t[4 * r + cc] : cr[cc] + t[4 * r + cc];
+      if (nc == C) {  // a whole row: 256 or 512 bits
+        if constexpr (C == 8) {
+          __m256 row = _mm256_load_ps(t + 8 * r);
+          if (!overwrite) row = _mm256_add_ps(_mm256_loadu_ps(cr), row);
+          _mm256_storeu_ps(cr, row);
+        } else {
+          __m512 row = _mm512_load_ps(t);
+          if (!overwrite) row = _mm512_add_ps(_mm512_loadu_ps(cr), row);
+          _mm512_storeu_ps(cr, row);
+        }
+        continue;
+      }
     }
+    for (index_t cc = 0; cc < nc; ++cc)
+      cr[cc] = overwrite ? t[C * r + cc] : cr[cc] + t[C * r + cc];
   }
 }
 
 /// C = alpha A B^T (+ C) for 2 <= m <= small_m_max with A [m, k] and B [n, k] row-major (a
-/// Linear layer's forward pass on a small batch, B its [out, in] weight): 4 x 4 tiles of dot
-/// products straight from A and B, with no packing, whose per-call cost matched the product's
-/// at these sizes. Serial (such products are far below parallel_flops).
+/// Linear layer's forward pass on a small batch, B its [out, in] weight): tiles of dot products
+/// straight from A and B, with no packing, whose per-call cost matched the product's at these
+/// sizes. Serial (such products are far below parallel_flops).
 inline void small_batch_avx512(const Problem& o) {
   const bool overwrite = o.beta == 0.f;
-  // Four rows of B at a time against every group of four rows of A: B (the weight, the large
-  // operand) comes from L2 once and its four rows stay in L1 for all the groups, as does A.
-  for (index_t j = 0; j < o.n; j += 4) {
-    const index_t nc = std::min<index_t>(4, o.n - j);
-    const float* b[4];
-    for (index_t cc = 0; cc < 4; ++cc) b[cc] = o.b + (j + (cc < nc ? cc : 0)) * o.ldb;
-    for (index_t i = 0; i < o.m; i += small_rows) {
-      const index_t mr = std::min(small_rows, o.m - i);
-      const float* a[4];
-      for (index_t r = 0; r < 4; ++r) a[r] = o.a + (i + (r < mr ? r : 0)) * o.lda;
-      dots4x4_avx512(a, b, o.k, o.c + i * o.ldc + j, o.ldc, mr, nc, o.alpha, overwrite);
+  // Sixteen rows of B at a time: B (the weight, the large operand) comes from L2 once. Within
+  // them, four rows at a time against every group of four rows of A (4 x 4 tiles, A and the four
+  // rows of B in L1); then a remainder of three rows of A takes 4 x 4 tiles with a row repeated,
+  // of two rows 2 x 8 tiles, of one row 1 x 16 tiles, over the sixteen rows of B still in L1.
+  const index_t full = o.m / small_rows * small_rows, rest = o.m - full;
+  auto tiles = [&]<int R, int C>(index_t i, index_t mr, index_t j0, index_t j1) {
+    for (index_t j = j0; j < j1; j += C) {
+      const index_t nc = std::min<index_t>(C, j1 - j);
+      const float* a[R];
+      const float* b[C];
+      for (index_t r = 0; r < R; ++r) a[r] = o.a + (i + (r < mr ? r : 0)) * o.lda;
+      for (index_t cc = 0; cc < C; ++cc) b[cc] = o.b + (j + (cc < nc ? cc : 0)) * o.ldb;
+      dots_avx512<R, C>(a, b, o.k, o.c + i * o.ldc + j, o.ldc, mr, nc, o.alpha, overwrite);
     }
+  };
+  for (index_t j0 = 0; j0 < o.n; j0 += 16) {
+    const index_t j1 = std::min<index_t>(j0 + 16, o.n);
+    // (Written out rather than through `tiles`: batch 16 ran 2-4 % slower that way.)
+    for (index_t j = j0; full > 0 && j < j1; j += 4) {
+      const index_t nc = std::min<index_t>(4, j1 - j);
+      const float* b[4];
+      for (index_t cc = 0; cc < 4; ++cc) b[cc] = o.b + (j + (cc < nc ? cc : 0)) * o.ldb;
+      for (index_t i = 0; i < full; i += small_rows) {
+        const float* a[4];
+        for (index_t r = 0; r < 4; ++r) a[r] = o.a + (i + r) * o.lda;
+        dots_avx512<4, 4>(a, b, o.k, o.c + i * o.ldc + j, o.ldc, 4, nc, o.alpha, overwrite);
+      }
+    }
+    if (rest == 3)
+      tiles.template operator()<4, 4>(full, rest, j0, j1);
+    else if (rest == 2)
+      tiles.template operator()<2, 8>(full, rest, j0, j1);
+    else if (rest == 1)
+      tiles.template operator()<1, 16>(full, rest, j0, j1);
   }
   o.finish(0, o.m, 0, o.n);
 }
