@@ -16,7 +16,10 @@
 // that call small forwards back to back (sampling, serving) and give it spin = 0 (sleep at once)
 // or destroy it for the rest. run() is not reentrant: a concurrent or nested call on the same
 // team throws config_error. An exception thrown by the job on any thread is rethrown by run()
-// after every thread has finished (the first one, the caller's before the workers').
+// after every thread has finished (the first one, the caller's before the workers'); parts that
+// wait for each other must therefore not throw between their waits, or the others wait forever.
+// No more threads than free cores: a spinning worker that shares a core with the caller delays
+// every job by a scheduler time slice.
 #pragma once
 
 #include <algorithm>
