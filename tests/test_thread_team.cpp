@@ -115,6 +115,22 @@ TEST_CASE("ThreadTeam takes callables that do not fit its closure line", "[core]
   CHECK(hits.load() == 2);
 }
 
+TEST_CASE("ThreadTeam: a callable that changes itself is the caller's object on every thread",
+          "[core][threads]") {
+  // Small and trivially copyable, but its operator() is not const: the team must not run a copy
+  // of it (the parts' writes would land in the copy).
+  struct Recorder {
+    int seen[4] = {};
+    void operator()(int t, int) { seen[t] = t + 1; }
+  };
+  fd::ThreadTeam team(3, microseconds(20));
+  Recorder rec;
+  team.run(rec);
+  CHECK(rec.seen[0] == 1);
+  CHECK(rec.seen[1] == 2);
+  CHECK(rec.seen[2] == 3);
+}
+
 TEST_CASE("ThreadTeam rethrows what a part throws and stays usable", "[core][threads]") {
   fd::ThreadTeam team(3, microseconds(20));
   std::atomic<int> finished{0};

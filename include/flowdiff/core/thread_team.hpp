@@ -109,9 +109,12 @@ class ThreadTeam {
     void (*const fn)(void*, int, int) = [](void* c, int t, int n) { (*static_cast<Fn*>(c))(t, n); };
     // The workers read the job's closure from the team's own line when it fits (a lambda's
     // captures), not from the caller's stack: the caller keeps writing its stack while the job
-    // runs, and every write to the closure's line would send that line back and forth.
+    // runs, and every write to the closure's line would send that line back and forth. Only a
+    // callable that a const reference can call: one that changes itself (a `mutable` lambda, a
+    // functor with a non-const operator()) must be the caller's own object on every thread.
     void* ctx = const_cast<void*>(static_cast<const volatile void*>(std::addressof(f)));
-    if constexpr (sizeof(Fn) <= sizeof(closure_) && std::is_trivially_copyable_v<Fn>) {
+    if constexpr (sizeof(Fn) <= sizeof(closure_) && std::is_trivially_copyable_v<Fn> &&
+                  std::is_invocable_v<const Fn&, int, int>) {
       if (std::memcmp(closure_, ctx, sizeof(Fn)) != 0) std::memcpy(closure_, ctx, sizeof(Fn));
       ctx = closure_;
     }
