@@ -217,8 +217,8 @@ class MLP {
   // Batches of 1 to split_max_rows (float, weights of at least split_min_weight_bytes, and
   // cache.team of two or more threads, or else more than one OpenMP thread outside a parallel
   // region): one job of the team / one parallel region for the whole chain of products, each
-  // thread computing a range of every layer's output features (multiples of
-  // 16, so the same bits as the serial forward on any thread count). A batch-1 product streams
+  // thread computing a range of every layer's output features (multiples of 16, so the same
+  // bits as the serial forward on any thread count). A batch-1 product streams
   // its weights once and does one FMA per weight loaded, so it runs at the speed of the cache
   // that holds them: split this way, each core keeps its share of every layer in its own L2
   // (0.43 MB each for the 4 x 256 MLP, whose 0.86 MB spill one core's 1 MB L2 into L3) and the
@@ -231,7 +231,8 @@ class MLP {
   // about 1 us). At most one thread per split_min_weight_bytes / 2 of weights takes part. A
   // ThreadTeam's spinning workers start the job sooner than libgomp's fork, and its end waits
   // only for their "done" lines, not a barrier: 5.1 against 5.4-5.7 us for the 4 x 256 MLP at
-  // batch 1 on a 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the serial forward applies.
+  // batch 1 on a 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the
+  // serial forward applies.
   bool forward_split(const Parameters<T>& ps, View<T> out, Cache& cache) const {
     if constexpr (std::is_same_v<T, float>) {
       const index_t n = cache.n;
