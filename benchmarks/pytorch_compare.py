@@ -233,12 +233,12 @@ CPP_NAMES = {
     "BM_unet_train/250": "unet_train/250",
     "BM_mlp_forward/1": "mlp_forward/1",
     "BM_mlp_forward/2": "mlp_forward/2",
-    "BM_mlp_forward_team/2": "mlp_forward_team/2",
+    "BM_mlp_forward_omp/2": "mlp_forward_omp/2",
     "BM_mlp_forward/4": "mlp_forward/4",
     "BM_mlp_forward/16": "mlp_forward/16",
-    "BM_mlp_forward_team/1": "mlp_forward_team/1",
-    "BM_mlp_forward_team/4": "mlp_forward_team/4",
-    "BM_mlp_forward_team/16": "mlp_forward_team/16",
+    "BM_mlp_forward_omp/1": "mlp_forward_omp/1",
+    "BM_mlp_forward_omp/4": "mlp_forward_omp/4",
+    "BM_mlp_forward_omp/16": "mlp_forward_omp/16",
     "BM_unet_forward/1": "unet_forward/1",
     "BM_unet_forward/4": "unet_forward/4",
     "BM_unet_forward/16": "unet_forward/16",
@@ -318,13 +318,14 @@ def main():
     print()
     print("| figure | PyTorch wall | flowdiff wall | wall ratio | PyTorch cpu | flowdiff cpu | cpu ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    # flowdiff's rows: its figure of the same name, and for the MLP forwards also the one with a
-    # flowdiff::ThreadTeam in the cache (BM_mlp_forward_team) against the same PyTorch figure.
+    # flowdiff's rows: its figure of the same name, and for the MLP forwards also the one with
+    # OpenMP's parallel region instead of the cache's own ThreadTeam (BM_mlp_forward_omp, the
+    # cache's own_team = false) against the same PyTorch figure.
     rows = []
     for k in runs_t[0]:
         rows.append((k, k))
         if k.startswith("mlp_forward/"):
-            rows.append((k + ", ThreadTeam", k.replace("mlp_forward/", "mlp_forward_team/")))
+            rows.append((k + ", OpenMP region", k.replace("mlp_forward/", "mlp_forward_omp/")))
     for label, ck in rows:
         k = label.split(",")[0]
         if ck not in runs_c[0]:

@@ -234,25 +234,41 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
       fd::Tensor<fd::label_t> y({rows});
       for (fd::index_t r = 0; r < rows; ++r) y.data()[r] = static_cast<fd::label_t>((r + 3) % 6);
       fd::ThreadTeam* team = nullptr;
+      bool own_team = true;
+      int own_size = 0;  // the size of the team the cache made for itself (0: none)
       auto run = [&] {
         nn::MLP<float>::Cache cache;
         cache.team = team;
+        cache.own_team = own_team;
         fd::Tensor<float> out(x.shape()), dx(x.shape());
         ps.zero_grad();
         mlp.forward(ps, x, t, y, out, cache);
         mlp.forward(ps, x, t, y, out, cache);  // a second call reuses the team's closure copy
         mlp.backward(ps, dout, dx, cache);
+        own_size = cache.owned_team.current() ? cache.owned_team.current()->size() : 0;
         return Result{copy_of(out.view()), copy_of(dx.view()), copy_of(ps.flat_grads())};
       };
       const Result one = with_threads(1, run);
+      CHECK(own_size == 0);  // one OpenMP thread: the serial forward, no team
+      // By default the cache makes a team of as many threads as OpenMP would use.
+      check_same(one, with_threads(2, run));
+#if defined(_OPENMP)
+      CHECK(own_size == 2);
+#endif
+      check_same(one, with_threads(3, run));
+      // OpenMP's parallel region instead (own_team = false).
+      own_team = false;
       check_same(one, with_threads(2, run));
       check_same(one, with_threads(3, run));
-      // A ThreadTeam instead of OpenMP's threads (the OpenMP setting then does not matter).
+      CHECK(own_size == 0);
+      own_team = true;
+      // A ThreadTeam given to the cache (the OpenMP setting then does not matter).
       for (const int size : {2, 3}) {
         INFO("ThreadTeam of " << size);
         fd::ThreadTeam threads(size, std::chrono::microseconds(50));
         team = &threads;
         check_same(one, with_threads(1, run));
+        CHECK(own_size == 0);
         team = nullptr;
       }
       if (rows != 1) continue;
@@ -274,8 +290,10 @@ TEST_CASE("MLP small-batch forward split over threads is bit-identical to the se
 
 TEST_CASE("An MLP field on a ThreadTeam integrates to the same bits as on OpenMP's threads",
           "[nn][threads]") {
-  // docs/nn.md's usage: as_field(mlp, ps).cache().team = &team, then a sampler. Batch 1 and 16
-  // take the split forward (weights above split_min_weight_bytes), batch 17 the ordinary one.
+  // A sampler over as_field(mlp, ps): with the cache's own team (the default), with a team
+  // given to it (docs/nn.md: as_field(mlp, ps).cache().team = &team) and with OpenMP's region
+  // (own_team = false). Batch 1 and 16 take the split forward (weights above
+  // split_min_weight_bytes), batch 17 the ordinary one.
   const nn::MLPConfig cfg{.dim = 2, .width = 256, .depth = 4};
   nn::Parameters<float> ps;
   nn::MLP<float> mlp(ps, cfg);
@@ -286,9 +304,10 @@ TEST_CASE("An MLP field on a ThreadTeam integrates to the same bits as on OpenMP
   for (const fd::index_t rows : {fd::index_t{1}, fd::index_t{16}, fd::index_t{17}}) {
     INFO("batch " << rows);
     const auto x0 = fd::randn<float>({rows, cfg.dim}, gen);
-    auto sample = [&](fd::ThreadTeam* t) {
+    auto sample = [&](fd::ThreadTeam* t, bool own = true) {
       auto field = nn::as_field(mlp, ps);
       field.cache().team = t;
+      field.cache().own_team = own;
       fd::Tensor<float> x = x0.clone();
       fd::Tensor<float> u(x.shape());
       for (int step = 0; step < 20; ++step) {  // Euler from t = 0 to 1
@@ -297,9 +316,11 @@ TEST_CASE("An MLP field on a ThreadTeam integrates to the same bits as on OpenMP
       }
       return copy_of(x.view());
     };
-    const auto openmp = with_threads(2, [&] { return Result{sample(nullptr), {}, {}}; }).out;
+    const auto openmp = with_threads(2, [&] { return Result{sample(nullptr, false), {}, {}}; });
+    const auto own = with_threads(2, [&] { return Result{sample(nullptr), {}, {}}; });
     const auto on_team = sample(&team);
-    CHECK(on_team == openmp);
+    CHECK(on_team == openmp.out);
+    CHECK(own.out == openmp.out);
     CHECK(on_team != copy_of(x0.view()));
   }
 }

@@ -1,9 +1,11 @@
 // flowdiff::ThreadTeam: every part runs once, on its own thread, all at the same time; results
 // written by the workers are visible after run(); exceptions come back; bad arguments and nested
-// calls are refused; workers that went to sleep wake for the next job.
+// calls are refused; workers that went to sleep wake for the next job; in a forked child a
+// team refuses to run and a LazyThreadTeam makes a new one; copies of a LazyThreadTeam own none.
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <set>
@@ -12,6 +14,12 @@
 #include <utility>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__)
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include <flowdiff/core/thread_team.hpp>
 
@@ -174,3 +182,79 @@ TEST_CASE("ThreadTeam refuses bad arguments and nested runs", "[core][threads]")
   team.run([&ok](int, int) { ok.fetch_add(1); });  // the refused calls left it usable
   CHECK(ok.load() == 2);
 }
+
+TEST_CASE("LazyThreadTeam makes its team on first use; copies make their own", "[core][threads]") {
+  fd::LazyThreadTeam lazy;
+  CHECK(lazy.current() == nullptr);
+  fd::ThreadTeam& team = lazy.get(2);
+  CHECK(team.size() == 2);
+  CHECK(&lazy.get(2) == &team);  // kept while the size stays
+  std::atomic<int> parts{0};
+  lazy.get(2).run([&parts](int, int) { parts.fetch_add(1); });
+  CHECK(parts.load() == 2);
+  CHECK(lazy.get(3).size() == 3);  // another size: another team
+  const fd::LazyThreadTeam copy = lazy;
+  CHECK(copy.current() == nullptr);
+  fd::LazyThreadTeam assigned;
+  assigned.get(2);
+  assigned = lazy;  // keeps its own team, takes none of lazy's
+  REQUIRE(assigned.current() != nullptr);
+  CHECK(assigned.current()->size() == 2);
+  fd::ThreadTeam* before = lazy.current();
+  fd::LazyThreadTeam moved = std::move(lazy);
+  CHECK(moved.current() == before);
+  moved.reset();
+  CHECK(moved.current() == nullptr);
+}
+
+#if defined(__unix__)
+TEST_CASE("A ThreadTeam made before fork() refuses to run in the child; LazyThreadTeam remakes it",
+          "[core][threads]") {
+  fd::ThreadTeam team(2, microseconds(20));
+  fd::LazyThreadTeam lazy;
+  std::atomic<int> parts{0};
+  lazy.get(2).run([&parts](int, int) { parts.fetch_add(1); });
+  REQUIRE(parts.load() == 2);
+  CHECK_FALSE(team.forked());
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    // The child: exit codes name the first check that failed (no Catch here: its state is the
+    // parent's). Before the fix a run() here waited for workers that do not exist: a hang.
+    int code = 0;
+    if (!team.forked()) code = 2;
+    try {
+      team.run([](int, int) {});
+      if (code == 0) code = 3;
+    } catch (const fd::config_error& e) {
+      if (code == 0 && std::string(e.what()).find("forked") == std::string::npos) code = 4;
+    }
+    fd::ThreadTeam* stale = lazy.current();
+    std::atomic<int> child_parts{0};
+    fd::ThreadTeam& fresh = lazy.get(2);
+    fresh.run([&child_parts](int, int) { child_parts.fetch_add(1); });
+    if (code == 0 && (child_parts.load() != 2 || fresh.forked())) code = 5;
+    (void)stale;
+    std::_Exit(code);  // the child's copy of `team` is left to the OS (its threads are the parent's)
+  }
+  // Ten seconds for the child, then it counts as hung (a run() waiting for absent workers).
+  int status = 0;
+  pid_t done = 0;
+  for (int i = 0; i < 1000 && (done = waitpid(child, &status, WNOHANG)) == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (done == 0) {
+    kill(child, SIGKILL);
+    waitpid(child, &status, 0);
+    FAIL("the forked child hung");
+  }
+  REQUIRE(done == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  // The parent's teams are untouched.
+  CHECK_FALSE(team.forked());
+  std::atomic<int> again{0};
+  team.run([&again](int, int) { again.fetch_add(1); });
+  lazy.get(2).run([&again](int, int) { again.fetch_add(1); });
+  CHECK(again.load() == 4);
+}
+#endif

@@ -19,7 +19,9 @@
 // after every thread has finished (the first one, the caller's before the workers'); parts that
 // wait for each other must therefore not throw between their waits, or the others wait forever.
 // No more threads than free cores: a spinning worker that shares a core with the caller delays
-// every job by a scheduler time slice.
+// every job by a scheduler time slice. A team's threads do not survive fork(): in the child
+// process run() throws config_error instead of waiting for workers that are not there, and the
+// destructor leaves them alone (LazyThreadTeam, below, makes a new team there).
 #pragma once
 
 #include <algorithm>
@@ -35,6 +37,11 @@
 
 #include "flowdiff/core/error.hpp"
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define FLOWDIFF_THREAD_TEAM_ATFORK 1
+#endif
+
 namespace flowdiff {
 
 namespace detail {
@@ -46,6 +53,19 @@ inline void spin_pause() {
   asm volatile("yield");
 #endif
 }
+
+/// How many times this process's ancestry has forked since the first ThreadTeam was made in it
+/// (a pthread_atfork child handler, registered by that first team, counts them). A team made at
+/// generation g owns threads only while the generation is still g. The one process-wide value
+/// of the library; it records a fact about the process and changes no result.
+inline std::atomic<std::uint32_t>& fork_generation() {
+  static std::atomic<std::uint32_t> generation{0};
+#if defined(FLOWDIFF_THREAD_TEAM_ATFORK)
+  [[maybe_unused]] static const int registered = pthread_atfork(
+      nullptr, nullptr, [] { fork_generation().fetch_add(1, std::memory_order_relaxed); });
+#endif
+  return generation;
+}
 }  // namespace detail
 
 class ThreadTeam {
@@ -56,7 +76,7 @@ class ThreadTeam {
   /// hardware thread (std::thread::hardware_concurrency()). Workers spin for `spin` after each
   /// job before they sleep.
   explicit ThreadTeam(int threads = 0, std::chrono::microseconds spin = default_spin)
-      : size_(threads), spin_(spin) {
+      : size_(threads), spin_(spin), generation_(detail::fork_generation().load()) {
     require<config_error>(threads >= 0, "ThreadTeam: threads must be >= 0 (0: one per hardware "
                                         "thread), got ", threads);
     require<config_error>(spin.count() >= 0, "ThreadTeam: spin must be >= 0 us, got ",
@@ -83,11 +103,24 @@ class ThreadTeam {
   ThreadTeam(const ThreadTeam&) = delete;
   ThreadTeam& operator=(const ThreadTeam&) = delete;
 
-  ~ThreadTeam() { stop(size_ - 1); }
+  ~ThreadTeam() {
+    if (forked()) {
+      // A child process has the workers' objects but not their threads: joining would wait
+      // forever, and destroying joinable std::thread objects would terminate. Leave them be.
+      (void)threads_.release();
+      return;
+    }
+    stop(size_ - 1);
+  }
 
   /// Threads in the team, the caller of run() included.
   int size() const noexcept { return size_; }
   std::chrono::microseconds spin() const noexcept { return spin_; }
+  /// Whether this process was forked from the one that made the team (its workers are then
+  /// the parent's: run() throws).
+  bool forked() const noexcept {
+    return detail::fork_generation().load(std::memory_order_relaxed) != generation_;
+  }
 
   /// Calls f(t, count) for t = 0 .. count - 1, t = 0 on the calling thread and t >= 1 on workers
   /// 1 .. count - 1 (the others stay idle), and returns when all calls have returned. The threads
@@ -97,6 +130,9 @@ class ThreadTeam {
   void run(F&& f, int count) {
     require<config_error>(count >= 1 && count <= size_, "ThreadTeam::run: count must be in [1, ",
                           size_, "] (the team's size), got ", count);
+    if (forked())
+      fail<config_error>("ThreadTeam::run: the team was made before this process was forked; "
+                         "its worker threads exist only in the parent process");
     if (busy_.exchange(true, std::memory_order_acquire))
       fail<config_error>("ThreadTeam::run: the team is already running a job (a concurrent or "
                          "nested run() call on the same team)");
@@ -213,12 +249,43 @@ class ThreadTeam {
 
   int size_;
   std::chrono::microseconds spin_;
+  std::uint32_t generation_;  // detail::fork_generation() when the team was made
   std::uint32_t jobs_ = 0;  // run()'s last job number (only run() and stop() touch it)
   std::atomic<bool> busy_{false};
   alignas(64) unsigned char closure_[128] = {};  // a copy of run()'s callable, when it fits
   std::unique_ptr<Order[]> orders_;
   std::unique_ptr<Report[]> reports_;
   std::unique_ptr<std::thread[]> threads_;
+};
+
+/// A ThreadTeam that an object makes for itself on first use, such as the one in a model's
+/// forward cache: get(threads) returns a team of that size, made on the first call and made
+/// again when the size asked for changes or the process was forked since. Copies start with no
+/// team (each makes its own, so copies used from different threads never share one); moves
+/// take the team along.
+class LazyThreadTeam {
+ public:
+  LazyThreadTeam() = default;
+  LazyThreadTeam(const LazyThreadTeam&) noexcept {}
+  LazyThreadTeam& operator=(const LazyThreadTeam&) noexcept { return *this; }
+  LazyThreadTeam(LazyThreadTeam&&) noexcept = default;
+  LazyThreadTeam& operator=(LazyThreadTeam&&) noexcept = default;
+
+  /// The team of `threads` threads (ThreadTeam's default spin), made if there is none yet.
+  ThreadTeam& get(int threads) {
+    if (!team_ || team_->size() != threads || team_->forked()) {
+      team_.reset();
+      team_ = std::make_unique<ThreadTeam>(threads);
+    }
+    return *team_;
+  }
+  /// The team made so far, or nullptr.
+  ThreadTeam* current() const noexcept { return team_.get(); }
+  /// Ends the team's threads now (the next get() makes new ones).
+  void reset() noexcept { team_.reset(); }
+
+ private:
+  std::unique_ptr<ThreadTeam> team_;
 };
 
 }  // namespace flowdiff

@@ -62,10 +62,17 @@ class MLP {
     std::vector<Tensor<T>> act;  // depth × [N, width]: silu(a_i)
     Tensor<T> g0, g1;            // [N, width]: backward ping-pong buffers
     Tensor<T> dh0, de;           // [N, d + time_dim], [N, time_dim]
-    /// Threads for the small-batch forward (forward_split below), or nullptr: OpenMP's. Not
-    /// owned; the team must outlive the forward calls that use it, and two threads must not
+    /// Threads for the small-batch forward (forward_split below). nullptr (the default): the
+    /// cache's own team (own_team), or OpenMP's parallel region without one. A team given here
+    /// is not owned: it must outlive the forward calls that use it, and two threads must not
     /// run forwards with the same team at once (ThreadTeam::run throws).
     ThreadTeam* team = nullptr;
+    /// Whether the small-batch forward, given no team, makes one of its own (`owned_team`, as
+    /// many threads as OpenMP would use, spinning ThreadTeam::default_spin after each call
+    /// before they sleep) instead of opening an OpenMP parallel region on every call. false:
+    /// OpenMP's threads only, for a program that must not have more threads than those.
+    bool own_team = true;
+    LazyThreadTeam owned_team;  // made by the first split forward; a copied cache makes its own
   };
 
   MLP(Parameters<T>& ps, const MLPConfig& config, const std::string& prefix = "")
@@ -228,18 +235,20 @@ class MLP {
   // layers each thread publishes how many layers it has finished (its own cache line, release)
   // and waits for the others' counts (acquire) instead of a full barrier: one cache-line transfer
   // each way per layer, which matters when the two cores sit far apart (a barrier there cost
-  // about 1 us). At most one thread per split_min_weight_bytes / 2 of weights takes part. A
-  // ThreadTeam's spinning workers start the job sooner than libgomp's fork, and its end waits
-  // only for their "done" lines, not a barrier: 5.1 against 5.4-5.7 us for the 4 x 256 MLP at
-  // batch 1 on a 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the
-  // serial forward applies.
+  // about 1 us). At most one thread per split_min_weight_bytes / 2 of weights takes part. The
+  // job runs on a ThreadTeam (cache.team, else the cache's own) unless the cache opts out: its
+  // spinning workers start the job sooner than libgomp's fork, and its end waits only for their
+  // "done" lines, not a barrier: 5.1 against 5.4-5.7 us for the 4 x 256 MLP at batch 1 on a
+  // 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the serial forward
+  // applies.
   bool forward_split(const Parameters<T>& ps, View<T> out, Cache& cache) const {
     if constexpr (std::is_same_v<T, float>) {
       const index_t n = cache.n;
       if (n > split_max_rows) return false;
       int available = 1;
-      if (cache.team != nullptr) {
-        available = cache.team->size();
+      ThreadTeam* threads = cache.team;
+      if (threads != nullptr) {
+        available = threads->size();
       } else {
 #if defined(_OPENMP)
         if (!omp_in_parallel()) available = omp_get_max_threads();
@@ -296,8 +305,9 @@ class MLP {
         }
         linears_.back().forward_columns(ps, h, n, pout, nullptr, j0, j1, Linear<T>::Act::none);
       };
-      if (cache.team != nullptr) {
-        cache.team->run(body, team);
+      if (threads == nullptr && cache.own_team) threads = &cache.owned_team.get(team);
+      if (threads != nullptr) {
+        threads->run(body, team);
       } else {
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(team)
