@@ -500,3 +500,81 @@ TEST_CASE("sgemm: B panels read in place give the bits of the stored op(B)",
       check_one_thread(p, s, c_panels);
     }
 }
+
+// C in column blocks (Problem::cblock: a batch's per-sample outputs written in place, as the
+// stride-2 convolution's forward does) gives, block by block, the bits of the product into one
+// matrix. Shapes: partial row and column tiles, several KC blocks, one and several blocks,
+// products threaded by columns (the cut lands inside a block: cj0) and by rows, beta 0, 1 and
+// 0.5, alpha 1 and -2 (shapes whose whole product is packed too: with m <= 16 against B^T or
+// m <= 4 the whole one would take the unpacked kernels); the padding between blocks is never
+// written. Refused (nothing done) for a
+// block width or offset that is not a multiple of the kernel's 32 columns, and by AVX2.
+TEST_CASE("sgemm: C in column blocks gives the bits of one C", "[core][gemm][sgemm]") {
+  if (fd::sgemm::best_isa() != fd::sgemm::Isa::avx512) return;
+  std::mt19937 g(23);
+  struct Shape {
+    fd::index_t m, blocks, block, k;
+    bool tb;
+  };
+  const Shape shapes[] = {{64, 4, 256, 288, false}, {20, 3, 64, 300, true},
+                          {200, 2, 96, 40, false},   {5, 9, 32, 600, false},
+                          {640, 6, 128, 300, true},  {64, 33, 64, 576, false},
+                          {1200, 2, 160, 100, false}};
+  const float betas[] = {0.f, 1.f, 0.5f};
+  int variant = 0;
+  for (const auto& sh : shapes) {
+    for (const float beta : betas) {
+      const float alpha = variant++ % 2 == 0 ? 1.f : -2.f;
+      const fd::index_t n = sh.blocks * sh.block;
+      auto s = make_sgemm_case(g, sh.m, n, sh.k, false, sh.tb, alpha, beta);
+      s.ldc = n;
+      s.c.assign(static_cast<std::size_t>(sh.m * n), 0.f);
+      std::normal_distribution<float> nd;
+      for (auto& x : s.c) x = nd(g);
+      std::vector<float> whole = s.c;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(s, whole.data())));
+      // Blocks [m, block] (ld block) at stride m * block + 7 (7 floats of padding each), holding
+      // the same starting values as the whole C's columns.
+      const fd::index_t stride = sh.m * sh.block + 7;
+      std::vector<float> blocked(static_cast<std::size_t>(sh.blocks * stride), 123.f);
+      auto at = [&](fd::index_t i, fd::index_t j) -> float& {
+        return blocked[static_cast<std::size_t>(j / sh.block * stride + i * sh.block +
+                                                j % sh.block)];
+      };
+      for (fd::index_t i = 0; i < sh.m; ++i)
+        for (fd::index_t j = 0; j < n; ++j) at(i, j) = s.c[static_cast<std::size_t>(i * n + j)];
+      auto p = sgemm_problem(s, blocked.data());
+      p.ldc = sh.block;
+      p.cblock = sh.block;
+      p.cstride = stride;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+      INFO("m " << sh.m << ", " << sh.blocks << " blocks of " << sh.block << ", k " << sh.k
+                << ", beta " << beta << ", alpha " << alpha);
+      bool same = true;
+      for (fd::index_t i = 0; i < sh.m; ++i)
+        for (fd::index_t j = 0; j < n; ++j)
+          same = same && std::memcmp(&at(i, j), &whole[static_cast<std::size_t>(i * n + j)],
+                                     sizeof(float)) == 0;
+      CHECK(same);
+      bool padding = true;
+      for (fd::index_t b = 0; b < sh.blocks; ++b)
+        for (fd::index_t q = sh.m * sh.block; q < stride; ++q)
+          padding = padding && blocked[static_cast<std::size_t>(b * stride + q)] == 123.f;
+      CHECK(padding);
+      CHECK(sgemm_error(s, whole) < 1e-5);
+    }
+  }
+  // Refused: nothing written.
+  auto s = make_sgemm_case(g, 16, 96, 40, false, false, 1.f, 0.f);
+  std::vector<float> c(static_cast<std::size_t>(16 * 96), 7.f);
+  auto p = sgemm_problem(s, c.data());
+  p.ldc = 48;
+  p.cblock = 48;  // not a multiple of 32
+  p.cstride = 16 * 48;
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx2, p));
+  p.cblock = 32;
+  p.cj0 = 16;  // an offset inside a tile
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
+  CHECK(std::all_of(c.begin(), c.end(), [](float v) { return v == 7.f; }));
+}

@@ -133,11 +133,24 @@ struct Problem {
   index_t arow0 = 0;
   const Epilogue* epilogue = nullptr;
   index_t row0 = 0, col0 = 0;
+  /// C in blocks of columns (a batch's per-sample outputs, each [m, cblock] at its own place):
+  /// column j of C is column (cj0 + j) % cblock of block (cj0 + j) / cblock, whose row i starts
+  /// at c + block cstride + i ldc. 0 (the default): C is one matrix. Only the AVX-512 kernel's
+  /// packed products take it, with cblock and cj0 multiples of its NR (32), so that no tile
+  /// crosses a block; gemm() returns false (nothing done) for anything else.
+  index_t cblock = 0, cstride = 0, cj0 = 0;
 
   /// The epilogue (if any) over rows [i0, i1) and columns [j0, j1) of this problem's C.
   void finish(index_t i0, index_t i1, index_t j0, index_t j1) const {
     if (epilogue != nullptr && i1 > i0 && j1 > j0)
       epilogue->apply(epilogue->ctx, row0 + i0, row0 + i1, col0 + j0, col0 + j1);
+  }
+
+  /// Where element (i, j) of C is.
+  float* c_at(index_t i, index_t j) const {
+    if (cblock == 0) return c + i * ldc + j;
+    const index_t col = cj0 + j;
+    return c + col / cblock * cstride + i * ldc + col % cblock;
   }
 
   float A(index_t i, index_t p) const { return ta ? a[p * lda + i] : a[i * lda + p]; }
@@ -401,7 +414,10 @@ inline Problem columns_of(const Problem& o, index_t j0, index_t j1) {
     s.bcol0 = o.bcol0 + j0;
   else
     s.b = o.tb ? o.b + j0 * o.ldb : o.b + j0;
-  s.c = o.c + j0;
+  if (o.cblock != 0)
+    s.cj0 = o.cj0 + j0;
+  else
+    s.c = o.c + j0;
   s.col0 = o.col0 + j0;
   return s;
 }
@@ -612,7 +628,7 @@ struct Avx2 {
 template <class K, bool ROWS>
 inline void tile(const Problem& o, index_t kc, const float* ap, const float* bp, index_t i,
                  index_t j, index_t mr, index_t nr, bool overwrite) {
-  float* c = o.c + i * o.ldc + j;
+  float* c = o.c_at(i, j);
   auto micro = [&](float* dst, index_t ld, bool ow) {
     if constexpr (ROWS)
       K::micro_rows(kc, ap, bp, dst, ld, o.alpha, ow);
@@ -1164,11 +1180,14 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #if FLOWDIFF_SGEMM_X86
   if (isa == Isa::none) return false;
   if ((o.bpack || o.apack) && (isa != Isa::avx512 || o.m <= 4 || o.n <= 4)) return false;
+  if (o.cblock != 0 && (isa != Isa::avx512 || o.cblock % detail::Avx512::NR != 0 ||
+                        o.cj0 % detail::Avx512::NR != 0))
+    return false;
   if (o.m == 0 || o.n == 0) return true;
   if (o.k == 0 || o.alpha == 0.f) {
     for (index_t i = 0; i < o.m; ++i)
       for (index_t j = 0; j < o.n; ++j) {
-        float& c = o.c[i * o.ldc + j];
+        float& c = *o.c_at(i, j);
         c = o.beta == 0.f ? 0.f : o.beta * c;
       }
     o.finish(0, o.m, 0, o.n);
@@ -1176,7 +1195,7 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
   }
   if (o.beta != 0.f && o.beta != 1.f) {  // scale once; the kernels then accumulate
     for (index_t i = 0; i < o.m; ++i)
-      for (index_t j = 0; j < o.n; ++j) o.c[i * o.ldc + j] *= o.beta;
+      for (index_t j = 0; j < o.n; ++j) *o.c_at(i, j) *= o.beta;
   }
   Problem p = o;
   if (p.beta != 0.f) p.beta = 1.f;
@@ -1190,7 +1209,10 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #endif
   const bool thin = o.m <= 4 || o.n <= 4;
   if (isa == Isa::avx512) {
-    if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack && !o.apack)
+    if (o.cblock != 0)  // (any shape: the packed kernel takes partial tiles)
+      detail::packed<detail::Avx512>(p, parallel);
+    else if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack &&
+             !o.apack)
       detail::small_batch_avx512(p);
     else if (thin)
       detail::thin<Isa::avx512>(p, parallel);

@@ -568,9 +568,11 @@ bool implicit_available(index_t m) {
 /// GEMM: sgemm packs the columns from the images), bit-identical to im2col + gemm. Float with the
 /// AVX-512 kernel only, m > 4 and gn L > 4, offsets within 32 bits; returns false otherwise
 /// (nothing done) and the caller takes im2col. Threads as gemm (serial inside a parallel region).
+/// cblock > 0: C in blocks of cblock columns, cstride apart (sgemm::Problem::cblock; the
+/// samples' outputs in place when cblock = L, a multiple of 32).
 template <class T>
 bool implicit_gemm(const T* a, index_t m, const T* x, const ConvGeometry& g, index_t plane,
-                   index_t gn, T* c, index_t ldc) {
+                   index_t gn, T* c, index_t ldc, index_t cblock = 0, index_t cstride = 0) {
 #if FLOWDIFF_SGEMM_X86
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm::best_isa() != sgemm::Isa::avx512 || m <= 4 || gn * g.cols() <= 4) return false;
@@ -586,11 +588,14 @@ bool implicit_gemm(const T* a, index_t m, const T* x, const ConvGeometry& g, ind
     pr.lda = g.rows();
     pr.c = c;
     pr.ldc = ldc;
+    pr.cblock = cblock;
+    pr.cstride = cstride;
     pr.bpack = &packer;
     return sgemm::gemm(sgemm::Isa::avx512, pr);
   }
 #endif
-  (void)a, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)c, (void)ldc;
+  (void)a, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)c, (void)ldc, (void)cblock;
+  (void)cstride;
   return false;
 }
 
@@ -765,19 +770,22 @@ class Conv2d {
         const index_t plane = in_ * g.height * g.width;
         const T* xg = x.data() + n0 * plane;
         T* yn = y.data() + n0 * out_ * L;
-        if (phased(g) && phase_forward(w, xg, g, gn, colw, gn == 1 ? yn : outw)) {
-          if (gn == 1) {
-            if (b) add_channel_bias(yn, out_, out_, L, b);
+        // Straight into y when every sample's L columns are whole tiles of the product (no
+        // unpacking of the group's [O, gn L] afterwards), else through outw.
+        const bool direct = gn == 1 || L % 32 == 0;
+        if (phased(g) && phase_forward(w, xg, g, gn, colw, direct ? yn : outw, direct)) {
+          if (direct) {
+            if (b) add_channel_bias(yn, gn * out_, out_, L, b);
           } else {
             unpack_samples(outw, gn, out_, L, yn, b);
           }
           return;
         }
-        if (gn == 1 && implicit_gemm(w, out_, xg, g, plane, 1, yn, L)) {
-          if (b) add_channel_bias(yn, out_, out_, L, b);
+        if (direct && implicit_gemm(w, out_, xg, g, plane, gn, yn, L, gn > 1 ? L : 0, out_ * L)) {
+          if (b) add_channel_bias(yn, gn * out_, out_, L, b);
           return;
         }
-        if (gn > 1 && implicit_gemm(w, out_, xg, g, plane, gn, outw, cols)) {
+        if (!direct && implicit_gemm(w, out_, xg, g, plane, gn, outw, cols)) {
           unpack_samples(outw, gn, out_, L, yn, b);
           return;
         }
@@ -933,16 +941,18 @@ class Conv2d {
 
   // y's group (gn samples; dst [O, gn Ho Wo]) = W col(x) over the phases of x, split into ws.
   bool phase_forward(const T* w, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
-                     T* ws, T* dst) const {
+                     T* ws, T* dst, bool per_sample) const {
 #if FLOWDIFF_SGEMM_X86
     if constexpr (std::is_same_v<T, float>) {
-      const index_t cols = gn * g.cols();
+      const index_t L = g.cols(), cols = gn * L;
       phase_detail::split_phases(xg, gn * in_, g.height, g.width, ws);
       const auto sp = phase_detail::forward_columns(ws, in_, k_, p_, g.out_h, g.out_w);
+      if (per_sample && gn > 1)  // dst: the group's [gn, O, L]
+        return phase_detail::shifted_gemm(w, g.rows(), out_, sp, in_, cols, dst, L, L, out_ * L);
       return phase_detail::shifted_gemm(w, g.rows(), out_, sp, in_, cols, dst, cols);
     }
 #endif
-    (void)w, (void)xg, (void)g, (void)gn, (void)ws, (void)dst;
+    (void)w, (void)xg, (void)g, (void)gn, (void)ws, (void)dst, (void)per_sample;
     return false;
   }
 

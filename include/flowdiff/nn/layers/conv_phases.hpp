@@ -299,10 +299,12 @@ inline bool shifted_available(index_t m, index_t reach) {
 }
 
 /// C[m, ncols] (ldc) = A[m, groups taps] (lda) * the ShiftedPlanes columns [0, ncols).
-/// Threads as gemm (serial inside a parallel region). Returns false (nothing done) where
-/// shifted_available would be false.
+/// cblock > 0: C in blocks of cblock columns, cstride apart (sgemm::Problem::cblock; a
+/// multiple of 32). Threads as gemm (serial inside a parallel region). Returns false (nothing
+/// done) where shifted_available would be false.
 inline bool shifted_gemm(const float* a, index_t lda, index_t m, const ShiftedPlanes& sp,
-                         index_t groups, index_t ncols, float* c, index_t ldc) {
+                         index_t groups, index_t ncols, float* c, index_t ldc,
+                         index_t cblock = 0, index_t cstride = 0) {
 #if FLOWDIFF_SGEMM_X86
   if (!shifted_available(m, (ncols / sp.plane() + 1) * sp.sample) || ncols <= 4) return false;
   const sgemm::BPacker packer{&pack_shifted_b, &sp};
@@ -314,10 +316,13 @@ inline bool shifted_gemm(const float* a, index_t lda, index_t m, const ShiftedPl
   pr.lda = lda;
   pr.c = c;
   pr.ldc = ldc;
+  pr.cblock = cblock;
+  pr.cstride = cstride;
   pr.bpack = &packer;
   return sgemm::gemm(sgemm::Isa::avx512, pr);
 #else
   (void)a, (void)lda, (void)m, (void)sp, (void)groups, (void)ncols, (void)c, (void)ldc;
+  (void)cblock, (void)cstride;
   return false;
 #endif
 }
