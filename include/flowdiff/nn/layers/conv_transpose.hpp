@@ -161,9 +161,12 @@ class ConvTranspose2d {
         xg = cache.in.data();
       }
       T* dxg = want_dx ? dx.data() + n0 * in_ * L : nullptr;
+      // dx straight into place when every sample's L columns are whole tiles of the product.
+      const bool direct = gn == 1 || L % 32 == 0;
       if (phases && phase_backward(w, xg, dy.data() + n0 * plane_y, g, gn, col, cache.dwt.data(),
-                                   dxg == nullptr ? nullptr : gn == 1 ? dxg : cache.in.data())) {
-        if (dxg != nullptr && gn > 1)
+                                   dxg == nullptr ? nullptr : direct ? dxg : cache.in.data(),
+                                   direct && gn > 1 ? L : 0)) {
+        if (dxg != nullptr && !direct)
           unpack_samples(cache.in.data(), gn, in_, L, dxg, static_cast<const T*>(nullptr));
         continue;
       }
@@ -223,20 +226,23 @@ class ConvTranspose2d {
   // A group's backward over the phases of dy [gn, Cout, Ho, Wo] (split into ws): dwt [K, Cin] +=
   // im2col(dy) x^T with x packed [Cin, gn H W] (xg), and, when dxp is set, dxp [Cin, gn H W] =
   // W im2col(dy).
+  // dxp: [in, gn L], or with cblock = L > 0 the samples' [gn, in, L] (written in place).
   bool phase_backward(const T* w, const T* xg, const T* dyg, const spatial_detail::ConvGeometry& g,
-                      index_t gn, T* ws, T* dwt, T* dxp) const {
+                      index_t gn, T* ws, T* dwt, T* dxp, index_t cblock) const {
 #if FLOWDIFF_SGEMM_X86
     if constexpr (std::is_same_v<T, float>) {
       const index_t cols = gn * g.cols(), K = g.rows();
       phase_detail::split_phases(dyg, gn * out_, g.height, g.width, ws);
       const auto sp = phase_detail::forward_columns(ws, out_, k_, p_, g.out_h, g.out_w);
       if (!phase_detail::shifted_gemm_at(xg, in_, sp, out_, cols, T(1), dwt, in_)) return false;
-      if (dxp != nullptr && !phase_detail::shifted_gemm(w, K, in_, sp, out_, cols, dxp, cols))
+      if (dxp != nullptr &&
+          !phase_detail::shifted_gemm(w, K, in_, sp, out_, cols, dxp, cblock > 0 ? cblock : cols,
+                                      cblock, in_ * cblock))
         return false;
       return true;
     }
 #endif
-    (void)w, (void)xg, (void)dyg, (void)g, (void)gn, (void)ws, (void)dwt, (void)dxp;
+    (void)w, (void)xg, (void)dyg, (void)g, (void)gn, (void)ws, (void)dwt, (void)dxp, (void)cblock;
     return false;
   }
 
