@@ -894,12 +894,16 @@ class Conv2d {
                mat(dxn, K, cols));
           continue;
         }
-        if (flipped) {  // dx = conv(dy, flipped kernel); the columns' buffer holds a group's dx
+        if (flipped) {  // dx = conv(dy, flipped kernel), each sample's block in place where
+                        // it is whole tiles, else through the columns' buffer
           const index_t hw = g.height * g.width;
           const T* dyx = dy.data() + n0 * out_ * L;
-          T* dst = gn == 1 ? dxn : colw;
-          if (implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, dst, gn * hw)) {
-            if (gn > 1) unpack_samples(colw, gn, in_, hw, dxn, static_cast<const T*>(nullptr));
+          const bool direct = gn == 1 || hw % 32 == 0;
+          const bool done = direct ? implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, dxn, hw,
+                                                   gn > 1 ? hw : 0, in_ * hw)
+                                   : implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, colw, gn * hw);
+          if (done) {
+            if (!direct) unpack_samples(colw, gn, in_, hw, dxn, static_cast<const T*>(nullptr));
             continue;
           }
         }
