@@ -578,3 +578,54 @@ TEST_CASE("sgemm: C in column blocks gives the bits of one C", "[core][gemm][sge
   CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, p));
   CHECK(std::all_of(c.begin(), c.end(), [](float v) { return v == 7.f; }));
 }
+
+// A transposed op(B) in blocks along k (Problem::bblock: a batch's per-sample dy [n, L] read as
+// one op(B) = [gn L, n], as the convolutions' weight gradients do) gives the bits of the same
+// product from one stored B: KC blocks that start, end and cross block boundaries (bblock 64,
+// 100, 256, 300 against KC = 256), partial tiles, threads, beta 0 and 1. Refused (nothing done)
+// without tb and by AVX2.
+TEST_CASE("sgemm: a transposed B in blocks along k gives the bits of one B", "[core][gemm][sgemm]") {
+  if (fd::sgemm::best_isa() != fd::sgemm::Isa::avx512) return;
+  std::mt19937 g(29);
+  struct Shape {
+    fd::index_t m, n, blocks, block;
+  };
+  const Shape shapes[] = {{288, 64, 4, 256}, {40, 37, 5, 64}, {17, 70, 3, 100},
+                          {600, 128, 7, 300}, {100, 5, 2, 33}};
+  for (const auto& sh : shapes) {
+    for (const float beta : {0.f, 1.f}) {
+      const fd::index_t k = sh.blocks * sh.block;
+      auto s = make_sgemm_case(g, sh.m, sh.n, k, false, true, 1.f, beta);
+      std::vector<float> whole = s.c;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, sgemm_problem(s, whole.data())));
+      // The same op(B) as blocks [n, block] at stride n * block + 5.
+      const fd::index_t stride = sh.n * sh.block + 5;
+      std::vector<float> blocks(static_cast<std::size_t>(sh.blocks * stride), 0.f);
+      for (fd::index_t j = 0; j < sh.n; ++j)
+        for (fd::index_t p = 0; p < k; ++p)
+          blocks[static_cast<std::size_t>(p / sh.block * stride + j * sh.block + p % sh.block)] =
+              s.b[static_cast<std::size_t>(j * s.ldb + p)];
+      auto c = s.c;
+      auto pr = sgemm_problem(s, c.data());
+      pr.b = blocks.data();
+      pr.ldb = sh.block;
+      pr.bblock = sh.block;
+      pr.bstride = stride;
+      REQUIRE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, pr));
+      INFO("m " << sh.m << ", n " << sh.n << ", " << sh.blocks << " blocks of " << sh.block
+                << ", beta " << beta);
+      CHECK(std::memcmp(c.data(), whole.data(), c.size() * sizeof(float)) == 0);
+      CHECK(sgemm_error(s, whole) < 1e-5);
+    }
+  }
+  auto s = make_sgemm_case(g, 20, 30, 64, false, false, 1.f, 0.f);
+  std::vector<float> c(s.c.size(), 7.f);
+  auto pr = sgemm_problem(s, c.data());
+  pr.bblock = 32;
+  pr.bstride = 30 * 32;
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx512, pr));  // not transposed
+  pr.tb = true;
+  pr.ldb = 32;
+  CHECK_FALSE(fd::sgemm::gemm(fd::sgemm::Isa::avx2, pr));
+  CHECK(std::all_of(c.begin(), c.end(), [](float v) { return v == 7.f; }));
+}

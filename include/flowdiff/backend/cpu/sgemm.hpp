@@ -141,6 +141,12 @@ struct Problem {
   /// packed products take it, with cblock and cj0 multiples of its NR (32), so that no tile
   /// crosses a block; gemm() returns false (nothing done) for anything else.
   index_t cblock = 0, cstride = 0, cj0 = 0;
+  /// A transposed op(B) in blocks along k (the per-sample [n, L] matrices of a batch, such as a
+  /// convolution's dy, read as one op(B) = [gn L, n] without packing them together first): with
+  /// tb and bblock > 0, op(B)[p, j] = b[(p / bblock) bstride + j ldb + p % bblock]. 0 (the
+  /// default): B is one matrix. The AVX-512 kernel's packed products only (gemm() returns false
+  /// for anything else).
+  index_t bblock = 0, bstride = 0;
 
   /// The epilogue (if any) over rows [i0, i1) and columns [j0, j1) of this problem's C.
   void finish(index_t i0, index_t i1, index_t j0, index_t j1) const {
@@ -156,7 +162,10 @@ struct Problem {
   }
 
   float A(index_t i, index_t p) const { return ta ? a[p * lda + i] : a[i * lda + p]; }
-  float B(index_t p, index_t j) const { return tb ? b[j * ldb + p] : b[p * ldb + j]; }
+  float B(index_t p, index_t j) const {
+    if (tb && bblock != 0) return b[p / bblock * bstride + j * ldb + p % bblock];
+    return tb ? b[j * ldb + p] : b[p * ldb + j];
+  }
 };
 
 /// Products of at least this many flops (2 m n k) use all OpenMP threads.
@@ -401,10 +410,18 @@ inline void pack_b(const Problem& o, index_t p0, index_t kc, index_t j0, index_t
   }
   if (!o.tb) {  // rows of op(B) contiguous along j
     pack_rows<NR>(o.b + p0 * o.ldb + j0, o.ldb, nc, kc, dst);
-  } else {  // op(B)(p, j) = B[j, p]: each column of a panel is a contiguous row of B
+  } else if (o.bblock == 0) {  // op(B)(p, j) = B[j, p]: a panel's columns are rows of B
     for (index_t jr = 0; jr < nc; jr += NR)
       pack_transposed<NR>(o.b + (j0 + jr) * o.ldb + p0, o.ldb, std::min(NR, nc - jr), kc,
                           dst + jr * kc);
+  } else {  // the same, one stretch of p within a block at a time
+    for (index_t jr = 0; jr < nc; jr += NR)
+      for (index_t p = p0; p < p0 + kc;) {
+        const index_t end = std::min(p0 + kc, (p / o.bblock + 1) * o.bblock);
+        pack_transposed<NR>(o.b + p / o.bblock * o.bstride + (j0 + jr) * o.ldb + p % o.bblock,
+                            o.ldb, std::min(NR, nc - jr), end - p, dst + jr * kc + (p - p0) * NR);
+        p = end;
+      }
   }
 }
 
@@ -1185,6 +1202,7 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
   if (o.cblock != 0 && (isa != Isa::avx512 || o.cblock % detail::Avx512::NR != 0 ||
                         o.cj0 % detail::Avx512::NR != 0))
     return false;
+  if (o.bblock != 0 && (isa != Isa::avx512 || !o.tb || o.bpack)) return false;
   if (o.m == 0 || o.n == 0) return true;
   if (o.k == 0 || o.alpha == 0.f) {
     for (index_t i = 0; i < o.m; ++i)
@@ -1211,7 +1229,7 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #endif
   const bool thin = o.m <= 4 || o.n <= 4;
   if (isa == Isa::avx512) {
-    if (o.cblock != 0)  // (any shape: the packed kernel takes partial tiles)
+    if (o.cblock != 0 || o.bblock != 0)  // (any shape: the packed kernel takes partial tiles)
       detail::packed<detail::Avx512>(p, parallel);
     else if (!o.ta && o.tb && o.m >= 2 && o.m <= detail::small_m_max && o.n >= 4 && !o.bpack &&
              !o.apack)

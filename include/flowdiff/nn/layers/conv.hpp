@@ -528,9 +528,11 @@ bool implicit_dwt_available(index_t m, const ConvGeometry& g, index_t plane, ind
 /// no gathers for stride 1). Every element of C gets the FMAs of dy col^T in the same order, so
 /// it holds exactly the transpose of what that product would. Returns false (nothing done) where
 /// implicit_dwt_available is false. Threads as gemm (serial inside a parallel region).
+/// bblock > 0: dy is the samples' [m, bblock] blocks one after another, read in place
+/// (sgemm::Problem::bblock; bblock = L).
 template <class T>
 bool implicit_gemm_dwt(const T* dy, index_t m, const T* x, const ConvGeometry& g, index_t plane,
-                       index_t gn, T beta, T* c, index_t ldc) {
+                       index_t gn, T beta, T* c, index_t ldc, index_t bblock = 0) {
 #if FLOWDIFF_SGEMM_X86
   if constexpr (std::is_same_v<T, float>) {
     if (!implicit_dwt_available<T>(m, g, plane, gn)) return false;
@@ -543,7 +545,9 @@ bool implicit_gemm_dwt(const T* dy, index_t m, const T* x, const ConvGeometry& g
     pr.apack = &packer;
     pr.tb = true;  // op(B)[l, o] = dy[o, l]
     pr.b = dy;
-    pr.ldb = gn * g.cols();
+    pr.ldb = bblock > 0 ? bblock : gn * g.cols();
+    pr.bblock = bblock;
+    pr.bstride = m * bblock;
     pr.beta = beta;
     pr.c = c;
     pr.ldc = ldc;
@@ -551,6 +555,7 @@ bool implicit_gemm_dwt(const T* dy, index_t m, const T* x, const ConvGeometry& g
   }
 #endif
   (void)dy, (void)m, (void)x, (void)g, (void)plane, (void)gn, (void)beta, (void)c, (void)ldc;
+  (void)bblock;
   return false;
 }
 
@@ -874,23 +879,32 @@ class Conv2d {
       for (index_t q = q0; q < q1; ++q) {
         const index_t n0 = q * G, gn = std::min(G, n - n0), cols = gn * L;
         const T* dyg = dy.data() + n0 * out_ * L;
-        if (gn > 1) {
-          pack_samples(dyg, gn, out_, L, outw);
-          dyg = outw;
-        }
+        // The group's dy as one [O, gn L] matrix (the columns' layout), packed only for the
+        // products that need it stored so: the implicit weight gradients read the samples'
+        // [O, L] blocks in place (sgemm::Problem::bblock).
+        const T* dyp = gn == 1 ? dyg : nullptr;
+        auto packed_dy = [&] {
+          if (dyp == nullptr) {
+            pack_samples(dyg, gn, out_, L, outw);
+            dyp = outw;
+          }
+          return dyp;
+        };
+        const index_t bblock = gn > 1 ? L : 0;
         const T beta = c == 0 || q > q0 ? T(1) : T(0);
         if (implicit_dw) {
-          if (!(phased(g) && phase_dwt(dyg, x.data() + n0 * plane, g, gn, beta, colw, dwt)))
-            implicit_gemm_dwt(dyg, out_, x.data() + n0 * plane, g, plane, gn, beta, dwt, out_);
+          const T* xg = x.data() + n0 * plane;
+          if (!(phased(g) && phase_dwt(dyg, xg, g, gn, beta, colw, dwt, bblock)))
+            implicit_gemm_dwt(dyg, out_, xg, g, plane, gn, beta, dwt, out_, bblock);
         } else {
           const T* col = columns(x, g, n0, gn, colw);
-          gemm(Trans::no, Trans::yes, T(1), mat(dyg, out_, cols), mat(col, K, cols), beta,
+          gemm(Trans::no, Trans::yes, T(1), mat(packed_dy(), out_, cols), mat(col, K, cols), beta,
                mat(dwc, out_, K));
         }
         if (!want_dx) continue;
         T* dxn = dx.data() + n0 * in_ * g.height * g.width;
         if (g.identity() && gn == 1) {  // col2im is the identity: write dx directly
-          gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
+          gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(packed_dy(), out_, cols), T(0),
                mat(dxn, K, cols));
           continue;
         }
@@ -911,7 +925,7 @@ class Conv2d {
         if (phased_dx && phase_dx(cache.wf.data(), dy.data() + n0 * out_ * L, g, gn, colw, dxn))
           continue;
         T* dcol = colw;
-        gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(dyg, out_, cols), T(0),
+        gemm(Trans::yes, Trans::no, T(1), mat(w, out_, K), mat(packed_dy(), out_, cols), T(0),
              mat(dcol, K, cols));
         for (index_t i = 0; i < gn; ++i)
           col2im(dcol + i * L, cols, g, dxn + i * in_ * g.height * g.width);
@@ -943,7 +957,8 @@ class Conv2d {
     return false;
   }
 
-  // y's group (gn samples; dst [O, gn Ho Wo]) = W col(x) over the phases of x, split into ws.
+  // y's group (gn samples; dst [O, gn Ho Wo], or with per_sample the samples' [gn, O, Ho Wo]
+  // in place: Ho Wo a multiple of 32) = W col(x) over the phases of x, split into ws.
   bool phase_forward(const T* w, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
                      T* ws, T* dst, bool per_sample) const {
 #if FLOWDIFF_SGEMM_X86
@@ -961,17 +976,18 @@ class Conv2d {
   }
 
   // dwt [C k k, O] = col(x) dy^T + beta dwt over the phases of the group's x, split into ws;
-  // dyg: [O, gn Ho Wo].
+  // dyg: [O, gn Ho Wo], or with bblock = Ho Wo the samples' [O, Ho Wo] one after another.
   bool phase_dwt(const T* dyg, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
-                 T beta, T* ws, T* dwt) const {
+                 T beta, T* ws, T* dwt, index_t bblock) const {
 #if FLOWDIFF_SGEMM_X86
     if constexpr (std::is_same_v<T, float>) {
       phase_detail::split_phases(xg, gn * in_, g.height, g.width, ws);
       const auto sp = phase_detail::forward_columns(ws, in_, k_, p_, g.out_h, g.out_w);
-      return phase_detail::shifted_gemm_at(dyg, out_, sp, in_, gn * g.cols(), beta, dwt, out_);
+      return phase_detail::shifted_gemm_at(dyg, out_, sp, in_, gn * g.cols(), beta, dwt, out_,
+                                           bblock);
     }
 #endif
-    (void)dyg, (void)xg, (void)g, (void)gn, (void)beta, (void)ws, (void)dwt;
+    (void)dyg, (void)xg, (void)g, (void)gn, (void)beta, (void)ws, (void)dwt, (void)bblock;
     return false;
   }
 

@@ -329,10 +329,12 @@ inline bool shifted_gemm(const float* a, index_t lda, index_t m, const ShiftedPl
 
 /// C[groups taps, m] (ldc) = cols dy^T + beta C with dy [m, ncols] (row-major, ld ncols) and the
 /// ShiftedPlanes columns as the product's A (plain rows): the transposed weight gradient of a
-/// convolution. Returns false (nothing done) where shifted_available would be false for the
-/// groups * taps rows.
+/// convolution. bblock > 0: dy is the samples' [m, bblock] blocks, one after another (ncols a
+/// multiple of bblock), read in place. Returns false (nothing done) where shifted_available
+/// would be false for the groups * taps rows.
 inline bool shifted_gemm_at(const float* dy, index_t m, const ShiftedPlanes& sp, index_t groups,
-                            index_t ncols, float beta, float* c, index_t ldc) {
+                            index_t ncols, float beta, float* c, index_t ldc,
+                            index_t bblock = 0) {
 #if FLOWDIFF_SGEMM_X86
   if (!shifted_available(groups * sp.taps, (ncols / sp.plane() + 1) * sp.sample) || m <= 4)
     return false;
@@ -344,13 +346,16 @@ inline bool shifted_gemm_at(const float* dy, index_t m, const ShiftedPlanes& sp,
   pr.apack = &packer;
   pr.tb = true;  // op(B)[l, o] = dy[o, l]
   pr.b = dy;
-  pr.ldb = ncols;
+  pr.ldb = bblock > 0 ? bblock : ncols;
+  pr.bblock = bblock;
+  pr.bstride = m * bblock;
   pr.beta = beta;
   pr.c = c;
   pr.ldc = ldc;
   return sgemm::gemm(sgemm::Isa::avx512, pr);
 #else
   (void)dy, (void)m, (void)sp, (void)groups, (void)ncols, (void)beta, (void)c, (void)ldc;
+  (void)bblock;
   return false;
 #endif
 }
