@@ -12,7 +12,8 @@
 // block), so only a transposed A and a transposed B need transposing packs (8 x 8 AVX blocks).
 // When A is a single MC block, B is packed one micro-panel at a time, just before its tiles.
 // C may lie in blocks of columns (Problem::cblock: a batch's per-sample outputs [m, L] written
-// in place by one product over all their columns; AVX-512 packed products only).
+// in place by one product over all their columns) and a transposed op(B) in blocks along k
+// (Problem::bblock: the per-sample [n, L] read in place); AVX-512 packed products only.
 // Products with at most 4 rows or columns skip the packing (batch-1 inference: matrix-vector
 // products through dot products or row updates), and so do small batches against a weight
 // matrix, C = A B^T with 2 <= m <= 16 (AVX-512: 4 x 4 tiles of dot products sharing their
