@@ -113,6 +113,10 @@ struct Epilogue {
   const void* ctx;
 };
 
+/// Problem::cblock's unit (the AVX-512 kernel's NR): block widths and the column offset must be
+/// multiples of it.
+inline constexpr index_t cblock_unit = 32;
+
 /// One product C = alpha op(A) op(B) + beta C; op(A) is [m, k], op(B) [k, n], C [m, n], all
 /// row-major with leading dimensions lda, ldb, ldc (elements between rows of the stored matrix).
 /// With bpack set, op(B) comes from it (columns from bcol0 on) and b, ldb, tb are unused; with
@@ -139,8 +143,8 @@ struct Problem {
   /// C in blocks of columns (a batch's per-sample outputs, each [m, cblock] at its own place):
   /// column j of C is column (cj0 + j) % cblock of block (cj0 + j) / cblock, whose row i starts
   /// at c + block cstride + i ldc. 0 (the default): C is one matrix. Only the AVX-512 kernel's
-  /// packed products take it, with cblock and cj0 multiples of its NR (32), so that no tile
-  /// crosses a block; gemm() returns false (nothing done) for anything else.
+  /// packed products take it, with cblock and cj0 multiples of cblock_unit (its NR), so that no
+  /// tile crosses a block; gemm() returns false (nothing done) for anything else.
   index_t cblock = 0, cstride = 0, cj0 = 0;
   /// A transposed op(B) in blocks along k (the per-sample [n, L] matrices of a batch, such as a
   /// convolution's dy, read as one op(B) = [gn L, n] without packing them together first): with
@@ -1200,8 +1204,9 @@ inline bool gemm(Isa isa, const Problem& o, bool allow_threads = true) {
 #if FLOWDIFF_SGEMM_X86
   if (isa == Isa::none) return false;
   if ((o.bpack || o.apack) && (isa != Isa::avx512 || o.m <= 4 || o.n <= 4)) return false;
-  if (o.cblock != 0 && (isa != Isa::avx512 || o.cblock % detail::Avx512::NR != 0 ||
-                        o.cj0 % detail::Avx512::NR != 0))
+  static_assert(cblock_unit == detail::Avx512::NR, "a tile never crosses a block of C");
+  if (o.cblock != 0 &&
+      (isa != Isa::avx512 || o.cblock % cblock_unit != 0 || o.cj0 % cblock_unit != 0))
     return false;
   if (o.bblock != 0 && (isa != Isa::avx512 || !o.tb || o.bpack)) return false;
   if (o.m == 0 || o.n == 0) return true;

@@ -574,7 +574,7 @@ bool implicit_available(index_t m) {
 /// AVX-512 kernel only, m > 4 and gn L > 4, offsets within 32 bits; returns false otherwise
 /// (nothing done) and the caller takes im2col. Threads as gemm (serial inside a parallel region).
 /// cblock > 0: C in blocks of cblock columns, cstride apart (sgemm::Problem::cblock; the
-/// samples' outputs in place when cblock = L, a multiple of 32).
+/// samples' outputs in place when cblock = L, a multiple of sgemm::cblock_unit).
 template <class T>
 bool implicit_gemm(const T* a, index_t m, const T* x, const ConvGeometry& g, index_t plane,
                    index_t gn, T* c, index_t ldc, index_t cblock = 0, index_t cstride = 0) {
@@ -777,7 +777,7 @@ class Conv2d {
         T* yn = y.data() + n0 * out_ * L;
         // Straight into y when every sample's L columns are whole tiles of the product (no
         // unpacking of the group's [O, gn L] afterwards), else through outw.
-        const bool direct = gn == 1 || L % 32 == 0;
+        const bool direct = gn == 1 || L % sgemm::cblock_unit == 0;
         if (phased(g) && phase_forward(w, xg, g, gn, colw, direct ? yn : outw, direct)) {
           if (direct) {
             if (b) add_channel_bias(yn, gn * out_, out_, L, b);
@@ -912,7 +912,7 @@ class Conv2d {
                         // it is whole tiles, else through the columns' buffer
           const index_t hw = g.height * g.width;
           const T* dyx = dy.data() + n0 * out_ * L;
-          const bool direct = gn == 1 || hw % 32 == 0;
+          const bool direct = gn == 1 || hw % sgemm::cblock_unit == 0;
           const bool done = direct ? implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, dxn, hw,
                                                    gn > 1 ? hw : 0, in_ * hw)
                                    : implicit_gemm(wf, in_, dyx, gf, out_ * L, gn, colw, gn * hw);
@@ -958,7 +958,8 @@ class Conv2d {
   }
 
   // y's group (gn samples; dst [O, gn Ho Wo], or with per_sample the samples' [gn, O, Ho Wo]
-  // in place: Ho Wo a multiple of 32) = W col(x) over the phases of x, split into ws.
+  // in place: Ho Wo a multiple of sgemm::cblock_unit) = W col(x) over the phases of x, split
+  // into ws.
   bool phase_forward(const T* w, const T* xg, const spatial_detail::ConvGeometry& g, index_t gn,
                      T* ws, T* dst, bool per_sample) const {
 #if FLOWDIFF_SGEMM_X86

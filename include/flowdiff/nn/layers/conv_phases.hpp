@@ -300,8 +300,8 @@ inline bool shifted_available(index_t m, index_t reach) {
 
 /// C[m, ncols] (ldc) = A[m, groups taps] (lda) * the ShiftedPlanes columns [0, ncols).
 /// cblock > 0: C in blocks of cblock columns, cstride apart (sgemm::Problem::cblock; a
-/// multiple of 32). Threads as gemm (serial inside a parallel region). Returns false (nothing
-/// done) where shifted_available would be false.
+/// multiple of sgemm::cblock_unit). Threads as gemm (serial inside a parallel region). Returns
+/// false (nothing done) where shifted_available would be false.
 inline bool shifted_gemm(const float* a, index_t lda, index_t m, const ShiftedPlanes& sp,
                          index_t groups, index_t ncols, float* c, index_t ldc,
                          index_t cblock = 0, index_t cstride = 0) {

@@ -162,7 +162,7 @@ class ConvTranspose2d {
       }
       T* dxg = want_dx ? dx.data() + n0 * in_ * L : nullptr;
       // dx straight into place when every sample's L columns are whole tiles of the product.
-      const bool direct = gn == 1 || L % 32 == 0;
+      const bool direct = gn == 1 || L % sgemm::cblock_unit == 0;
       if (phases && phase_backward(w, xg, dy.data() + n0 * plane_y, g, gn, col, cache.dwt.data(),
                                    dxg == nullptr ? nullptr : direct ? dxg : cache.in.data(),
                                    direct && gn > 1 ? L : 0)) {
