@@ -5,9 +5,15 @@
 // same size, counting the bytes each one moves (copy: read + write; fused: 4 reads + 1 write).
 // BM_cfg_sampling: integrate() under cfg with the samplers' own fused update against the unfused
 // path (the same bits), Euler and Euler-Maruyama, on a cheap field and on the mixture.
+// BM_sampler_accuracy: the distance of each stepper's samples to the exact ODE solution at a budget
+// of field evaluations, on three grids (the accuracy a budget buys; deterministic figures).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <map>
+#include <vector>
 #include <string>
 #include <flowdiff/flowdiff.hpp>
 #include <flowdiff/metrics/distances.hpp>
@@ -16,13 +22,14 @@ namespace fd = flowdiff;
 
 namespace {
 
-fd::analytic::GaussianMixture<float> mixture(fd::index_t d) {
+template <class T = float>
+fd::analytic::GaussianMixture<T> mixture(fd::index_t d) {
   fd::Generator gen{1};
-  auto means = fd::randn<float>({8, d}, gen);
-  fd::scale(means, 3.0f);
+  auto means = fd::randn<T>({8, d}, gen);
+  fd::scale(means, T(3));
   std::vector<fd::label_t> labels{0, 1, 2, 3, 0, 1, 2, 3};
-  return fd::analytic::GaussianMixture<float>::isotropic(std::vector<float>(8, 1.0f), means,
-                                                         std::vector<float>(8, 0.5f), labels, 4);
+  return fd::analytic::GaussianMixture<T>::isotropic(std::vector<T>(8, T(1)), means,
+                                                     std::vector<T>(8, T(0.5)), labels, 4);
 }
 
 template <class Stepper>
@@ -53,6 +60,119 @@ void sampler_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_TEMPLATE(BM_sampler, fd::Euler)->Apply(sampler_args);
 BENCHMARK_TEMPLATE(BM_sampler, fd::Heun)->Apply(sampler_args);
 BENCHMARK_TEMPLATE(BM_sampler, fd::RK4)->Apply(sampler_args);
+
+// ---------------------------------------------------------------------------------------------
+// Accuracy for the cost: how far each sampler's samples land from the exact ODE solution at a
+// budget of field evaluations (NFE), on the exact velocity of the 8-component mixture above (in
+// double, so that the error is the sampler's alone). One particle set of 2000 draws, the same for
+// every sampler; the reference is Dopri5 at atol = rtol = 1e-12. Args: stepper (0 Euler,
+// 1 Midpoint, 2 Heun, 3 RK4, 4 DPM-Solver++(2M), 5 Dopri5, 6 Dopri5 with the worst-sample error
+// norm), budget (NFE; for Dopri5 the
+// tolerance's exponent, NFE as it comes), d, grid (0: uniform; 1: shifted_grid(steps, 3), its
+// steps finer towards the data; 2: shifted_grid(steps, 1/3), finer towards the noise).
+// Counters: rms_error (root mean squared Euclidean distance to the reference over the
+// particles), median_error, wrong_mode (the fraction of particles whose nearest component mean
+// is not the reference's), nfe; the time is one whole integration.
+// ---------------------------------------------------------------------------------------------
+struct AccuracyCase {
+  fd::analytic::GaussianMixture<double> data;
+  fd::Tensor<double> x0, reference;
+};
+
+const AccuracyCase& accuracy_case(fd::index_t d) {
+  static std::map<fd::index_t, AccuracyCase> cases;  // benchmarks run one at a time
+  auto it = cases.find(d);
+  if (it != cases.end()) return it->second;
+  AccuracyCase c{mixture<double>(d), {}, {}};
+  fd::Generator gen{9};
+  c.x0 = fd::randn<double>({2000, d}, gen);
+  c.reference = c.x0.clone();
+  auto field = c.data.velocity(fd::schedules::Linear{});
+  fd::integrate(fd::Dopri5{1e-12, 1e-12}, field, c.reference, fd::uniform_grid<double>(1));
+  return cases.emplace(d, std::move(c)).first->second;
+}
+
+void BM_sampler_accuracy(benchmark::State& state) {
+  const int which = static_cast<int>(state.range(0));
+  const fd::index_t budget = state.range(1), d = state.range(2);
+  const int shifted = static_cast<int>(state.range(3));
+  const AccuracyCase& c = accuracy_case(d);
+  auto field = c.data.velocity(fd::schedules::Linear{});
+  fd::Tensor<double> x(c.x0.shape());
+  static constexpr const char* names[] = {"Euler", "Midpoint", "Heun", "RK4", "DPM-Solver++(2M)",
+                                          "Dopri5", "Dopri5 worst-sample"};
+  static constexpr int stages[] = {1, 2, 2, 4, 1, 0, 0};
+  fd::IntegrateStats stats{};
+  for (auto _ : state) {
+    fd::copy(x, c.x0);
+    const fd::index_t steps = which >= 5 ? 1 : budget / stages[which];
+    const auto grid = shifted == 0 ? fd::uniform_grid<double>(steps)
+                                   : fd::shifted_grid<double>(steps, shifted == 1 ? 3.0 : 1.0 / 3);
+    switch (which) {
+      case 0: stats = fd::integrate(fd::Euler{}, field, x, grid); break;
+      case 1: stats = fd::integrate(fd::Midpoint{}, field, x, grid); break;
+      case 2: stats = fd::integrate(fd::Heun{}, field, x, grid); break;
+      case 3: stats = fd::integrate(fd::RK4{}, field, x, grid); break;
+      case 4:
+        stats = fd::integrate(fd::dpm_solver_pp_2m(fd::schedules::Linear{}), field, x, grid);
+        break;
+      default: {
+        const double tol = std::pow(10.0, -static_cast<double>(budget));
+        fd::Dopri5 dopri{tol, tol};
+        if (which == 6) dopri.error_norm = fd::Dopri5::ErrorNorm::worst_sample;
+        stats = fd::integrate(dopri, field, x, grid);
+      }
+    }
+    benchmark::DoNotOptimize(x.data());
+  }
+  const fd::index_t n = x.dim(0);
+  const auto nearest = [&](const double* p) {
+    fd::index_t best = 0;
+    double best_d = INFINITY;
+    for (fd::index_t k = 0; k < c.data.num_components(); ++k) {
+      double dist = 0;
+      for (fd::index_t j = 0; j < d; ++j)
+        dist += (p[j] - c.data.mean(k, j)) * (p[j] - c.data.mean(k, j));
+      if (dist < best_d) best_d = dist, best = k;
+    }
+    return best;
+  };
+  double sq = 0;
+  std::vector<double> errors(static_cast<std::size_t>(n));
+  fd::index_t wrong = 0;
+  for (fd::index_t i = 0; i < n; ++i) {
+    double e2 = 0;
+    for (fd::index_t j = 0; j < d; ++j) {
+      const double e = x(i, j) - c.reference(i, j);
+      e2 += e * e;
+    }
+    sq += e2;
+    errors[static_cast<std::size_t>(i)] = std::sqrt(e2);
+    wrong += nearest(&x(i, 0)) != nearest(&c.reference(i, 0));
+  }
+  std::nth_element(errors.begin(), errors.begin() + n / 2, errors.end());
+  state.counters["rms_error"] = std::sqrt(sq / static_cast<double>(n));
+  state.counters["median_error"] = errors[static_cast<std::size_t>(n / 2)];
+  state.counters["wrong_mode"] = static_cast<double>(wrong) / static_cast<double>(n);
+  state.counters["nfe"] = static_cast<double>(stats.field_evaluations);
+  state.SetLabel((which >= 5 ? std::string(names[which]) + " tol 1e-" + std::to_string(budget)
+                             : std::string(names[which])) +
+                 (shifted == 1 ? ", finer near data" : shifted == 2 ? ", finer near noise" : ""));
+}
+
+void accuracy_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"stepper", "budget", "d", "grid"});
+  for (long d : {2, 64})
+    for (long grid : {0, 1, 2}) {
+      for (long s = 0; s < 5; ++s)
+        for (long nfe : {8, 16, 32, 64, 128}) b->Args({s, nfe, d, grid});
+      if (grid == 0)  // Dopri5 chooses its own steps in the one interval [0, 1]
+        for (long s : {5, 6})
+          for (long e = 2; e <= 8; e += 2) b->Args({s, e, d, grid});
+    }
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+BENCHMARK(BM_sampler_accuracy)->Apply(accuracy_args);
 
 // The copy bandwidth reference: one read and one write per element.
 void BM_copy(benchmark::State& state) {

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <flowdiff/analytic/gaussian_mixture.hpp>
 #include <flowdiff/core/random.hpp>
 #include <flowdiff/paths/schedule.hpp>
 #include <flowdiff/samplers/adaptive.hpp>
@@ -282,4 +283,59 @@ TEST_CASE("Dopri5 meets its requested tolerance against the exact solution", "[o
   fd::Tensor<double> bad = fd::Tensor<double>::zeros({2, 1});
   CHECK_THROWS_WITH(fd::integrate(fd::Dopri5{.atol = 0, .rtol = 0}, flow, bad, fd::uniform_grid<double>(1)),
                     Contains("atol + rtol > 0"));
+}
+
+TEST_CASE("Dopri5's worst-sample norm holds the tolerance for every sample", "[ode][dopri5]") {
+  // Well-separated modes (stddev 0.5, means 3 N(0, I)): a few particles pass near a boundary
+  // between them, where the field bends; under the batch RMS norm they barely move the error
+  // estimate and end far from their exact endpoint. Reference: atol = rtol = 1e-12.
+  fd::Generator gen{1};
+  auto means = fd::randn<double>({8, 2}, gen);
+  fd::scale(means, 3.0);
+  const auto data = fd::analytic::GaussianMixture<double>::isotropic(
+      std::vector<double>(8, 1.0), means, std::vector<double>(8, 0.5));
+  auto field = data.velocity(fd::schedules::Linear{});
+  fd::Generator noise{9};
+  const auto x0 = fd::randn<double>({400, 2}, noise);
+  auto ref = x0.clone();
+  fd::integrate(fd::Dopri5{.atol = 1e-12, .rtol = 1e-12}, field, ref, fd::uniform_grid<double>(1));
+  for (const double tol : {1e-4, 1e-6}) {
+    // The largest per-sample RMS error over the tolerance's scale (the criterion of the test
+    // above: a global error within 10x the local tolerance).
+    auto worst_error = [&](fd::Dopri5::ErrorNorm norm, fd::index_t& evaluations) {
+      auto x = x0.clone();
+      fd::Dopri5 dopri{.atol = tol, .rtol = tol};
+      dopri.error_norm = norm;
+      evaluations = fd::integrate(dopri, field, x, fd::uniform_grid<double>(1)).field_evaluations;
+      double worst = 0;
+      for (fd::index_t i = 0; i < x.dim(0); ++i) {
+        double e2 = 0, r2 = 0;
+        for (fd::index_t j = 0; j < 2; ++j) {
+          e2 += (x(i, j) - ref(i, j)) * (x(i, j) - ref(i, j));
+          r2 += ref(i, j) * ref(i, j);
+        }
+        worst = std::max(worst, std::sqrt(e2 / 2) / (tol * (1 + std::sqrt(r2 / 2))));
+      }
+      return worst;
+    };
+    fd::index_t nfe_batch = 0, nfe_worst = 0;
+    const double batch = worst_error(fd::Dopri5::ErrorNorm::batch, nfe_batch);
+    const double worst = worst_error(fd::Dopri5::ErrorNorm::worst_sample, nfe_worst);
+    INFO("tol " << tol << ": worst error / tol, batch norm " << batch << " (" << nfe_batch
+                << " evaluations), worst-sample norm " << worst << " (" << nfe_worst << ")");
+    CHECK(worst <= 10.0);
+    CHECK(batch > 10.0);  // what the option is for: the batch norm misses some samples here
+    CHECK(nfe_worst > nfe_batch);
+  }
+  // One sample: the two norms are the same number, so the same steps.
+  auto one = fd::Tensor<double>::from({1, 2}, {0.3, -0.2});
+  auto other = one.clone();
+  fd::Dopri5 batch_norm{.atol = 1e-6, .rtol = 1e-6};
+  fd::Dopri5 worst_norm = batch_norm;
+  worst_norm.error_norm = fd::Dopri5::ErrorNorm::worst_sample;
+  const auto a = fd::integrate(batch_norm, field, one, fd::uniform_grid<double>(1));
+  const auto b = fd::integrate(worst_norm, field, other, fd::uniform_grid<double>(1));
+  CHECK(a.field_evaluations == b.field_evaluations);
+  CHECK(one[0] == other[0]);
+  CHECK(one[1] == other[1]);
 }

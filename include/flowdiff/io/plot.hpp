@@ -11,6 +11,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <span>
 #include <string>
@@ -100,12 +101,15 @@ inline void draw_text(Image& img, int x, int y, const std::string& text, Rgb col
       stb_easy_font_print(0, 0, t.data(), nullptr, buf.data(), static_cast<int>(buf.size()));
   for (int q = 0; q < quads; ++q) {
     // Each vertex is x, y, z (floats) and 4 colour bytes: 16 bytes; a quad is 4 vertices.
-    const float* v0 = reinterpret_cast<const float*>(buf.data() + q * 64);
-    const float* v2 = reinterpret_cast<const float*>(buf.data() + q * 64 + 32);
-    const int x0 = x + static_cast<int>(std::lround(v0[0] * scale));
-    const int y0 = y + static_cast<int>(std::lround(v0[1] * scale));
-    const int x1 = x + static_cast<int>(std::lround(v2[0] * scale));
-    const int y1 = y + static_cast<int>(std::lround(v2[1] * scale));
+    // (copied out: the buffer is chars, and reading it through a float pointer breaks aliasing)
+    float v0[2], v2[2];
+    std::memcpy(v0, buf.data() + q * 64, sizeof v0);
+    std::memcpy(v2, buf.data() + q * 64 + 32, sizeof v2);
+    const float s = static_cast<float>(scale);
+    const int x0 = x + static_cast<int>(std::lround(v0[0] * s));
+    const int y0 = y + static_cast<int>(std::lround(v0[1] * s));
+    const int x1 = x + static_cast<int>(std::lround(v2[0] * s));
+    const int y1 = y + static_cast<int>(std::lround(v2[1] * s));
     for (int yy = std::min(y0, y1); yy < std::max(y0, y1); ++yy)
       for (int xx = std::min(x0, x1); xx < std::max(x0, x1); ++xx) img.set(xx, yy, color);
   }
