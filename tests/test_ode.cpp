@@ -223,6 +223,14 @@ TEST_CASE("The integration loop allocates nothing per step", "[ode][alloc]") {
   CHECK(count(fd::Euler{}, g10) == count(fd::Euler{}, g200));
   CHECK(count(fd::RK4{}, g10) == count(fd::RK4{}, g200));
   CHECK(count(fd::Heun{}, g10) == count(fd::Heun{}, g200));
+  // Dopri5 reduces its error estimate once per attempt, over more elements than one reduction
+  // block here (so the reduction runs in blocks, on threads), with both error norms.
+  x = fd::Tensor<double>::zeros({2048, 4});
+  fd::Dopri5 worst{.atol = 1e-8, .rtol = 1e-8};
+  worst.error_norm = fd::Dopri5::ErrorNorm::worst_sample;
+  CHECK(count(fd::Dopri5{.atol = 1e-8, .rtol = 1e-8}, g10) ==
+        count(fd::Dopri5{.atol = 1e-8, .rtol = 1e-8}, g200));
+  CHECK(count(worst, g10) == count(worst, g200));
 }
 
 TEST_CASE("Time grids", "[ode][grid]") {

@@ -23,6 +23,7 @@
 #include <flowdiff/guidance/cfg.hpp>
 #include <flowdiff/nn/layers/kernels.hpp>
 #include <flowdiff/nn/layers/spatial_kernels.hpp>
+#include <flowdiff/samplers/adaptive.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -961,6 +962,22 @@ std::vector<float> heun_run(const FusedSetup& s) {
   return to_vector(x);
 }
 
+/// Dopri5 through integrate() on backend B, guided (Cfg with w = 2) over [0, 1]: the adaptive
+/// loop's error norm is a deterministic reduction on the backend (its value steers the steps).
+template <class B>
+std::vector<float> dopri5_run(const FusedSetup& s, fd::index_t& evaluations,
+                              fd::Dopri5::ErrorNorm norm = fd::Dopri5::ErrorNorm::batch) {
+  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
+  const auto labels = on<B>(s.labels);
+  auto x = on<B>(s.x0);
+  auto g = fd::cfg(field, 2.0);
+  g.set_condition(labels.view());
+  fd::Dopri5 dopri{.atol = 1e-5, .rtol = 1e-5};
+  dopri.error_norm = norm;
+  evaluations = fd::integrate(dopri, g, x, fd::uniform_grid<float>(1)).field_evaluations;
+  return to_vector(x);
+}
+
 /// Runs `compare(what, w, sigma)` over the guidance scales and noise levels tested.
 template <class F>
 void for_each_case(F&& compare) {
@@ -1053,6 +1070,21 @@ void fused_updates() {
     });
     expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),
                  heun_run<Cpu>(s), 1e-5, 1e-4);
+    // Dopri5: the same accepted steps up to the last bits of the error estimate (GPU and CPU sum
+    // in another order), so the same evaluations in practice; the endpoint within the rule.
+    fd::index_t nfe_gpu = 0, nfe_cpu = 0;
+    const auto dopri_gpu = dopri5_run<Cuda>(s, nfe_gpu);
+    const auto dopri_cpu = dopri5_run<Cpu>(s, nfe_cpu);
+    expect_close("Dopri5 + Cfg on the GPU vs the CPU (" + str(nfe_gpu) + " and " + str(nfe_cpu) +
+                     " evaluations)",
+                 dopri_gpu, dopri_cpu, 1e-4, 1e-4);
+    expect(nfe_gpu > 6 && nfe_gpu <= nfe_cpu + 12 && nfe_cpu <= nfe_gpu + 12,
+           "Dopri5 takes as many steps on the GPU as on the CPU, within two (" + str(nfe_gpu) +
+               " and " + str(nfe_cpu) + " evaluations)");
+    expect(throws_with<fd::config_error>(
+               [&] { dopri5_run<Cuda>(s, nfe_gpu, fd::Dopri5::ErrorNorm::worst_sample); },
+               {"worst_sample", "CPU only"}),
+           "Dopri5's worst-sample norm refuses a device backend");
   });
   section("CFG rescale on the GPU", [] {
     // The per-row standard deviations (double sums, one thread per row) against the CPU's,

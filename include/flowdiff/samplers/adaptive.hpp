@@ -71,34 +71,10 @@ struct Dopri5 {
     const double tend = static_cast<double>(t1);
 
     auto eval = [&](View<const T, B> at, View<T, B> out, double tt) {
-      field(at, out, static_cast<T>(tt));
-      ws.stats.evaluations += 1;
+      evaluate(ws, field, at, out, tt);
     };
-    const index_t rows = x.rank() >= 1 ? x.dim(0) : 1;
-    const bool per_sample = error_norm == ErrorNorm::worst_sample && rows > 1;
-    if (per_sample) ws.sample_sums.resize(static_cast<std::size_t>(rows));
     auto norm = [&](View<const T, B> e, View<const T, B> a, View<const T, B> b) {
-      const T* pe = e.data();
-      const T* pa = a.data();
-      const T* pb = b.data();
-      const double at = atol, rt = rtol;
-      const auto term = [=](index_t i) {
-        const double sc = at + rt * std::max(std::abs(double(pa[i])), std::abs(double(pb[i])));
-        const double r = double(pe[i]) / sc;
-        return r * r;
-      };
-      if (!per_sample) return std::sqrt(Cpu::reduce_sum(e.numel(), term) / double(e.numel()));
-      const index_t d = e.numel() / rows;
-      double* sums = ws.sample_sums.data();
-      Cpu::parallel_for(rows, [=](index_t r) {
-        double acc = 0;
-        for (index_t j = r * d; j < (r + 1) * d; ++j) acc += term(j);
-        sums[r] = acc;
-      });
-      double worst = 0;  // a NaN in any sample stays (the caller refuses a non-finite error)
-      for (index_t r = 0; r < rows; ++r)
-        if (std::isnan(sums[r]) || sums[r] > worst) worst = sums[r];
-      return std::sqrt(worst / static_cast<double>(d));
+      return measure(ws, e, a, b);
     };
 
     if (!ws.have_k1) {
@@ -129,7 +105,7 @@ struct Dopri5 {
       const bool last = h >= std::abs(tend - t) * (1 - 1e-12);
       if (last) h = std::abs(tend - t);
       const double hs = dir * h;
-      stage(ws, field, x, t, hs, eval);
+      stage(ws, field, x, t, hs);
       const double err = norm(View<const T, B>(xe), View<const T, B>(x), View<const T, B>(xs));
       require<numeric_error>(std::isfinite(err), "dopri5: non-finite error estimate at t = ", t,
                              " (the field returned NaN or Inf?)");
@@ -151,11 +127,67 @@ struct Dopri5 {
     }
   }
 
+  /// The error norm (ErrorNorm) of e against the scale atol + rtol max(|a|, |b|), element-wise.
+  /// Public only because nvcc requires the function enclosing an extended lambda to be.
+  template <class T, class B>
+  double measure(Workspace<T, B>& ws, View<const T, B> e, View<const T, B> a,
+                 View<const T, B> b) const {
+    const T* pe = e.data();
+    const T* pa = a.data();
+    const T* pb = b.data();
+    const double at = atol, rt = rtol;
+    // ((e / scale)^2 for element i; written out (no std::abs / std::max) for device code, with
+    // std::max's handling of a NaN first argument)
+    const auto term = [=] FLOWDIFF_HOST_DEVICE(index_t i) {
+      const double xa = double(pa[i]), xb = double(pb[i]);
+      const double fa = xa < 0 ? -xa : xa, fb = xb < 0 ? -xb : xb;
+      const double r = double(pe[i]) / (at + rt * (fa < fb ? fb : fa));
+      return r * r;
+    };
+    const index_t rows = e.rank() >= 1 ? e.dim(0) : 1;
+    if (error_norm == ErrorNorm::worst_sample && rows > 1) {
+      if constexpr (B::host_accessible) {
+        const index_t d = e.numel() / rows;
+        ws.sample_sums.resize(static_cast<std::size_t>(rows));  // allocates on the first call only
+        double* sums = ws.sample_sums.data();
+        B::parallel_for(
+            rows,
+            [=](index_t r) {
+              double acc = 0;
+              for (index_t j = r * d; j < (r + 1) * d; ++j) acc += term(j);
+              sums[r] = acc;
+            },
+            d);
+        double worst = 0;  // a NaN in any sample stays (the caller refuses a non-finite error)
+        for (index_t r = 0; r < rows; ++r)
+          if (std::isnan(sums[r]) || sums[r] > worst) worst = sums[r];
+        return std::sqrt(worst / static_cast<double>(d));
+      } else {
+        fail<config_error>("dopri5: ErrorNorm::worst_sample runs on the CPU only (a backend "
+                           "whose memory the host reads); use ErrorNorm::batch on this one");
+      }
+    }
+    return std::sqrt(B::reduce_sum(e.numel(), term) / static_cast<double>(e.numel()));
+  }
+
+  /// One evaluation of the field, counted.
+  template <class T, class B, class F>
+  static void evaluate(Workspace<T, B>& ws, F& field, View<const T, B> at, View<T, B> out,
+                       double t) {
+    field(at, out, static_cast<T>(t));
+    ws.stats.evaluations += 1;
+  }
+
   // One Dormand–Prince step attempt: the six new stages, x5 in buf[7] and the error estimate in
-  // buf[8]. Public only because nvcc requires the function enclosing an extended lambda to be.
-  template <class T, class B, class F, class Eval>
-  static void stage(Workspace<T, B>& ws, F&, View<T, B> x, double t, double h, Eval& eval) {
-    auto k = [&](int i) { return ws.buf[i].view(); };
+  // buf[8]. Public only because nvcc requires the function enclosing an extended lambda to be
+  // (and no type local to a function among its template arguments: no lambda passed in, and
+  // the coefficients plain values captured by the device lambdas).
+  template <class T, class B, class F>
+  static void stage(Workspace<T, B>& ws, F& field, View<T, B> x, double t, double h) {
+    const auto k = [&ws](int i) { return ws.buf[i].view(); };
+    const auto eval = [&ws, &field](View<T, B> at, View<T, B> out, double tt) {
+      evaluate(ws, field, View<const T, B>(at), out, tt);
+    };
     auto xs = ws.buf[7].view();
     auto xe = ws.buf[8].view();
     const T hT = static_cast<T>(h);
@@ -172,49 +204,53 @@ struct Dopri5 {
     // e = b - b_hat (fifth minus fourth order weights).
     constexpr double e1 = 71.0 / 57600, e3 = -71.0 / 16695, e4 = 71.0 / 1920,
                      e5 = -17253.0 / 339200, e6 = 22.0 / 525, e7 = -1.0 / 40;
-    auto c = [](double v) { return static_cast<T>(v); };
+    const T c21 = T(a21), c31 = T(a31), c32 = T(a32), c41 = T(a41), c42 = T(a42), c43 = T(a43),
+            c51 = T(a51), c52 = T(a52), c53 = T(a53), c54 = T(a54), c61 = T(a61), c62 = T(a62),
+            c63 = T(a63), c64 = T(a64), c65 = T(a65), d1 = T(b1), d3 = T(b3), d4 = T(b4),
+            d5 = T(b5), d6 = T(b6), f1 = T(e1), f3 = T(e3), f4 = T(e4), f5 = T(e5), f6 = T(e6),
+            f7 = T(e7);
 
-    transform(xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1) { return x0 + hT * (c(a21) * k1); }, x, k(0));
+    transform(xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1) { return x0 + hT * (c21 * k1); }, x, k(0));
     eval(xs, k(1), t + h / 5);
     transform(
-        xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2) { return x0 + hT * (c(a31) * k1 + c(a32) * k2); },
+        xs, [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2) { return x0 + hT * (c31 * k1 + c32 * k2); },
         x, k(0), k(1));
     eval(xs, k(2), t + 3 * h / 10);
     transform(
         xs,
         [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3) {
-          return x0 + hT * (c(a41) * k1 + c(a42) * k2 + c(a43) * k3);
+          return x0 + hT * (c41 * k1 + c42 * k2 + c43 * k3);
         },
         x, k(0), k(1), k(2));
     eval(xs, k(3), t + 4 * h / 5);
     transform(
         xs,
         [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3, T k4) {
-          return x0 + hT * (c(a51) * k1 + c(a52) * k2 + c(a53) * k3 + c(a54) * k4);
+          return x0 + hT * (c51 * k1 + c52 * k2 + c53 * k3 + c54 * k4);
         },
         x, k(0), k(1), k(2), k(3));
     eval(xs, k(4), t + 8 * h / 9);
     transform(
         xs,
         [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k2, T k3, T k4, T k5) {
-          return x0 + hT * (c(a61) * k1 + c(a62) * k2 + c(a63) * k3 + c(a64) * k4 + c(a65) * k5);
+          return x0 + hT * (c61 * k1 + c62 * k2 + c63 * k3 + c64 * k4 + c65 * k5);
         },
         x, k(0), k(1), k(2), k(3), k(4));
     eval(xs, k(5), t + h);
     transform(
         xs,
         [=] FLOWDIFF_HOST_DEVICE(T x0, T k1, T k3, T k4, T k5, T k6) {
-          return x0 + hT * (c(b1) * k1 + c(b3) * k3 + c(b4) * k4 + c(b5) * k5 + c(b6) * k6);
+          return x0 + hT * (d1 * k1 + d3 * k3 + d4 * k4 + d5 * k5 + d6 * k6);
         },
         x, k(0), k(2), k(3), k(4), k(5));
     eval(xs, k(6), t + h);
     transform(
         xe,
         [=] FLOWDIFF_HOST_DEVICE(T k1, T k3, T k4, T k5, T k6) {
-          return hT * (c(e1) * k1 + c(e3) * k3 + c(e4) * k4 + c(e5) * k5 + c(e6) * k6);
+          return hT * (f1 * k1 + f3 * k3 + f4 * k4 + f5 * k5 + f6 * k6);
         },
         k(0), k(2), k(3), k(4), k(5));
-    transform(xe, [=] FLOWDIFF_HOST_DEVICE(T e, T k7) { return e + hT * c(e7) * k7; }, xe, k(6));
+    transform(xe, [=] FLOWDIFF_HOST_DEVICE(T e, T k7) { return e + hT * f7 * k7; }, xe, k(6));
   }
 };
 

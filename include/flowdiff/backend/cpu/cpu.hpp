@@ -128,18 +128,23 @@ struct Cpu {
       for (index_t i = 0; i < n; ++i) s += static_cast<double>(g(i));
       return s;
     }
-    std::vector<double> partial(static_cast<std::size_t>(nb));
+    // The block sums on the stack up to a million elements (no allocation per call: an
+    // adaptive sampler reduces once per step), on the heap beyond.
+    constexpr index_t on_stack = 256;
+    double stack_partial[on_stack];
+    std::vector<double> heap_partial(nb > on_stack ? static_cast<std::size_t>(nb) : 0);
+    double* partial = nb > on_stack ? heap_partial.data() : stack_partial;
     parallel_for(
         nb,
         [&](index_t b) {
           const index_t lo = b * reduce_block, hi = std::min(n, lo + reduce_block);
           double s = 0;
           for (index_t i = lo; i < hi; ++i) s += static_cast<double>(g(i));
-          partial[static_cast<std::size_t>(b)] = s;
+          partial[b] = s;
         },
         reduce_block);
     double s = 0;
-    for (double p : partial) s += p;
+    for (index_t b = 0; b < nb; ++b) s += partial[b];
     return s;
   }
 
