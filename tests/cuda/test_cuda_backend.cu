@@ -24,6 +24,7 @@
 #include <flowdiff/nn/layers/kernels.hpp>
 #include <flowdiff/nn/layers/spatial_kernels.hpp>
 #include <flowdiff/samplers/adaptive.hpp>
+#include <flowdiff/samplers/dpm_solver.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -962,6 +963,19 @@ std::vector<float> heun_run(const FusedSetup& s) {
   return to_vector(x);
 }
 
+/// Any fixed-step ODE stepper through integrate() on backend B, guided (Cfg with w = 2): the ones
+/// heun_run leaves out (Midpoint, RK4, DPM-Solver++(2M)), so that each is compiled for Cuda.
+template <class B, class Stepper>
+std::vector<float> stepper_run(const FusedSetup& s, const Stepper& stepper) {
+  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
+  const auto labels = on<B>(s.labels);
+  auto x = on<B>(s.x0);
+  auto g = fd::cfg(field, 2.0);
+  g.set_condition(labels.view());
+  fd::integrate(stepper, g, x, s.grid);
+  return to_vector(x);
+}
+
 /// Dopri5 through integrate() on backend B, guided (Cfg with w = 2) over [0, 1]: the adaptive
 /// loop's error norm is a deterministic reduction on the backend (its value steers the steps).
 template <class B>
@@ -1070,6 +1084,13 @@ void fused_updates() {
     });
     expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),
                  heun_run<Cpu>(s), 1e-5, 1e-4);
+    expect_close("Midpoint + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, fd::Midpoint{}),
+                 stepper_run<Cpu>(s, fd::Midpoint{}), 1e-5, 1e-4);
+    expect_close("RK4 + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, fd::RK4{}),
+                 stepper_run<Cpu>(s, fd::RK4{}), 1e-5, 1e-4);
+    const auto dpm = fd::dpm_solver_pp_2m(fd::schedules::Linear{});
+    expect_close("DPM-Solver++(2M) + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, dpm),
+                 stepper_run<Cpu>(s, dpm), 1e-5, 1e-4);
     // Dopri5: the same accepted steps up to the last bits of the error estimate (GPU and CPU sum
     // in another order), so the same evaluations in practice; the endpoint within the rule.
     fd::index_t nfe_gpu = 0, nfe_cpu = 0;
