@@ -196,6 +196,8 @@ int main(int argc, char** argv) try {
       cli.option<double>("ema", 0.995, "EMA decay of the weights used for sampling (0: off)");
   auto& n = cli.option<long>("n", 2000, "samples per sampler (and held-out data points)");
   auto& steps = cli.option<long>("steps", 50, "sampler steps from t = 0 to t = 1");
+  auto& grid_flag = cli.option<std::string>(
+      "grid", "uniform", std::string(fd::examples::time_grid_help) + " for the ODE samplers");
   auto& sigma = cli.option<double>("sigma", 0.5, "SDE diffusion coefficient sigma_t");
   auto& threads = cli.option<long>("threads", 0, "OpenMP threads (0: the default)");
   auto& seed = cli.option<unsigned long>("seed", 0, "random seed (training and sampling)");
@@ -208,6 +210,8 @@ int main(int argc, char** argv) try {
   fd::require<fd::config_error>(width >= 1 && depth >= 1, "--width and --depth must be >= 1");
   fd::require<fd::config_error>(n >= 10 && n <= 1'000'000, "--n must be in [10, 1e6], got ", n);
   fd::require<fd::config_error>(steps >= 1, "--steps must be >= 1, got ", steps);
+  const auto ode_grid = fd::examples::parse_time_grid("grid", grid_flag, steps);
+  const std::string grid_note = grid_flag == "uniform" ? "" : " " + grid_flag;  // (no comma: CSV)
   fd::require<fd::config_error>(sigma >= 0, "--sigma must be >= 0, got ", sigma);
   fd::require<fd::config_error>(threads >= 0, "--threads must be >= 0, got ", threads);
 #if defined(_OPENMP)
@@ -270,7 +274,7 @@ int main(int argc, char** argv) try {
         std::snprintf(cap, sizeof cap, "energy dist %.4f", rows.back().d.energy);
       panels.push_back(scatter_panel(x, title, cap, 3.0, labels));
     };
-    const auto grid = fd::uniform_grid<float>(steps);
+    const auto& grid = ode_grid;
 
     // 1. CFM: an unconditional velocity MLP, sampled with Euler, Heun and the SDE.
     nn::Parameters<float> ups;
@@ -291,10 +295,10 @@ int main(int argc, char** argv) try {
         on_backend<B>(x, [&](auto& xb) {
           if (method == 0) {
             fd::integrate(fd::Euler{}, field, xb, grid);
-            label = "Euler " + std::to_string(steps);
+            label = "Euler " + std::to_string(steps) + grid_note;
           } else if (method == 1) {
             fd::integrate(fd::Heun{}, field, xb, grid);
-            label = "Heun " + std::to_string(steps);
+            label = "Heun " + std::to_string(steps) + grid_note;
           } else {
             fd::integrate(fd::euler_maruyama(schedule, sigma, gen), field, xb,
                           fd::uniform_grid<float>(4 * steps));
@@ -366,7 +370,7 @@ int main(int argc, char** argv) try {
         const double secs = seconds_since(t0);
         fd::check_finite("toy2d: null-label samples", x);
         char label[64];
-        std::snprintf(label, sizeof label, "null label (Heun %ld)", steps);
+        std::snprintf(label, sizeof label, "null label (Heun %ld%s)", steps, grid_note.c_str());
         add_row(label, x, secs);
         add_panel(x, "u(x|null), Heun " + std::to_string(steps));
       }
@@ -381,7 +385,8 @@ int main(int argc, char** argv) try {
         fd::check_finite("toy2d: CFG samples", x);
         const double agree = knn_agreement(x, y, held_out.x, held_out.labels, k);
         char label[64];
-        std::snprintf(label, sizeof label, "CFG w = %.0f (Heun %ld)", w, steps);
+        std::snprintf(label, sizeof label, "CFG w = %.0f (Heun %ld%s)", w, steps,
+                      grid_note.c_str());
         add_row(label, x, secs, agree);
         add_panel(x, label, y);
       }

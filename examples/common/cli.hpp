@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <flowdiff/core/error.hpp>
+#include <flowdiff/samplers/grid.hpp>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -134,6 +136,28 @@ std::vector<V> parse_list(const std::string& flag, const std::string& text) {
   }
   require<config_error>(!out.empty(), "--", flag, ": empty list");
   return out;
+}
+
+/// The help text of a --grid flag (parse_time_grid's forms).
+inline constexpr const char* time_grid_help =
+    "sampling time grid: uniform, or shift:S (shifted_grid: S > 1 finer steps near the data, "
+    "S < 1 near the noise)";
+
+/// A --grid flag value as the time grid of `steps` steps from t = 0 to t = 1: "uniform"
+/// (uniform_grid) or "shift:S" with a finite S > 0 (shifted_grid(steps, S): S > 1 takes finer
+/// steps near the data, S < 1 near the noise); config_error naming the flag otherwise.
+inline std::vector<float> parse_time_grid(const std::string& flag, const std::string& text,
+                                          long steps) {
+  if (text == "uniform") return uniform_grid<float>(steps);
+  const std::string prefix = "shift:";
+  require<config_error>(text.rfind(prefix, 0) == 0, "--", flag,
+                        ": expected 'uniform' or 'shift:S' (S > 0), got '", text, "'");
+  std::istringstream is(text.substr(prefix.size()));
+  double s = 0;
+  is >> s;
+  require<config_error>(!is.fail() && is.eof() && std::isfinite(s) && s > 0, "--", flag,
+                        ": the shift must be a finite number > 0, got '", text, "'");
+  return shifted_grid<float>(steps, static_cast<float>(s));
 }
 
 }  // namespace flowdiff::examples

@@ -351,6 +351,7 @@ struct FashionFlags {
   double& eta;
   std::string& w;
   long& sample_steps;
+  std::string& grid;
   long& eval_per_class;
   long& limit;
   long& eval_real;
@@ -358,7 +359,8 @@ struct FashionFlags {
   int& quick;
   long& threads;
   unsigned long& seed;
-  std::vector<float> ws{};  ///< --w as a list, set by validate()
+  std::vector<float> ws{};         ///< --w as a list, set by validate()
+  std::vector<float> time_grid{};  ///< --grid with --sample-steps steps, set by validate()
 
   /// Checks the values (config_error naming the flag), parses --w into ws and sets the OpenMP
   /// thread count when --threads is given.
@@ -367,6 +369,7 @@ struct FashionFlags {
     require<config_error>(train_steps >= 1, "--train-steps must be >= 1, got ", train_steps);
     require<config_error>(batch >= 1, "--batch must be >= 1, got ", batch);
     require<config_error>(sample_steps >= 1, "--sample-steps must be >= 1, got ", sample_steps);
+    time_grid = parse_time_grid("grid", grid, sample_steps);
     require<config_error>(eval_per_class >= 2, "--eval-per-class must be >= 2, got ",
                           eval_per_class);
     require<config_error>(limit >= 0, "--limit must be >= 0, got ", limit);
@@ -391,9 +394,10 @@ struct FashionFlags {
 };
 
 /// Declares the shared flags on `cli`. In --help they come in this order: --data-dir, --out,
-/// --cache, then --train-steps, --batch, --lr, then --eta, --w, --sample-steps, --eval-per-class,
-/// --limit, --eval-real, --classifier-epochs, --quick, --threads, --seed; an example lists its
-/// own flags among them with cli.place_before("train-steps") or cli.place_before("eta").
+/// --cache, then --train-steps, --batch, --lr, then --eta, --w, --sample-steps, --grid,
+/// --eval-per-class, --limit, --eval-real, --classifier-epochs, --quick, --threads, --seed; an
+/// example lists its own flags among them with cli.place_before("train-steps") or
+/// cli.place_before("eta").
 inline FashionFlags add_fashion_flags(Cli& cli, const FashionFlagDefaults& d) {
   // Braced initialisation runs in order, so the flags are declared in the order of the members.
   return FashionFlags{
@@ -408,6 +412,7 @@ inline FashionFlags add_fashion_flags(Cli& cli, const FashionFlagDefaults& d) {
       cli.option<double>("eta", 0.1, "CFG label-dropout probability"),
       cli.option<std::string>("w", "1,3,5", "guidance scales to sample"),
       cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1"),
+      cli.option<std::string>("grid", "uniform", time_grid_help),
       cli.option<long>("eval-per-class", 30, "generated images per class for the metrics"),
       cli.option<long>("limit", 0, "use only the first N training images (0: all)"),
       cli.option<long>("eval-real", 5000,
@@ -447,7 +452,7 @@ void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const 
   const std::filesystem::path out(flags.out);
   Evaluation eval(classifier, test, flags.eval_per_class, flags.eval_real);
   const SampleNoise noise(eval, sample, flags.seed + 3);
-  const auto tgrid = uniform_grid<float>(flags.sample_steps);
+  const auto& tgrid = flags.time_grid;
   std::vector<WResult> results;
   std::vector<std::string> pictures;
   for (const float w : flags.ws) {
@@ -461,14 +466,17 @@ void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const 
 
   print_metrics(results, eval.floor());
   std::printf(
-      "(%ld generated images per w, Heun %ld steps = %ld NFE of a 2N batch%s; Frechet "
-      "distance to %ld real test images; 'real': %ld other test images)\n%s",
-      static_cast<long>(eval.eval_size()), flags.sample_steps, 2 * flags.sample_steps,
+      "(%ld generated images per w, Heun %ld steps (%s grid) = %ld NFE of a 2N batch%s; "
+      "Frechet distance to %ld real test images; 'real': %ld other test images)\n%s",
+      static_cast<long>(eval.eval_size()), flags.sample_steps, flags.grid.c_str(),
+      2 * flags.sample_steps,
       r.sampled_where.c_str(), static_cast<long>(eval.reference_size()),
       static_cast<long>(eval.floor_size()), r.note.c_str());
   std::vector<std::pair<std::string, std::string>> csv{
       {"train_steps", csv_value(r.training.last_step)},
-      {"train_seconds", csv_value(r.training.seconds)}};
+      {"train_seconds", csv_value(r.training.seconds)},
+      {"sample_steps", csv_value(flags.sample_steps)},
+      {"grid", flags.grid}};
   csv.insert(csv.end(), r.csv.begin(), r.csv.end());
   write_metrics_csv(r.program, out / "metrics.csv", results, csv, eval.floor());
 
