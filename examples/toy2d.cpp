@@ -303,7 +303,7 @@ int main(int argc, char** argv) try {
             fd::integrate(fd::euler_maruyama(schedule, sigma, gen), field, xb,
                           fd::uniform_grid<float>(4 * steps));
             char b[64];
-            std::snprintf(b, sizeof b, "SDE sigma %.2g, %ld", sigma, 4 * steps);
+            std::snprintf(b, sizeof b, "SDE sigma %.2g (%ld steps)", sigma, 4 * steps);
             label = b;
           }
         });
@@ -340,7 +340,7 @@ int main(int argc, char** argv) try {
       const double secs = seconds_since(t0);
       fd::check_finite("toy2d: DSM samples", x);
       char label[64];
-      std::snprintf(label, sizeof label, "DSM SDE sigma %.2g, %ld", std::max(sigma, 0.5),
+      std::snprintf(label, sizeof label, "DSM SDE sigma %.2g (%ld steps)", std::max(sigma, 0.5),
                     4 * steps);
       add_row(label, x, secs);
       add_panel(x, label);
@@ -416,8 +416,12 @@ int main(int argc, char** argv) try {
   {
     std::ofstream f(csv);
     f << "distribution,method,energy_distance,mmd2_rbf_0.2,sliced_w2,knn_agreement,seconds\n";
+    // (a method name with a comma quoted, RFC 4180, so that every row has the header's columns)
+    const auto field = [](const std::string& v) {
+      return v.find(',') == std::string::npos ? v : '"' + v + '"';
+    };
     for (const auto& r : rows)
-      f << r.dist << ',' << r.method << ',' << r.d.energy << ',' << r.d.mmd << ',' << r.d.swd << ','
+      f << r.dist << ',' << field(r.method) << ',' << r.d.energy << ',' << r.d.mmd << ',' << r.d.swd << ','
         << (r.agreement >= 0 ? std::to_string(r.agreement) : "") << ',' << r.seconds << '\n';
     fd::require<fd::io_error>(f.good(), "toy2d: cannot write ", csv.string());
   }
