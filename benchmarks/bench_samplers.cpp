@@ -67,9 +67,9 @@ BENCHMARK_TEMPLATE(BM_sampler, fd::RK4)->Apply(sampler_args);
 // double, so that the error is the sampler's alone). One particle set of 2000 draws, the same for
 // every sampler; the reference is Dopri5 at atol = rtol = 1e-12. Args: stepper (0 Euler,
 // 1 Midpoint, 2 Heun, 3 RK4, 4 DPM-Solver++(2M), 5 Dopri5, 6 Dopri5 with the worst-sample error
-// norm), budget (NFE; for Dopri5 the
-// tolerance's exponent, NFE as it comes), d, grid (0: uniform; 1: shifted_grid(steps, 3), its
-// steps finer towards the data; 2: shifted_grid(steps, 1/3), finer towards the noise).
+// norm), budget (NFE; for Dopri5 the tolerance's exponent, NFE as it comes), d, grid (0:
+// uniform; 1: shifted_grid(steps, 3), its steps finer towards the data; 2: shifted_grid(steps,
+// 1/3), finer towards the noise).
 // Counters: rms_error (root mean squared Euclidean distance to the reference over the
 // particles), median_error, wrong_mode (the fraction of particles whose nearest component mean
 // is not the reference's), nfe; the time is one whole integration.

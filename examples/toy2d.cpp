@@ -417,11 +417,12 @@ int main(int argc, char** argv) try {
     std::ofstream f(csv);
     f << "distribution,method,energy_distance,mmd2_rbf_0.2,sliced_w2,knn_agreement,seconds\n";
     // (a method name with a comma quoted, RFC 4180, so that every row has the header's columns)
-    const auto field = [](const std::string& v) {
+    const auto csv_field = [](const std::string& v) {
       return v.find(',') == std::string::npos ? v : '"' + v + '"';
     };
     for (const auto& r : rows)
-      f << r.dist << ',' << field(r.method) << ',' << r.d.energy << ',' << r.d.mmd << ',' << r.d.swd << ','
+      f << r.dist << ',' << csv_field(r.method) << ',' << r.d.energy << ',' << r.d.mmd << ','
+        << r.d.swd << ','
         << (r.agreement >= 0 ? std::to_string(r.agreement) : "") << ',' << r.seconds << '\n';
     fd::require<fd::io_error>(f.good(), "toy2d: cannot write ", csv.string());
   }

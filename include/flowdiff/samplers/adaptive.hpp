@@ -136,8 +136,8 @@ struct Dopri5 {
     const T* pa = a.data();
     const T* pb = b.data();
     const double at = atol, rt = rtol;
-    // ((e / scale)^2 for element i; written out (no std::abs / std::max) for device code, with
-    // std::max's handling of a NaN first argument)
+    // (e / scale)^2 for element i, written out (no std::abs / std::max) for device code, with
+    // std::max's handling of a NaN first argument.
     const auto term = [=] FLOWDIFF_HOST_DEVICE(index_t i) {
       const double xa = double(pa[i]), xb = double(pb[i]);
       const double fa = xa < 0 ? -xa : xa, fb = xb < 0 ? -xb : xb;
