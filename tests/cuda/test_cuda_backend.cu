@@ -950,46 +950,28 @@ std::vector<float> library_run(const FusedSetup& s, double w, double sigma, inde
   return to_vector(x);
 }
 
-/// Heun through integrate() on backend B, guided (Cfg with w = 2): a two-stage stepper, three
-/// inputs per transform.
-template <class B>
-std::vector<float> heun_run(const FusedSetup& s) {
-  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
-  const auto labels = on<B>(s.labels);
-  auto x = on<B>(s.x0);
-  auto g = fd::cfg(field, 2.0);
-  g.set_condition(labels.view());
-  fd::integrate(fd::Heun{}, g, x, s.grid);
-  return to_vector(x);
-}
-
-/// Any fixed-step ODE stepper through integrate() on backend B, guided (Cfg with w = 2): the ones
-/// heun_run leaves out (Midpoint, RK4, DPM-Solver++(2M)), so that each is compiled for Cuda.
+/// An ODE stepper through integrate() on backend B over `grid`, guided (Cfg with w = 2): Heun
+/// (a two-stage stepper, three inputs per transform), Midpoint, RK4, DPM-Solver++(2M), Dopri5;
+/// each is compiled for Cuda this way. The field evaluations go to *evaluations when given.
 template <class B, class Stepper>
-std::vector<float> stepper_run(const FusedSetup& s, const Stepper& stepper) {
+std::vector<float> stepper_run(const FusedSetup& s, const Stepper& stepper,
+                               const std::vector<float>& grid, fd::index_t* evaluations = nullptr) {
   AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
   const auto labels = on<B>(s.labels);
   auto x = on<B>(s.x0);
   auto g = fd::cfg(field, 2.0);
   g.set_condition(labels.view());
-  fd::integrate(stepper, g, x, s.grid);
+  const auto stats = fd::integrate(stepper, g, x, grid);
+  if (evaluations != nullptr) *evaluations = stats.field_evaluations;
   return to_vector(x);
 }
 
-/// Dopri5 through integrate() on backend B, guided (Cfg with w = 2) over [0, 1]: the adaptive
-/// loop's error norm is a deterministic reduction on the backend (its value steers the steps).
-template <class B>
-std::vector<float> dopri5_run(const FusedSetup& s, fd::index_t& evaluations,
-                              fd::Dopri5::ErrorNorm norm = fd::Dopri5::ErrorNorm::batch) {
-  AffineClassField<B> field{on<B>(s.a), on<B>(s.b), FusedSetup::classes};
-  const auto labels = on<B>(s.labels);
-  auto x = on<B>(s.x0);
-  auto g = fd::cfg(field, 2.0);
-  g.set_condition(labels.view());
-  fd::Dopri5 dopri{.atol = 1e-5, .rtol = 1e-5};
-  dopri.error_norm = norm;
-  evaluations = fd::integrate(dopri, g, x, fd::uniform_grid<float>(1)).field_evaluations;
-  return to_vector(x);
+/// Dopri5 at atol = rtol = 1e-5 (over [0, 1] in one grid interval below): its error norm is a
+/// deterministic reduction on the backend, whose value steers the steps.
+fd::Dopri5 dopri5(fd::Dopri5::ErrorNorm norm = fd::Dopri5::ErrorNorm::batch) {
+  fd::Dopri5 d{.atol = 1e-5, .rtol = 1e-5};
+  d.error_norm = norm;
+  return d;
 }
 
 /// Runs `compare(what, w, sigma)` over the guidance scales and noise levels tested.
@@ -1082,20 +1064,23 @@ void fused_updates() {
                  g_auto.offset() == g_cpu.offset(),
              "the GPU paths consume the generator as the CPU does (" + what + ")");
     });
-    expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps", heun_run<Cuda>(s),
-                 heun_run<Cpu>(s), 1e-5, 1e-4);
-    expect_close("Midpoint + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, fd::Midpoint{}),
-                 stepper_run<Cpu>(s, fd::Midpoint{}), 1e-5, 1e-4);
-    expect_close("RK4 + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, fd::RK4{}),
-                 stepper_run<Cpu>(s, fd::RK4{}), 1e-5, 1e-4);
+    expect_close("Heun + Cfg on the GPU vs the CPU, " + str(steps) + " steps",
+                 stepper_run<Cuda>(s, fd::Heun{}, s.grid), stepper_run<Cpu>(s, fd::Heun{}, s.grid),
+                 1e-5, 1e-4);
+    expect_close("Midpoint + Cfg on the GPU vs the CPU",
+                 stepper_run<Cuda>(s, fd::Midpoint{}, s.grid),
+                 stepper_run<Cpu>(s, fd::Midpoint{}, s.grid), 1e-5, 1e-4);
+    expect_close("RK4 + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, fd::RK4{}, s.grid),
+                 stepper_run<Cpu>(s, fd::RK4{}, s.grid), 1e-5, 1e-4);
     const auto dpm = fd::dpm_solver_pp_2m(fd::schedules::Linear{});
-    expect_close("DPM-Solver++(2M) + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, dpm),
-                 stepper_run<Cpu>(s, dpm), 1e-5, 1e-4);
+    expect_close("DPM-Solver++(2M) + Cfg on the GPU vs the CPU", stepper_run<Cuda>(s, dpm, s.grid),
+                 stepper_run<Cpu>(s, dpm, s.grid), 1e-5, 1e-4);
     // Dopri5: the same accepted steps up to the last bits of the error estimate (GPU and CPU sum
     // in another order), so the same evaluations in practice; the endpoint within the rule.
+    const auto whole = fd::uniform_grid<float>(1);
     fd::index_t nfe_gpu = 0, nfe_cpu = 0;
-    const auto dopri_gpu = dopri5_run<Cuda>(s, nfe_gpu);
-    const auto dopri_cpu = dopri5_run<Cpu>(s, nfe_cpu);
+    const auto dopri_gpu = stepper_run<Cuda>(s, dopri5(), whole, &nfe_gpu);
+    const auto dopri_cpu = stepper_run<Cpu>(s, dopri5(), whole, &nfe_cpu);
     expect_close("Dopri5 + Cfg on the GPU vs the CPU (" + str(nfe_gpu) + " and " + str(nfe_cpu) +
                      " evaluations)",
                  dopri_gpu, dopri_cpu, 1e-4, 1e-4);
@@ -1103,7 +1088,7 @@ void fused_updates() {
            "Dopri5 takes as many steps on the GPU as on the CPU, within two (" + str(nfe_gpu) +
                " and " + str(nfe_cpu) + " evaluations)");
     expect(throws_with<fd::config_error>(
-               [&] { dopri5_run<Cuda>(s, nfe_gpu, fd::Dopri5::ErrorNorm::worst_sample); },
+               [&] { stepper_run<Cuda>(s, dopri5(fd::Dopri5::ErrorNorm::worst_sample), whole); },
                {"worst_sample", "CPU only"}),
            "Dopri5's worst-sample norm refuses a device backend");
   });
