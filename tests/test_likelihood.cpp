@@ -102,6 +102,28 @@ TEST_CASE("The Hutchinson estimate is unbiased within its confidence interval", 
   CHECK(std::abs(mean - exact[0]) < 4 * sd / std::sqrt(double(reps)) + 1e-4);
 }
 
+TEST_CASE("Hutchinson is exact when the Jacobian is a multiple of the identity", "[likelihood]") {
+  // u = mu + c_t (x - t mu) has Jacobian c_t I, so every Rademacher probe v gives v^T J v = d c_t:
+  // the estimator has no variance and meets the closed form (and the exact divergence's result).
+  for (fd::index_t d : {1, 3, 8}) {
+    LinearGaussianFlow flow;
+    fd::Generator gen{4};
+    auto x = fd::randn<double>({12, d}, gen);
+    fd::transform(x, [&](double v) { return flow.mu + flow.s * v; }, x);
+    fd::Tensor<double> lp(fd::Shape{12}), lp_exact(fd::Shape{12});
+    const auto grid = fd::uniform_grid<double>(60, 1.0, 0.0);
+    fd::log_likelihood(fd::RK4{}, flow, x.view(), lp.view(), grid,
+                       {.divergence = fd::Divergence::hutchinson, .probes = 3}, &gen);
+    fd::log_likelihood(fd::RK4{}, flow, x.view(), lp_exact.view(), grid,
+                       {.divergence = fd::Divergence::exact});
+    for (fd::index_t i = 0; i < 12; ++i) {
+      INFO("d = " << d << ", sample " << i);
+      CHECK(lp[i] == Approx(lp_exact[i]).margin(1e-8));
+      CHECK(lp[i] == Approx(flow.log_density(x, i)).margin(1e-5));
+    }
+  }
+}
+
 TEST_CASE("The mixture's exact divergence matches central differences", "[likelihood]") {
   fd::Generator gen{9};
   auto means = fd::randn<double>({3, 5}, gen);
