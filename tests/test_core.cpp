@@ -98,6 +98,23 @@ TEST_CASE("Reductions are accurate and independent of chunking", "[core]") {
   CHECK(std::isnan(fd::max_abs(x)));
 }
 
+TEST_CASE("Cpu::reduce_sum adds its block sums in block order at any size", "[core]") {
+  // Past 256 blocks of reduce_block elements the block sums are taken 256 at a time (on the
+  // stack): the result must be the one pass over all block sums, bit for bit.
+  const fd::index_t blk = fd::Cpu::reduce_block;
+  for (const fd::index_t n : {blk * 3 + 5, blk * 256, blk * 256 + 1, blk * 700 + 123}) {
+    const auto g = [](fd::index_t i) { return std::sin(0.001 * double(i)) + 1e-9 * double(i % 7); };
+    double ref = 0;
+    for (fd::index_t lo = 0; lo < n; lo += blk) {
+      double b = 0;
+      for (fd::index_t i = lo; i < std::min(n, lo + blk); ++i) b += g(i);
+      ref += b;
+    }
+    INFO("n = " << n);
+    CHECK(fd::Cpu::reduce_sum(n, g) == ref);
+  }
+}
+
 TEST_CASE("GEMM matches a naive double reference for every transpose", "[core][gemm]") {
   fd::Generator gen{3};
   const fd::index_t m = 37, k = 53, n = 29;

@@ -231,6 +231,14 @@ TEST_CASE("The integration loop allocates nothing per step", "[ode][alloc]") {
   CHECK(count(fd::Dopri5{.atol = 1e-8, .rtol = 1e-8}, g10) ==
         count(fd::Dopri5{.atol = 1e-8, .rtol = 1e-8}, g200));
   CHECK(count(worst, g10) == count(worst, g200));
+  // A reduction over more than 256 blocks (a million elements) allocates nothing either (after
+  // a first one: OpenMP sets up its team once).
+  const fd::index_t big = fd::Cpu::reduce_block * 300;
+  const auto third = [](fd::index_t i) { return double(i % 3); };
+  CHECK(fd::Cpu::reduce_sum(big, third) == double(big / 3 * 3));
+  const long before = g_allocations.load();
+  for (int r = 0; r < 3; ++r) CHECK(fd::Cpu::reduce_sum(big, third) == double(big / 3 * 3));
+  CHECK(g_allocations.load() - before == 0);
 }
 
 TEST_CASE("Time grids", "[ode][grid]") {
