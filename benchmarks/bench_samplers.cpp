@@ -69,7 +69,7 @@ BENCHMARK_TEMPLATE(BM_sampler, fd::RK4)->Apply(sampler_args);
 // 1 Midpoint, 2 Heun, 3 RK4, 4 DPM-Solver++(2M), 5 Dopri5, 6 Dopri5 with the worst-sample error
 // norm), budget (NFE; for Dopri5 the tolerance's exponent, NFE as it comes), d, grid (0:
 // uniform; 1: shifted_grid(steps, 3), its steps finer towards the data; 2: shifted_grid(steps,
-// 1/3), finer towards the noise).
+// 1/3), finer towards the noise; 3: dpm_solver_grid(schedule, steps), DPM-Solver++(2M) only).
 // Counters: rms_error (root mean squared Euclidean distance to the reference over the
 // particles), median_error, wrong_mode (the fraction of particles whose nearest component mean
 // is not the reference's), nfe; the time is one whole integration.
@@ -106,8 +106,9 @@ void BM_sampler_accuracy(benchmark::State& state) {
   for (auto _ : state) {
     fd::copy(x, c.x0);
     const fd::index_t steps = which >= 5 ? 1 : budget / stages[which];
-    const auto grid = shifted == 0 ? fd::uniform_grid<double>(steps)
-                                   : fd::shifted_grid<double>(steps, shifted == 1 ? 3.0 : 1.0 / 3);
+    const auto grid = shifted == 0   ? fd::uniform_grid<double>(steps)
+                      : shifted == 3 ? fd::dpm_solver_grid<double>(fd::schedules::Linear{}, steps)
+                                     : fd::shifted_grid<double>(steps, shifted == 1 ? 3.0 : 1.0 / 3);
     switch (which) {
       case 0: stats = fd::integrate(fd::Euler{}, field, x, grid); break;
       case 1: stats = fd::integrate(fd::Midpoint{}, field, x, grid); break;
@@ -157,7 +158,10 @@ void BM_sampler_accuracy(benchmark::State& state) {
   state.counters["nfe"] = static_cast<double>(stats.field_evaluations);
   state.SetLabel((which >= 5 ? std::string(names[which]) + " tol 1e-" + std::to_string(budget)
                              : std::string(names[which])) +
-                 (shifted == 1 ? ", finer near data" : shifted == 2 ? ", finer near noise" : ""));
+                 (shifted == 1   ? ", finer near data"
+                  : shifted == 2 ? ", finer near noise"
+                  : shifted == 3 ? ", dpm_solver_grid"
+                                 : ""));
 }
 
 void accuracy_args(benchmark::internal::Benchmark* b) {
@@ -170,6 +174,8 @@ void accuracy_args(benchmark::internal::Benchmark* b) {
         for (long s : {5, 6})
           for (long e = 2; e <= 8; e += 2) b->Args({s, e, d, grid});
     }
+  for (long d : {2, 64})  // DPM-Solver++(2M) on its own grid
+    for (long nfe : {8, 16, 32, 64, 128}) b->Args({4, nfe, d, 3});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 BENCHMARK(BM_sampler_accuracy)->Apply(accuracy_args);

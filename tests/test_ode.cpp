@@ -2,6 +2,7 @@
 // integration (inversion), time grids, observers, cancellation, and no allocation per step.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -354,4 +355,65 @@ TEST_CASE("Dopri5's worst-sample norm holds the tolerance for every sample", "[o
   CHECK(a.field_evaluations == b.field_evaluations);
   CHECK(one[0] == other[0]);
   CHECK(one[1] == other[1]);
+}
+
+TEST_CASE("dpm_solver_grid: its shape, and DPM-Solver++(2M) on it beats the uniform grid",
+          "[ode][dpm][grid]") {
+  const fd::schedules::Linear sch;
+  {  // t = 0, steps - 2 intervals uniform in lambda = logit(t) over [eps, 1 - eps], t = 1
+    const auto g = fd::dpm_solver_grid<double>(sch, 10);
+    REQUIRE(g.size() == 11);
+    CHECK(g.front() == 0.0);
+    CHECK(g.back() == 1.0);
+    CHECK(g[1] == Approx(0.05).epsilon(1e-12));  // eps = 0.5 / 10
+    CHECK(g[9] == Approx(0.95).epsilon(1e-12));
+    for (std::size_t i = 1; i + 2 < g.size(); ++i) {
+      const double dl = std::log(g[i + 1] / (1 - g[i + 1])) - std::log(g[i] / (1 - g[i]));
+      CHECK(dl == Approx(2 * std::log(0.95 / 0.05) / 8).epsilon(1e-9));
+    }
+    const auto c = fd::dpm_solver_grid<float>(sch, 16, 0.8);
+    CHECK(c[1] == Approx(0.05f));
+    CHECK(fd::dpm_solver_grid<double>(sch, 2) == fd::uniform_grid<double>(2));
+    CHECK(fd::dpm_solver_grid<double>(sch, 3).size() == 4);
+    CHECK_THROWS_WITH(fd::dpm_solver_grid<double>(sch, 0), Contains("steps must be >= 1, got 0"));
+    CHECK_THROWS_WITH(fd::dpm_solver_grid<double>(sch, 8, 0.0), Contains("c must lie in (0, steps / 2)"));
+    CHECK_THROWS_WITH(fd::dpm_solver_grid<double>(sch, 8, 4.0), Contains("got c = 4 for 8 steps"));
+  }
+  // The exact field of separated modes (the Dopri5 test's mixture, d = 2, and the same in d = 16):
+  // the median distance to the exact endpoint is at least 1.5x smaller on dpm_solver_grid than
+  // on the uniform grid at 8 evaluations and 2x at 16 and 32 (measured here: 1.9x to 4.5x).
+  for (const fd::index_t d : {2, 16}) {
+    fd::Generator gen{1};
+    auto means = fd::randn<double>({8, d}, gen);
+    fd::scale(means, 3.0);
+    const auto data = fd::analytic::GaussianMixture<double>::isotropic(
+        std::vector<double>(8, 1.0), means, std::vector<double>(8, 0.5));
+    auto field = data.velocity(sch);
+    fd::Generator noise{9};
+    const auto x0 = fd::randn<double>({300, d}, noise);
+    auto ref = x0.clone();
+    fd::integrate(fd::Dopri5{.atol = 1e-11, .rtol = 1e-11}, field, ref, fd::uniform_grid<double>(1));
+    auto median_error = [&](const std::vector<double>& grid) {
+      auto x = x0.clone();
+      fd::integrate(fd::dpm_solver_pp_2m(sch), field, x, grid);
+      std::vector<double> e;
+      for (fd::index_t i = 0; i < x.dim(0); ++i) {
+        double s = 0;
+        for (fd::index_t j = 0; j < d; ++j) s += (x(i, j) - ref(i, j)) * (x(i, j) - ref(i, j));
+        e.push_back(std::sqrt(s));
+      }
+      std::nth_element(e.begin(), e.begin() + 150, e.end());
+      return e[150];
+    };
+    double previous = 1e9;
+    for (const fd::index_t steps : {8, 16, 32}) {
+      const double uniform = median_error(fd::uniform_grid<double>(steps));
+      const double dpm = median_error(fd::dpm_solver_grid<double>(sch, steps));
+      INFO("d = " << d << ", " << steps << " steps: median error uniform " << uniform
+                  << ", dpm_solver_grid " << dpm);
+      CHECK(dpm * (steps == 8 ? 1.5 : 2.0) < uniform);
+      CHECK(dpm < previous);  // and it converges
+      previous = dpm;
+    }
+  }
 }

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <flowdiff/core/error.hpp>
+#include <flowdiff/paths/schedule.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <functional>
 #include <iostream>
@@ -140,18 +141,21 @@ std::vector<V> parse_list(const std::string& flag, const std::string& text) {
 
 /// The help text of a --grid flag (parse_time_grid's forms).
 inline constexpr const char* time_grid_help =
-    "sampling time grid: uniform, or shift:S (shifted_grid: S > 1 finer steps near the data, "
-    "S < 1 near the noise)";
+    "sampling time grid: uniform, shift:S (shifted_grid: S > 1 finer steps near the data, "
+    "S < 1 near the noise) or dpm (dpm_solver_grid: uniform in log-SNR inside [0.5/steps, "
+    "1 - 0.5/steps], the ends as single steps)";
 
-/// A --grid flag value as the time grid of `steps` steps from t = 0 to t = 1: "uniform"
-/// (uniform_grid) or "shift:S" with a finite S > 0 (shifted_grid(steps, S): S > 1 takes finer
-/// steps near the data, S < 1 near the noise); config_error naming the flag otherwise.
+/// A --grid flag value as the time grid of `steps` steps from t = 0 to t = 1 under the linear
+/// path: "uniform" (uniform_grid), "shift:S" with a finite S > 0 (shifted_grid(steps, S): S > 1
+/// takes finer steps near the data, S < 1 near the noise) or "dpm" (dpm_solver_grid);
+/// config_error naming the flag otherwise.
 inline std::vector<float> parse_time_grid(const std::string& flag, const std::string& text,
                                           long steps) {
   if (text == "uniform") return uniform_grid<float>(steps);
+  if (text == "dpm") return dpm_solver_grid<float>(schedules::Linear{}, steps);
   const std::string prefix = "shift:";
   require<config_error>(text.rfind(prefix, 0) == 0, "--", flag,
-                        ": expected 'uniform' or 'shift:S' (S > 0), got '", text, "'");
+                        ": expected 'uniform', 'shift:S' (S > 0) or 'dpm', got '", text, "'");
   std::istringstream is(text.substr(prefix.size()));
   double s = 0;
   is >> s;

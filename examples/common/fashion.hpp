@@ -29,6 +29,7 @@
 #include <flowdiff/nn/parameters.hpp>
 #include <flowdiff/paths/gaussian_path.hpp>
 #include <flowdiff/paths/schedule.hpp>
+#include <flowdiff/samplers/dpm_solver.hpp>
 #include <flowdiff/samplers/grid.hpp>
 #include <flowdiff/samplers/integrate.hpp>
 #include <flowdiff/samplers/ode.hpp>
@@ -172,8 +173,40 @@ struct PixelImages {
   Tensor<float> operator()(const Tensor<float>& x) const { return x.clone(); }
 };
 
+/// The ODE sampler of the --sampler flag: Heun and the midpoint rule (two evaluations per step)
+/// or DPM-Solver++(2M) under the linear path the examples train (one evaluation per step).
+enum class OdeSampler { heun, midpoint, dpm };
+
+/// The help text of a --sampler flag.
+inline constexpr const char* ode_sampler_help =
+    "ODE sampler: heun, midpoint (2 evaluations per step) or dpm++ (DPM-Solver++(2M), 1)";
+
+/// A --sampler flag value; config_error naming the flag otherwise.
+inline OdeSampler parse_ode_sampler(const std::string& flag, const std::string& text) {
+  if (text == "heun") return OdeSampler::heun;
+  if (text == "midpoint") return OdeSampler::midpoint;
+  if (text == "dpm++") return OdeSampler::dpm;
+  fail<config_error>("--", flag, ": expected 'heun', 'midpoint' or 'dpm++', got '", text, "'");
+}
+
+inline const char* sampler_name(OdeSampler s) {
+  return s == OdeSampler::heun ? "Heun" : s == OdeSampler::midpoint ? "midpoint" : "DPM-Solver++(2M)";
+}
+inline long evaluations_per_step(OdeSampler s) { return s == OdeSampler::dpm ? 1 : 2; }
+
+/// integrate() with the chosen sampler (x on the field's backend).
+template <class Field, class X>
+IntegrateStats integrate_with(OdeSampler s, Field& field, X& x, const std::vector<float>& grid) {
+  switch (s) {
+    case OdeSampler::midpoint: return integrate(Midpoint{}, field, x, grid);
+    case OdeSampler::dpm: return integrate(dpm_solver_pp_2m(schedules::Linear{}), field, x, grid);
+    case OdeSampler::heun: break;
+  }
+  return integrate(Heun{}, field, x, grid);
+}
+
 /// Samples `field` (a conditional field with set_condition: cfg(...), classifier_guidance(...))
-/// with Heun over `tgrid` from the grid noise (written as an 8-column grid to `picture`) and from
+/// with `sampler` (Heun by default) over `tgrid` from the grid noise (written as an 8-column grid to `picture`) and from
 /// the metric noise (scored), after `to_images` (a latent model's decoder; PixelImages for pixel
 /// models). Prints one line "<program>: <label>w = ...: agreement ..., Frechet distance ..." and
 /// returns the row; its seconds cover both samplings and the decoding.
@@ -181,7 +214,7 @@ template <class Field, class ToImages = PixelImages>
 WResult sample_and_score(const std::string& program, const std::string& method, float w,
                          Field& field, const SampleNoise& noise, Evaluation& eval,
                          const std::vector<float>& tgrid, const std::filesystem::path& picture,
-                         ToImages to_images = {}) {
+                         ToImages to_images = {}, OdeSampler sampler = OdeSampler::heun) {
   const auto t0 = std::chrono::steady_clock::now();
   // noise: [N, ...] and labels [N] on the host; the samples come back into a host tensor.
   const auto run = [&](const Tensor<float>& noise_x, const Tensor<label_t>& labels) {
@@ -189,14 +222,14 @@ WResult sample_and_score(const std::string& program, const std::string& method, 
     auto x = noise_x.clone();
     if constexpr (std::is_same_v<B, Cpu>) {
       field.set_condition(labels);
-      integrate(Heun{}, field, x, tgrid);
+      integrate_with(sampler, field, x, tgrid);
     } else {
       Tensor<float, B> xb(x.shape());
       Tensor<label_t, B> yb(labels.shape());
       BackendOps<B>::template upload<float>(xb.view(), View<const float>(x.view()));
       BackendOps<B>::template upload<label_t>(yb.view(), labels.view());
       field.set_condition(View<const label_t, B>(yb.view()));
-      integrate(Heun{}, field, xb, tgrid);
+      integrate_with(sampler, field, xb, tgrid);
       BackendOps<B>::template download<float>(x.view(), View<const float, B>(xb.view()));
     }
     check_finite(program + ": samples", x);
@@ -351,6 +384,7 @@ struct FashionFlags {
   double& eta;
   std::string& w;
   long& sample_steps;
+  std::string& sampler;
   std::string& grid;
   long& eval_per_class;
   long& limit;
@@ -360,6 +394,7 @@ struct FashionFlags {
   long& threads;
   unsigned long& seed;
   std::vector<float> ws{};         ///< --w as a list, set by validate()
+  OdeSampler ode_sampler = OdeSampler::heun;  ///< --sampler, set by validate()
   std::vector<float> time_grid{};  ///< --grid with --sample-steps steps, set by validate()
 
   /// Checks the values (config_error naming the flag), parses --w into ws and sets the OpenMP
@@ -369,6 +404,8 @@ struct FashionFlags {
     require<config_error>(train_steps >= 1, "--train-steps must be >= 1, got ", train_steps);
     require<config_error>(batch >= 1, "--batch must be >= 1, got ", batch);
     require<config_error>(sample_steps >= 1, "--sample-steps must be >= 1, got ", sample_steps);
+    ode_sampler = parse_ode_sampler("sampler", sampler);
+    if (grid == "auto") grid = ode_sampler == OdeSampler::dpm ? "dpm" : "uniform";
     time_grid = parse_time_grid("grid", grid, sample_steps);
     require<config_error>(eval_per_class >= 2, "--eval-per-class must be >= 2, got ",
                           eval_per_class);
@@ -394,7 +431,7 @@ struct FashionFlags {
 };
 
 /// Declares the shared flags on `cli`. In --help they come in this order: --data-dir, --out,
-/// --cache, then --train-steps, --batch, --lr, then --eta, --w, --sample-steps, --grid,
+/// --cache, then --train-steps, --batch, --lr, then --eta, --w, --sample-steps, --sampler, --grid,
 /// --eval-per-class, --limit, --eval-real, --classifier-epochs, --quick, --threads, --seed; an
 /// example lists its own flags among them with cli.place_before("train-steps") or
 /// cli.place_before("eta").
@@ -411,8 +448,10 @@ inline FashionFlags add_fashion_flags(Cli& cli, const FashionFlagDefaults& d) {
       cli.option<double>("lr", d.lr, "peak learning rate (AdamW, warmup + cosine)"),
       cli.option<double>("eta", 0.1, "CFG label-dropout probability"),
       cli.option<std::string>("w", "1,3,5", "guidance scales to sample"),
-      cli.option<long>("sample-steps", 10, "Heun steps from t = 0 to t = 1"),
-      cli.option<std::string>("grid", "uniform", time_grid_help),
+      cli.option<long>("sample-steps", 10, "sampler steps from t = 0 to t = 1"),
+      cli.option<std::string>("sampler", "heun", ode_sampler_help),
+      cli.option<std::string>("grid", "auto",
+                              std::string(time_grid_help) + "; auto: dpm for dpm++, else uniform"),
       cli.option<long>("eval-per-class", 30, "generated images per class for the metrics"),
       cli.option<long>("limit", 0, "use only the first N training images (0: all)"),
       cli.option<long>("eval-real", 5000,
@@ -438,7 +477,7 @@ struct CfgReport {
 
 /// The report after training of the CFG examples: for each w of flags.ws, cfg(model, w) sampled
 /// and scored by sample_and_score (flags.eval_per_class images per class against flags.eval_real
-/// test images, Heun with flags.sample_steps steps from the noise of seed + 3, `sample` the shape
+/// test images, flags.ode_sampler with flags.sample_steps steps from the noise of seed + 3, `sample` the shape
 /// of one sample, `to_images` the decoder) into out/samples_w<w>.png; then the metrics table with
 /// its footnote and r.note, out/metrics.csv (train_steps, train_seconds, r.csv), "done in" and the
 /// files written. The model samples on its backend (sample_and_score copies noise, labels and
@@ -460,21 +499,23 @@ void sample_cfg_and_report(const CfgReport& r, const FashionFlags& flags, const 
     char name[64];
     std::snprintf(name, sizeof name, "samples_w%g.png", w);
     results.push_back(
-        sample_and_score(r.program, "", w, field, noise, eval, tgrid, out / name, to_images));
+        sample_and_score(r.program, "", w, field, noise, eval, tgrid, out / name, to_images,
+                         flags.ode_sampler));
     pictures.push_back((out / name).string());
   }
 
   print_metrics(results, eval.floor());
   std::printf(
-      "(%ld generated images per w, Heun %ld steps (%s grid) = %ld NFE of a 2N batch%s; "
+      "(%ld generated images per w, %s %ld steps (%s grid) = %ld NFE of a 2N batch%s; "
       "Frechet distance to %ld real test images; 'real': %ld other test images)\n%s",
-      static_cast<long>(eval.eval_size()), flags.sample_steps, flags.grid.c_str(),
-      2 * flags.sample_steps,
+      static_cast<long>(eval.eval_size()), sampler_name(flags.ode_sampler), flags.sample_steps,
+      flags.grid.c_str(), evaluations_per_step(flags.ode_sampler) * flags.sample_steps,
       r.sampled_where.c_str(), static_cast<long>(eval.reference_size()),
       static_cast<long>(eval.floor_size()), r.note.c_str());
   std::vector<std::pair<std::string, std::string>> csv{
       {"train_steps", csv_value(r.training.last_step)},
       {"train_seconds", csv_value(r.training.seconds)},
+      {"sampler", sampler_name(flags.ode_sampler)},
       {"sample_steps", csv_value(flags.sample_steps)},
       {"grid", flags.grid}};
   csv.insert(csv.end(), r.csv.begin(), r.csv.end());

@@ -79,4 +79,27 @@ std::vector<T> log_snr_grid(const S& schedule, index_t steps, T t0, T t1) {
   return g;
 }
 
+/// The grid for DPM-Solver-type samplers over the whole path at a given budget: t = 0, then
+/// `steps - 2` intervals uniform in lambda between eps and 1 - eps, then t = 1, with
+/// eps = c / steps. The two end steps (out of the noise, into the data) have an infinite lambda
+/// step, which the solver takes at first order; the interior steps are its natural ones. On an
+/// exact mixture field the best eps was 0.3 / steps to 1 / steps across dimensions 2 to 64,
+/// component widths 0.1 to 1 and budgets 6 to 128 (docs/samplers.md), hence c = 0.5; it beat the
+/// uniform grid by 2x to 10x there. steps <= 2 leaves no interior: the uniform grid.
+template <class T = float, Schedule S>
+std::vector<T> dpm_solver_grid(const S& schedule, index_t steps, double c = 0.5) {
+  require<config_error>(steps >= 1, "dpm_solver_grid: steps must be >= 1, got ", steps);
+  require<config_error>(c > 0 && 2 * c < static_cast<double>(steps),
+                        "dpm_solver_grid: c must lie in (0, steps / 2) so that eps = c / steps < "
+                        "1/2, got c = ",
+                        c, " for ", steps, " steps");
+  if (steps <= 2) return uniform_grid<T>(steps);
+  const double eps = c / static_cast<double>(steps);
+  std::vector<T> g = log_snr_grid<T>(schedule, steps - 2, static_cast<T>(eps), static_cast<T>(1 - eps));
+  g.insert(g.begin(), T(0));
+  g.push_back(T(1));
+  check_grid<T>(g);
+  return g;
+}
+
 }  // namespace flowdiff
