@@ -31,9 +31,13 @@ inline const char* isa_name(Isa isa) {
 }
 
 /// The best kernel set this CPU (and OS) supports; Isa::none off x86 or with FLOWDIFF_NO_SGEMM.
+/// FLOWDIFF_MAX_ISA_AVX2 caps it at AVX2 (an AVX-512 machine then runs what a CPU without
+/// AVX-512, such as most laptops', runs: bench_nn_avx2).
 inline Isa best_isa() {
 #if FLOWDIFF_X86_DISPATCH
+#if !defined(FLOWDIFF_MAX_ISA_AVX2)
   if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+#endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
   return Isa::none;

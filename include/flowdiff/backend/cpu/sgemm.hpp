@@ -956,10 +956,12 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* a, index_
     _mm256_storeu_ps(acc + j + 16, c2);
     _mm256_storeu_ps(acc + j + 24, c3);
   }
-  for (; j < n; ++j) {
-    float c = 0.f;
-    for (index_t p = 0; p < k; ++p) c += a[p * as] * b[p * ldb + j];
-    acc[j] = c;
+  for (; j < n; ++j) {  // fused multiply-adds as in the vectors (a column's bits do not depend
+    // on where it lies; a plain c += a b is not contracted under ISO C++'s -std=c++20)
+    __m128 c = _mm_setzero_ps();
+    for (index_t p = 0; p < k; ++p)
+      c = _mm_fmadd_ss(_mm_set_ss(a[p * as]), _mm_set_ss(b[p * ldb + j]), c);
+    acc[j] = _mm_cvtss_f32(c);
   }
 }
 

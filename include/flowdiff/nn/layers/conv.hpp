@@ -19,8 +19,9 @@
 // the same values, so the same bits), and dx of a stride-1 convolution is the convolution of dy
 // with the flipped kernel (no col2im). Float 3 x 3, stride-1, padding-1 convolutions with at
 // least 16 input and output channels run forward and dx by Winograd's F(2 x 2, 3 x 3) instead,
-// and dW by F(3 x 3, 2 x 2) on images at least 16 wide (winograd.hpp: 2.25 times fewer
-// multiply-adds; other roundings, as accurate; set_winograd(false) for the GEMM path). Float
+// and dW by F(3 x 3, 2 x 2) (with AVX-512 on images at least 16 wide), on AVX2 and AVX-512 CPUs
+// (winograd.hpp: 2.25 times fewer multiply-adds; other roundings, as accurate;
+// set_winograd(false) for the GEMM path). Float
 // stride-2 convolutions of even images with an output half their size (3 x 3 padding 1, the
 // U-Net's downsampling) split each group's input into its four phases and run forward and dW
 // over them with plain masked loads, and dx as four phase products (conv_phases.hpp). This file
@@ -737,10 +738,10 @@ class Conv2d {
   };
 
   /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
-  /// channels run by Winograd on an AVX-512 CPU (winograd.hpp: forward and dx F(2 x 2, 3 x 3),
-  /// dW F(3 x 3, 2 x 2) on images at least 16 wide): 2.25 times fewer multiply-adds, other
-  /// roundings than the GEMM path (bit-identical for any thread count either way). On by
-  /// default.
+  /// channels run by Winograd on an AVX2 or AVX-512 CPU (winograd.hpp: forward and dx
+  /// F(2 x 2, 3 x 3), dW F(3 x 3, 2 x 2), with AVX-512 on images at least 16 wide): 2.25 times
+  /// fewer multiply-adds, other roundings than the GEMM path (bit-identical for any thread count
+  /// either way). On by default.
   void set_winograd(bool on) { winograd_ = on; }
   bool winograd() const { return winograd_; }
 
@@ -826,9 +827,11 @@ class Conv2d {
         winograd_conv(cache.wf.data(), dy.data(), nullptr, dx.data(), out_, in_, n, g);
         want_dx = false;
       }
-      // dW by Winograd F(3x3, 2x2) where rows have at least 8 tiles (16 pixels): on narrower
-      // images most of the transforms' 16 lanes idle and the implicit GEMM is as fast.
-      if (g.width >= 16) {
+      // dW by Winograd F(3x3, 2x2) where rows have at least 8 tiles (16 pixels), or on any
+      // width without AVX-512: on narrower images most of the AVX-512 transforms' 16 lanes idle
+      // and the implicit GEMM is as fast, while the AVX2 path has no implicit GEMM (an 8x8
+      // layer's backward, 128 channels, batch 64: 12.7 ms by im2col, 10.7 by Winograd).
+      if (g.width >= 16 || simd::best_isa() != simd::Isa::avx512) {
         winograd_weight_gradient(x.data(), dy.data(), dw, n, g);
         return;
       }
@@ -1015,7 +1018,7 @@ class Conv2d {
 #if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>)
       return winograd_ && k_ == 3 && s_ == 1 && p_ == 1 && in_ >= 16 && out_ >= 16 &&
-             g.out_h == g.height && g.out_w == g.width && simd::best_isa() == simd::Isa::avx512;
+             g.out_h == g.height && g.out_w == g.width && simd::best_isa() != simd::Isa::none;
 #endif
     (void)g;
     return false;
@@ -1030,14 +1033,19 @@ class Conv2d {
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, ci, co, g.height, g.width);
       float* const u = winograd_detail::scratch(1, 16 * ci * co);
-      winograd_detail::transform_weights_avx512(w, co, ci, u);
       const index_t team = std::max<index_t>(1, std::min<index_t>(plan.blocks, Cpu::max_threads()));
-      winograd_detail::convolve(plan, x, u, bias, y, team);
+      if (simd::best_isa() == simd::Isa::avx512) {
+        winograd_detail::transform_weights_avx512(w, co, ci, u);
+        winograd_detail::convolve(plan, x, u, bias, y, team);
+      } else {  // AVX2: its transforms and plain products
+        winograd_detail::transform_weights(w, co, ci, u);
+        winograd_detail::convolve_avx2(plan, x, u, bias, y, team);
+      }
       return;
     }
 #endif
     (void)w, (void)x, (void)bias, (void)y, (void)ci, (void)co, (void)n, (void)g;
-    fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
+    fail<std::logic_error>("Conv2d: Winograd is float on AVX2 or AVX-512 CPUs only");
   }
 
   // dW += the weight gradient of x [n, C, H, W] and dy [n, O, H, W] by Winograd F(3x3, 2x2).
@@ -1053,7 +1061,7 @@ class Conv2d {
     }
 #endif
     (void)x, (void)dy, (void)dw, (void)n, (void)g;
-    fail<std::logic_error>("Conv2d: Winograd is float on AVX-512 only");
+    fail<std::logic_error>("Conv2d: Winograd is float on AVX2 or AVX-512 CPUs only");
   }
 
   spatial_detail::ConvGeometry geometry(const Shape& s) const {

@@ -21,9 +21,11 @@
 // added in run order), and every output element is computed by the same operations in the same
 // order whatever the thread count: bit-identical for any number of threads. The result is not
 // bit-identical to im2col + GEMM (other roundings; against a double convolution its error is of
-// the same size, 1-9e-7 of the largest value in the tests); Conv2d uses it for float on AVX-512
-// CPUs with at least 16 input and output channels, and set_winograd(false) turns it off. The
-// transforms take sixteen tiles of a tile row at a time in AVX-512 registers.
+// the same size, 1-9e-7 of the largest value in the tests); Conv2d uses it for float on AVX2 and
+// AVX-512 CPUs with at least 16 input and output channels, and set_winograd(false) turns it off.
+// The transforms take sixteen tiles of a tile row at a time in AVX-512 registers, or eight in
+// AVX2 registers (the same arithmetic: the same bits); with AVX-512, V is written as the
+// kernel's B micro-panels, with AVX2 as plain rows that its GEMM packs.
 #pragma once
 
 #include <algorithm>
@@ -101,6 +103,196 @@ void transform_weights(const T* w, index_t out, index_t in, T* u) {
     }
   }
 }
+
+#if FLOWDIFF_X86_DISPATCH
+// ---- AVX2 transforms (the AVX2 kernels' path): the AVX-512 ones' arithmetic, eight tiles at a
+// time in 256-bit registers. V and Z are written as plain rows (the ld form). The same additions
+// and halvings in the same order as the AVX-512 transforms, so the same bits.
+
+/// Lanes j of 8 with lo <= base + j < hi, as an AVX2 load/store mask.
+__attribute__((target("avx2"))) inline __m256i lane_mask8(index_t base, index_t lo, index_t hi) {
+  const __m256i j = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                     _mm256_set1_epi32(static_cast<int>(base)));
+  const __m256i ge = _mm256_cmpgt_epi32(j, _mm256_set1_epi32(static_cast<int>(lo) - 1));
+  const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), j);
+  return _mm256_and_si256(ge, lt);
+}
+
+/// Even and odd elements of the 16 floats (x0, x1), in order.
+__attribute__((target("avx2"))) inline void deinterleave8(__m256 x0, __m256 x1, __m256& even,
+                                                          __m256& odd) {
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+/// transform_input in its ld form ((c, t) of V_e at v + e ve + c ld + t): eight tiles read the
+/// 18 input columns 2 tx0 - 1 .. 2 tx0 + 16 (three masked loads per row), the vertical
+/// transform on them, then even / odd lanes and their successors.
+__attribute__((target("avx2"))) inline void transform_input_avx2(const Plan& p, const float* x,
+                                                                 index_t r0, index_t r1,
+                                                                 index_t c0, index_t c1,
+                                                                 float* v, index_t ve,
+                                                                 index_t ld) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const __m256i rot1 = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    bool row_in[4];
+    for (index_t q = 0; q < 4; ++q) {
+      const index_t ih = 2 * ty - 1 + q;
+      row_in[q] = ih >= 0 && ih < H;
+    }
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 8) {
+      const index_t col0 = 2 * tx0 - 1;
+      const __m256i mk[3] = {lane_mask8(col0, 0, W), lane_mask8(col0 + 8, 0, W),
+                             lane_mask8(col0 + 16, 0, W)};
+      const index_t t0 = (r - r0) * tw + tx0, cnt = std::min<index_t>(8, tw - tx0);
+      const __m256i out = lane_mask8(0, 0, cnt);
+      for (index_t c = c0; c < c1; ++c) {
+        const float* xc = x + (s * p.in + c) * HW + (2 * ty - 1) * W + col0;
+        __m256 d[4][3];
+        for (index_t q = 0; q < 4; ++q)
+          for (int h = 0; h < 3; ++h)
+            d[q][h] = row_in[q] ? _mm256_maskload_ps(xc + q * W + 8 * h, mk[h])
+                                : _mm256_setzero_ps();
+        float* const vc = v + ld * c + t0;
+        for (index_t q = 0; q < 4; ++q) {
+          __m256 u[3];  // row q of B^T d over the 18 (24) columns
+          for (int h = 0; h < 3; ++h) {
+            switch (q) {
+              case 0: u[h] = _mm256_sub_ps(d[0][h], d[2][h]); break;
+              case 1: u[h] = _mm256_add_ps(d[1][h], d[2][h]); break;
+              case 2: u[h] = _mm256_sub_ps(d[2][h], d[1][h]); break;
+              default: u[h] = _mm256_sub_ps(d[1][h], d[3][h]); break;
+            }
+          }
+          __m256 a, b;  // columns 2 k - 1 and 2 k of tile k (relative to col0: 2 k, 2 k + 1)
+          deinterleave8(u[0], u[1], a, b);
+          // 2 k + 2 and 2 k + 3: the next lane, lane 7 from u[2]'s lanes 0 and 1.
+          const __m256 cc = _mm256_blend_ps(_mm256_permutevar8x32_ps(a, rot1),
+                                            _mm256_permutevar8x32_ps(u[2], _mm256_setzero_si256()),
+                                            0x80);
+          const __m256 dd = _mm256_blend_ps(_mm256_permutevar8x32_ps(b, rot1),
+                                            _mm256_permutevar8x32_ps(u[2], _mm256_set1_epi32(1)),
+                                            0x80);
+          const __m256 res[4] = {_mm256_sub_ps(a, cc), _mm256_add_ps(b, cc),
+                                 _mm256_sub_ps(cc, b), _mm256_sub_ps(b, dd)};
+          for (int k = 0; k < 4; ++k) _mm256_maskstore_ps(vc + (4 * q + k) * ve, out, res[k]);
+        }
+      }
+    }
+  }
+}
+
+/// Columns 2 k and 2 k + 1 of an output row from lane k of v0 and v1 (16 columns, masked).
+__attribute__((target("avx2"))) inline void store_row8(float* row, __m256i w0, __m256i w1,
+                                                       __m256 v0, __m256 v1) {
+  const __m256 lo = _mm256_unpacklo_ps(v0, v1), hi = _mm256_unpackhi_ps(v0, v1);
+  _mm256_maskstore_ps(row, w0, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_maskstore_ps(row + 8, w1, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+/// transform_output with AVX2, eight tiles at a time; the two output rows of 16 columns
+/// interleaved from the tiles' two columns by unpacks.
+__attribute__((target("avx2"))) inline void transform_output_avx2(const Plan& p, const float* m,
+                                                                  index_t ldm, index_t r0,
+                                                                  index_t r1, index_t o0,
+                                                                  index_t o1, const float* bias,
+                                                                  float* y) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const index_t eT = ldm * p.out;
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 8) {
+      const __m256i in = lane_mask8(0, 0, tw - tx0);
+      const __m256i w0 = lane_mask8(2 * tx0, 0, W), w1 = lane_mask8(2 * tx0 + 8, 0, W);
+      for (index_t o = o0; o < o1; ++o) {
+        const float* mt = m + o * ldm + (r - r0) * tw + tx0;
+        __m256 mv[16];
+        for (int e = 0; e < 16; ++e) mv[e] = _mm256_maskload_ps(mt + e * eT, in);
+        __m256 s0[4], s1[4];
+        for (int q = 0; q < 4; ++q) {
+          s0[q] = _mm256_add_ps(_mm256_add_ps(mv[4 * q], mv[4 * q + 1]), mv[4 * q + 2]);
+          s1[q] = _mm256_sub_ps(_mm256_sub_ps(mv[4 * q + 1], mv[4 * q + 2]), mv[4 * q + 3]);
+        }
+        const __m256 b0 = _mm256_set1_ps(bias ? bias[o] : 0.f);
+        float* y0 = y + (s * p.out + o) * HW + 2 * ty * W + 2 * tx0;
+        store_row8(y0, w0, w1, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0[0], s0[1]), s0[2]), b0),
+                  _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]), b0));
+        if (second)
+          store_row8(y0 + W, w0, w1, _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]), b0),
+                    _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]), b0));
+      }
+    }
+  }
+}
+
+/// transform_dy with AVX2, eight tiles at a time: Z_e(o, t) at z + e ze + o ld + t.
+__attribute__((target("avx2"))) inline void transform_dy_avx2(const Plan& p, const float* dy,
+                                                              index_t r0, index_t r1, index_t o0,
+                                                              index_t o1, float* z, index_t ze,
+                                                              index_t ld) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t tx0 = 0; tx0 < tw; tx0 += 8) {
+      const __m256i m0 = lane_mask8(2 * tx0, 0, W), m1 = lane_mask8(2 * tx0 + 8, 0, W);
+      const index_t t0 = (r - r0) * tw + tx0;
+      const __m256i out = lane_mask8(0, 0, tw - tx0);
+      for (index_t o = o0; o < o1; ++o) {
+        const float* g = dy + (s * p.out + o) * HW + 2 * ty * W + 2 * tx0;
+        __m256 h[2][4];  // rows a of g Gs^T: columns q
+        for (int a = 0; a < 2; ++a) {
+          __m256 l0 = _mm256_setzero_ps(), l1 = _mm256_setzero_ps();
+          if (a == 0 || second) {
+            l0 = _mm256_maskload_ps(g + a * W, m0);
+            l1 = _mm256_maskload_ps(g + a * W + 8, m1);
+          }
+          __m256 g0, g1;  // columns 2 tx and 2 tx + 1
+          deinterleave8(l0, l1, g0, g1);
+          h[a][0] = g0;
+          h[a][1] = _mm256_mul_ps(half, _mm256_add_ps(g0, g1));
+          h[a][2] = _mm256_mul_ps(half, _mm256_sub_ps(g0, g1));
+          h[a][3] = _mm256_sub_ps(_mm256_setzero_ps(), g1);
+        }
+        float* zo = z + o * ld + t0;
+        for (int q = 0; q < 4; ++q) {
+          const __m256 zp[4] = {h[0][q], _mm256_mul_ps(half, _mm256_add_ps(h[0][q], h[1][q])),
+                                _mm256_mul_ps(half, _mm256_sub_ps(h[0][q], h[1][q])),
+                                _mm256_sub_ps(_mm256_setzero_ps(), h[1][q])};
+          for (int pp = 0; pp < 4; ++pp) _mm256_maskstore_ps(zo + (4 * pp + q) * ze, out, zp[pp]);
+        }
+      }
+    }
+  }
+}
+
+/// y = conv3x3(x, w, padding 1) + bias over the batch with the AVX2 transforms and plain products
+/// (gemm_strided: the AVX2 kernel packs V itself), from u = transform_weights(w). Blocks and
+/// threads as convolve's.
+inline void convolve_avx2(const Plan& p, const float* x, const float* u, const float* bias,
+                          float* y, index_t team) {
+  const index_t T = p.tiles(), total = p.n * p.th, ve = p.in * T;
+  Cpu::parallel_tasks(p.blocks, team, [&](index_t blk, index_t tid) {
+    const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
+    const index_t nt = (r1 - r0) * p.tw;
+    (void)tid;
+    float* v = scratch(0, p.workspace());
+    float* m = v + 16 * ve;
+    transform_input_avx2(p, x, r0, r1, 0, p.in, v, ve, nt);
+    for (index_t e = 0; e < 16; ++e)
+      gemm_strided(Trans::no, Trans::no, p.out, nt, p.in, 1.f, u + e * p.out * p.in, p.in,
+                   v + e * ve, nt, 0.f, m + e * p.out * T, T);
+    transform_output_avx2(p, m, T, r0, r1, 0, p.out, bias, y);
+  });
+}
+
+#endif
 
 #if FLOWDIFF_X86_DISPATCH
 /// transform_weights for float, sixteen kernels (o, c) at a time: the nine taps of each gathered
@@ -329,6 +521,7 @@ __attribute__((target("avx512f"))) inline void transform_dy(const Plan& p, const
 /// any thread count. Workspaces: scratch() of each thread.
 inline void weight_gradient(const Plan& p, const float* x, const float* dy, float* dw,
                             index_t team, index_t chunks) {
+  const bool avx512 = sgemm::best_isa() == sgemm::Isa::avx512;
   float* const sums = scratch(2, chunks * 16 * p.out * p.in);
   const index_t T = p.tiles(), total = p.n * p.th, oc = p.out * p.in;
   const index_t ve = p.in * T, ze = p.out * T;
@@ -341,8 +534,13 @@ inline void weight_gradient(const Plan& p, const float* x, const float* dy, floa
     for (index_t blk = b0; blk < b1; ++blk) {
       const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
       const index_t nt = (r1 - r0) * p.tw;
-      transform_input(p, x, r0, r1, 0, p.in, v, ve, nt);
-      transform_dy(p, dy, r0, r1, 0, p.out, z, ze, nt);
+      if (avx512) {
+        transform_input(p, x, r0, r1, 0, p.in, v, ve, nt);
+        transform_dy(p, dy, r0, r1, 0, p.out, z, ze, nt);
+      } else {
+        transform_input_avx2(p, x, r0, r1, 0, p.in, v, ve, nt);
+        transform_dy_avx2(p, dy, r0, r1, 0, p.out, z, ze, nt);
+      }
       for (index_t e = 0; e < 16; ++e)
         gemm_strided(Trans::no, Trans::yes, p.out, p.in, nt, 1.f, z + e * ze, nt, v + e * ve, nt,
                      blk == b0 ? 0.f : 1.f, sk + e * oc, p.in);
