@@ -569,7 +569,7 @@ TEST_CASE("ConvTranspose2d float: the phase path agrees with col2im and im2col",
   }
 }
 
-TEST_CASE("Winograd kernel transform: the AVX-512 form is the scalar one, bit for bit",
+TEST_CASE("Winograd kernel transform: the AVX-512 and AVX2 forms are the scalar one, bit for bit",
           "[nn][spatial]") {
 #if FLOWDIFF_X86_DISPATCH
   if (fd::simd::best_isa() != fd::simd::Isa::avx512) {
@@ -585,6 +585,9 @@ TEST_CASE("Winograd kernel transform: the AVX-512 form is the scalar one, bit fo
     nn::winograd_detail::transform_weights(w.data(), o, c, scalar.data());
     nn::winograd_detail::transform_weights_avx512(w.data(), o, c, vec.data());
     CHECK(vec == scalar);
+    std::vector<float> vec8(scalar.size(), -1.f);  // the AVX2 form (eight kernels a time)
+    nn::winograd_detail::transform_weights_avx2(w.data(), o, c, vec8.data());
+    CHECK(vec8 == scalar);
   }
 #else
   WARN("not an x86-64 build: the vector transform is not compiled");

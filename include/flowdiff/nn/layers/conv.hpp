@@ -1038,7 +1038,7 @@ class Conv2d {
         winograd_detail::transform_weights_avx512(w, co, ci, u);
         winograd_detail::convolve(plan, x, u, bias, y, team);
       } else {  // AVX2: its transforms and plain products
-        winograd_detail::transform_weights(w, co, ci, u);
+        winograd_detail::transform_weights_avx2(w, co, ci, u);
         winograd_detail::convolve_avx2(plan, x, u, bias, y, team);
       }
       return;

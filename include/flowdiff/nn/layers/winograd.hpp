@@ -118,6 +118,38 @@ __attribute__((target("avx2"))) inline __m256i lane_mask8(index_t base, index_t 
   return _mm256_and_si256(ge, lt);
 }
 
+/// transform_weights for float with AVX2, eight kernels (o, c) at a time (transform_weights_avx512's
+/// scheme: the nine taps gathered, the same operations in the same order, so the same bits).
+__attribute__((target("avx2"))) inline void transform_weights_avx2(const float* w, index_t out,
+                                                                   index_t in, float* u) {
+  const index_t oc = out * in;
+  const __m256i idx = _mm256_setr_epi32(0, 9, 18, 27, 36, 45, 54, 63);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (index_t q = 0; q < oc; q += 8) {
+    const __m256i m = lane_mask8(0, 0, oc - q);
+    const float* g = w + 9 * q;
+    __m256 gv[9];
+    for (int j = 0; j < 9; ++j)
+      gv[j] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), g + j, idx, _mm256_castsi256_ps(m), 4);
+    __m256 t[4][3];  // G g
+    for (int j = 0; j < 3; ++j) {
+      t[0][j] = gv[j];
+      t[1][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(gv[j], gv[3 + j]), gv[6 + j]));
+      t[2][j] = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(gv[j], gv[3 + j]), gv[6 + j]));
+      t[3][j] = gv[6 + j];
+    }
+    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+      const __m256 s0 = t[i][0], s1 = t[i][1], s2 = t[i][2];
+      _mm256_maskstore_ps(u + (4 * i + 0) * oc + q, m, s0);
+      _mm256_maskstore_ps(u + (4 * i + 1) * oc + q, m,
+                          _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(s0, s1), s2)));
+      _mm256_maskstore_ps(u + (4 * i + 2) * oc + q, m,
+                          _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(s0, s1), s2)));
+      _mm256_maskstore_ps(u + (4 * i + 3) * oc + q, m, s2);
+    }
+  }
+}
+
 /// Even and odd elements of the 16 floats (x0, x1), in order.
 __attribute__((target("avx2"))) inline void deinterleave8(__m256 x0, __m256 x1, __m256& even,
                                                           __m256& odd) {
@@ -273,8 +305,8 @@ __attribute__((target("avx2"))) inline void transform_dy_avx2(const Plan& p, con
 }
 
 /// y = conv3x3(x, w, padding 1) + bias over the batch with the AVX2 transforms and plain products
-/// (gemm_strided: the AVX2 kernel packs V itself), from u = transform_weights(w). Blocks and
-/// threads as convolve's.
+/// (gemm_strided: the AVX2 kernel packs V itself), from u = transform_weights(w) (or its AVX2
+/// form). Blocks and threads as convolve's.
 inline void convolve_avx2(const Plan& p, const float* x, const float* u, const float* bias,
                           float* y, index_t team) {
   const index_t T = p.tiles(), total = p.n * p.th, ve = p.in * T;
