@@ -168,16 +168,27 @@ class Linear {
   // hr[j] = hr[j] (+ b[j]), yr[j] = f(hr[j]) for j in [j0, j1) (b may be null).
   template <class F>
   static void bias_act_row(T* hr, T* yr, const T* b, index_t j0, index_t j1, F f) {
-    simd::vector_loop(
-        [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
-          FLOWDIFF_SIMD
-          for (index_t j = lo; j < hi; ++j) {
-            const T v = b != nullptr ? hr[j] + b[j] : hr[j];
-            hr[j] = v;
-            yr[j] = f(v);
-          }
-        },
-        j0, j1);
+    // Two loops rather than a test of b inside one: g++ 12 did not vectorise the loop with the
+    // conditional load (scalar SiLU: 29 % of an AVX2 MLP training step).
+    if (b != nullptr) {
+      simd::vector_loop(
+          [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+            FLOWDIFF_SIMD
+            for (index_t j = lo; j < hi; ++j) {
+              const T v = hr[j] + b[j];
+              hr[j] = v;
+              yr[j] = f(v);
+            }
+          },
+          j0, j1);
+    } else {
+      simd::vector_loop(
+          [=](index_t lo, index_t hi) FLOWDIFF_LAMBDA_INLINE {
+            FLOWDIFF_SIMD
+            for (index_t j = lo; j < hi; ++j) yr[j] = f(hr[j]);
+          },
+          j0, j1);
+    }
   }
 
   // pre = x W^T + b, act = f(pre), in the product's epilogue.
