@@ -106,9 +106,10 @@ void BM_sampler_accuracy(benchmark::State& state) {
   for (auto _ : state) {
     fd::copy(x, c.x0);
     const fd::index_t steps = which >= 5 ? 1 : budget / stages[which];
+    const double shift = shifted == 1 ? 3.0 : 1.0 / 3;
     const auto grid = shifted == 0   ? fd::uniform_grid<double>(steps)
                       : shifted == 3 ? fd::dpm_solver_grid<double>(fd::schedules::Linear{}, steps)
-                                     : fd::shifted_grid<double>(steps, shifted == 1 ? 3.0 : 1.0 / 3);
+                                     : fd::shifted_grid<double>(steps, shift);
     switch (which) {
       case 0: stats = fd::integrate(fd::Euler{}, field, x, grid); break;
       case 1: stats = fd::integrate(fd::Midpoint{}, field, x, grid); break;

@@ -190,7 +190,9 @@ inline OdeSampler parse_ode_sampler(const std::string& flag, const std::string& 
 }
 
 inline const char* sampler_name(OdeSampler s) {
-  return s == OdeSampler::heun ? "Heun" : s == OdeSampler::midpoint ? "midpoint" : "DPM-Solver++(2M)";
+  return s == OdeSampler::heun       ? "Heun"
+         : s == OdeSampler::midpoint ? "midpoint"
+                                     : "DPM-Solver++(2M)";
 }
 inline long evaluations_per_step(OdeSampler s) { return s == OdeSampler::dpm ? 1 : 2; }
 
@@ -206,10 +208,10 @@ IntegrateStats integrate_with(OdeSampler s, Field& field, X& x, const std::vecto
 }
 
 /// Samples `field` (a conditional field with set_condition: cfg(...), classifier_guidance(...))
-/// with `sampler` (Heun by default) over `tgrid` from the grid noise (written as an 8-column grid to `picture`) and from
-/// the metric noise (scored), after `to_images` (a latent model's decoder; PixelImages for pixel
-/// models). Prints one line "<program>: <label>w = ...: agreement ..., Frechet distance ..." and
-/// returns the row; its seconds cover both samplings and the decoding.
+/// with `sampler` (Heun by default) over `tgrid` from the grid noise (written as an 8-column grid
+/// to `picture`) and from the metric noise (scored), after `to_images` (a latent model's decoder;
+/// PixelImages for pixel models). Prints one line "<program>: <label>w = ...: agreement ...,
+/// Frechet distance ..." and returns the row; its seconds cover both samplings and the decoding.
 template <class Field, class ToImages = PixelImages>
 WResult sample_and_score(const std::string& program, const std::string& method, float w,
                          Field& field, const SampleNoise& noise, Evaluation& eval,
@@ -477,9 +479,9 @@ struct CfgReport {
 
 /// The report after training of the CFG examples: for each w of flags.ws, cfg(model, w) sampled
 /// and scored by sample_and_score (flags.eval_per_class images per class against flags.eval_real
-/// test images, flags.ode_sampler with flags.sample_steps steps from the noise of seed + 3, `sample` the shape
-/// of one sample, `to_images` the decoder) into out/samples_w<w>.png; then the metrics table with
-/// its footnote and r.note, out/metrics.csv (train_steps, train_seconds, r.csv), "done in" and the
+/// test images, flags.ode_sampler with flags.sample_steps steps from the noise of seed + 3,
+/// `sample` the shape of one sample, `to_images` the decoder) into out/samples_w<w>.png; then the
+/// metrics table with its footnote and r.note, out/metrics.csv (train_steps, train_seconds, r.csv), "done in" and the
 /// files written. The model samples on its backend (sample_and_score copies noise, labels and
 /// samples).
 template <class M, class ToImages = PixelImages>

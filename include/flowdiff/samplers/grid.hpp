@@ -95,7 +95,8 @@ std::vector<T> dpm_solver_grid(const S& schedule, index_t steps, double c = 0.5)
                         c, " for ", steps, " steps");
   if (steps <= 2) return uniform_grid<T>(steps);
   const double eps = c / static_cast<double>(steps);
-  std::vector<T> g = log_snr_grid<T>(schedule, steps - 2, static_cast<T>(eps), static_cast<T>(1 - eps));
+  std::vector<T> g =
+      log_snr_grid<T>(schedule, steps - 2, static_cast<T>(eps), static_cast<T>(1 - eps));
   g.insert(g.begin(), T(0));
   g.push_back(T(1));
   check_grid<T>(g);

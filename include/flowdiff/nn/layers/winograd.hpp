@@ -118,7 +118,7 @@ __attribute__((target("avx2"))) inline __m256i lane_mask8(index_t base, index_t 
   return _mm256_and_si256(ge, lt);
 }
 
-/// transform_weights for float with AVX2, eight kernels (o, c) at a time (transform_weights_avx512's
+/// transform_weights for float with AVX2, eight kernels (o, c) at a time (the AVX-512 form's
 /// scheme: the nine taps gathered, the same operations in the same order, so the same bits).
 __attribute__((target("avx2"))) inline void transform_weights_avx2(const float* w, index_t out,
                                                                    index_t in, float* u) {
@@ -153,10 +153,11 @@ __attribute__((target("avx2"))) inline void transform_weights_avx2(const float* 
 /// Even and odd elements of the 16 floats (x0, x1), in order.
 __attribute__((target("avx2"))) inline void deinterleave8(__m256 x0, __m256 x1, __m256& even,
                                                           __m256& odd) {
-  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
-      _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
-  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
-      _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+  // Pairs of lanes as 64-bit units: (x0_0 x0_2 x1_0 x1_2 | x0_4 x0_6 x1_4 x1_6) -> units 0 2 1 3.
+  const __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));
+  const __m256d o = _mm256_castps_pd(_mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(e, _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(o, _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
 /// transform_input in its ld form ((c, t) of V_e at v + e ve + c ld + t): eight tiles read the
@@ -252,11 +253,13 @@ __attribute__((target("avx2"))) inline void transform_output_avx2(const Plan& p,
         }
         const __m256 b0 = _mm256_set1_ps(bias ? bias[o] : 0.f);
         float* y0 = y + (s * p.out + o) * HW + 2 * ty * W + 2 * tx0;
-        store_row8(y0, w0, w1, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0[0], s0[1]), s0[2]), b0),
-                  _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]), b0));
+        store_row8(y0, w0, w1,
+                   _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s0[0], s0[1]), s0[2]), b0),
+                   _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]), b0));
         if (second)
-          store_row8(y0 + W, w0, w1, _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]), b0),
-                    _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]), b0));
+          store_row8(y0 + W, w0, w1,
+                     _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]), b0),
+                     _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]), b0));
       }
     }
   }
