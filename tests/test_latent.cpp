@@ -131,8 +131,10 @@ TEST_CASE("latent: the codec scales to unit variance and decodes its own latents
   CHECK(codec.sample_shape() == fd::Shape{2, 2, 2});
   const auto zs = codec.encode(x.view());
   CHECK(nn::latent_moments<float>(zs.view()).std == Approx(1.0).epsilon(1e-5));
+  // (encode_images took 16 images at a time, the codec 7: with Eigen's GEMM, on CPUs other than
+  // x86, a batch's size changes its products' rounding.)
   for (fd::index_t i = 0; i < z.numel(); ++i)
-    REQUIRE(zs[i] == Approx(s * z[i]).epsilon(1e-6).margin(1e-7));
+    REQUIRE(zs[i] == Approx(s * z[i]).epsilon(1e-5).margin(1e-6));
   const auto xr = codec.decode(zs.view());
   const auto xd = nn::decode_latents(vae, ps, z.view(), 40);
   CHECK(latent_test_max_diff(xr.view(), xd.view()) <= 1e-5);

@@ -3,8 +3,9 @@
 #   -DSTEP=package       configure, build and run this consumer against <WORK_DIR>/prefix
 #   -DSTEP=subdirectory  configure, build and run this consumer with add_subdirectory(<source>)
 # Other variables: FLOWDIFF_SOURCE_DIR, FLOWDIFF_BINARY_DIR, WORK_DIR, CONFIG, GENERATOR,
-# MAKE_PROGRAM, CXX_COMPILER, CXX_FLAGS, EXE_LINKER_FLAGS, EXPECT_CUDA, EXPECT_IO — passed through so the
-# consumer is built like flowdiff's own tests (same compiler, generator, sanitizers).
+# MAKE_PROGRAM, CXX_COMPILER, CXX_FLAGS, EXE_LINKER_FLAGS, EXPECT_CUDA, EXPECT_IO, TOOLCHAIN_FILE —
+# passed through so the consumer is built like flowdiff's own tests (same compiler, generator,
+# sanitizers, cross toolchain); EMULATOR (a |-separated command) runs a cross-built consumer.
 cmake_minimum_required(VERSION 3.25)
 
 foreach(v STEP FLOWDIFF_SOURCE_DIR FLOWDIFF_BINARY_DIR WORK_DIR)
@@ -58,6 +59,9 @@ endif()
 if(CONFIG)
   list(APPEND configure_args "-DCMAKE_BUILD_TYPE=${CONFIG}")
 endif()
+if(TOOLCHAIN_FILE)
+  list(APPEND configure_args "-DCMAKE_TOOLCHAIN_FILE=${TOOLCHAIN_FILE}")
+endif()
 if(STEP STREQUAL "package")
   # Only the fresh install may satisfy find_package: never the source tree or a system copy.
   list(APPEND configure_args "-DCMAKE_PREFIX_PATH=${prefix}" -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
@@ -80,4 +84,5 @@ set(exe "${build}/consumer")
 if(CONFIG AND EXISTS "${build}/${CONFIG}/consumer")
   set(exe "${build}/${CONFIG}/consumer")  # multi-config generators
 endif()
-execute_process(COMMAND "${exe}" COMMAND_ECHO STDOUT COMMAND_ERROR_IS_FATAL ANY)
+string(REPLACE "|" ";" emulator "${EMULATOR}")
+execute_process(COMMAND ${emulator} "${exe}" COMMAND_ECHO STDOUT COMMAND_ERROR_IS_FATAL ANY)

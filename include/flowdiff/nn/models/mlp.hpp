@@ -23,6 +23,7 @@
 #include <omp.h>
 #endif
 
+#include "flowdiff/backend/cpu/isa.hpp"
 #include "flowdiff/core/error.hpp"
 #include "flowdiff/core/field.hpp"
 #include "flowdiff/core/ops.hpp"
@@ -240,11 +241,12 @@ class MLP {
   // spinning workers start the job sooner than libgomp's fork, and its end waits only for their
   // "done" lines, not a barrier: 5.1 against 5.4-5.7 us for the 4 x 256 MLP at batch 1 on a
   // 2-core Xeon (benchmarks/README.md). Returns false (nothing done) where the serial forward
-  // applies.
+  // applies, and always without flowdiff's own GEMM (off x86, or FLOWDIFF_NO_SGEMM): Eigen's
+  // product blocks by its shape, so a range of features would not get the serial bits.
   bool forward_split(const Parameters<T>& ps, View<T> out, Cache& cache) const {
     if constexpr (std::is_same_v<T, float>) {
       const index_t n = cache.n;
-      if (n > split_max_rows) return false;
+      if (n > split_max_rows || simd::best_isa() == simd::Isa::none) return false;
       int available = 1;
       ThreadTeam* threads = cache.team;
       if (threads != nullptr) {
