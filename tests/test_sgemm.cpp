@@ -13,6 +13,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -209,6 +210,43 @@ TEST_CASE("sgemm: a small batch's rows have the same bits in every batch from 2 
                                all[static_cast<std::size_t>(i * s.ldc + j)];
         INFO("k " << k << " n " << n << " m " << m);
         CHECK(same);
+      }
+    }
+  }
+}
+
+TEST_CASE("sgemm: a row of C has the same bits in a whole row tile and in a partial one",
+          "[core][gemm][sgemm]") {
+  // The packed kernels cut C into MR-row tiles (AVX2 6, AVX-512 8); a product whose m is not a
+  // multiple of MR ends in a partial tile (the 32-, 64- and 128-channel convolutions on AVX2),
+  // computed in place for its rows alone. Its rows must get the bits they get inside a whole
+  // tile, for any alpha and beta and over several K blocks (k 300 > KC 256: the second block
+  // accumulates into C): C = alpha op(A) B + beta C for the first m rows of a 24-row problem,
+  // against those rows of the whole one; A stored plainly (AVX-512: read as rows) and
+  // transposed (packed panels); n 40 ends in a partial column tile as well.
+  std::mt19937 g(31);
+  for (const auto isa : sgemm_kernels_here()) {
+    for (const bool ta : {false, true}) {
+      for (const auto& [alpha, beta] : {std::pair{0.7f, 1.f}, std::pair{1.f, 0.f},
+                                        std::pair{-1.3f, 0.5f}}) {
+        const auto s = make_sgemm_case(g, 24, 40, 300, ta, false, alpha, beta);
+        auto all = s.c;
+        REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(s, all.data())));
+        REQUIRE(sgemm_error(s, all) < 1e-5);
+        for (fd::index_t m = 5; m < 24; ++m) {
+          auto part = s;
+          part.m = m;  // (transposed: A's first m columns, at the same stride)
+          auto c = s.c;
+          REQUIRE(fd::sgemm::gemm(isa, sgemm_problem(part, c.data())));
+          std::size_t differ = 0;
+          for (fd::index_t i = 0; i < m; ++i)
+            for (fd::index_t j = 0; j < s.n; ++j)
+              differ += c[static_cast<std::size_t>(i * s.ldc + j)] !=
+                        all[static_cast<std::size_t>(i * s.ldc + j)];
+          INFO("kernel " << fd::sgemm::isa_name(isa) << ", ta " << ta << ", alpha " << alpha
+                         << ", beta " << beta << ", m " << m);
+          CHECK(differ == 0);
+        }
       }
     }
   }

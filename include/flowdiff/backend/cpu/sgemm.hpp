@@ -39,6 +39,8 @@
 #include <exception>
 #include <memory>
 #include <new>
+#include <type_traits>
+#include <utility>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -521,8 +523,10 @@ __attribute__((target("avx2,fma"))) inline void store_avx2(float* row, __m256 x0
   }
 }
 
-/// MR x 32 tile: MR broadcasts of A against two vectors of B per k, 2 MR zmm accumulators.
-template <int MR>
+/// MR x 32 tile: MR broadcasts of A against two vectors of B per k, 2 MR zmm accumulators. A's
+/// panel holds AS >= MR rows per k (AS > MR: the first MR rows of a wider panel, the same bits
+/// as those rows of a whole tile).
+template <int MR, int AS = MR>
 __attribute__((target("avx512f"))) inline void micro_avx512(index_t kc, const float* ap,
                                                             const float* bp, float* c, index_t ldc,
                                                             float alpha, bool overwrite) {
@@ -545,7 +549,7 @@ FLOWDIFF_SGEMM_UNROLL
       acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
       acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
     }
-    ap += MR;
+    ap += AS;
     bp += 32;
   }
   const __m512 al = _mm512_set1_ps(alpha);
@@ -625,6 +629,43 @@ __attribute__((target("avx2,fma"))) inline void micro_avx2(index_t kc, const flo
   store_avx2(c + 5 * ldc, c50, c51, al, overwrite);
 }
 
+/// The first R < 6 rows of micro_avx2's tile, stored in place: the same FMAs per element in the
+/// same order (the same bits as those rows of a whole tile), without the other rows' FMAs and
+/// without tile()'s copy through a buffer. 6 does not divide the channel counts of convolutions
+/// (32, 64, 128), so the last row tile of each of their products is one of these.
+template <int R>
+__attribute__((target("avx2,fma"))) inline void micro_avx2_part(index_t kc, const float* ap,
+                                                                const float* bp, float* c,
+                                                                index_t ldc, float alpha,
+                                                                bool overwrite) {
+  static_assert(R >= 1 && R < 6);
+  __m256 acc[R][2];
+FLOWDIFF_SGEMM_UNROLL
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (index_t p = 0; p < kc; ++p) {
+    const __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+FLOWDIFF_SGEMM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(ap + r);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+    ap += 6;  // the packed panel's stride stays MR
+    bp += 16;
+  }
+  const __m256 al = _mm256_set1_ps(alpha);
+FLOWDIFF_SGEMM_UNROLL
+  for (int r = 0; r < R; ++r) store_avx2(c + r * ldc, acc[r][0], acc[r][1], al, overwrite);
+}
+
+/// f(std::integral_constant<int, mr>{}) for a row count mr in [1, MR).
+template <int MR, class F>
+inline void with_rows(index_t mr, F&& f) {
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    (void)((mr == R + 1 ? (f(std::integral_constant<int, R + 1>{}), true) : false) || ...);
+  }(std::make_integer_sequence<int, MR - 1>{});
+}
+
 struct Avx512 {
   static constexpr index_t MR = 8, NR = 32, KC = 256, MC = 128, NC = 2048;
   static void micro(index_t kc, const float* ap, const float* bp, float* c, index_t ldc,
@@ -636,6 +677,17 @@ struct Avx512 {
                          float alpha, bool overwrite) {
     micro_avx512_rows<MR>(kc, ap, bp, c, ldc, alpha, overwrite);
   }
+  /// A tile of mr < MR valid rows and all NR columns, in place (ROWS: A as plain rows).
+  template <bool ROWS>
+  static void micro_part(index_t mr, index_t kc, const float* ap, const float* bp, float* c,
+                         index_t ldc, float alpha, bool overwrite) {
+    with_rows<MR>(mr, [&](auto r) {
+      if constexpr (ROWS)
+        micro_avx512_rows<decltype(r)::value>(kc, ap, bp, c, ldc, alpha, overwrite);
+      else
+        micro_avx512<decltype(r)::value, MR>(kc, ap, bp, c, ldc, alpha, overwrite);
+    });
+  }
 };
 
 struct Avx2 {
@@ -645,6 +697,15 @@ struct Avx2 {
     micro_avx2(kc, ap, bp, c, ldc, alpha, overwrite);
   }
   static constexpr bool has_rows = false;
+  /// A tile of mr < MR valid rows and all NR columns, in place (micro_avx2_part).
+  template <bool ROWS>
+  static void micro_part(index_t mr, index_t kc, const float* ap, const float* bp, float* c,
+                         index_t ldc, float alpha, bool overwrite) {
+    static_assert(!ROWS, "the AVX2 kernel takes packed panels only");
+    with_rows<MR>(mr, [&](auto r) {
+      micro_avx2_part<decltype(r)::value>(kc, ap, bp, c, ldc, alpha, overwrite);
+    });
+  }
 };
 
 /// One MR x NR tile of C (rows i, columns j; mr x nr of it valid) from packed panels (ROWS: A as
@@ -661,6 +722,10 @@ inline void tile(const Problem& o, index_t kc, const float* ap, const float* bp,
   };
   if (mr == K::MR && nr == K::NR) {
     micro(c, o.ldc, overwrite);
+    return;
+  }
+  if (nr == K::NR) {  // a row tile's last rows: in place, without the missing rows' FMAs
+    K::template micro_part<ROWS>(mr, kc, ap, bp, c, o.ldc, o.alpha, overwrite);
     return;
   }
   alignas(64) float t[K::MR * K::NR];
