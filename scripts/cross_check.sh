@@ -6,7 +6,7 @@
 #
 #   bash scripts/cross_check.sh [BUILD_DIR]     # default build/aarch64
 #
-# About 15 minutes on two cores (half of it the build). Without flowdiff::io (stb and zlib are
+# About 12 minutes on two cores (7 of them the build). Without flowdiff::io (stb and zlib are
 # not cross-installed) the file-format tests and the examples are left out. Known under qemu:
 # test_thread_team's fork() case fails inside qemu itself (qemu 7.2 asserts when a
 # multi-threaded guest forks); every other test passes.
