@@ -40,7 +40,7 @@ if ((quick)); then
   cmake "${configure[@]}" -DFLOWDIFF_UNITY_TESTS=ON -DFLOWDIFF_BUILD_EXAMPLES=OFF \
     -DFLOWDIFF_CONSUMER_TESTS=OFF
   cmake --build "$build" --target flowdiff_tests
-  ctest --test-dir "$build" --output-on-failure \
+  ctest --test-dir "$build" -j2 --output-on-failure \
     -R '^test_(sgemm|nn_threads|nn_spatial|nn_backend|nn_dense|latent|ode|sde|paths)$'
   exit 0
 fi
