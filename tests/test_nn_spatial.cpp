@@ -606,22 +606,26 @@ TEST_CASE("Winograd kernel transform: the AVX-512 and AVX2 forms are the scalar 
 #endif
 }
 
-TEST_CASE("Winograd's AVX2 transforms are the AVX-512 ones, bit for bit", "[nn][spatial]") {
-  // The AVX2 path's transforms (eight tiles per register) against the AVX-512 ones (sixteen), on
-  // the same tiles: input and dy in their plain-row (ld) form, output with a bias. Odd and even
-  // sizes, rows of more than 8 and 16 tiles, blocks not starting at row 0.
+TEST_CASE("Winograd's portable, AVX2 and AVX-512 transforms give the same bits",
+          "[nn][spatial]") {
+  // The plain-loop transforms (CPUs without flowdiff's x86 kernels) against the AVX2 ones (eight
+  // tiles per register) and those against the AVX-512 ones (sixteen), on the same tiles: input
+  // and dy in their plain-row (ld) form, output with a bias. Odd and even sizes, rows of more
+  // than 8 and 16 tiles, blocks not starting at row 0.
 #if FLOWDIFF_X86_DISPATCH
-  if (fd::simd::best_isa() != fd::simd::Isa::avx512) {
-    WARN("this CPU has no AVX-512: the intrinsics to compare with are not taken");
+  const auto isa = fd::simd::best_isa();
+  if (isa == fd::simd::Isa::none) {
+    WARN("this CPU has no AVX2: the intrinsics to compare with are not taken");
     return;
   }
+  if (isa != fd::simd::Isa::avx512) WARN("this CPU has no AVX-512: portable vs AVX2 only");
   namespace wd = nn::winograd_detail;
   fd::Generator gen(37);
   struct Case {
     fd::index_t n, c, o, h, w;
   };
   for (const Case cs : {Case{2, 3, 5, 7, 9}, Case{1, 2, 4, 34, 40}, Case{3, 4, 2, 8, 8},
-                        Case{2, 2, 3, 1, 5}}) {
+                        Case{2, 2, 3, 1, 5}, Case{1, 2, 2, 3, 1}}) {
     CAPTURE(cs.n, cs.c, cs.o, cs.h, cs.w);
     const auto p = wd::plan(cs.n, cs.c, cs.o, cs.h, cs.w);
     const auto x = fd::randn<float>({cs.n, cs.c, cs.h, cs.w}, gen);
@@ -631,32 +635,41 @@ TEST_CASE("Winograd's AVX2 transforms are the AVX-512 ones, bit for bit", "[nn][
     const fd::index_t r0 = total > 1 ? 1 : 0, r1 = total, nt = (r1 - r0) * p.tw;
     // Input and dy transforms: 16 positions x channels x nt tiles, plain rows.
     const fd::index_t ve = cs.c * nt, ze = cs.o * nt;
-    std::vector<float> va(static_cast<std::size_t>(16 * ve), -7.f), vb = va;
-    wd::transform_input(p, x.data(), r0, r1, 0, cs.c, va.data(), ve, nt);
+    std::vector<float> rows(static_cast<std::size_t>(wd::portable_rows(p)), 3.f);
+    std::vector<float> va(static_cast<std::size_t>(16 * ve), -7.f), vb = va, vp = va;
     wd::transform_input_avx2(p, x.data(), r0, r1, 0, cs.c, vb.data(), ve, nt);
-    CHECK(va == vb);
-    std::vector<float> za(static_cast<std::size_t>(16 * ze), -7.f), zb = za;
-    wd::transform_dy(p, dy.data(), r0, r1, 0, cs.o, za.data(), ze, nt);
+    wd::transform_input_portable(p, x.data(), r0, r1, 0, cs.c, vp.data(), ve, nt, rows.data());
+    CHECK(vp == vb);
+    std::vector<float> za(static_cast<std::size_t>(16 * ze), -7.f), zb = za, zp = za;
     wd::transform_dy_avx2(p, dy.data(), r0, r1, 0, cs.o, zb.data(), ze, nt);
-    CHECK(za == zb);
-    // Output transform of random M [16, O, nt] into y (rows r0 .. r1 only: the rest stays).
+    wd::transform_dy_portable(p, dy.data(), r0, r1, 0, cs.o, zp.data(), ze, nt, rows.data());
+    CHECK(zp == zb);
+    // Output transform of random M [16, O, nt] into y (rows r0 .. r1 only: the rest stays),
+    // with a bias and without.
     const auto m = fd::randn<float>({16, cs.o, nt}, gen);
     fd::Tensor<float> ya = fd::Tensor<float>::full({cs.n, cs.o, cs.h, cs.w}, -7.f);
-    fd::Tensor<float> yb = ya.clone();
-    wd::transform_output(p, m.data(), nt, r0, r1, 0, cs.o, bias.data(), ya.data());
+    fd::Tensor<float> yb = ya.clone(), yp = ya.clone(), yb0 = ya.clone(), yp0 = ya.clone();
     wd::transform_output_avx2(p, m.data(), nt, r0, r1, 0, cs.o, bias.data(), yb.data());
+    wd::transform_output_portable(p, m.data(), nt, r0, r1, 0, cs.o, bias.data(), yp.data());
+    CHECK(yp.to_vector() == yb.to_vector());
+    wd::transform_output_avx2(p, m.data(), nt, r0, r1, 0, cs.o, nullptr, yb0.data());
+    wd::transform_output_portable(p, m.data(), nt, r0, r1, 0, cs.o, nullptr, yp0.data());
+    CHECK(yp0.to_vector() == yb0.to_vector());
+    if (isa != fd::simd::Isa::avx512) continue;
+    wd::transform_input(p, x.data(), r0, r1, 0, cs.c, va.data(), ve, nt);
+    CHECK(va == vb);
+    wd::transform_dy(p, dy.data(), r0, r1, 0, cs.o, za.data(), ze, nt);
+    CHECK(za == zb);
+    wd::transform_output(p, m.data(), nt, r0, r1, 0, cs.o, bias.data(), ya.data());
     CHECK(ya.to_vector() == yb.to_vector());
   }
 #else
-  WARN("not an x86-64 build: the vector transforms are not compiled");
+  WARN("not an x86-64 build: the vector transforms to compare with are not compiled");
 #endif
 }
 
 TEST_CASE("Conv2d float: Winograd forward, dx and dW match a double-precision convolution",
           "[nn][spatial]") {
-  if (fd::simd::best_isa() == fd::simd::Isa::none)
-    WARN("no AVX2 or AVX-512 kernels here: Winograd is not taken, the GEMM path is compared "
-         "instead");
   struct Case {
     fd::index_t n, c, o, h, w;
   };

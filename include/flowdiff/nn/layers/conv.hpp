@@ -19,7 +19,7 @@
 // the same values, so the same bits), and dx of a stride-1 convolution is the convolution of dy
 // with the flipped kernel (no col2im). Float 3 x 3, stride-1, padding-1 convolutions with at
 // least 16 input and output channels run forward and dx by Winograd's F(2 x 2, 3 x 3) instead,
-// and dW by F(3 x 3, 2 x 2) (with AVX-512 on images at least 16 wide), on AVX2 and AVX-512 CPUs
+// and dW by F(3 x 3, 2 x 2) (with AVX-512 on images at least 16 wide), on every CPU
 // (winograd.hpp: 2.25 times fewer multiply-adds; other roundings, as accurate;
 // set_winograd(false) for the GEMM path). Float
 // stride-2 convolutions of even images with an output half their size (3 x 3 padding 1, the
@@ -738,7 +738,7 @@ class Conv2d {
   };
 
   /// Whether float 3 x 3, stride-1, padding-1 convolutions with at least 16 input and output
-  /// channels run by Winograd on an AVX2 or AVX-512 CPU (winograd.hpp: forward and dx
+  /// channels run by Winograd on any CPU (winograd.hpp: forward and dx
   /// F(2 x 2, 3 x 3), dW F(3 x 3, 2 x 2), with AVX-512 on images at least 16 wide): 2.25 times
   /// fewer multiply-adds, other roundings than the GEMM path (bit-identical for any thread count
   /// either way). On by default.
@@ -1015,11 +1015,9 @@ class Conv2d {
   }
 
   bool uses_winograd(const spatial_detail::ConvGeometry& g) const {
-#if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>)
       return winograd_ && k_ == 3 && s_ == 1 && p_ == 1 && in_ >= 16 && out_ >= 16 &&
-             g.out_h == g.height && g.out_w == g.width && simd::best_isa() != simd::Isa::none;
-#endif
+             g.out_h == g.height && g.out_w == g.width;
     (void)g;
     return false;
   }
@@ -1029,29 +1027,32 @@ class Conv2d {
   // (Its buffers are winograd_detail::scratch(), shared by all layers, not the layer's cache.)
   void winograd_conv(const T* w, const T* x, const T* bias, T* y, index_t ci, index_t co,
                      index_t n, const spatial_detail::ConvGeometry& g) const {
-#if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, ci, co, g.height, g.width);
       float* const u = winograd_detail::scratch(1, 16 * ci * co);
       const index_t team = std::max<index_t>(1, std::min<index_t>(plan.blocks, Cpu::max_threads()));
+#if FLOWDIFF_X86_DISPATCH
       if (simd::best_isa() == simd::Isa::avx512) {
         winograd_detail::transform_weights_avx512(w, co, ci, u);
         winograd_detail::convolve(plan, x, u, bias, y, team);
-      } else {  // AVX2: its transforms and plain products
-        winograd_detail::transform_weights_avx2(w, co, ci, u);
-        winograd_detail::convolve_avx2(plan, x, u, bias, y, team);
+        return;
       }
+      if (simd::best_isa() == simd::Isa::avx2)
+        winograd_detail::transform_weights_avx2(w, co, ci, u);
+      else
+#endif
+        winograd_detail::transform_weights(w, co, ci, u);
+      // AVX2 and CPUs without flowdiff's kernels: plain-row transforms and products
+      winograd_detail::convolve_rows(plan, x, u, bias, y, team);
       return;
     }
-#endif
     (void)w, (void)x, (void)bias, (void)y, (void)ci, (void)co, (void)n, (void)g;
-    fail<std::logic_error>("Conv2d: Winograd is float on AVX2 or AVX-512 CPUs only");
+    fail<std::logic_error>("Conv2d: Winograd is float only");
   }
 
   // dW += the weight gradient of x [n, C, H, W] and dy [n, O, H, W] by Winograd F(3x3, 2x2).
   void winograd_weight_gradient(const T* x, const T* dy, T* dw, index_t n,
                                 const spatial_detail::ConvGeometry& g) const {
-#if FLOWDIFF_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       const auto plan = winograd_detail::plan(n, in_, out_, g.height, g.width);
       const index_t chunks = std::min(plan.blocks, max_chunks);
@@ -1059,9 +1060,8 @@ class Conv2d {
       winograd_detail::weight_gradient(plan, x, dy, dw, team, chunks);
       return;
     }
-#endif
     (void)x, (void)dy, (void)dw, (void)n, (void)g;
-    fail<std::logic_error>("Conv2d: Winograd is float on AVX2 or AVX-512 CPUs only");
+    fail<std::logic_error>("Conv2d: Winograd is float only");
   }
 
   spatial_detail::ConvGeometry geometry(const Shape& s) const {

@@ -21,11 +21,12 @@
 // added in run order), and every output element is computed by the same operations in the same
 // order whatever the thread count: bit-identical for any number of threads. The result is not
 // bit-identical to im2col + GEMM (other roundings; against a double convolution its error is of
-// the same size, 1-9e-7 of the largest value in the tests); Conv2d uses it for float on AVX2 and
-// AVX-512 CPUs with at least 16 input and output channels, and set_winograd(false) turns it off.
+// the same size, 1-9e-7 of the largest value in the tests); Conv2d uses it for float convolutions
+// with at least 16 input and output channels on every CPU, and set_winograd(false) turns it off.
 // The transforms take sixteen tiles of a tile row at a time in AVX-512 registers, or eight in
-// AVX2 registers (the same arithmetic: the same bits); with AVX-512, V is written as the
-// kernel's B micro-panels, with AVX2 as plain rows that its GEMM packs.
+// AVX2 registers, or run as plain loops over a row's tiles on other CPUs (the same arithmetic:
+// the same bits); with AVX-512, V is written as the kernel's B micro-panels, otherwise as plain
+// rows that the AVX2 GEMM packs, or Eigen (or the BLAS behind it) multiplies.
 #pragma once
 
 #include <algorithm>
@@ -82,24 +83,213 @@ inline Plan plan(index_t n, index_t in, index_t out, index_t h, index_t w) {
 /// call returns): slots 2-4 of sgemm's per-thread packing buffers.
 inline float* scratch(int slot, index_t n) { return sgemm::detail::pack_buffer(2 + slot, n); }
 
-/// U[e, o, c] = (G g_oc G^T)[e / 4, e % 4] for w [O, C, 3, 3]; u: 16 O C floats.
+/// U[e, o, c] = (G g_oc G^T)[e / 4, e % 4] for w [O, C, 3, 3]; u: 16 O C floats. Sixteen
+/// kernels at a time into a local block, then each position's sixteen values stored together:
+/// one kernel's sixteen positions are O C floats apart, and storing them one by one (sixteen
+/// scattered stores per kernel) took a third of a batch-1 U-Net forward.
 template <class T>
 void transform_weights(const T* w, index_t out, index_t in, T* u) {
+  constexpr index_t B = 16;
   const index_t oc = out * in;
-  for (index_t q = 0; q < oc; ++q) {
-    const T* g = w + 9 * q;
-    T t[4][3];  // G g: rows of the 4 x 3 intermediate
-    for (index_t j = 0; j < 3; ++j) {
-      t[0][j] = g[j];
-      t[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-      t[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-      t[3][j] = g[6 + j];
+  for (index_t q0 = 0; q0 < oc; q0 += B) {
+    const index_t nb = std::min(B, oc - q0);
+    T block[16][B];
+    for (index_t j = 0; j < nb; ++j) {
+      const T* g = w + 9 * (q0 + j);
+      T t[4][3];  // G g: rows of the 4 x 3 intermediate
+      for (index_t c = 0; c < 3; ++c) {
+        t[0][c] = g[c];
+        t[1][c] = T(0.5) * (g[c] + g[3 + c] + g[6 + c]);
+        t[2][c] = T(0.5) * (g[c] - g[3 + c] + g[6 + c]);
+        t[3][c] = g[6 + c];
+      }
+      for (index_t i = 0; i < 4; ++i) {  // (G g) G^T
+        block[4 * i + 0][j] = t[i][0];
+        block[4 * i + 1][j] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
+        block[4 * i + 2][j] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
+        block[4 * i + 3][j] = t[i][2];
+      }
     }
-    for (index_t i = 0; i < 4; ++i) {  // (G g) G^T
-      u[(4 * i + 0) * oc + q] = t[i][0];
-      u[(4 * i + 1) * oc + q] = T(0.5) * (t[i][0] + t[i][1] + t[i][2]);
-      u[(4 * i + 2) * oc + q] = T(0.5) * (t[i][0] - t[i][1] + t[i][2]);
-      u[(4 * i + 3) * oc + q] = t[i][2];
+    for (index_t e = 0; e < 16; ++e) std::copy(block[e], block[e] + nb, u + e * oc + q0);
+  }
+}
+
+// ---- Portable transforms (every CPU; the path of CPUs without flowdiff's x86 kernels, such as
+// AArch64, and of FLOWDIFF_NO_SGEMM builds): the vector transforms' arithmetic in plain C++, the
+// same additions and halvings in the same order (the same bits), written as loops over the tiles
+// of a row that compilers vectorise (stride-2 loads and stores: NEON's ld2 / st2). V and Z in
+// their plain-row (ld) form, the products by gemm_strided (Eigen, or the BLAS behind it).
+
+/// Floats of the portable transforms' row buffer for a plan: four input rows padded to 2 tw + 2
+/// columns (transform_dy_portable uses two rows of 2 tw).
+inline index_t portable_rows(const Plan& p) { return 4 * (2 * p.tw + 2); }
+
+// The portable transforms' loops over a row of tiles, with restrict-qualified pointers so that
+// compilers vectorise them without run-time alias checks (sixteen output streams would exceed
+// GCC's limit on those checks, and the loops then stayed scalar).
+
+/// Row q of B^T d B for tw tiles from row q of B^T d (u, 2 tw + 2 columns): positions 4 q + k.
+inline void input_row(const float* __restrict u, index_t tw, float* __restrict v0,
+                      float* __restrict v1, float* __restrict v2, float* __restrict v3) {
+  for (index_t tx = 0; tx < tw; ++tx) {
+    const float a = u[2 * tx], b = u[2 * tx + 1], cc = u[2 * tx + 2], dd = u[2 * tx + 3];
+    v0[tx] = a - cc;
+    v1[tx] = b + cc;
+    v2[tx] = cc - b;
+    v3[tx] = b - dd;
+  }
+}
+
+/// Column q of g Gs^T for the two columns (ga, gb) of a row of g.
+template <int Q>
+inline float dy_h(float ga, float gb) {
+  if constexpr (Q == 0) return ga;
+  if constexpr (Q == 1) return 0.5f * (ga + gb);
+  if constexpr (Q == 2) return 0.5f * (ga - gb);
+  return 0.f - gb;
+}
+
+/// Positions q, 4 + q, 8 + q, 12 + q of Gs g Gs^T for tw tiles from dy's two rows g0, g1.
+template <int Q>
+inline void dy_column(const float* __restrict g0, const float* __restrict g1, index_t tw,
+                      float* __restrict z0, float* __restrict z1, float* __restrict z2,
+                      float* __restrict z3) {
+  for (index_t tx = 0; tx < tw; ++tx) {
+    const float h0 = dy_h<Q>(g0[2 * tx], g0[2 * tx + 1]), h1 = dy_h<Q>(g1[2 * tx], g1[2 * tx + 1]);
+    z0[tx] = h0;
+    z1[tx] = 0.5f * (h0 + h1);
+    z2[tx] = 0.5f * (h0 - h1);
+    z3[tx] = 0.f - h1;
+  }
+}
+
+/// Output rows 2 ty and, with Second, 2 ty + 1 of `full` whole tiles (both columns in the
+/// image) from M (m: tile 0 of position 0, eT floats between positions), + b.
+template <bool Second>
+inline void output_rows(const float* __restrict m, index_t eT, index_t full, float b,
+                        float* __restrict y0, float* __restrict y1) {
+  const float* __restrict mq[16];
+  for (int e = 0; e < 16; ++e) mq[e] = m + e * eT;
+  for (index_t tx = 0; tx < full; ++tx) {
+    float s0[4], s1[4];
+    for (int q = 0; q < 4; ++q) {
+      const float m0 = mq[4 * q][tx], m1 = mq[4 * q + 1][tx], m2 = mq[4 * q + 2][tx],
+                  m3 = mq[4 * q + 3][tx];
+      s0[q] = (m0 + m1) + m2;
+      s1[q] = (m1 - m2) - m3;
+    }
+    y0[2 * tx] = ((s0[0] + s0[1]) + s0[2]) + b;
+    y0[2 * tx + 1] = ((s1[0] + s1[1]) + s1[2]) + b;
+    if constexpr (Second) {
+      y1[2 * tx] = ((s0[1] - s0[2]) - s0[3]) + b;
+      y1[2 * tx + 1] = ((s1[1] - s1[2]) - s1[3]) + b;
+    }
+  }
+}
+
+/// transform_input in its ld form without intrinsics ((c, t) of V_e at v + e ve + c ld + t).
+/// Per channel and tile row: the four input rows copied into `rows` (portable_rows(p) floats),
+/// padded with zeros to 2 tw + 2 columns (column j is input column j - 1), the vertical
+/// transform B^T d on them in place, then the horizontal one (tile tx: columns 2 tx .. 2 tx + 3).
+inline void transform_input_portable(const Plan& p, const float* x, index_t r0, index_t r1,
+                                     index_t c0, index_t c1, float* v, index_t ve, index_t ld,
+                                     float* rows) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W, pw = 2 * tw + 2;
+  float* const u0 = rows;
+  float* const u1 = rows + pw;
+  float* const u2 = rows + 2 * pw;
+  float* const u3 = rows + 3 * pw;
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th, t0 = (r - r0) * tw;
+    for (index_t c = c0; c < c1; ++c) {
+      const float* xc = x + (s * p.in + c) * HW;
+      float* const d[4] = {u0, u1, u2, u3};  // input rows 2 ty - 1 + q, then B^T d in place
+      for (index_t q = 0; q < 4; ++q) {
+        const index_t ih = 2 * ty - 1 + q;
+        float* const row = d[q];
+        if (ih < 0 || ih >= H) {
+          std::fill(row, row + pw, 0.f);
+          continue;
+        }
+        row[0] = 0.f;  // column j holds input column j - 1: W <= 2 tw < pw - 1
+        std::copy(xc + ih * W, xc + ih * W + W, row + 1);
+        std::fill(row + W + 1, row + pw, 0.f);
+      }
+      for (index_t j = 0; j < pw; ++j) {
+        const float d0 = u0[j], d1 = u1[j], d2 = u2[j], d3 = u3[j];
+        u0[j] = d0 - d2;
+        u1[j] = d1 + d2;
+        u2[j] = d2 - d1;
+        u3[j] = d1 - d3;
+      }
+      float* const vc = v + ld * c + t0;
+      const float* const u[4] = {u0, u1, u2, u3};
+      for (index_t q = 0; q < 4; ++q)
+        input_row(u[q], tw, vc + (4 * q) * ve, vc + (4 * q + 1) * ve, vc + (4 * q + 2) * ve,
+                  vc + (4 * q + 3) * ve);
+    }
+  }
+}
+
+/// transform_output without intrinsics: y[s, o, 2 ty + a, 2 tx + b] = (A^T M A)[a, b] + bias[o]
+/// (0 without a bias) for tile rows [r0, r1), channels [o0, o1); M[e, o, t], ldm per (e, o) row.
+inline void transform_output_portable(const Plan& p, const float* m, index_t ldm, index_t r0,
+                                      index_t r1, index_t o0, index_t o1, const float* bias,
+                                      float* y) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W, eT = ldm * p.out;
+  const index_t full = W / 2;  // tiles whose two columns are both in the image
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t o = o0; o < o1; ++o) {
+      const float* mt = m + o * ldm + (r - r0) * tw;
+      const float b = bias ? bias[o] : 0.f;
+      float* const y0 = y + (s * p.out + o) * HW + 2 * ty * W;
+      float* const y1 = y0 + W;
+      float last0[2], last1[2];  // odd width: the last tile's first column only
+      if (second) {
+        output_rows<true>(mt, eT, full, b, y0, y1);
+        if (full < tw) output_rows<true>(mt + full, eT, 1, b, last0, last1);
+      } else {
+        output_rows<false>(mt, eT, full, b, y0, nullptr);
+        if (full < tw) output_rows<false>(mt + full, eT, 1, b, last0, nullptr);
+      }
+      if (full < tw) {
+        y0[2 * full] = last0[0];
+        if (second) y1[2 * full] = last1[0];
+      }
+    }
+  }
+}
+
+/// transform_dy without intrinsics: Z_e(o, t) at z + e ze + o ld + t (see transform_dy). Per
+/// channel and tile row, dy's two rows are copied into `rows` (portable_rows(p) floats), padded
+/// with zeros to 2 tw columns (a row below the image is zero), then each tile reads columns
+/// 2 tx and 2 tx + 1 of both.
+inline void transform_dy_portable(const Plan& p, const float* dy, index_t r0, index_t r1,
+                                  index_t o0, index_t o1, float* z, index_t ze, index_t ld,
+                                  float* rows) {
+  const index_t tw = p.tw, W = p.w, H = p.h, HW = H * W;
+  float* const g0 = rows;
+  float* const g1 = rows + 2 * tw;
+  for (index_t r = r0; r < r1; ++r) {
+    const index_t s = r / p.th, ty = r % p.th, t0 = (r - r0) * tw;
+    const bool second = 2 * ty + 1 < H;
+    for (index_t o = o0; o < o1; ++o) {
+      const float* src = dy + (s * p.out + o) * HW + 2 * ty * W;
+      std::copy(src, src + W, g0);
+      std::fill(g0 + W, g0 + 2 * tw, 0.f);
+      if (second) {
+        std::copy(src + W, src + 2 * W, g1);
+        std::fill(g1 + W, g1 + 2 * tw, 0.f);
+      } else {
+        std::fill(g1, g1 + 2 * tw, 0.f);
+      }
+      float* const zo = z + o * ld + t0;
+      dy_column<0>(g0, g1, tw, zo, zo + 4 * ze, zo + 8 * ze, zo + 12 * ze);
+      dy_column<1>(g0, g1, tw, zo + ze, zo + 5 * ze, zo + 9 * ze, zo + 13 * ze);
+      dy_column<2>(g0, g1, tw, zo + 2 * ze, zo + 6 * ze, zo + 10 * ze, zo + 14 * ze);
+      dy_column<3>(g0, g1, tw, zo + 3 * ze, zo + 7 * ze, zo + 11 * ze, zo + 15 * ze);
     }
   }
 }
@@ -307,27 +497,69 @@ __attribute__((target("avx2"))) inline void transform_dy_avx2(const Plan& p, con
   }
 }
 
-/// y = conv3x3(x, w, padding 1) + bias over the batch with the AVX2 transforms and plain products
-/// (gemm_strided: the AVX2 kernel packs V itself), from u = transform_weights(w) (or its AVX2
-/// form). Blocks and threads as convolve's.
-inline void convolve_avx2(const Plan& p, const float* x, const float* u, const float* bias,
+#endif
+
+// ---- The plain-row (ld) path: the AVX2 transforms where this CPU has flowdiff's x86 kernels
+// (AVX2 or AVX-512), the portable ones elsewhere (the same bits), and plain products.
+
+/// transform_input's ld form with this CPU's plain-row transforms; rows: portable_rows(p) floats.
+inline void transform_input_rows(const Plan& p, const float* x, index_t r0, index_t r1,
+                                 index_t c0, index_t c1, float* v, index_t ve, index_t ld,
+                                 float* rows) {
+#if FLOWDIFF_X86_DISPATCH
+  if (simd::best_isa() != simd::Isa::none) {
+    transform_input_avx2(p, x, r0, r1, c0, c1, v, ve, ld);
+    return;
+  }
+#endif
+  transform_input_portable(p, x, r0, r1, c0, c1, v, ve, ld, rows);
+}
+
+/// transform_dy with this CPU's plain-row transforms; rows: portable_rows(p) floats.
+inline void transform_dy_rows(const Plan& p, const float* dy, index_t r0, index_t r1, index_t o0,
+                              index_t o1, float* z, index_t ze, index_t ld, float* rows) {
+#if FLOWDIFF_X86_DISPATCH
+  if (simd::best_isa() != simd::Isa::none) {
+    transform_dy_avx2(p, dy, r0, r1, o0, o1, z, ze, ld);
+    return;
+  }
+#endif
+  transform_dy_portable(p, dy, r0, r1, o0, o1, z, ze, ld, rows);
+}
+
+/// transform_output with this CPU's plain-row transforms.
+inline void transform_output_rows(const Plan& p, const float* m, index_t ldm, index_t r0,
+                                  index_t r1, index_t o0, index_t o1, const float* bias,
+                                  float* y) {
+#if FLOWDIFF_X86_DISPATCH
+  if (simd::best_isa() != simd::Isa::none) {
+    transform_output_avx2(p, m, ldm, r0, r1, o0, o1, bias, y);
+    return;
+  }
+#endif
+  transform_output_portable(p, m, ldm, r0, r1, o0, o1, bias, y);
+}
+
+/// y = conv3x3(x, w, padding 1) + bias over the batch with the plain-row transforms and plain
+/// products (gemm_strided: the AVX2 kernel packs V itself; without flowdiff's kernels Eigen, or
+/// the BLAS behind it), from u = transform_weights(w) (or a vector form of it). Blocks and
+/// threads as convolve's. The AVX2 CPUs' path, and every CPU's without AVX2.
+inline void convolve_rows(const Plan& p, const float* x, const float* u, const float* bias,
                           float* y, index_t team) {
   const index_t T = p.tiles(), total = p.n * p.th, ve = p.in * T;
   Cpu::parallel_tasks(p.blocks, team, [&](index_t blk, index_t tid) {
     const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
     const index_t nt = (r1 - r0) * p.tw;
     (void)tid;
-    float* v = scratch(0, p.workspace());
+    float* v = scratch(0, p.workspace() + portable_rows(p));
     float* m = v + 16 * ve;
-    transform_input_avx2(p, x, r0, r1, 0, p.in, v, ve, nt);
+    transform_input_rows(p, x, r0, r1, 0, p.in, v, ve, nt, v + p.workspace());
     for (index_t e = 0; e < 16; ++e)
       gemm_strided(Trans::no, Trans::no, p.out, nt, p.in, 1.f, u + e * p.out * p.in, p.in,
                    v + e * ve, nt, 0.f, m + e * p.out * T, T);
-    transform_output_avx2(p, m, T, r0, r1, 0, p.out, bias, y);
+    transform_output_rows(p, m, T, r0, r1, 0, p.out, bias, y);
   });
 }
-
-#endif
 
 #if FLOWDIFF_X86_DISPATCH
 /// transform_weights for float, sixteen kernels (o, c) at a time: the nine taps of each gathered
@@ -548,33 +780,39 @@ __attribute__((target("avx512f"))) inline void transform_dy(const Plan& p, const
   }
 }
 
+#endif
+
 /// dW[o, c] += A^T S_oc A over the batch, S_oc[e] = sum_t Z_e(o, t) V_e(c, t): Winograd's
 /// F(3 x 3, 2 x 2) for dW = sum over pixels of dy x (the 3 x 3 correlation of x with dy), with
 /// A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]. Per block of tile rows 16 GEMMs S_e[O, C] += Z_e V_e^T
 /// over its tiles; `chunks` contiguous runs of blocks (from the shape only) each sum into their
 /// own S in `sums` (chunks x 16 O C floats), which are added in chunk order: bit-identical for
-/// any thread count. Workspaces: scratch() of each thread.
+/// any thread count. Workspaces: scratch() of each thread. Every CPU (the transforms of
+/// transform_input_rows and transform_dy_rows where AVX-512 is missing).
 inline void weight_gradient(const Plan& p, const float* x, const float* dy, float* dw,
                             index_t team, index_t chunks) {
-  const bool avx512 = sgemm::best_isa() == sgemm::Isa::avx512;
+  [[maybe_unused]] const bool avx512 = simd::best_isa() == simd::Isa::avx512;
   float* const sums = scratch(2, chunks * 16 * p.out * p.in);
   const index_t T = p.tiles(), total = p.n * p.th, oc = p.out * p.in;
   const index_t ve = p.in * T, ze = p.out * T;
   Cpu::parallel_tasks(chunks, team, [&](index_t k, index_t tid) {
     const index_t b0 = k * p.blocks / chunks, b1 = (k + 1) * p.blocks / chunks;
     (void)tid;
-    float* v = scratch(0, p.workspace());
+    float* v = scratch(0, p.workspace() + portable_rows(p));
     float* z = v + 16 * ve;
     float* sk = sums + k * 16 * oc;
     for (index_t blk = b0; blk < b1; ++blk) {
       const index_t r0 = blk * p.rows, r1 = std::min(total, r0 + p.rows);
       const index_t nt = (r1 - r0) * p.tw;
+#if FLOWDIFF_X86_DISPATCH
       if (avx512) {
         transform_input(p, x, r0, r1, 0, p.in, v, ve, nt);
         transform_dy(p, dy, r0, r1, 0, p.out, z, ze, nt);
-      } else {
-        transform_input_avx2(p, x, r0, r1, 0, p.in, v, ve, nt);
-        transform_dy_avx2(p, dy, r0, r1, 0, p.out, z, ze, nt);
+      } else
+#endif
+      {
+        transform_input_rows(p, x, r0, r1, 0, p.in, v, ve, nt, v + p.workspace());
+        transform_dy_rows(p, dy, r0, r1, 0, p.out, z, ze, nt, v + p.workspace());
       }
       for (index_t e = 0; e < 16; ++e)
         gemm_strided(Trans::no, Trans::yes, p.out, p.in, nt, 1.f, z + e * ze, nt, v + e * ve, nt,
@@ -605,6 +843,7 @@ inline void weight_gradient(const Plan& p, const float* x, const float* dy, floa
   });
 }
 
+#if FLOWDIFF_X86_DISPATCH
 /// y = conv3x3(x, w, padding 1) + bias over the batch, from u = transform_weights(w) (AVX-512
 /// only). One task per block of tile rows, `team` threads at most, each with its scratch().
 inline void convolve(const Plan& p, const float* x, const float* u, const float* bias, float* y,
