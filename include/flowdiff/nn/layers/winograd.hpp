@@ -110,7 +110,14 @@ void transform_weights(const T* w, index_t out, index_t in, T* u) {
         block[4 * i + 3][j] = t[i][2];
       }
     }
-    for (index_t e = 0; e < 16; ++e) std::copy(block[e], block[e] + nb, u + e * oc + q0);
+    for (index_t e = 0; e < 16; ++e) {
+      T* dst = u + e * oc + q0;
+      if (nb == B) {  // a fixed-length copy: vector stores, not a string instruction
+        for (index_t j = 0; j < B; ++j) dst[j] = block[e][j];
+      } else {
+        std::copy(block[e], block[e] + nb, dst);
+      }
+    }
   }
 }
 
